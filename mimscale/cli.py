@@ -1,0 +1,45 @@
+"""The ``mimscale`` command. Each sub-command lives beside the code it drives and registers itself here.
+
+A module in COMMAND_MODULES exposes ``register(subparsers)``, which adds its parser and sets
+``func=<callable(args) -> int>`` as the parser default. Imports are deferred to keep ``mimscale --help`` fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from mimscale.config import ConfigError
+
+COMMAND_MODULES = [
+    "mimscale.train",  # train
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mimscale", description="Masked image modeling pretraining at scale.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as err:
+        print(f"mimscale: config error: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as err:
+        print(f"mimscale: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""Typed configuration: one keyword-only dataclass per section, YAML on disk, dotted overrides.
+
+A config file is YAML with one mapping per section (``run``, ``train``, ``data``, ...). Missing keys take
+the defaults below; an unknown or mistyped key is an error naming the key and the valid ones. A file may
+start from another with ``base: other.yaml`` (path relative to the file). ``--set section.key=value``
+overrides are parsed as YAML scalars/lists and type-checked like the file. The resolved config is what a
+run writes into its output folder and stores in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and what to do."""
+
+
+def _doc(default: Any, doc: str) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    output_dir: str = _doc("runs/demo", "Run folder: resolved config, TensorBoard logs, checkpoints.")
+    seed: int = _doc(0, "Seed for model init, data order, augmentation and masks.")
+    device: str = _doc("auto", "auto (CUDA when available, else CPU), cpu or cuda.")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    max_steps: int = _doc(100, "Optimizer steps to train for (the run ends at this step).")
+    log_every: int = _doc(10, "Print a step line and write TensorBoard scalars every N steps.")
+    grad_accum_steps: int = _doc(1, "Micro-batches accumulated per optimizer step.")
+    progress_bar: bool = _doc(True, "Show a progress bar on rank 0 (disabled automatically when not a TTY).")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    shards: str = _doc("shards/sample/*.tar", "Training shards: a path, glob or brace pattern ({000..009}).")
+    batch_size: int = _doc(16, "Micro-batch size per rank.")
+    image_size: int = _doc(64, "Side of the square training crop, in pixels.")
+    num_workers: int = _doc(2, "DataLoader worker processes per rank (0 = load in the main process).")
+    crop_scale: list[float] = _doc([0.67, 1.0], "RandomResizedCrop area range (SimMIM uses 0.67-1).")
+    crop_ratio: list[float] = _doc([0.75, 1.3333], "RandomResizedCrop aspect ratio range.")
+    hflip: float = _doc(0.5, "Probability of a horizontal flip.")
+    mean: list[float] = _doc([0.485, 0.456, 0.406], "Per-channel normalisation mean.")
+    std: list[float] = _doc([0.229, 0.224, 0.225], "Per-channel normalisation std.")
+    pin_memory: bool = _doc(True, "Pin host memory for faster host-to-GPU copies (ignored on CPU).")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    student: str = _doc("vit_tiny_patch16_224", "timm model name of the student backbone.")
+    student_args: dict = _doc({}, "Keyword arguments for timm.create_model (e.g. img_size, patch_size, depth).")
+    drop_path_rate: float = _doc(0.0, "Stochastic depth rate of the student.")
+
+
+@dataclass(kw_only=True)
+class MethodConfig:
+    name: str = _doc("simmim", "Preset: simmim, maskdistill, maskalign or relaxmim.")
+    head: str = _doc("auto", "Head override: auto (the preset's), linear, pixelshuffle, dynamic_align, mlp.")
+    loss: str = _doc("auto", "Loss override: auto, l1, smooth_l1, mse, cosine, infonce.")
+    loss_args: dict = _doc({}, "Loss keyword arguments (e.g. beta for smooth_l1, temperature for infonce).")
+    target_norm: str = _doc("auto", "Target normalisation override: auto, none, layernorm, patch_pixel.")
+
+
+@dataclass(kw_only=True)
+class TeacherConfig:
+    kind: str = _doc("none", "none (pixels), open_clip or timm.")
+    name: str = _doc("", "open_clip model name (ViT-B-16) or timm model name.")
+    pretrained: str = _doc("", "open_clip pretrained tag or a local weights file; empty with random_init for tests.")
+    random_init: bool = _doc(False, "Use random teacher weights (tests only; never silently).")
+    layers: list[int] = _doc([-1], "Teacher blocks whose patch tokens are targets (negative counts from the end).")
+    image_size: int = _doc(0, "Teacher input size; 0 = the teacher's native size (inputs are resized to it).")
+
+
+@dataclass(kw_only=True)
+class MaskConfig:
+    kind: str = _doc("auto", "auto (the preset's), random_cells, blockwise, random_tokens, attention_guided.")
+    ratio: float = _doc(0.6, "Fraction of the image masked.")
+    patch_size: int = _doc(32, "Mask cell size in pixels (SimMIM masks 32-px cells, upsampled to the patch grid).")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = _doc(1e-3, "Peak learning rate after warmup.")
+    min_lr: float = _doc(1e-5, "Learning rate at the end of the cosine decay.")
+    weight_decay: float = _doc(0.05, "AdamW weight decay (not applied to norms, biases and tokens).")
+    betas: list[float] = _doc([0.9, 0.999], "AdamW betas.")
+    eps: float = _doc(1e-8, "AdamW epsilon.")
+    warmup_steps: int = _doc(10, "Linear warmup steps from 0 to lr.")
+    grad_clip: float = _doc(5.0, "Gradient norm clipping (0 = off).")
+
+
+@dataclass(kw_only=True)
+class DeepSpeedConfig:
+    zero_stage: int = _doc(0, "ZeRO stage 0-3.")
+    precision: str = _doc("fp32", "fp32, bf16 or fp16.")
+    activation_checkpointing: bool = _doc(False, "Recompute student blocks in backward to save memory.")
+    offload_optimizer: bool = _doc(False, "ZeRO-Offload: keep optimizer state on the CPU (stages 1-3).")
+    extra: dict = _doc({}, "Raw keys merged last into the generated DeepSpeed JSON (expert escape hatch).")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    every_steps: int = _doc(50, "Save a sharded checkpoint every N steps (and at the end).")
+    keep_last: int = _doc(3, "Keep the newest K checkpoints (older ones are pruned).")
+    keep_every: int = _doc(0, "Also keep every checkpoint whose step is a multiple of M (0 = none).")
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    knn_every: int = _doc(0, "Run an in-run kNN evaluation every N steps (0 = off).")
+    train_shards: str = _doc("", "Labelled shards for the kNN memory bank.")
+    val_shards: str = _doc("", "Labelled shards the kNN classifier is scored on.")
+    k: int = _doc(20, "Neighbours for kNN (DINO uses 20).")
+    temperature: float = _doc(0.07, "kNN vote temperature (DINO uses 0.07).")
+    pool: str = _doc("cls", "Feature pooling: cls or mean.")
+
+
+@dataclass(kw_only=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+
+
+def _check_choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(map(str, choices))}")
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field checks that types alone cannot express."""
+    _check_choice("deepspeed.zero_stage", cfg.deepspeed.zero_stage, (0, 1, 2, 3))
+    _check_choice("deepspeed.precision", cfg.deepspeed.precision, ("fp32", "bf16", "fp16"))
+    _check_choice("run.device", cfg.run.device, ("auto", "cpu", "cuda"))
+    _check_choice("method.name", cfg.method.name, ("simmim", "maskdistill", "maskalign", "relaxmim"))
+    _check_choice("teacher.kind", cfg.teacher.kind, ("none", "open_clip", "timm"))
+    _check_choice("eval.pool", cfg.eval.pool, ("cls", "mean"))
+    positive = {
+        "train.max_steps": cfg.train.max_steps,
+        "train.log_every": cfg.train.log_every,
+        "train.grad_accum_steps": cfg.train.grad_accum_steps,
+        "data.batch_size": cfg.data.batch_size,
+        "data.image_size": cfg.data.image_size,
+        "mask.patch_size": cfg.mask.patch_size,
+        "checkpoint.every_steps": cfg.checkpoint.every_steps,
+        "checkpoint.keep_last": cfg.checkpoint.keep_last,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    if not 0.0 < cfg.mask.ratio < 1.0:
+        raise ConfigError(f"mask.ratio must be in (0, 1), got {cfg.mask.ratio}")
+    if cfg.data.image_size % cfg.mask.patch_size:
+        raise ConfigError(
+            f"data.image_size={cfg.data.image_size} is not a multiple of mask.patch_size={cfg.mask.patch_size}; "
+            "change one of them so the mask cells tile the image"
+        )
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
+    if cfg.optim.lr <= 0 or cfg.optim.warmup_steps < 0:
+        raise ConfigError("optim.lr must be positive and optim.warmup_steps >= 0")
+    if cfg.method.name != "simmim" and cfg.method.name != "relaxmim" and cfg.teacher.kind == "none":
+        raise ConfigError(f"method.name={cfg.method.name} needs a teacher: set teacher.kind to open_clip or timm")
+    return cfg
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return isinstance(value, list) and all(_type_ok(v, item_tp) for v in value)
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    return isinstance(value, tp)
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typing.get_origin(tp) is list and isinstance(value, list) and typing.get_args(tp) == (float,):
+        return [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+    return value
+
+
+def _unknown(kind: str, key: str, valid: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key.split(".")[-1], valid, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown {kind} '{key}'{where}.{hint} Valid: {', '.join(valid)}")
+
+
+def _build_section(name: str, values: dict, where: str) -> Any:
+    cls = SECTIONS[name]
+    hints = typing.get_type_hints(cls)
+    if not isinstance(values, dict):
+        raise ConfigError(f"section '{name}'{where} must be a mapping of keys, got {type(values).__name__}")
+    for key, value in values.items():
+        if key not in hints:
+            raise _unknown("key", f"{name}.{key}", sorted(hints), where)
+        if not _type_ok(value, hints[key]):
+            raise ConfigError(
+                f"{name}.{key}{where} must be of type {getattr(hints[key], '__name__', hints[key])}, "
+                f"got {value!r} ({type(value).__name__})"
+            )
+    return cls(**{key: _coerce(value, hints[key]) for key, value in values.items()})
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """Read a YAML config, following ``base:`` chains (later files override earlier ones)."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}; pass an existing YAML file (see configs/)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must be a mapping of sections, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    base_path = (path.parent / base).resolve()
+    if base_path in seen:
+        raise ConfigError(f"config 'base' chain loops through {base_path}")
+    merged = _read_yaml(base_path, seen + (base_path,))
+    for section, values in raw.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}
+        else:
+            merged[section] = values
+    return merged
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """Split ``section.key=value`` into its parts; the value is parsed as YAML (numbers, lists, bools)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"override '{text}' must look like section.key=value (e.g. optim.lr=1e-4)")
+    dotted, raw_value = text.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{text}': value is not valid YAML: {err}") from err
+    if isinstance(value, str) and _looks_like_float(value):
+        value = float(value)  # YAML 1.1 reads "1e-4" as a string
+    return section, key, value
+
+
+def _looks_like_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return text.strip().lower() not in ("nan", "inf", "-inf", "infinity")
+
+
+def from_dict(raw: dict, where: str = "") -> Config:
+    sections = {}
+    for name, values in raw.items():
+        if name not in SECTIONS:
+            raise _unknown("section", name, sorted(SECTIONS), where)
+        sections[name] = _build_section(name, values or {}, where)
+    return validate(Config(**sections))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (or the defaults), apply ``section.key=value`` overrides, validate."""
+    raw = _read_yaml(Path(path)) if path else {}
+    for name, values in raw.items():
+        if isinstance(values, str) or values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"section '{name}' in {path} must be a mapping of keys")
+    for text in overrides:
+        section, key, value = parse_override(text)
+        if section not in SECTIONS:
+            raise _unknown("section", section, sorted(SECTIONS), f" in --set {text}")
+        raw.setdefault(section, {})
+        raw[section] = {**(raw[section] or {}), key: value}
+    return from_dict(raw, where=f" in {path}" if path else "")
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config atomically (a crash never leaves half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(config_to_yaml(cfg))
+    tmp.replace(path)
+
+
+def describe(section: str) -> list[tuple[str, str, Any]]:
+    """(key, doc, default) for every key of a section: for `mimscale config --help`-style listings."""
+    cls = SECTIONS[section]
+    rows = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append((f.name, f.metadata.get("doc", ""), default))
+    return rows

@@ -1,0 +1,136 @@
+"""Mask generators. They run in DataLoader workers and return a boolean grid over the student's tokens.
+
+Every generator masks an exact number of tokens, so a batch can be stacked and a visible-only student sees
+the same number of tokens in every sample. Randomness comes only from the ``numpy.random.Generator``
+passed in, which the stream seeds from (seed, epoch, sample id): masks do not depend on worker count.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+MASK_KINDS = ("random_cells", "blockwise", "random_tokens")
+
+
+@dataclass(frozen=True)
+class RandomCellMask:
+    """SimMIM: mask ``ceil(ratio * cells)`` random cells of ``cell_tokens`` x ``cell_tokens`` tokens.
+
+    With 32-px cells and a 4-px Swin patch a cell is 8x8 tokens; with a 16-px ViT patch it is 2x2.
+    """
+
+    grid: int
+    cell_tokens: int
+    ratio: float
+
+    def __post_init__(self):
+        if self.grid % self.cell_tokens:
+            raise ValueError(
+                f"the token grid ({self.grid}) is not a multiple of the mask cell ({self.cell_tokens} tokens); "
+                "choose mask.patch_size so that data.image_size / mask.patch_size is an integer"
+            )
+
+    @property
+    def num_masked(self) -> int:
+        cells = (self.grid // self.cell_tokens) ** 2
+        return math.ceil(cells * self.ratio) * self.cell_tokens**2
+
+    def __call__(self, rng: np.random.Generator) -> np.ndarray:
+        side = self.grid // self.cell_tokens
+        count = math.ceil(side * side * self.ratio)
+        cells = np.zeros(side * side, dtype=bool)
+        cells[rng.permutation(side * side)[:count]] = True
+        cells = cells.reshape(side, side)
+        return cells.repeat(self.cell_tokens, axis=0).repeat(self.cell_tokens, axis=1)
+
+
+@dataclass(frozen=True)
+class RandomTokenMask:
+    """MAE-style: mask exactly ``round(ratio * tokens)`` random tokens (visible-only students)."""
+
+    grid: int
+    ratio: float
+
+    @property
+    def num_masked(self) -> int:
+        return int(round(self.grid * self.grid * self.ratio))
+
+    def __call__(self, rng: np.random.Generator) -> np.ndarray:
+        flat = np.zeros(self.grid * self.grid, dtype=bool)
+        flat[rng.permutation(flat.size)[: self.num_masked]] = True
+        return flat.reshape(self.grid, self.grid)
+
+
+@dataclass(frozen=True)
+class BlockwiseMask:
+    """BEiT / MaskDistill block-wise masking with an exact masked count.
+
+    Rectangular blocks (area >= ``min_block`` tokens, aspect ratio in [min_aspect, 1/min_aspect]) are placed
+    until the target is reached, as in BEiT's MaskingGenerator; unlike BEiT, a shortfall after the block
+    attempts is topped up with random tokens and an overshoot cannot happen, so the count is exact.
+    """
+
+    grid: int
+    ratio: float
+    min_block: int = 16
+    min_aspect: float = 0.3
+
+    @property
+    def num_masked(self) -> int:
+        return int(round(self.grid * self.grid * self.ratio))
+
+    def _place_block(self, mask: np.ndarray, budget: int, rng: np.random.Generator) -> int:
+        log_aspect = (math.log(self.min_aspect), math.log(1 / self.min_aspect))
+        for _ in range(10):
+            area = rng.uniform(min(self.min_block, budget), budget)
+            aspect = math.exp(rng.uniform(*log_aspect))
+            h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+            if not (0 < h < self.grid and 0 < w < self.grid):
+                continue
+            top, left = rng.integers(0, self.grid - h + 1), rng.integers(0, self.grid - w + 1)
+            window = mask[top : top + h, left : left + w]
+            new = int((~window).sum())
+            if 0 < new <= budget:
+                window[:] = True
+                return new
+        return 0
+
+    def __call__(self, rng: np.random.Generator) -> np.ndarray:
+        mask = np.zeros((self.grid, self.grid), dtype=bool)
+        target = self.num_masked
+        count = 0
+        while count < target:
+            added = self._place_block(mask, target - count, rng)
+            if added == 0:
+                break
+            count += added
+        if count < target:  # top up so the masked count is exact
+            free = np.flatnonzero(~mask.ravel())
+            mask.ravel()[rng.choice(free, size=target - count, replace=False)] = True
+        return mask
+
+
+def build_mask_generator(kind: str, *, image_size: int, token_stride: int, ratio: float, cell_size: int):
+    """Build a mask generator over the student's token grid.
+
+    ``token_stride`` is the student's input patch size in pixels (16 for ViT-B/16, 4 for Swin);
+    ``cell_size`` is the masking cell in pixels (SimMIM: 32), used by ``random_cells`` only.
+    """
+    if image_size % token_stride:
+        raise ValueError(f"data.image_size={image_size} is not a multiple of the student patch size {token_stride}")
+    grid = image_size // token_stride
+    if kind == "random_cells":
+        if cell_size % token_stride:
+            raise ValueError(
+                f"mask.patch_size={cell_size} is not a multiple of the student patch size {token_stride}; "
+                "use a multiple so each mask cell covers whole tokens"
+            )
+        return RandomCellMask(grid=grid, cell_tokens=cell_size // token_stride, ratio=ratio)
+    if kind == "random_tokens":
+        return RandomTokenMask(grid=grid, ratio=ratio)
+    if kind == "blockwise":
+        return BlockwiseMask(grid=grid, ratio=ratio)
+    raise ValueError(f"unknown mask.kind '{kind}'; choose one of {', '.join(MASK_KINDS)}")
