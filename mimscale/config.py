@@ -43,6 +43,9 @@ class TrainConfig:
     log_every: int = _doc(10, "Print a step line and write TensorBoard scalars every N steps.")
     grad_accum_steps: int = _doc(1, "Micro-batches accumulated per optimizer step.")
     progress_bar: bool = _doc(True, "Show a progress bar on rank 0 (disabled automatically when not a TTY).")
+    stop_at_step: int = _doc(0, "Checkpoint and stop at this step without changing the schedule (0 = run to the end).")
+    nan_guard: bool = _doc(True, "Skip micro-batches whose loss is NaN/Inf on any rank (agreed across ranks).")
+    max_bad_steps: int = _doc(20, "Stop with an error after this many consecutive non-finite losses.")
 
 
 @dataclass(kw_only=True)
@@ -282,6 +285,17 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
+def _set_dotted(section: dict, key: str, value: Any) -> dict:
+    """Set ``key`` (``name`` or ``dict_field.sub.key``) in a section mapping; nested keys update dict fields."""
+    head, _, rest = key.partition(".")
+    if rest:
+        inner = section.get(head)
+        section[head] = _set_dotted(dict(inner) if isinstance(inner, dict) else {}, rest, value)
+    else:
+        section[head] = value
+    return section
+
+
 def _looks_like_float(text: str) -> bool:
     try:
         float(text)
@@ -311,8 +325,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         section, key, value = parse_override(text)
         if section not in SECTIONS:
             raise _unknown("section", section, sorted(SECTIONS), f" in --set {text}")
-        raw.setdefault(section, {})
-        raw[section] = {**(raw[section] or {}), key: value}
+        raw[section] = _set_dotted(dict(raw.get(section) or {}), key, value)
     return from_dict(raw, where=f" in {path}" if path else "")
 
 

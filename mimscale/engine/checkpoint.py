@@ -1,0 +1,144 @@
+"""Sharded checkpoints that resume exactly, and survive a crash at any moment.
+
+Layout (DeepSpeed writes the shards; we add the rest):
+
+    <output_dir>/checkpoints/latest                     tag of the newest complete checkpoint (written last)
+    <output_dir>/checkpoints/step_00000100/             DeepSpeed shards (model, optimizer, scheduler states)
+    <output_dir>/checkpoints/step_00000100/rng_rank0.pt RNG states of rank 0 (one file per rank)
+    <output_dir>/checkpoints/step_00000100/mimscale.json  step, data position, resolved config, world size, stage
+
+A checkpoint is complete only once every rank has finished writing and rank 0 has written ``mimscale.json``
+(atomically, after a barrier); ``latest`` is updated after that. A kill at any moment therefore leaves either a
+complete new checkpoint or an incomplete folder that resume reports and skips, never a damaged previous one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mimscale.engine import distributed
+
+MARKER = "mimscale.json"
+TAG_PATTERN = re.compile(r"^step_(\d{8,})$")
+
+
+def tag_for_step(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def step_of(tag: str) -> int:
+    match = TAG_PATTERN.match(tag)
+    if not match:
+        raise ValueError(f"'{tag}' is not a checkpoint tag (expected step_NNNNNNNN)")
+    return int(match.group(1))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file, fsync, rename: readers see the old or the new file, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def is_complete(tag_dir: Path) -> bool:
+    return (tag_dir / MARKER).is_file()
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Checkpoint folders under ``root`` (complete or not), oldest first."""
+    if not root.is_dir():
+        return []
+    tags = [path for path in root.iterdir() if path.is_dir() and TAG_PATTERN.match(path.name)]
+    return sorted(tags, key=lambda path: step_of(path.name))
+
+
+def find_resume_checkpoint(root: Path, log=print) -> Path | None:
+    """The newest complete checkpoint; newer incomplete ones are reported by name and skipped."""
+    for tag_dir in reversed(list_checkpoints(root)):
+        if is_complete(tag_dir):
+            return tag_dir
+        log(f"checkpoint {tag_dir} is incomplete (no {MARKER}: the run died while writing it); skipping it")
+    return None
+
+
+def read_meta(tag_dir: Path) -> dict:
+    marker = tag_dir / MARKER
+    if not marker.is_file():
+        raise FileNotFoundError(f"{tag_dir} is not a complete mimscale checkpoint ({MARKER} is missing)")
+    return json.loads(marker.read_text())
+
+
+def save_checkpoint(engine, root: Path, step: int, meta: dict, rank: int) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint folder."""
+    tag = tag_for_step(step)
+    tag_dir = root / tag
+    if rank == 0 and tag_dir.exists():  # a leftover from a run that died while writing this very step
+        shutil.rmtree(tag_dir)
+    distributed.barrier()
+    engine.save_checkpoint(str(root), tag=tag, client_state={"mimscale": meta}, save_latest=False)
+    rng_path = tag_dir / f"rng_rank{rank}.pt"
+    torch.save(rng_state(), rng_path.with_name(rng_path.name + ".tmp"))
+    os.replace(rng_path.with_name(rng_path.name + ".tmp"), rng_path)
+    distributed.barrier()  # every shard of every rank is on disk before the marker says so
+    if rank == 0:
+        write_atomic(tag_dir / MARKER, json.dumps(meta, indent=2, default=str))
+        write_atomic(root / "latest", tag)
+    distributed.barrier()
+    return tag_dir
+
+
+def load_checkpoint(engine, tag_dir: Path, rank: int) -> dict:
+    """Restore engine (weights, optimizer, scheduler) and this rank's RNG; returns the checkpoint's meta."""
+    meta = read_meta(tag_dir)
+    load_path, _ = engine.load_checkpoint(
+        str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}; check that its shards are all present")
+    rng_path = tag_dir / f"rng_rank{rank}.pt"
+    if rng_path.is_file():  # absent when resuming on more ranks than were saved
+        set_rng_state(torch.load(rng_path, weights_only=False))
+    return meta
+
+
+def prune_checkpoints(root: Path, *, keep_last: int, keep_every: int, protect: Path | None = None) -> list[Path]:
+    """Delete complete checkpoints beyond the newest ``keep_last`` (keeping multiples of ``keep_every``)."""
+    complete = [path for path in list_checkpoints(root) if is_complete(path)]
+    keep = set(complete[-keep_last:])
+    if keep_every > 0:
+        keep |= {path for path in complete if step_of(path.name) % keep_every == 0}
+    if protect is not None:
+        keep.add(protect)
+    removed = []
+    for path in complete:
+        if path not in keep:
+            (path / MARKER).unlink()  # first make it incomplete, so a kill mid-delete never looks complete
+            shutil.rmtree(path)
+            removed.append(path)
+    return removed

@@ -1,0 +1,83 @@
+"""Our config -> DeepSpeed JSON, and the DeepSpeed engine around the trainable part of a method.
+
+The JSON is always derived from mimscale's config (never kept by hand beside it) and written into the run folder for
+reference. Only trainable modules enter the engine: the method's frozen teachers are not registered submodules, so
+ZeRO never partitions them, the optimizer never sees them and checkpoints never store them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mimscale.config import Config
+from mimscale.engine.optim import build_optimizer, build_scheduler
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """The DeepSpeed JSON for this run (batch sizes, ZeRO, precision, clipping)."""
+    ds = cfg.deepspeed
+    zero: dict = {"stage": ds.zero_stage}
+    if ds.zero_stage >= 1:
+        zero.update({"contiguous_gradients": True, "overlap_comm": True, "reduce_bucket_size": 5e7})
+    if ds.zero_stage == 3:
+        # Never gather a full 16-bit copy on save: sharded checkpoints are the format; export consolidates offline.
+        zero.update({"stage3_gather_16bit_weights_on_model_save": False, "stage3_prefetch_bucket_size": 5e7})
+    if ds.offload_optimizer and ds.zero_stage >= 1:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    config = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum_steps,
+        "train_batch_size": cfg.data.batch_size * cfg.train.grad_accum_steps * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {
+            "enabled": ds.precision == "fp16",
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
+        # Our AdamW is torch's (fused on GPU); DeepSpeed calls any torch optimizer "untested".
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,  # we print our own step line
+        "wall_clock_breakdown": False,
+    }
+    return _merge(config, ds.extra)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def write_deepspeed_config(config: dict, output_dir: str | Path) -> Path:
+    path = Path(output_dir) / "deepspeed_config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config, indent=2))
+    return path
+
+
+def initialize_engine(method: nn.Module, cfg: Config, world_size: int, device: torch.device):
+    """Wrap the method in a DeepSpeed engine with our AdamW and schedule; returns (engine, scheduler, ds_config)."""
+    import deepspeed
+
+    ds_config = build_deepspeed_config(cfg, world_size)
+    optimizer = build_optimizer(method, cfg.optim, fused=device.type == "cuda")
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=method, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    return engine, scheduler, ds_config

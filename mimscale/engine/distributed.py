@@ -1,0 +1,119 @@
+"""Rank helpers. The only place besides engine/deepspeed.py that touches torch.distributed.
+
+One code path for every launch: under `deepspeed`/`torchrun`/SLURM the environment carries RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR and MASTER_PORT; a plain `mimscale train` fills them in for a single process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def fill_single_process_env() -> None:
+    """Make a launcher-less run look like rank 0 of a world of 1."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:  # srun without a wrapper script
+        os.environ.setdefault("RANK", os.environ["SLURM_PROCID"])
+        os.environ.setdefault("WORLD_SIZE", os.environ["SLURM_NTASKS"])
+        os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+        return
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def resolve_device_kind(requested: str) -> str:
+    """'cuda' or 'cpu' for run.device (auto picks CUDA when a GPU is visible)."""
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("run.device=cuda but no CUDA device is visible; set run.device=cpu or auto")
+    return requested
+
+
+def init_distributed(device_kind: str, timeout_minutes: float = 30.0) -> DistInfo:
+    """Initialise the process group (NCCL on GPU, gloo on CPU) through DeepSpeed, which also reads MPI/SLURM envs."""
+    if device_kind == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must be set before deepspeed is imported
+    fill_single_process_env()
+    import deepspeed
+
+    deepspeed.init_distributed(
+        dist_backend="nccl" if device_kind == "cuda" else "gloo",
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+    )
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_kind == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_max(value: float) -> float:
+    """Max of a host float over all ranks (used to agree on flags such as 'stop now' or 'bad step')."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    backend = dist.get_backend()
+    tensor = torch.tensor([value], dtype=torch.float64, device="cuda" if backend == "nccl" else "cpu")
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())
+
+
+def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
+    """Average host floats over ranks in one collective (log steps only: the step line shows global means)."""
+    import torch.distributed as dist
+
+    if not values or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    backend = dist.get_backend()
+    names = sorted(values)
+    tensor = torch.tensor([values[name] for name in names], dtype=torch.float64)
+    tensor = tensor.to("cuda" if backend == "nccl" else "cpu")
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return {name: float(total) / dist.get_world_size() for name, total in zip(names, tensor.tolist(), strict=True)}
+
+
+def shutdown() -> None:
+    """Leave cleanly: without this, gloo's threads abort the interpreter at exit ("terminate called ...")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

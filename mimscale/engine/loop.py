@@ -1,0 +1,289 @@
+"""The training loop: build, resume, then step / log / checkpoint until max_steps.
+
+The same function runs for `mimscale train` (one process) and under `deepspeed --module mimscale.train` (many).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mimscale.config import Config, save_config
+from mimscale.engine import checkpoint as ckpt
+from mimscale.engine import distributed
+from mimscale.engine.deepspeed import DTYPES, initialize_engine, write_deepspeed_config
+from mimscale.engine.metrics import MetricAccumulator, StepLogger, memory_gib, progress_wanted
+from mimscale.engine.optim import warmup_cosine
+
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: checkpointed after SIGTERM/SIGUSR1; the job script requeues on this code
+
+
+class TrainingError(RuntimeError):
+    """A run cannot go on (e.g. the loss stayed non-finite); the message says what to change."""
+
+
+@dataclass
+class RunState:
+    """What the loop carries between steps, and what a checkpoint records besides the engine."""
+
+    step: int = 0
+    samples_seen: int = 0
+    skipped_micro_batches: int = 0
+    consecutive_bad: int = 0
+    stop_signal: int = 0
+    window_images: int = 0
+    window_data_wait: float = 0.0
+    grad_norm: float | None = None
+    history: list = field(default_factory=list)
+
+
+def train(cfg: Config, resume: str = "auto") -> dict:
+    """Run (or resume) training; returns a summary {step, last_loss, output_dir, exit_code}."""
+    device_kind = distributed.resolve_device_kind(cfg.run.device)
+    info = distributed.init_distributed(device_kind)
+    summary = _train(cfg, info, resume)
+    distributed.shutdown()
+    return summary
+
+
+def _build(cfg: Config, info: distributed.DistInfo):
+    from mimscale.methods import build_method
+
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    method = build_method(cfg)
+    if cfg.deepspeed.activation_checkpointing:
+        method.set_grad_checkpointing(True)
+    teacher_dtype = torch.bfloat16 if info.device.type == "cuda" else torch.float32
+    for frozen in method.frozen_modules():
+        frozen.to(device=info.device, dtype=teacher_dtype)
+    engine, scheduler, ds_config = initialize_engine(method, cfg, info.world_size, info.device)
+    torch.manual_seed(cfg.run.seed + 1 + info.rank)  # per-rank randomness (drop path) from here on
+    return method, engine, scheduler, ds_config
+
+
+def _train(cfg: Config, info: distributed.DistInfo, resume: str) -> dict:
+    from mimscale.data.masking import build_mask_generator
+    from mimscale.data.stream import build_train_loader
+
+    output_dir = Path(cfg.run.output_dir)
+    root = output_dir / "checkpoints"
+    method, engine, _, ds_config = _build(cfg, info)
+    if info.is_main:
+        save_config(cfg, output_dir / "config.yaml")
+        write_deepspeed_config(ds_config, output_dir)
+    state = RunState()
+    data_state = resume_from(engine, cfg, root, resume, info, state)
+    mask_generator = build_mask_generator(
+        method.mask_kind,
+        image_size=cfg.data.image_size,
+        token_stride=method.token_stride,
+        ratio=cfg.mask.ratio,
+        cell_size=cfg.mask.patch_size,
+    )
+    stream = build_train_loader(
+        cfg, rank=info.rank, world_size=info.world_size, mask_generator=mask_generator, state=data_state
+    )
+    logger = StepLogger(
+        output_dir,
+        enabled=info.is_main,
+        max_steps=cfg.train.max_steps,
+        start_step=state.step,
+        progress=progress_wanted(cfg.train.progress_bar),
+    )
+    _install_stop_handlers(state)
+    try:
+        exit_code = run_loop(engine, stream, cfg, info, state, logger, root)
+    finally:
+        logger.close()
+    last_loss = state.history[-1][1] if state.history else float("nan")
+    return {"step": state.step, "last_loss": last_loss, "output_dir": str(output_dir), "exit_code": exit_code}
+
+
+def resume_from(engine, cfg: Config, root: Path, resume: str, info, state: RunState) -> dict | None:
+    """Load the checkpoint ``resume`` names ('auto', 'none' or a path); returns the saved data position."""
+    log = print if info.is_main else (lambda *_: None)
+    if resume == "none":
+        if ckpt.list_checkpoints(root):
+            raise ValueError(
+                f"{root} already holds checkpoints and --resume none was given; use --resume auto to continue "
+                "that run, or set run.output_dir to a new folder for a fresh one"
+            )
+        return None
+    tag_dir = ckpt.find_resume_checkpoint(root, log=log) if resume == "auto" else _resolve_tag_dir(Path(resume))
+    if tag_dir is None:
+        return None
+    saved = ckpt.read_meta(tag_dir)
+    if saved["world_size"] != info.world_size and saved["zero_stage"] > 0:
+        raise ValueError(
+            f"checkpoint {tag_dir} was written by {saved['world_size']} ranks with ZeRO-{saved['zero_stage']}, "
+            f"this run has {info.world_size}; convert it first (mimscale ckpt convert) or resume on "
+            f"{saved['world_size']} ranks"
+        )
+    meta = ckpt.load_checkpoint(engine, tag_dir, info.rank)
+    state.step = meta["step"]
+    state.samples_seen = meta["samples_seen"]
+    state.skipped_micro_batches = meta.get("skipped_micro_batches", 0)
+    log(f"resumed from {tag_dir} at step {state.step} ({state.samples_seen} samples seen)")
+    return meta["data_state"]
+
+
+def _resolve_tag_dir(path: Path) -> Path:
+    """Accept a checkpoint folder, a checkpoints/ folder or a run folder."""
+    for candidate in (path, path / "checkpoints"):
+        if ckpt.is_complete(candidate):
+            return candidate
+        found = ckpt.find_resume_checkpoint(candidate, log=lambda *_: None) if candidate.is_dir() else None
+        if found is not None:
+            return found
+    raise FileNotFoundError(f"--resume {path}: no complete mimscale checkpoint found there")
+
+
+def _install_stop_handlers(state: RunState) -> None:
+    def request_stop(signum, _frame):
+        state.stop_signal = signum
+
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, request_stop)
+
+
+def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    moved = {}
+    for name, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True)
+            if value.is_floating_point():
+                value = value.to(dtype)
+        moved[name] = value
+    return moved
+
+
+def _next_batch(iterator, state: RunState):
+    start = time.perf_counter()
+    batch = next(iterator)
+    state.window_data_wait += time.perf_counter() - start
+    return batch
+
+
+def train_one_step(engine, iterator, cfg: Config, info, state: RunState, accumulator: MetricAccumulator) -> None:
+    """One optimizer step: grad_accum_steps good micro-batches (non-finite ones are skipped on every rank)."""
+    dtype = DTYPES[cfg.deepspeed.precision]
+    done = 0
+    while done < cfg.train.grad_accum_steps:
+        batch = _to_device(_next_batch(iterator, state), info.device, dtype)
+        outputs = engine(batch)
+        loss = outputs["loss"]
+        if cfg.train.nan_guard and distributed.all_reduce_max(0.0 if torch.isfinite(loss).item() else 1.0) > 0:
+            _skip_bad_micro_batch(cfg, info, state)
+            continue
+        state.consecutive_bad = 0
+        engine.backward(loss)
+        if done == cfg.train.grad_accum_steps - 1 and (state.step + 1) % cfg.train.log_every == 0:
+            state.grad_norm = _grad_norm_if_untracked(engine)
+        engine.step()
+        accumulator.add(outputs)
+        done += 1
+    state.step += 1
+    images = cfg.data.batch_size * cfg.train.grad_accum_steps * info.world_size
+    state.samples_seen += images
+    state.window_images += images
+
+
+def _grad_norm_if_untracked(engine) -> float | None:
+    """DeepSpeed reports no grad norm for plain fp32 without ZeRO; compute it then (only on log steps)."""
+    if engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() or engine.fp16_enabled():
+        return None
+    grads = [param.grad for param in engine.module.parameters() if param.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else None
+
+
+def _skip_bad_micro_batch(cfg: Config, info, state: RunState) -> None:
+    state.skipped_micro_batches += 1
+    state.consecutive_bad += 1
+    if info.is_main:
+        print(f"step {state.step + 1}: non-finite loss on some rank; micro-batch skipped on all ranks", flush=True)
+    if state.consecutive_bad >= cfg.train.max_bad_steps:
+        raise TrainingError(
+            f"the loss was NaN/Inf for {state.consecutive_bad} consecutive micro-batches at step {state.step + 1}; "
+            "resume from the last checkpoint with a lower optim.lr, deepspeed.precision=bf16 instead of fp16, "
+            "or a smaller optim.grad_clip (train.max_bad_steps sets this limit)"
+        )
+
+
+def log_step(engine, cfg: Config, info, state: RunState, accumulator: MetricAccumulator, logger, window_start):
+    elapsed = max(1e-9, time.perf_counter() - window_start)
+    means = distributed.all_reduce_mean(accumulator.pop_means())
+    grad_norm = engine.get_global_grad_norm()
+    grad_norm = state.grad_norm if grad_norm is None else grad_norm
+    scalars = {f"train/{name}": value for name, value in means.items()}
+    scalars.update(
+        {
+            "train/lr": warmup_cosine(
+                state.step - 1,
+                base_lr=cfg.optim.lr,
+                min_lr=cfg.optim.min_lr,
+                warmup_steps=cfg.optim.warmup_steps,
+                max_steps=cfg.train.max_steps,
+            ),
+            "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "train/skipped_steps": float(state.skipped_micro_batches + getattr(engine, "skipped_steps", 0)),
+            "perf/images_per_sec": state.window_images / elapsed,
+            "perf/images_per_sec_per_rank": state.window_images / elapsed / info.world_size,
+            "perf/data_wait_frac": state.window_data_wait / elapsed,
+            "perf/memory_gib": memory_gib(info.device),
+            "train/samples_seen": float(state.samples_seen),
+        }
+    )
+    state.history.append((state.step, scalars.get("train/loss", math.nan)))
+    state.window_images, state.window_data_wait = 0, 0.0
+    logger.log(state.step, cfg.train.max_steps, scalars)
+
+
+def save(engine, stream, cfg: Config, info, state: RunState, root: Path, logger) -> None:
+    meta = {
+        "step": state.step,
+        "samples_seen": state.samples_seen,
+        "skipped_micro_batches": state.skipped_micro_batches,
+        "world_size": info.world_size,
+        "zero_stage": cfg.deepspeed.zero_stage,
+        "precision": cfg.deepspeed.precision,
+        "data_state": stream.state_dict(),
+        "config": cfg.to_dict(),
+        "time": time.time(),
+    }
+    tag_dir = ckpt.save_checkpoint(engine, root, state.step, meta, info.rank)
+    if info.is_main:
+        removed = ckpt.prune_checkpoints(
+            root, keep_last=cfg.checkpoint.keep_last, keep_every=cfg.checkpoint.keep_every, protect=tag_dir
+        )
+        pruned = f" (pruned {', '.join(path.name for path in removed)})" if removed else ""
+        logger.text(f"saved checkpoint {tag_dir}{pruned}")
+
+
+def run_loop(engine, stream, cfg: Config, info, state: RunState, logger, root: Path) -> int:
+    """Step until max_steps (or stop_at_step, or a stop signal); returns the process exit code."""
+    iterator = iter(stream)
+    accumulator = MetricAccumulator()
+    window_start = time.perf_counter()
+    while state.step < cfg.train.max_steps:
+        train_one_step(engine, iterator, cfg, info, state, accumulator)
+        logger.advance()
+        at_end = state.step == cfg.train.max_steps or state.step == cfg.train.stop_at_step
+        if state.step % cfg.train.log_every == 0 or at_end:
+            log_step(engine, cfg, info, state, accumulator, logger, window_start)
+            window_start = time.perf_counter()
+        stop_signal = (
+            distributed.all_reduce_max(float(state.stop_signal)) if state.step % cfg.train.log_every == 0 else 0
+        )
+        if state.step % cfg.checkpoint.every_steps == 0 or at_end or stop_signal:
+            save(engine, stream, cfg, info, state, root, logger)
+        if stop_signal:
+            logger.text(f"stopped by signal {int(stop_signal)} at step {state.step} after checkpointing; requeue me")
+            return EXIT_REQUEUE
+        if state.step == cfg.train.stop_at_step:
+            break
+    return 0

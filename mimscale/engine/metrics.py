@@ -1,0 +1,121 @@
+"""Rank 0's step line, progress bar and TensorBoard scalars.
+
+Metrics are accumulated as device tensors and read back to the host only at log steps, so logging costs no
+per-step synchronisation.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak GPU memory allocated, or the process's resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import psutil
+
+        return psutil.Process(os.getpid()).memory_info().rss / 2**30
+    except ImportError:
+        return float("nan")
+
+
+class MetricAccumulator:
+    """Sums detached metric tensors between log steps without syncing the device."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+        for name, value in metrics.items():
+            value = value.detach().float()
+            self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
+        self.count += 1
+
+    def pop_means(self) -> dict[str, float]:
+        means = {name: float(total) / max(1, self.count) for name, total in self.sums.items()}
+        self.sums, self.count = {}, 0
+        return means
+
+
+class StepLogger:
+    """One fixed-format line per log step on rank 0, plus TensorBoard and a progress bar."""
+
+    def __init__(self, output_dir: Path, *, enabled: bool, max_steps: int, start_step: int, progress: bool):
+        self.enabled = enabled
+        self.writer = None
+        self.bar = None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"), purge_step=start_step + 1)
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        self.last_time = time.perf_counter()
+
+    def reset_clock(self) -> None:
+        self.last_time = time.perf_counter()
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def log(self, step: int, max_steps: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        line = format_step_line(step, max_steps, scalars)
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+
+    def text(self, message: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def format_step_line(step: int, max_steps: int, scalars: dict[str, float]) -> str:
+    width = len(str(max_steps))
+    parts = [
+        f"step {step:>{width}}/{max_steps}",
+        f"loss {scalars.get('train/loss', float('nan')):.4f}",
+        f"lr {scalars.get('train/lr', float('nan')):.2e}",
+        f"grad_norm {scalars.get('train/grad_norm', float('nan')):.3f}",
+        f"img/s {scalars.get('perf/images_per_sec', float('nan')):.1f}",
+    ]
+    if "perf/mfu" in scalars:
+        parts.append(f"mfu {100 * scalars['perf/mfu']:.1f}%")
+    parts.append(f"mem {scalars.get('perf/memory_gib', float('nan')):.2f}GiB")
+    if scalars.get("data/corrupt_samples"):
+        parts.append(f"corrupt {int(scalars['data/corrupt_samples'])}")
+    if scalars.get("train/skipped_steps"):
+        parts.append(f"skipped {int(scalars['train/skipped_steps'])}")
+    return " | ".join(parts)
+
+
+def progress_wanted(requested: bool) -> bool:
+    """A bar only on an interactive terminal: in log files it would be noise."""
+    return requested and sys.stderr.isatty()

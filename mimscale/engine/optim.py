@@ -1,0 +1,74 @@
+"""AdamW parameter groups and the warmup + cosine schedule (SimMIM / EVA recipe)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+# Parameters that are embeddings or learned tokens rather than weights: decaying them hurts (SimMIM, timm).
+NO_DECAY_KEYWORDS = (
+    "mask_token",
+    "cls_token",
+    "reg_token",
+    "dist_token",
+    "pos_embed",
+    "absolute_pos_embed",
+    "relative_position_bias_table",
+    "logit_scale",
+    "cpb_mlp",
+    "level_weights",
+)
+
+
+def wants_weight_decay(name: str, param: nn.Parameter) -> bool:
+    """Weight decay for matrices and convolutions only: not norms, biases, tokens or position tables."""
+    if param.ndim <= 1 or name.endswith(".bias"):
+        return False
+    return not any(keyword in name for keyword in NO_DECAY_KEYWORDS)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (decay if wants_weight_decay(name, param) else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
+
+
+def warmup_cosine(step: int, *, base_lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
+    """Learning rate for the optimizer step about to be taken (``step`` steps already done)."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    decay_steps = max(1, max_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, optim_cfg, *, fused: bool) -> torch.optim.Optimizer:
+    """torch AdamW over the trainable parameters; ``fused`` uses the single-kernel CUDA implementation."""
+    kwargs = {"fused": True} if fused else {"foreach": True}
+    return torch.optim.AdamW(
+        param_groups(model, optim_cfg.weight_decay),
+        lr=optim_cfg.lr,
+        betas=tuple(optim_cfg.betas),
+        eps=optim_cfg.eps,
+        **kwargs,
+    )
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg, max_steps: int):
+    def multiplier(step: int) -> float:
+        lr = warmup_cosine(
+            step,
+            base_lr=optim_cfg.lr,
+            min_lr=optim_cfg.min_lr,
+            warmup_steps=optim_cfg.warmup_steps,
+            max_steps=max_steps,
+        )
+        return lr / optim_cfg.lr
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)

@@ -1,0 +1,65 @@
+"""Training entry point: `mimscale train --config X` or `deepspeed --module mimscale.train --config X`.
+
+Both run the same code; under a launcher every rank runs this module (DeepSpeed adds --local_rank).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mimscale.config import ConfigError, load_config
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config key, e.g. --set optim.lr=1e-4 (repeatable)",
+    )
+    parser.add_argument(
+        "--resume",
+        default="auto",
+        help="auto (newest complete checkpoint in run.output_dir, the default), none, or a checkpoint path",
+    )
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mimscale.engine.loop import TrainingError, train
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        summary = train(cfg, resume=args.resume)
+    except TrainingError as err:
+        print(f"mimscale: training stopped: {err}", file=sys.stderr)
+        return 1
+    return summary["exit_code"]
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("train", help="pretrain a model (one process, or under the deepspeed launcher)")
+    add_train_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mimscale.train", description=__doc__)
+    add_train_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except ConfigError as err:
+        print(f"mimscale: config error: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as err:
+        print(f"mimscale: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
