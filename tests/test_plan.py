@@ -1,0 +1,161 @@
+"""The planner: model-state bytes against DeepSpeed's estimators, activation bytes against a real forward,
+FLOPs of visible-only students, billion-parameter configs on the meta device, clear errors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import pytest
+import timm
+import torch
+from timm.layers import set_reentrant_ckpt, use_reentrant_ckpt
+
+from mimscale.config import ConfigError, load_config
+from mimscale.plan import (
+    build_meta_models,
+    image_flops,
+    make_plan,
+    model_state_bytes,
+    parse_memory,
+    register,
+    trace_student_activations,
+)
+
+TINY_VIT = ["model.student=vit_tiny_patch16_224", "model.student_args={patch_size: 8, depth: 4}", "data.image_size=64"]
+
+
+def write_config(tmp_path, text: str):
+    path = tmp_path / "plan.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("gpus", [8, 64])
+def test_model_states_match_deepspeed_estimators(gpus):
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    params, largest = 1_000_000_000, 40_000_000
+    nodes = gpus // 8
+    _, ds_zero2 = estimate_zero2_model_states_mem_needs(params, 8, nodes, cpu_offload=False)
+    _, ds_zero3, _ = estimate_zero3_model_states_mem_needs(params, largest, 8, nodes, cpu_offload=False)
+    ours2 = model_state_bytes(params, stage=2, precision="bf16", gpus=gpus).total
+    ours3 = model_state_bytes(params, stage=3, precision="bf16", gpus=gpus, largest_layer=largest).total
+    assert ours2 == pytest.approx(ds_zero2, rel=0.03)
+    assert ours3 == pytest.approx(ds_zero3, rel=0.03)
+
+
+def test_model_states_shrink_as_the_stage_rises():
+    params = 100_000_000
+    totals = [model_state_bytes(params, stage=s, precision="bf16", gpus=8).total for s in range(4)]
+    assert totals == sorted(totals, reverse=True) and len(set(totals)) == 4
+    assert model_state_bytes(params, stage=0, precision="fp32", gpus=8).total == 16 * params  # 4+4+8
+    assert model_state_bytes(params, stage=0, precision="bf16", gpus=8).total == 20 * params  # 2+2+12 + fp32 grads
+    offloaded = model_state_bytes(params, stage=2, precision="bf16", gpus=8, offload_optimizer=True)
+    assert offloaded.total < totals[2] and offloaded.offloaded_to_cpu == 16 * params / 8
+
+
+def _measured_saved_bytes(model: torch.nn.Module, images: torch.Tensor) -> int:
+    """Unique storages autograd saves in a real CPU forward (parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.forward_features(images)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_activation_estimate_matches_saved_tensors(checkpointing):
+    cfg = load_config(None, TINY_VIT)
+    trace = trace_student_activations(build_meta_models(cfg), "fp32")
+    batch = 4
+    model = timm.create_model("vit_tiny_patch16_224", patch_size=8, depth=4, img_size=64, num_classes=0)
+    model.set_grad_checkpointing(checkpointing)
+    reentrant = use_reentrant_ckpt()
+    set_reentrant_ckpt(True)  # re-entrant checkpoints save block inputs where the hook sees them
+    try:
+        measured = _measured_saved_bytes(model, torch.randn(batch, 3, 64, 64))
+    finally:
+        set_reentrant_ckpt(reentrant)
+    estimate = batch * trace.stored(checkpointing)
+    assert estimate == pytest.approx(measured, rel=0.15)
+    if checkpointing:
+        assert trace.stored(True) < trace.stored(False) / 2
+
+
+def test_visible_only_flops_scale_with_keep_ratio():
+    base = TINY_VIT + ["method.name=maskalign", "teacher.kind=timm", "teacher.name=vit_tiny_patch16_224"]
+    student = {}
+    for keep in (0.25, 0.5, 0.75):
+        cfg = load_config(None, base + [f"mask.ratio={1 - keep}", "mask.patch_size=8"])
+        student[keep] = image_flops(build_meta_models(cfg), cfg).student_forward
+    assert student[0.25] / student[0.75] == pytest.approx(1 / 3, rel=0.15)
+    assert student[0.5] / student[0.75] == pytest.approx(2 / 3, rel=0.15)
+    full = load_config(None, TINY_VIT)
+    assert student[0.75] < image_flops(build_meta_models(full), full).student_forward
+
+
+def test_billion_parameter_config_plans_in_seconds_and_zero3_scales():
+    cfg = load_config(
+        None,
+        ["model.student=vit_giant_patch14_224", "data.image_size=224", "mask.patch_size=28"]
+        + ["deepspeed.zero_stage=3", "deepspeed.precision=bf16", "deepspeed.activation_checkpointing=true"],
+    )
+    start = time.perf_counter()
+    small = make_plan(cfg, gpus=8, gpu_memory_bytes=parse_memory("80GB"))
+    assert time.perf_counter() - start < 30
+    large = make_plan(cfg, gpus=64, gpu_memory_bytes=parse_memory("80GB"))
+    assert small.student_params > 1e9
+    assert large.model_state_bytes < small.model_state_bytes / 4
+    assert large.max_micro_batch > small.max_micro_batch > 0
+    assert small.flops_per_image == pytest.approx(4 * small.student_forward_flops)  # fwd+bwd + recompute
+
+
+def test_does_not_fit_says_what_to_change():
+    cfg = load_config(None, ["model.student=vit_giant_patch14_224", "data.image_size=224", "mask.patch_size=28"])
+    plan = make_plan(cfg, gpus=8, gpu_memory_bytes=parse_memory("16GB"))
+    assert plan.max_micro_batch == 0
+    assert any("zero_stage" in note and "activation_checkpointing" in note for note in plan.notes)
+
+
+def _run_cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_prints_table_and_json(tmp_path, capsys):
+    path = write_config(
+        tmp_path, "model:\n  student: vit_tiny_patch16_224\n  student_args: {patch_size: 8}\ndata:\n  image_size: 64\n"
+    )
+    assert _run_cli(["plan", str(path), "--gpus", "8", "--set", "deepspeed.zero_stage=3"]) == 0
+    assert "max micro-batch" in capsys.readouterr().out
+    assert _run_cli(["plan", str(path), "--gpus", "8", "--json", "--gpu-memory", "40GB"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["zero_stage"] == 0 and plan["gpu_memory_bytes"] == 40 * 2**30 and plan["max_micro_batch"] > 0
+
+
+def test_bad_input_gives_clear_errors(tmp_path):
+    path = write_config(tmp_path, "model:\n  student: vit_nonexistent_model\n")
+    with pytest.raises(ConfigError, match="model.student='vit_nonexistent_model' is not a timm model"):
+        _run_cli(["plan", str(path), "--gpus", "8"])
+    with pytest.raises(ConfigError, match="--gpu-memory"):
+        parse_memory("lots")
+    with pytest.raises(ConfigError, match="--gpus"):
+        make_plan(load_config(None, TINY_VIT), gpus=0, gpu_memory_bytes=2**30)
+    with pytest.raises(ConfigError, match="teacher.name"):
+        make_plan(
+            load_config(None, TINY_VIT + ["method.name=maskdistill", "teacher.kind=open_clip"]),
+            gpus=1,
+            gpu_memory_bytes=2**30,
+        )
