@@ -19,6 +19,8 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,7 @@ import torch
 from mimscale.engine import distributed
 
 MARKER = "mimscale.json"
+UNIVERSAL_DIR = "universal"  # DeepSpeed universal checkpoint of a tag, made when the world size changes
 TAG_PATTERN = re.compile(r"^step_(\d{8,})$")
 
 
@@ -113,11 +116,15 @@ def save_checkpoint(engine, root: Path, step: int, meta: dict, rank: int) -> Pat
     return tag_dir
 
 
-def load_checkpoint(engine, tag_dir: Path, rank: int) -> dict:
-    """Restore engine (weights, optimizer, scheduler) and this rank's RNG; returns the checkpoint's meta."""
+def load_checkpoint(engine, tag_dir: Path, rank: int, universal: bool = False) -> dict:
+    """Restore engine (weights, optimizer, scheduler) and this rank's RNG; returns the checkpoint's meta.
+
+    ``universal`` loads the converted copy (the engine must have been built with checkpoint.load_universal).
+    """
     meta = read_meta(tag_dir)
+    load_dir, tag = (tag_dir, UNIVERSAL_DIR) if universal else (tag_dir.parent, tag_dir.name)
     load_path, _ = engine.load_checkpoint(
-        str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True
+        str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}; check that its shards are all present")
@@ -142,3 +149,41 @@ def prune_checkpoints(root: Path, *, keep_last: int, keep_every: int, protect: P
             shutil.rmtree(path)
             removed.append(path)
     return removed
+
+
+def universal_dir(tag_dir: Path) -> Path:
+    return tag_dir / UNIVERSAL_DIR
+
+
+def convert_to_universal(tag_dir: Path, workers: int = 2) -> Path:
+    """Turn a sharded ZeRO checkpoint into a DeepSpeed universal checkpoint (loadable on any number of ranks).
+
+    Runs DeepSpeed's own converter (with --inject_missing_state, which ZeRO-1/2 checkpoints need) into a
+    temporary folder that is renamed when complete, so a killed conversion is simply redone.
+    """
+    target = universal_dir(tag_dir)
+    if target.is_dir():
+        return target
+    tmp = tag_dir / (UNIVERSAL_DIR + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    command = [
+        sys.executable,
+        "-m",
+        "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder",
+        str(tag_dir),
+        "--output_folder",
+        str(tmp),
+        "--inject_missing_state",
+        "--num_extract_workers",
+        str(workers),
+        "--num_merge_workers",
+        str(max(1, workers // 2)),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
+        raise RuntimeError(f"converting {tag_dir} to a universal checkpoint failed:\n{tail}")
+    tmp.replace(target)
+    return target

@@ -70,11 +70,15 @@ def write_deepspeed_config(config: dict, output_dir: str | Path) -> Path:
     return path
 
 
-def initialize_engine(method: nn.Module, cfg: Config, world_size: int, device: torch.device):
+def initialize_engine(
+    method: nn.Module, cfg: Config, world_size: int, device: torch.device, load_universal: bool = False
+):
     """Wrap the method in a DeepSpeed engine with our AdamW and schedule; returns (engine, scheduler, ds_config)."""
     import deepspeed
 
     ds_config = build_deepspeed_config(cfg, world_size)
+    if load_universal:
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     optimizer = build_optimizer(method, cfg.optim, fused=device.type == "cuda")
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     engine, _, _, scheduler = deepspeed.initialize(

@@ -51,7 +51,7 @@ def train(cfg: Config, resume: str = "auto") -> dict:
     return summary
 
 
-def _build(cfg: Config, info: distributed.DistInfo):
+def _build(cfg: Config, info: distributed.DistInfo, load_universal: bool):
     from mimscale.methods import build_method
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
@@ -61,7 +61,9 @@ def _build(cfg: Config, info: distributed.DistInfo):
     teacher_dtype = torch.bfloat16 if info.device.type == "cuda" else torch.float32
     for frozen in method.frozen_modules():
         frozen.to(device=info.device, dtype=teacher_dtype)
-    engine, scheduler, ds_config = initialize_engine(method, cfg, info.world_size, info.device)
+    engine, scheduler, ds_config = initialize_engine(
+        method, cfg, info.world_size, info.device, load_universal=load_universal
+    )
     torch.manual_seed(cfg.run.seed + 1 + info.rank)  # per-rank randomness (drop path) from here on
     return method, engine, scheduler, ds_config
 
@@ -72,12 +74,13 @@ def _train(cfg: Config, info: distributed.DistInfo, resume: str) -> dict:
 
     output_dir = Path(cfg.run.output_dir)
     root = output_dir / "checkpoints"
-    method, engine, _, ds_config = _build(cfg, info)
+    plan = plan_resume(cfg, root, resume, info)
+    method, engine, _, ds_config = _build(cfg, info, load_universal=bool(plan and plan.universal))
     if info.is_main:
         save_config(cfg, output_dir / "config.yaml")
         write_deepspeed_config(ds_config, output_dir)
     state = RunState()
-    data_state = resume_from(engine, cfg, root, resume, info, state)
+    data_state = load_resume_plan(engine, plan, info, state) if plan else None
     mask_generator = build_mask_generator(
         method.mask_kind,
         image_size=cfg.data.image_size,
@@ -104,8 +107,15 @@ def _train(cfg: Config, info: distributed.DistInfo, resume: str) -> dict:
     return {"step": state.step, "last_loss": last_loss, "output_dir": str(output_dir), "exit_code": exit_code}
 
 
-def resume_from(engine, cfg: Config, root: Path, resume: str, info, state: RunState) -> dict | None:
-    """Load the checkpoint ``resume`` names ('auto', 'none' or a path); returns the saved data position."""
+@dataclass(frozen=True)
+class ResumePlan:
+    tag_dir: Path
+    meta: dict
+    universal: bool  # load DeepSpeed's universal copy: the world size or ZeRO stage changed
+
+
+def plan_resume(cfg: Config, root: Path, resume: str, info) -> ResumePlan | None:
+    """Decide what to resume from ('auto', 'none' or a path) before the engine exists; convert if needed."""
     log = print if info.is_main else (lambda *_: None)
     if resume == "none":
         if ckpt.list_checkpoints(root):
@@ -117,18 +127,38 @@ def resume_from(engine, cfg: Config, root: Path, resume: str, info, state: RunSt
     tag_dir = ckpt.find_resume_checkpoint(root, log=log) if resume == "auto" else _resolve_tag_dir(Path(resume))
     if tag_dir is None:
         return None
-    saved = ckpt.read_meta(tag_dir)
-    if saved["world_size"] != info.world_size and saved["zero_stage"] > 0:
-        raise ValueError(
-            f"checkpoint {tag_dir} was written by {saved['world_size']} ranks with ZeRO-{saved['zero_stage']}, "
-            f"this run has {info.world_size}; convert it first (mimscale ckpt convert) or resume on "
-            f"{saved['world_size']} ranks"
+    meta = ckpt.read_meta(tag_dir)
+    changed = meta["world_size"] != info.world_size or meta["zero_stage"] != cfg.deepspeed.zero_stage
+    universal = changed and max(meta["zero_stage"], cfg.deepspeed.zero_stage) > 0
+    if universal:
+        log(
+            f"checkpoint {tag_dir.name} was written by {meta['world_size']} ranks at ZeRO-{meta['zero_stage']}; "
+            f"this run has {info.world_size} ranks at ZeRO-{cfg.deepspeed.zero_stage}: loading it as a universal "
+            "checkpoint"
         )
-    meta = ckpt.load_checkpoint(engine, tag_dir, info.rank)
+        _convert_on_rank0(tag_dir, info)
+    return ResumePlan(tag_dir=tag_dir, meta=meta, universal=universal)
+
+
+def _convert_on_rank0(tag_dir: Path, info) -> None:
+    error = ""
+    if info.is_main:
+        try:
+            ckpt.convert_to_universal(tag_dir)
+        except RuntimeError as err:
+            error = str(err)
+    if distributed.all_reduce_max(1.0 if error else 0.0) > 0:
+        raise RuntimeError(error or f"rank 0 could not convert {tag_dir} to a universal checkpoint (see its log)")
+
+
+def load_resume_plan(engine, plan: ResumePlan, info, state: RunState) -> dict:
+    """Load the planned checkpoint into the engine and the run state; returns the saved data position."""
+    meta = ckpt.load_checkpoint(engine, plan.tag_dir, info.rank, universal=plan.universal)
     state.step = meta["step"]
     state.samples_seen = meta["samples_seen"]
     state.skipped_micro_batches = meta.get("skipped_micro_batches", 0)
-    log(f"resumed from {tag_dir} at step {state.step} ({state.samples_seen} samples seen)")
+    if info.is_main:
+        print(f"resumed from {plan.tag_dir} at step {state.step} ({state.samples_seen} samples seen)", flush=True)
     return meta["data_state"]
 
 
