@@ -14,6 +14,7 @@ from mimscale.config import ConfigError
 
 COMMAND_MODULES = [
     "mimscale.train",  # train
+    "mimscale.engine.ckpt_cli",  # ckpt info|convert
     "mimscale.plan",  # plan
 ]
 

@@ -1,0 +1,82 @@
+"""`mimscale ckpt info|convert`: look inside a checkpoint, or make it loadable on any number of ranks."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mimscale.config import Config, from_dict, load_config
+from mimscale.engine import checkpoint as ckpt
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A tag folder, a checkpoints/ folder or a run folder -> the newest complete tag folder in it."""
+    if ckpt.is_complete(path):
+        return path
+    for root in (path, path / "checkpoints"):
+        found = ckpt.find_resume_checkpoint(root, log=print) if root.is_dir() else None
+        if found is not None:
+            return found
+    if path.is_dir() and ckpt.TAG_PATTERN.match(path.name):
+        raise FileNotFoundError(f"{path} is incomplete ({ckpt.MARKER} is missing): the run died while writing it")
+    raise FileNotFoundError(f"no complete mimscale checkpoint at {path} (give a run folder or a step_* folder)")
+
+
+def config_diff(saved: dict, current: Config) -> list[str]:
+    """Lines 'section.key: saved -> current' for every key that differs."""
+    now = current.to_dict()
+    lines = []
+    for section, values in now.items():
+        for key, value in values.items():
+            before = saved.get(section, {}).get(key, "<absent>")
+            if before != value:
+                lines.append(f"  {section}.{key}: {before!r} -> {value!r}")
+    return lines
+
+
+def info(args: argparse.Namespace) -> int:
+    tag_dir = resolve_checkpoint(Path(args.path))
+    meta = ckpt.read_meta(tag_dir)
+    shards = sorted(p.name for p in tag_dir.iterdir() if p.suffix == ".pt")
+    size = sum(p.stat().st_size for p in tag_dir.rglob("*") if p.is_file())
+    print(f"checkpoint   {tag_dir}")
+    print(f"step         {meta['step']}")
+    print(f"samples seen {meta['samples_seen']}")
+    print(f"world size   {meta['world_size']}")
+    print(f"ZeRO stage   {meta['zero_stage']}  precision {meta.get('precision', '?')}")
+    print(f"data state   {meta.get('data_state')}")
+    print(f"files        {len(shards)} shard files, {size / 2**20:.1f} MiB")
+    print(f"universal    {'yes' if ckpt.universal_dir(tag_dir).is_dir() else 'no'}")
+    saved_cfg = meta.get("config", {})
+    from_dict(saved_cfg)  # the stored config must still be a valid config for this version
+    if args.config:
+        diff = config_diff(saved_cfg, load_config(args.config, args.overrides))
+        print(f"config diff against {args.config}:" if diff else f"config identical to {args.config}")
+        if diff:
+            print("\n".join(diff))
+    return 0
+
+
+def convert(args: argparse.Namespace) -> int:
+    tag_dir = resolve_checkpoint(Path(args.path))
+    meta = ckpt.read_meta(tag_dir)
+    if meta["zero_stage"] == 0:
+        print(f"{tag_dir} is a ZeRO-0 checkpoint: it already loads on any number of ranks")
+        return 0
+    out = ckpt.convert_to_universal(tag_dir, workers=args.workers)
+    print(f"wrote universal checkpoint {out}; `mimscale train --resume {tag_dir}` loads it on any number of ranks")
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("ckpt", help="inspect or convert checkpoints")
+    commands = parser.add_subparsers(dest="ckpt_command", metavar="ACTION", required=True)
+    show = commands.add_parser("info", help="step, samples seen, world size, ZeRO stage, config diff")
+    show.add_argument("path", help="run folder, its checkpoints/ folder or a step_* folder")
+    show.add_argument("--config", help="compare the stored config with this YAML config")
+    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    show.set_defaults(func=info)
+    conv = commands.add_parser("convert", help="DeepSpeed universal checkpoint (resume on another world size)")
+    conv.add_argument("path", help="run folder, its checkpoints/ folder or a step_* folder")
+    conv.add_argument("--workers", type=int, default=2, help="parallel extraction workers")
+    conv.set_defaults(func=convert)
