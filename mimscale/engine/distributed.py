@@ -84,16 +84,16 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_max(value: float) -> float:
-    """Max of a host float over all ranks (used to agree on flags such as 'stop now' or 'bad step')."""
+def all_reduce_max(*values: float) -> list[float]:
+    """Element-wise max of host floats over all ranks, in one collective (to agree on 'stop now', 'bad step')."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
+        return list(values)
     backend = dist.get_backend()
-    tensor = torch.tensor([value], dtype=torch.float64, device="cuda" if backend == "nccl" else "cpu")
+    tensor = torch.tensor(values, dtype=torch.float64, device="cuda" if backend == "nccl" else "cpu")
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return float(tensor.item())
+    return tensor.tolist()
 
 
 def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:

@@ -35,7 +35,8 @@ class RunState:
     samples_seen: int = 0
     skipped_micro_batches: int = 0
     consecutive_bad: int = 0
-    stop_signal: int = 0
+    stop_signal: int = 0  # set by the signal handler on this rank
+    stop_agreed: int = 0  # the largest signal any rank received, once the ranks have agreed on it
     window_images: int = 0
     window_data_wait: float = 0.0
     grad_norm: float | None = None
@@ -147,7 +148,7 @@ def _convert_on_rank0(tag_dir: Path, info) -> None:
             ckpt.convert_to_universal(tag_dir)
         except RuntimeError as err:
             error = str(err)
-    if distributed.all_reduce_max(1.0 if error else 0.0) > 0:
+    if distributed.all_reduce_max(1.0 if error else 0.0)[0] > 0:
         raise RuntimeError(error or f"rank 0 could not convert {tag_dir} to a universal checkpoint (see its log)")
 
 
@@ -207,9 +208,12 @@ def train_one_step(engine, iterator, cfg: Config, info, state: RunState, accumul
         batch = _to_device(_next_batch(iterator, state), info.device, dtype)
         outputs = engine(batch)
         loss = outputs["loss"]
-        if cfg.train.nan_guard and distributed.all_reduce_max(0.0 if torch.isfinite(loss).item() else 1.0) > 0:
-            _skip_bad_micro_batch(cfg, info, state)
-            continue
+        if cfg.train.nan_guard:  # one tiny collective per micro-batch: agree on "bad loss" and "stop signal"
+            bad, stop = distributed.all_reduce_max(0.0 if torch.isfinite(loss).item() else 1.0, state.stop_signal)
+            state.stop_agreed = int(stop)
+            if bad > 0:
+                _skip_bad_micro_batch(cfg, info, state)
+                continue
         state.consecutive_bad = 0
         engine.backward(loss)
         if done == cfg.train.grad_accum_steps - 1 and (state.step + 1) % cfg.train.log_every == 0:
@@ -306,9 +310,9 @@ def run_loop(engine, stream, cfg: Config, info, state: RunState, logger, root: P
         if state.step % cfg.train.log_every == 0 or at_end:
             log_step(engine, cfg, info, state, accumulator, logger, window_start)
             window_start = time.perf_counter()
-        stop_signal = (
-            distributed.all_reduce_max(float(state.stop_signal)) if state.step % cfg.train.log_every == 0 else 0
-        )
+        if not cfg.train.nan_guard and state.step % cfg.train.log_every == 0:  # else agreed every micro-batch
+            state.stop_agreed = int(distributed.all_reduce_max(state.stop_signal)[0])
+        stop_signal = state.stop_agreed
         if state.step % cfg.checkpoint.every_steps == 0 or at_end or stop_signal:
             save(engine, stream, cfg, info, state, root, logger)
         if stop_signal:
