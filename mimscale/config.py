@@ -35,6 +35,7 @@ class RunConfig:
     output_dir: str = _doc("runs/demo", "Run folder: resolved config, TensorBoard logs, checkpoints.")
     seed: int = _doc(0, "Seed for model init, data order, augmentation and masks.")
     device: str = _doc("auto", "auto (CUDA when available, else CPU), cpu or cuda.")
+    collective_timeout_s: float = _doc(1800.0, "A collective waiting longer than this fails, naming the stalled peer.")
 
 
 @dataclass(kw_only=True)

@@ -30,12 +30,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mimscale.engine.checkpoint import CheckpointWriteError
     from mimscale.engine.loop import TrainingError, train
 
     cfg = load_config(args.config, args.overrides)
     try:
         summary = train(cfg, resume=args.resume)
-    except TrainingError as err:
+    except (TrainingError, CheckpointWriteError) as err:
         print(f"mimscale: training stopped: {err}", file=sys.stderr)
         return 1
     return summary["exit_code"]

@@ -97,23 +97,52 @@ def read_meta(tag_dir: Path) -> dict:
     return json.loads(marker.read_text())
 
 
+class CheckpointWriteError(RuntimeError):
+    """Writing a checkpoint failed on some rank (disk full, unwritable folder); the previous one is intact."""
+
+
 def save_checkpoint(engine, root: Path, step: int, meta: dict, rank: int) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint folder."""
+    """Collective: every rank calls it. Returns the checkpoint folder.
+
+    If any rank fails to write (disk full, permissions), every rank raises CheckpointWriteError, the partial
+    folder is removed and ``latest`` still names the previous complete checkpoint.
+    """
     tag = tag_for_step(step)
     tag_dir = root / tag
     if rank == 0 and tag_dir.exists():  # a leftover from a run that died while writing this very step
         shutil.rmtree(tag_dir)
     distributed.barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state={"mimscale": meta}, save_latest=False)
-    rng_path = tag_dir / f"rng_rank{rank}.pt"
-    torch.save(rng_state(), rng_path.with_name(rng_path.name + ".tmp"))
-    os.replace(rng_path.with_name(rng_path.name + ".tmp"), rng_path)
-    distributed.barrier()  # every shard of every rank is on disk before the marker says so
+    error = _write_shards(engine, root, tag, meta, rank)
+    if distributed.all_reduce_max(1.0 if error else 0.0)[0] > 0:  # every shard of every rank is on disk, or none
+        if rank == 0:
+            shutil.rmtree(tag_dir, ignore_errors=True)
+        previous = (root / "latest").read_text().strip() if (root / "latest").is_file() else "none"
+        raise CheckpointWriteError(
+            f"could not write checkpoint {tag_dir}: {error or 'failed on another rank (see its log)'}. "
+            f"The previous complete checkpoint ({previous}) is intact; free disk space or point run.output_dir "
+            "at a writable folder with room, then resume (--resume auto)"
+        )
     if rank == 0:
-        write_atomic(tag_dir / MARKER, json.dumps(meta, indent=2, default=str))
-        write_atomic(root / "latest", tag)
-    distributed.barrier()
+        try:
+            write_atomic(tag_dir / MARKER, json.dumps(meta, indent=2, default=str))
+            write_atomic(root / "latest", tag)
+        except OSError as err:
+            error = str(err)
+    if distributed.all_reduce_max(1.0 if error else 0.0)[0] > 0:
+        raise CheckpointWriteError(f"could not finalise checkpoint {tag_dir}: {error}; the previous one is intact")
     return tag_dir
+
+
+def _write_shards(engine, root: Path, tag: str, meta: dict, rank: int) -> str:
+    """This rank's part of a checkpoint; returns an error message instead of raising, so ranks can agree."""
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state={"mimscale": meta}, save_latest=False)
+        rng_path = root / tag / f"rng_rank{rank}.pt"
+        torch.save(rng_state(), rng_path.with_name(rng_path.name + ".tmp"))
+        os.replace(rng_path.with_name(rng_path.name + ".tmp"), rng_path)
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
+        return f"{type(err).__name__}: {err}"
+    return ""
 
 
 def load_checkpoint(engine, tag_dir: Path, rank: int, universal: bool = False) -> dict:

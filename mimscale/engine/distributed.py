@@ -55,7 +55,7 @@ def resolve_device_kind(requested: str) -> str:
     return requested
 
 
-def init_distributed(device_kind: str, timeout_minutes: float = 30.0) -> DistInfo:
+def init_distributed(device_kind: str, timeout_s: float = 1800.0) -> DistInfo:
     """Initialise the process group (NCCL on GPU, gloo on CPU) through DeepSpeed, which also reads MPI/SLURM envs."""
     if device_kind == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must be set before deepspeed is imported
@@ -64,7 +64,7 @@ def init_distributed(device_kind: str, timeout_minutes: float = 30.0) -> DistInf
 
     deepspeed.init_distributed(
         dist_backend="nccl" if device_kind == "cuda" else "gloo",
-        timeout=datetime.timedelta(minutes=timeout_minutes),
+        timeout=datetime.timedelta(seconds=timeout_s),
     )
     import torch.distributed as dist
 

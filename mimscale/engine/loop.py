@@ -6,6 +6,7 @@ The same function runs for `mimscale train` (one process) and under `deepspeed -
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ import torch
 
 from mimscale.config import Config, save_config
 from mimscale.engine import checkpoint as ckpt
-from mimscale.engine import distributed
+from mimscale.engine import distributed, faults
 from mimscale.engine.deepspeed import DTYPES, initialize_engine, write_deepspeed_config
 from mimscale.engine.metrics import MetricAccumulator, StepLogger, memory_gib, progress_wanted
 from mimscale.engine.optim import warmup_cosine
@@ -45,11 +46,29 @@ class RunState:
 
 def train(cfg: Config, resume: str = "auto") -> dict:
     """Run (or resume) training; returns a summary {step, last_loss, output_dir, exit_code}."""
+    check_output_dir(Path(cfg.run.output_dir))
     device_kind = distributed.resolve_device_kind(cfg.run.device)
-    info = distributed.init_distributed(device_kind)
-    summary = _train(cfg, info, resume)
+    info = distributed.init_distributed(device_kind, timeout_s=cfg.run.collective_timeout_s)
+    try:
+        summary = _train(cfg, info, resume)
+    except torch.distributed.DistBackendError as err:
+        raise TrainingError(
+            f"rank {info.rank}: a collective failed or timed out after run.collective_timeout_s="
+            f"{cfg.run.collective_timeout_s:g}s; the stalled or dead peer rank is named here: {err}"
+        ) from err
     distributed.shutdown()
     return summary
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """Fail before any work if run.output_dir cannot be written (every rank checks; the error is the same)."""
+    probe = output_dir / f".write_probe_{os.getpid()}"
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"run.output_dir={output_dir} is not writable ({err}); choose a writable folder") from err
 
 
 def _build(cfg: Config, info: distributed.DistInfo, load_universal: bool):
@@ -206,8 +225,9 @@ def train_one_step(engine, iterator, cfg: Config, info, state: RunState, accumul
     done = 0
     while done < cfg.train.grad_accum_steps:
         batch = _to_device(_next_batch(iterator, state), info.device, dtype)
+        faults.maybe_hang(info.rank, state.step + 1)
         outputs = engine(batch)
-        loss = outputs["loss"]
+        loss = faults.maybe_corrupt_loss(outputs["loss"], info.rank, state.step + 1)
         if cfg.train.nan_guard:  # one tiny collective per micro-batch: agree on "bad loss" and "stop signal"
             bad, stop = distributed.all_reduce_max(0.0 if torch.isfinite(loss).item() else 1.0, state.stop_signal)
             state.stop_agreed = int(stop)

@@ -1,0 +1,40 @@
+"""Fault injection for the failure tests: make one rank produce a NaN loss or stall, at a chosen step.
+
+Set MIMSCALE_INJECT_FAULT="<kind>:rank=<r>:step=<s>" with kind nan or hang (comma-separate several). Unset, the
+hooks cost one dictionary lookup per step. Real runs never set it; it exists so the tests can reproduce what
+happens on clusters (a rank's loss going NaN, a rank stalling) with the real launcher.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+ENV = "MIMSCALE_INJECT_FAULT"
+
+
+def _parse(spec: str) -> list[tuple[str, int, int]]:
+    faults = []
+    for item in filter(None, spec.split(",")):
+        kind, *fields = item.split(":")
+        values = dict(field.split("=", 1) for field in fields)
+        faults.append((kind, int(values["rank"]), int(values["step"])))
+    return faults
+
+
+FAULTS = _parse(os.environ.get(ENV, ""))
+
+
+def maybe_corrupt_loss(loss: torch.Tensor, rank: int, step: int) -> torch.Tensor:
+    """Return NaN instead of the loss if a nan fault is set for this rank and (1-based) step."""
+    if FAULTS and ("nan", rank, step) in FAULTS:
+        return loss * float("nan")
+    return loss
+
+
+def maybe_hang(rank: int, step: int) -> None:
+    """Stall this rank (as a dead GPU or a stuck filesystem would) if a hang fault is set for it."""
+    if FAULTS and ("hang", rank, step) in FAULTS:
+        time.sleep(10**6)
