@@ -87,6 +87,11 @@ class TeacherConfig:
     random_init: bool = _doc(False, "Use random teacher weights (tests only; never silently).")
     layers: list[int] = _doc([-1], "Teacher blocks whose patch tokens are targets (negative counts from the end).")
     image_size: int = _doc(0, "Teacher input size; 0 = the teacher's native size (inputs are resized to it).")
+    output: str = _doc(
+        "auto",
+        "Teacher tokens used as targets: auto (the preset's), block (raw block output), norm (after the final "
+        "norm) or projected (final norm + CLIP projection, open_clip only).",
+    )
 
 
 @dataclass(kw_only=True)

@@ -1,0 +1,206 @@
+"""Students: unmodified timm backbones wrapped with a learned mask token and a masked forward.
+
+The backbone is created with ``num_classes=0`` and kept as ``self.backbone`` so that the method's state_dict
+keys are ``student.backbone.<plain timm keys>``: export strips the prefix and gets a checkpoint timm loads.
+Two families are supported, by what their timm modules look like:
+
+* ViT (``patch_embed``, ``_pos_embed``, ``blocks``, ``norm``): masked patch embeddings are replaced by the mask
+  token *before* the position embedding is added (SimMIM/MaskDistill), or dropped after it (visible-only
+  forward, MaskAlign/MAE), so the blocks process only the kept tokens.
+* Swin / SwinV2 (``patch_embed`` with NHWC output, ``layers`` of stages, ``norm``): masked patch embeddings are
+  replaced after the patch embedding; the stages then run unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mimscale.config import Config, ConfigError
+
+
+@dataclass
+class StudentOutput:
+    """What a masked student forward returns.
+
+    ``tokens``: final features of the patch tokens after the final norm, [B, N, C] for a ViT (N = kept tokens in
+    the visible-only forward), [B, h, w, C] (NHWC, stride 32) for Swin. ``prefix``: [B, P, C] class/register
+    tokens of a ViT (None for Swin). ``levels``: requested intermediate block outputs (ViT: [B, P + N, C] before
+    the final norm; Swin: stage outputs, NHWC). ``keep_index``: [B, N_keep] indices of the kept tokens
+    (visible-only forward), else None.
+    """
+
+    tokens: torch.Tensor
+    prefix: torch.Tensor | None = None
+    levels: list[torch.Tensor] = field(default_factory=list)
+    keep_index: torch.Tensor | None = None
+
+
+def _replace_masked(x: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
+    """Swap masked token embeddings for the mask token; works on [B, N, C] and [B, h, w, C] layouts."""
+    weight = mask.reshape(*x.shape[:-1], 1).to(x.dtype)
+    return x * (1.0 - weight) + mask_token.to(x.dtype) * weight
+
+
+def keep_indices(mask: torch.Tensor) -> torch.Tensor:
+    """[B, N_keep] indices (ascending) of the unmasked tokens; every sample must keep the same count."""
+    visible = ~mask.flatten(1).bool()
+    counts = visible.sum(1)
+    if counts.numel() and not bool((counts == counts[0]).all()):
+        raise ValueError(
+            "the visible-only student needs the same number of visible tokens in every sample; use a mask "
+            "generator with an exact count (mask.kind random_tokens, blockwise or random_cells)"
+        )
+    return visible.nonzero()[:, 1].view(mask.shape[0], -1)
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[b, index[b]] for x [B, N, C] and index [B, K]."""
+    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+class Student(nn.Module):
+    """A timm backbone plus a learned mask token; ``forward(image, mask)`` runs the masked encoder."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.family = _family(backbone)
+        patch_size = backbone.patch_embed.patch_size
+        self.patch_size = int(patch_size[0] if isinstance(patch_size, (tuple, list)) else patch_size)
+        embed_dim = getattr(backbone, "embed_dim", None)
+        if self.family == "swin":
+            embed_dim = backbone.patch_embed.proj.out_channels
+            self.out_stride = int(backbone.feature_info[-1]["reduction"])
+            self.depth = len(backbone.layers)
+        else:
+            self.out_stride = self.patch_size
+            self.depth = len(backbone.blocks)
+        self.embed_dim = int(embed_dim)
+        self.num_features = int(backbone.num_features)
+        self.num_prefix_tokens = int(getattr(backbone, "num_prefix_tokens", 0)) if self.family == "vit" else 0
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block (ViT) or stage's blocks (Swin) in backward to save activation memory."""
+        self.grad_checkpointing = enable
+        self.backbone.set_grad_checkpointing(enable)
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        visible_only: bool = False,
+        levels: Sequence[int] = (),
+    ) -> StudentOutput:
+        """Encode ``image`` with ``mask`` ([B, h, w] bool, True = masked) applied; ``levels`` are block indices."""
+        if mask is not None:
+            grid = image.shape[-2] // self.patch_size, image.shape[-1] // self.patch_size
+            if tuple(mask.shape[-2:]) != grid:
+                raise ValueError(
+                    f"mask grid {tuple(mask.shape[-2:])} does not match the student's token grid {grid} "
+                    f"(image {tuple(image.shape[-2:])}, patch {self.patch_size}); build the mask with "
+                    f"token_stride={self.patch_size}"
+                )
+        if self.family == "swin":
+            if visible_only:
+                raise ValueError("Swin students cannot drop masked tokens (windows need the full grid)")
+            return self._forward_swin(image, mask, levels)
+        return self._forward_vit(image, mask, visible_only, levels)
+
+    def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x)
+
+    def _forward_vit(
+        self, image: torch.Tensor, mask: torch.Tensor | None, visible_only: bool, levels: Sequence[int]
+    ) -> StudentOutput:
+        model = self.backbone
+        x = model.patch_embed(image)
+        if mask is not None and not visible_only:
+            x = _replace_masked(x, mask, self.mask_token)
+        x = model._pos_embed(x)
+        index = None
+        if mask is not None and visible_only:
+            index = keep_indices(mask)
+            prefix_count = self.num_prefix_tokens
+            x = torch.cat([x[:, :prefix_count], gather_tokens(x[:, prefix_count:], index)], dim=1)
+        x = model.patch_drop(x)
+        x = model.norm_pre(x)
+        wanted = {_absolute(i, self.depth) for i in levels}
+        outputs = {}
+        for i, block in enumerate(model.blocks):
+            x = self._run_block(block, x)
+            if i in wanted:
+                outputs[i] = x
+        x = model.norm(x)
+        prefix_count = self.num_prefix_tokens
+        return StudentOutput(
+            tokens=x[:, prefix_count:],
+            prefix=x[:, :prefix_count] if prefix_count else None,
+            levels=[outputs[_absolute(i, self.depth)] for i in levels],
+            keep_index=index,
+        )
+
+    def _forward_swin(self, image: torch.Tensor, mask: torch.Tensor | None, levels: Sequence[int]) -> StudentOutput:
+        model = self.backbone
+        x = model.patch_embed(image)  # [B, h, w, C]
+        if mask is not None:
+            x = _replace_masked(x, mask, self.mask_token)
+        if getattr(model, "absolute_pos_embed", None) is not None:
+            x = x + model.absolute_pos_embed
+        wanted = {_absolute(i, self.depth) for i in levels}
+        outputs = {}
+        for i, stage in enumerate(model.layers):
+            x = stage(x)
+            if i in wanted:
+                outputs[i] = x
+        x = model.norm(x)
+        return StudentOutput(tokens=x, levels=[outputs[_absolute(i, self.depth)] for i in levels])
+
+
+def _absolute(index: int, depth: int) -> int:
+    if not -depth <= index < depth:
+        raise ValueError(f"student level {index} is out of range for a student with {depth} blocks")
+    return index % depth
+
+
+def _family(backbone: nn.Module) -> str:
+    if all(hasattr(backbone, name) for name in ("patch_embed", "_pos_embed", "blocks", "norm")):
+        return "vit"
+    if all(hasattr(backbone, name) for name in ("patch_embed", "layers", "norm")) and hasattr(backbone, "feature_info"):
+        return "swin"
+    raise ConfigError(
+        f"model.student={type(backbone).__name__} is neither a timm VisionTransformer nor a Swin/SwinV2; "
+        "pick e.g. vit_base_patch16_224, swin_base_patch4_window7_224 or swinv2_base_window12_192"
+    )
+
+
+def build_student(cfg: Config) -> Student:
+    """Create the timm backbone the config names (random init: pretraining starts from scratch)."""
+    import timm
+
+    kwargs = {"num_classes": 0, "drop_path_rate": cfg.model.drop_path_rate, "img_size": cfg.data.image_size}
+    kwargs.update(cfg.model.student_args)
+    try:
+        backbone = timm.create_model(cfg.model.student, pretrained=False, **kwargs)
+    except RuntimeError as err:
+        if "Unknown model" in str(err):
+            raise ConfigError(
+                f"model.student={cfg.model.student!r} is not a timm model; pick one from timm.list_models()"
+            ) from err
+        raise
+    except (TypeError, AssertionError, ValueError) as err:
+        raise ConfigError(
+            f"model.student={cfg.model.student!r} cannot be built with data.image_size={cfg.data.image_size} "
+            f"and model.student_args={cfg.model.student_args}: {err}"
+        ) from err
+    return Student(backbone)
