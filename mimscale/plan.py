@@ -186,13 +186,13 @@ class ModelStateBytes:
     fp32_grads: float
     optimizer: float
     gathered_layer: float
+    buckets: float = 0.0
     offloaded_to_cpu: float = 0.0
-    both_grad_copies_live: bool = True  # ZeRO-3 drops the 16-bit grad partition once it is copied to fp32
 
     @property
     def total(self) -> float:
-        grads = self.grads + self.fp32_grads if self.both_grad_copies_live else max(self.grads, self.fp32_grads)
-        return self.params + grads + self.master_params + self.optimizer + self.gathered_layer
+        states = self.params + self.grads + self.master_params + self.fp32_grads + self.optimizer
+        return states + self.gathered_layer + self.buckets
 
 
 def model_state_bytes(
@@ -202,14 +202,16 @@ def model_state_bytes(
     precision: str,
     gpus: int,
     largest_layer: int = 0,
+    bucket_elements: float = 0,
     offload_optimizer: bool = False,
 ) -> ModelStateBytes:
     """ZeRO partitioning (stage 1: optimizer state, 2: + gradients, 3: + parameters) of Adam training states.
 
     Mixed precision keeps 2-byte params and grads, an fp32 master copy, the fp32 gradient copy the optimizer step
-    reads and two fp32 Adam moments (2+2+4+4+8 bytes); fp32 training keeps 4+4+8. ZeRO-3 converts each 16-bit
-    gradient partition to fp32 at the step and drops it, and gathers one layer's 16-bit params and grads at a time
-    (as DeepSpeed's estimate_zero3_model_states_mem_needs counts them).
+    reads and two fp32 Adam moments (2+2+4+4+8 bytes); fp32 training keeps 4+4+8. ZeRO-3 also gathers one layer's
+    16-bit params and grads at a time and keeps a gradient reduce bucket of `bucket_elements` (measured on 2 CPU
+    ranks in bench/bench_memory.py; DeepSpeed's estimate_zero3_model_states_mem_needs omits the bucket and the
+    16-bit gradient partition, which it also holds at the step).
     """
     if precision not in DTYPE_BYTES:
         raise ConfigError(f"deepspeed.precision={precision!r} is not valid; choose fp32, bf16 or fp16")
@@ -228,7 +230,7 @@ def model_state_bytes(
         fp32_grads=share(4, 1) if mixed else 0.0,
         optimizer=share(8, 1),
         gathered_layer=2 * width * largest_layer if stage == 3 else 0.0,
-        both_grad_copies_live=not (mixed and stage == 3),
+        buckets=width * bucket_elements if stage == 3 else 0.0,
     )
     if offload_optimizer and stage >= 1:
         states.offloaded_to_cpu = states.master_params + states.fp32_grads + states.optimizer
@@ -459,6 +461,14 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
 
+def reduce_bucket_elements(cfg: Config, gpus: int) -> float:
+    """The gradient reduce bucket the engine's DeepSpeed JSON asks for (DeepSpeed's default when unset)."""
+    from mimscale.engine.deepspeed import build_deepspeed_config
+
+    zero = build_deepspeed_config(cfg, gpus).get("zero_optimization", {})
+    return float(zero.get("reduce_bucket_size", 5e8))
+
+
 def max_micro_batch(free_bytes: float, bytes_per_sample: float) -> int:
     """Largest micro-batch whose activations fit in what the model states leave free (0 = none fits)."""
     if bytes_per_sample <= 0:
@@ -481,6 +491,7 @@ def make_plan(cfg: Config, *, gpus: int, gpu_memory_bytes: float, mfu: float = 0
         precision=ds.precision,
         gpus=gpus,
         largest_layer=max(largest_layer_params(models.student), models.head_params),
+        bucket_elements=reduce_bucket_elements(cfg, gpus),
         offload_optimizer=ds.offload_optimizer,
     )
     teacher_params = count_params(models.teacher)

@@ -44,7 +44,11 @@ def test_model_states_match_deepspeed_estimators(gpus):
     ours2 = model_state_bytes(params, stage=2, precision="bf16", gpus=gpus).total
     ours3 = model_state_bytes(params, stage=3, precision="bf16", gpus=gpus, largest_layer=largest).total
     assert ours2 == pytest.approx(ds_zero2, rel=0.03)
-    assert ours3 == pytest.approx(ds_zero3, rel=0.03)
+    # DeepSpeed's ZeRO-3 estimator leaves out the 16-bit gradient partition it holds at the step (2 bytes/param,
+    # partitioned), measured on 2 CPU ranks in bench/bench_memory.py; we count it.
+    assert ours3 == pytest.approx(ds_zero3 + 2 * params / gpus, rel=0.03)
+    bucket = model_state_bytes(params, stage=3, precision="bf16", gpus=gpus, bucket_elements=5e7)
+    assert bucket.total - model_state_bytes(params, stage=3, precision="bf16", gpus=gpus).total == 1e8
 
 
 def test_model_states_shrink_as_the_stage_rises():
