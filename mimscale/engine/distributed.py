@@ -110,6 +110,39 @@ def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
     return {name: float(total) / dist.get_world_size() for name, total in zip(names, tensor.tolist(), strict=True)}
 
 
+PROGRESS_KEY = "mimscale/progress/{rank}"
+
+
+def report_progress(rank: int, step: int, micro: int) -> None:
+    """Record in the rendezvous store how far this rank got, so a timeout can name the rank that stalled."""
+    try:
+        from torch.distributed import distributed_c10d
+
+        distributed_c10d._get_default_store().set(PROGRESS_KEY.format(rank=rank), f"{step}.{micro}")
+    except (RuntimeError, AttributeError, ValueError):  # no store (single process without init): nothing to report
+        pass
+
+
+def describe_stall(world_size: int) -> str:
+    """'rank 1 at step 3.0 (behind)' lines from the store; best effort, never raises."""
+    try:
+        from torch.distributed import distributed_c10d
+
+        store = distributed_c10d._get_default_store()
+        store.set_timeout(datetime.timedelta(seconds=5))
+        progress = {}
+        for rank in range(world_size):
+            key = PROGRESS_KEY.format(rank=rank)
+            progress[rank] = tuple(map(int, store.get(key).decode().split("."))) if store.check([key]) else (0, 0)
+    except Exception as err:  # noqa: BLE001 - diagnostics must not mask the original error
+        return f"(could not read rank progress: {err})"
+    furthest = max(progress.values())
+    behind = [rank for rank, value in progress.items() if value < furthest]
+    lines = [f"rank {rank} reached step {s} micro-batch {m}" for rank, (s, m) in sorted(progress.items())]
+    verdict = f"stalled rank(s): {', '.join(map(str, behind))}" if behind else "no rank is behind (a network problem?)"
+    return verdict + "; " + "; ".join(lines)
+
+
 def shutdown() -> None:
     """Leave cleanly: without this, gloo's threads abort the interpreter at exit ("terminate called ...")."""
     import torch.distributed as dist

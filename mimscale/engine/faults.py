@@ -25,11 +25,14 @@ def _parse(spec: str) -> list[tuple[str, int, int]]:
 
 
 FAULTS = _parse(os.environ.get(ENV, ""))
+_FIRED: set[tuple[str, int, int]] = set()
 
 
 def maybe_corrupt_loss(loss: torch.Tensor, rank: int, step: int) -> torch.Tensor:
     """Return NaN instead of the loss if a nan fault is set for this rank and (1-based) step."""
-    if FAULTS and ("nan", rank, step) in FAULTS:
+    fault = ("nan", rank, step)
+    if FAULTS and fault in FAULTS and fault not in _FIRED:  # once, like a transient overflow
+        _FIRED.add(fault)
         return loss * float("nan")
     return loss
 

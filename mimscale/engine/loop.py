@@ -51,13 +51,21 @@ def train(cfg: Config, resume: str = "auto") -> dict:
     info = distributed.init_distributed(device_kind, timeout_s=cfg.run.collective_timeout_s)
     try:
         summary = _train(cfg, info, resume)
-    except torch.distributed.DistBackendError as err:
+    except RuntimeError as err:  # gloo and NCCL report collective timeouts as (subclasses of) RuntimeError
+        if not _is_collective_failure(err):
+            raise
         raise TrainingError(
-            f"rank {info.rank}: a collective failed or timed out after run.collective_timeout_s="
-            f"{cfg.run.collective_timeout_s:g}s; the stalled or dead peer rank is named here: {err}"
+            f"rank {info.rank}: a collective failed or timed out (run.collective_timeout_s="
+            f"{cfg.run.collective_timeout_s:g}): {distributed.describe_stall(info.world_size)}. Check the stalled "
+            f"rank's log and node. Original error: {str(err).splitlines()[0]}"
         ) from err
     distributed.shutdown()
     return summary
+
+
+def _is_collective_failure(err: RuntimeError) -> bool:
+    text = str(err)
+    return isinstance(err, torch.distributed.DistError) or "Timed out" in text or "Connection closed by peer" in text
 
 
 def check_output_dir(output_dir: Path) -> None:
@@ -227,6 +235,7 @@ def train_one_step(engine, iterator, cfg: Config, info, state: RunState, accumul
         batch = _to_device(_next_batch(iterator, state), info.device, dtype)
         faults.maybe_hang(info.rank, state.step + 1)
         outputs = engine(batch)
+        distributed.report_progress(info.rank, state.step + 1, done)
         loss = faults.maybe_corrupt_loss(outputs["loss"], info.rank, state.step + 1)
         if cfg.train.nan_guard:  # one tiny collective per micro-batch: agree on "bad loss" and "stop signal"
             bad, stop = distributed.all_reduce_max(0.0 if torch.isfinite(loss).item() else 1.0, state.stop_signal)
