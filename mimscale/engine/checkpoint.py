@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mimscale.engine import distributed
+from mimscale.engine import distributed, faults
 
 MARKER = "mimscale.json"
 UNIVERSAL_DIR = "universal"  # DeepSpeed universal checkpoint of a tag, made when the world size changes
@@ -113,6 +113,7 @@ def save_checkpoint(engine, root: Path, step: int, meta: dict, rank: int) -> Pat
         shutil.rmtree(tag_dir)
     distributed.barrier()
     error = _write_shards(engine, root, tag, meta, rank)
+    faults.maybe_kill_in_save(rank, step)
     if distributed.all_reduce_max(1.0 if error else 0.0)[0] > 0:  # every shard of every rank is on disk, or none
         if rank == 0:
             shutil.rmtree(tag_dir, ignore_errors=True)

@@ -110,6 +110,17 @@ def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
     return {name: float(total) / dist.get_world_size() for name, total in zip(names, tensor.tolist(), strict=True)}
 
 
+def all_reduce_sum(value: float) -> float:
+    """Sum of a host float over ranks (float64: exact for integers below 2**53)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return float(tensor.item())
+
+
 PROGRESS_KEY = "mimscale/progress/{rank}"
 
 

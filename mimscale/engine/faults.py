@@ -1,6 +1,6 @@
 """Fault injection for the failure tests: make one rank produce a NaN loss or stall, at a chosen step.
 
-Set MIMSCALE_INJECT_FAULT="<kind>:rank=<r>:step=<s>" with kind nan or hang (comma-separate several). Unset, the
+Set MIMSCALE_INJECT_FAULT="<kind>:rank=<r>:step=<s>" with kind nan, hang or kill_in_save (comma-separate several). Unset, the
 hooks cost one dictionary lookup per step. Real runs never set it; it exists so the tests can reproduce what
 happens on clusters (a rank's loss going NaN, a rank stalling) with the real launcher.
 """
@@ -8,6 +8,7 @@ happens on clusters (a rank's loss going NaN, a rank stalling) with the real lau
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import torch
@@ -41,3 +42,9 @@ def maybe_hang(rank: int, step: int) -> None:
     """Stall this rank (as a dead GPU or a stuck filesystem would) if a hang fault is set for it."""
     if FAULTS and ("hang", rank, step) in FAULTS:
         time.sleep(10**6)
+
+
+def maybe_kill_in_save(rank: int, step: int) -> None:
+    """SIGKILL this rank after its shards are written but before the checkpoint is marked complete."""
+    if FAULTS and ("kill_in_save", rank, step) in FAULTS:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -41,6 +41,7 @@ class RunState:
     window_images: int = 0
     window_data_wait: float = 0.0
     grad_norm: float | None = None
+    window_id_sum: int = 0  # sum of the sample ids this rank trained on since the last log (data-order fingerprint)
     history: list = field(default_factory=list)
 
 
@@ -232,7 +233,9 @@ def train_one_step(engine, iterator, cfg: Config, info, state: RunState, accumul
     dtype = DTYPES[cfg.deepspeed.precision]
     done = 0
     while done < cfg.train.grad_accum_steps:
-        batch = _to_device(_next_batch(iterator, state), info.device, dtype)
+        host_batch = _next_batch(iterator, state)
+        state.window_id_sum += int(host_batch["sample_id"].sum()) if "sample_id" in host_batch else 0
+        batch = _to_device(host_batch, info.device, dtype)
         faults.maybe_hang(info.rank, state.step + 1)
         outputs = engine(batch)
         distributed.report_progress(info.rank, state.step + 1, done)
@@ -280,6 +283,7 @@ def _skip_bad_micro_batch(cfg: Config, info, state: RunState) -> None:
 def log_step(engine, cfg: Config, info, state: RunState, accumulator: MetricAccumulator, logger, window_start):
     elapsed = max(1e-9, time.perf_counter() - window_start)
     means = distributed.all_reduce_mean(accumulator.pop_means())
+    id_sum = distributed.all_reduce_sum(float(state.window_id_sum))
     grad_norm = engine.get_global_grad_norm()
     grad_norm = state.grad_norm if grad_norm is None else grad_norm
     scalars = {f"train/{name}": value for name, value in means.items()}
@@ -299,10 +303,11 @@ def log_step(engine, cfg: Config, info, state: RunState, accumulator: MetricAccu
             "perf/data_wait_frac": state.window_data_wait / elapsed,
             "perf/memory_gib": memory_gib(info.device),
             "train/samples_seen": float(state.samples_seen),
+            "data/sample_id_sum": id_sum,
         }
     )
     state.history.append((state.step, scalars.get("train/loss", math.nan)))
-    state.window_images, state.window_data_wait = 0, 0.0
+    state.window_images, state.window_data_wait, state.window_id_sum = 0, 0.0, 0
     logger.log(state.step, cfg.train.max_steps, scalars)
 
 
