@@ -109,7 +109,10 @@ def zero_table(model: str, stages: list[int]) -> None:
         meta = timm.create_model(model, img_size=IMAGE, num_classes=0)
     largest = largest_layer_params(meta)
     print(f"ZeRO model states per rank, {model} (img {IMAGE}), bf16, 2 CPU ranks, AdamW")
-    print(f"{'stage':>5} {'predicted':>10} {'measured r0':>12} {'measured r1':>12} {'meas/pred':>9} {'launch s':>8}")
+    print(
+        f"{'stage':>5} {'predicted':>10} {'measured r0':>12} {'measured r1':>12} {'meas/pred':>9} "
+        f"{'of it bucket':>12} {'launch s':>8}"
+    )
     for stage in stages:
         start = time.perf_counter()
         results = sorted(run_stage(model, stage), key=lambda r: r["rank"])
@@ -122,7 +125,7 @@ def zero_table(model: str, stages: list[int]) -> None:
         r0, r1 = (r["bytes"] for r in results)
         print(
             f"{stage:>5} {predicted / GIB:>8.3f} G {r0 / GIB:>10.3f} G {r1 / GIB:>10.3f} G "
-            f"{max(r0, r1) / predicted:>9.2f} {seconds:>8.1f}"
+            f"{max(r0, r1) / predicted:>9.2f} {2 * bucket * (stage == 3) / GIB:>10.3f} G {seconds:>8.1f}"
         )
 
 
