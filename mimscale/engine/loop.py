@@ -41,6 +41,7 @@ class RunState:
     window_images: int = 0
     window_data_wait: float = 0.0
     grad_norm: float | None = None
+    corrupt_samples: int = 0  # corrupt samples this rank's stream replaced so far
     window_id_sum: int = 0  # sum of the sample ids this rank trained on since the last log (data-order fingerprint)
     history: list = field(default_factory=list)
 
@@ -284,6 +285,7 @@ def log_step(engine, cfg: Config, info, state: RunState, accumulator: MetricAccu
     elapsed = max(1e-9, time.perf_counter() - window_start)
     means = distributed.all_reduce_mean(accumulator.pop_means())
     id_sum = distributed.all_reduce_sum(float(state.window_id_sum))
+    corrupt = distributed.all_reduce_sum(float(state.corrupt_samples))
     grad_norm = engine.get_global_grad_norm()
     grad_norm = state.grad_norm if grad_norm is None else grad_norm
     scalars = {f"train/{name}": value for name, value in means.items()}
@@ -304,6 +306,7 @@ def log_step(engine, cfg: Config, info, state: RunState, accumulator: MetricAccu
             "perf/memory_gib": memory_gib(info.device),
             "train/samples_seen": float(state.samples_seen),
             "data/sample_id_sum": id_sum,
+            "data/corrupt_samples": corrupt,
         }
     )
     state.history.append((state.step, scalars.get("train/loss", math.nan)))
@@ -342,6 +345,7 @@ def run_loop(engine, stream, cfg: Config, info, state: RunState, logger, root: P
         logger.advance()
         at_end = state.step == cfg.train.max_steps or state.step == cfg.train.stop_at_step
         if state.step % cfg.train.log_every == 0 or at_end:
+            state.corrupt_samples = getattr(stream, "corrupt_count", 0)
             log_step(engine, cfg, info, state, accumulator, logger, window_start)
             window_start = time.perf_counter()
         if not cfg.train.nan_guard and state.step % cfg.train.log_every == 0:  # else agreed every micro-batch
