@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "mimscale.train",  # train
     "mimscale.engine.ckpt_cli",  # ckpt info|convert
     "mimscale.plan",  # plan
+    "mimscale.data.shards_cli",  # shards create|verify|inspect
 ]
 
 
