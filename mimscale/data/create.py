@@ -162,9 +162,10 @@ def convert_sample(item: Input, opts: CreateOptions) -> tuple[bytes, tuple[int, 
     if min(width, height) < opts.min_side:
         raise BadImage("too_small", f"{width}x{height} < {opts.min_side}")
     needs_resize = opts.max_side > 0 and min(width, height) > opts.max_side
-    rotated = image.getexif().get(0x0112, 1) != 1
-    keep_bytes = image.format == FORMAT_NAMES[opts.format] and image.mode == "RGB" and not needs_resize and not rotated
     try:
+        rotated = image.getexif().get(0x0112, 1) != 1  # may read (and fail on) the file
+        same_format = image.format == FORMAT_NAMES[opts.format]
+        keep_bytes = same_format and image.mode == "RGB" and not needs_resize and not rotated
         if needs_resize and image.format == "JPEG":
             factor = opts.max_side / min(width, height)
             image.draft("RGB", (int(width * factor) + 1, int(height * factor) + 1))

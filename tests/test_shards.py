@@ -1,0 +1,244 @@
+"""Shard tools on real tar files: create (folder, CSV, re-shard), verify, inspect, resume after a kill."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mimscale.cli import main as cli_main
+from mimscale.config import load_config
+from mimscale.data.create import CRASH_ENV, CreateOptions, create_shards
+from mimscale.data.images import decode_rgb, to_rgb
+from mimscale.data.masking import build_mask_generator
+from mimscale.data.shards import ShardError, expand_shards, index_shards, split_key
+from mimscale.data.stream import build_train_loader, iter_eval_batches
+
+ROOT = Path(__file__).resolve().parents[1]
+MASK = build_mask_generator("random_tokens", image_size=32, token_stride=8, ratio=0.5, cell_size=32)
+
+
+def save(image: Image.Image, path: Path, **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **kwargs)
+    return path
+
+
+def gradient(size=(48, 40)) -> np.ndarray:
+    x = np.linspace(0, 255, size[0])[None, :, None]
+    y = np.linspace(0, 255, size[1])[:, None, None]
+    return np.concatenate([x + 0 * y, y + 0 * x, (x + y) / 2], axis=2).astype(np.uint8)
+
+
+def make_image_folder(root: Path) -> dict[str, int]:
+    """Two classes in every awkward mode, plus four inputs that must be rejected. Returns expected rejects."""
+    rgb = Image.fromarray(gradient())
+    save(rgb, root / "cat/rgb.jpg")
+    save(rgb.convert("L"), root / "cat/gray.png")
+    save(rgb.convert("CMYK"), root / "cat/cmyk.jpg")
+    save(rgb.convert("P"), root / "cat/nested/palette.png")
+    save(Image.fromarray(np.asarray(rgb.convert("L")).astype(np.uint16) * 257), root / "dog/deep16.png")
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(0)
+    save(rgba, root / "dog/transparent.png")
+    save(rgb.convert("LA"), root / "dog/gray_alpha.png")
+    save(rgb.convert("1"), root / "dog/bilevel.png")
+    save(rgb, root / "dog/photo.webp")
+    save(rgb, root / "dog/name.with.dots.jpg")
+    (root / "dog/garbage.jpg").write_bytes(b"this is not a jpeg")
+    (root / "dog/empty.png").write_bytes(b"")
+    truncated = io.BytesIO()
+    rgb.save(truncated, format="PNG")
+    (root / "cat/truncated.png").write_bytes(truncated.getvalue()[:200])
+    save(Image.new("RGB", (4, 4)), root / "cat/tiny.png")
+    (root / "cat/notes.txt").write_text("ignored: not an image")
+    return {"undecodable": 2, "empty_file": 1, "too_small": 1}
+
+
+def read_members(path: Path) -> dict[str, bytes]:
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+
+
+def test_to_rgb_handles_every_mode():
+    white = to_rgb(Image.new("RGBA", (4, 4), (0, 0, 0, 0)))
+    assert white.mode == "RGB" and np.asarray(white).min() == 255  # transparent -> white, not black
+    deep = to_rgb(Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16)))
+    assert np.asarray(deep).min() == 255
+    cmyk = to_rgb(Image.new("CMYK", (4, 4), (0, 255, 255, 0)))
+    assert tuple(np.asarray(cmyk)[0, 0]) == (255, 0, 0)
+    palette = Image.new("P", (4, 4), 1)
+    palette.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
+    assert tuple(np.asarray(to_rgb(palette))[0, 0]) == (0, 255, 0)
+    assert to_rgb(Image.new("1", (4, 4), 1)).getpixel((0, 0)) == (255, 255, 255)
+    assert to_rgb(Image.new("F", (4, 4), 0.5)).mode == "RGB"
+
+
+def test_folder_round_trip_to_stream(tmp_path):
+    expected_rejects = make_image_folder(tmp_path / "src")
+    out = tmp_path / "out"
+    assert cli_main(["shards", "create", str(tmp_path / "src"), str(out), "--samples-per-shard", "4"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["totals"]["samples"] == 10 and manifest["totals"]["shards"] == 4  # 14 inputs in chunks of 4
+    assert manifest["rejects"]["by_reason"] == expected_rejects
+    assert {Path(item["source"]).name for item in manifest["rejects"]["items"]} == {
+        "garbage.jpg", "empty.png", "truncated.png", "tiny.png"
+    }  # fmt: skip
+    assert json.loads((out / "classes.json").read_text()) == ["cat", "dog"]
+    labels = Counter()
+    for path in expand_shards(str(out)):
+        for name, payload in read_members(path).items():
+            key, ext = split_key(name)
+            assert "." not in key and ext in ("jpg", "cls", "json")
+            if ext == "jpg":
+                assert Image.open(io.BytesIO(payload)).mode == "RGB"
+            if ext == "cls":
+                labels[int(payload)] += 1
+    assert labels == {0: 4, 1: 6}
+    assert cli_main(["shards", "verify", str(out)]) == 0
+    cfg = load_config(
+        None, [f"data.shards={out}/*.tar", "data.batch_size=5", "data.image_size=32", "data.num_workers=0"]
+    )
+    stream = build_train_loader(cfg, rank=0, world_size=1, mask_generator=MASK)
+    batches = [batch for _, batch in zip(range(2), stream, strict=False)]
+    assert sorted(np.concatenate([b["sample_id"].numpy() for b in batches]).tolist()) == list(range(10))
+    assert sorted(np.concatenate([b["label"].numpy() for b in batches]).tolist()) == [0] * 4 + [1] * 6
+
+
+def copy_set(tmp_path: Path) -> Path:
+    dest = tmp_path / "set"
+    shutil.copytree(ROOT / "shards/sample-val", dest)
+    return dest
+
+
+def test_verify_detects_flipped_byte(tmp_path, capsys):
+    folder = copy_set(tmp_path)
+    assert cli_main(["shards", "verify", str(folder)]) == 0
+    shard = folder / "val-001.tar"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    shard.write_bytes(bytes(data))
+    assert cli_main(["shards", "verify", str(folder)]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "val-001.tar: sha256" in out and "val-000.tar" not in out
+
+
+def test_verify_detects_truncated_tar(tmp_path, capsys):
+    folder = copy_set(tmp_path)
+    shard = folder / "val-000.tar"
+    shard.write_bytes(shard.read_bytes()[:150_000])
+    assert cli_main(["shards", "verify", str(folder)]) == 1
+    out = capsys.readouterr().out
+    assert "val-000.tar: size 150000 bytes" in out and "truncated or corrupt tar" in out
+
+
+def write_img2dataset_shard(path: Path, count: int) -> None:
+    """What img2dataset writes: 00000.tar with key.jpg/.txt/.json, numeric keys, no labels, no manifest."""
+    with tarfile.open(path, "w") as tar:
+        for number in range(count):
+            out = io.BytesIO()
+            Image.fromarray(np.roll(gradient((64, 48)), number, axis=1)).save(out, format="JPEG")
+            key = f"{number:09d}"
+            members = {"jpg": out.getvalue(), "txt": f"caption {number}".encode(),
+                       "json": json.dumps({"key": key, "url": f"http://x/{number}"}).encode()}  # fmt: skip
+            for ext, payload in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+
+
+def test_foreign_img2dataset_shards_read_verify_inspect_and_reshard(tmp_path, capsys):
+    foreign = tmp_path / "laion"
+    foreign.mkdir()
+    write_img2dataset_shard(foreign / "00000.tar", 7)
+    write_img2dataset_shard(foreign / "00001.tar", 5)
+    (foreign / "00000_stats.json").write_text("{}")
+    assert [len(ix) for ix in index_shards(expand_shards(str(foreign / "{00000..00001}.tar")))] == [7, 5]
+    cfg = load_config(None, [f"data.shards={foreign}", "data.batch_size=4", "data.image_size=32"])
+    stream = build_train_loader(cfg, rank=0, world_size=1, mask_generator=MASK)
+    assert stream.num_samples == 12 and stream.steps_per_epoch == 3
+    batch = next(iter(stream))
+    assert batch["label"].tolist() == [-1] * 4 and batch["image"].shape == (4, 3, 32, 32)
+    assert cli_main(["shards", "verify", str(foreign)]) == 0
+    assert "no manifest" in capsys.readouterr().out
+    sheet = tmp_path / "sheet.png"
+    assert cli_main(["shards", "inspect", str(foreign), "--sheet", str(sheet), "--count", "6"]) == 0
+    assert "12 samples" in capsys.readouterr().out and Image.open(sheet).size[0] > 0
+    out = tmp_path / "resharded"
+    assert cli_main(["shards", "create", str(foreign), str(out), "--samples-per-shard", "5", "--format", "png"]) == 0
+    assert [entry["samples"] for entry in json.loads((out / "manifest.json").read_text())["shards"]] == [5, 5, 2]
+    images = [img for img, _ in iter_eval_batches(str(out), image_size=32, batch_size=12, mean=[0] * 3, std=[1] * 3)]
+    assert images[0].shape == (12, 3, 32, 32)
+
+
+def test_reshard_keeps_labels_and_csv_list_with_names_and_byte_limit(tmp_path):
+    out = tmp_path / "reshard"
+    create_shards(str(ROOT / "shards/sample-val"), out, CreateOptions(samples_per_shard=50))
+    source_labels = Counter(
+        label for ix in index_shards(expand_shards(str(ROOT / "shards/sample-val"))) for label in ix.labels
+    )
+    assert Counter(label for ix in index_shards(expand_shards(str(out))) for label in ix.labels) == source_labels
+    assert json.loads((out / "classes.json").read_text())[0] == "astronaut"
+    folder = tmp_path / "imgs"
+    rows = ["path,label"]
+    for number in range(6):
+        save(Image.fromarray(np.roll(gradient(), number * 5, axis=0)), folder / f"{number}.png")
+        rows.append(f"imgs/{number}.png,{'zebra' if number % 2 else 'ant'}")
+    rows.append("imgs/missing.png,ant")
+    (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+    listed = tmp_path / "listed"
+    manifest = create_shards(
+        str(tmp_path / "list.csv"), listed, CreateOptions(samples_per_shard=4, max_bytes_per_shard=5000, format="png")
+    )
+    names = [entry["name"] for entry in manifest["shards"]]
+    assert len(names) > 2 and names == sorted(names) and names[0] == "shard-00000.tar"
+    assert all(entry["bytes"] <= 5000 + 10240 for entry in manifest["shards"])
+    assert manifest["classes"] == ["ant", "zebra"] and manifest["rejects"]["by_reason"] == {"unreadable": 1}
+    labels = [label for ix in index_shards(expand_shards(str(listed))) for label in ix.labels]
+    assert labels == [0, 1, 0, 1, 0, 1]
+
+
+def test_killed_create_resumes_and_matches_an_uninterrupted_run(tmp_path):
+    make_image_folder(tmp_path / "src")
+    args = [sys.executable, "-m", "mimscale.cli", "shards", "create", str(tmp_path / "src"), str(tmp_path / "out"),
+            "--samples-per-shard", "2", "--max-side", "32"]  # fmt: skip
+    killed = subprocess.run(args, env={**os.environ, CRASH_ENV: "3"}, capture_output=True, text=True, timeout=120)
+    assert killed.returncode == 137, killed.stderr
+    out = tmp_path / "out"
+    assert not (out / "manifest.json").exists()
+    assert sorted(p.name for p in out.glob("*.tar")) == ["shard-00000.tar", "shard-00001.tar", "shard-00002.tar"]
+    (out / "shard-00004.tar.tmp").write_bytes(b"half a shard from the killed process")
+    (out / "shard-00005.tar").write_bytes(b"a shard whose chunk marker was never written")
+    with pytest.raises(ShardError, match="unfinished create job with other inputs or options"):
+        create_shards(str(tmp_path / "src"), out, CreateOptions(samples_per_shard=3, max_side=32))
+    finished = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    assert "resuming: 3 of 7 chunks already complete" in finished.stderr
+    clean = tmp_path / "clean"
+    create_shards(str(tmp_path / "src"), clean, CreateOptions(samples_per_shard=2, max_side=32))
+    resumed_files = sorted(p.name for p in out.iterdir())
+    assert resumed_files == sorted(p.name for p in clean.iterdir())
+    for name in resumed_files:
+        if name.endswith(".tar"):
+            assert (out / name).read_bytes() == (clean / name).read_bytes(), name
+    assert cli_main(["shards", "verify", str(out)]) == 0
+    with pytest.raises(ShardError, match="already holds a finished shard set"):
+        create_shards(str(tmp_path / "src"), out, CreateOptions(samples_per_shard=2, max_side=32))
+
+
+def test_max_side_resizes_and_keeps_aspect(tmp_path):
+    save(Image.fromarray(gradient((300, 200))), tmp_path / "src/a/big.jpg")
+    manifest = create_shards(str(tmp_path / "src"), tmp_path / "out", CreateOptions(max_side=50, format="webp"))
+    assert manifest["image_stats"]["width"]["max"] == 75 and manifest["image_stats"]["height"]["max"] == 50
+    payload = read_members(tmp_path / "out/shard-00000.tar")["000000000.webp"]
+    assert decode_rgb(payload).size == (75, 50)
