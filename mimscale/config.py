@@ -92,6 +92,9 @@ class TeacherConfig:
         "Teacher tokens used as targets: auto (the preset's), block (raw block output), norm (after the final "
         "norm) or projected (final norm + CLIP projection, open_clip only).",
     )
+    model_args: dict = _doc(
+        {}, "Keyword arguments for open_clip.create_model / timm.create_model (tiny random teachers in demos)."
+    )
 
 
 @dataclass(kw_only=True)

@@ -15,6 +15,15 @@ TINY_VIT = ["model.student=vit_tiny_patch16_224", "model.student_args={patch_siz
 SIMMIM = TINY_VIT + ["method.name=simmim", "mask.patch_size=16"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread, and the CI machine's two cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _batch(method, cfg, size: int = 4, seed: int = 0) -> dict:
     gen = build_mask_generator(
         method.mask_kind,
@@ -124,3 +133,97 @@ def test_smooth_l1_and_infonce_match_reference():
             logits = (q[g, i] @ k[g].T) / 0.1
             expected += -(logits[i] - torch.logsumexp(logits, 0))
     torch.testing.assert_close(infonce_loss(query, key, temperature=0.1), expected / 12)
+
+
+TINY_CLIP = (
+    "teacher.model_args={embed_dim: 32, vision_cfg: {image_size: 32, layers: 3, width: 64, patch_size: 8, "
+    "head_width: 32}, text_cfg: {context_length: 8, vocab_size: 64, width: 32, heads: 2, layers: 1}}"
+)
+CLIP_TEACHER = ["teacher.kind=open_clip", "teacher.name=ViT-B-16", "teacher.random_init=true", TINY_CLIP]
+MASKDISTILL = TINY_VIT + CLIP_TEACHER + ["method.name=maskdistill", "mask.patch_size=16", "mask.ratio=0.4"]
+MASKALIGN = TINY_VIT + CLIP_TEACHER + ["method.name=maskalign", "mask.patch_size=16", "mask.ratio=0.7"]
+MASKALIGN += ["teacher.layers=[-2, -1]"]
+RELAXMIM = TINY_VIT + ["method.name=relaxmim", "mask.patch_size=16", "mask.ratio=0.75"]
+
+
+@pytest.mark.parametrize("overrides", [MASKDISTILL, MASKALIGN], ids=["maskdistill", "maskalign"])
+def test_teacher_is_frozen_unregistered_and_unchanged_by_training(overrides):
+    method, cfg = _build(overrides)
+    (teacher,) = method.frozen_modules()
+    teacher_ids = {id(p) for p in teacher.parameters()}
+    assert teacher_ids and not teacher_ids & {id(p) for p in method.parameters()}
+    assert not any(k.startswith(("teacher", "_frozen")) for k in method.state_dict())
+    assert all(k.startswith(("student.", "head.")) for k in method.state_dict())
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    method.train()
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    losses = _overfit(method, _batch(method, cfg), steps=3)
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert np.isfinite(losses).all()
+
+
+@pytest.mark.parametrize(
+    "overrides,kind",
+    [(MASKDISTILL, "blockwise"), (MASKALIGN, "random_tokens"), (RELAXMIM, "random_tokens")],
+    ids=["maskdistill", "maskalign", "relaxmim"],
+)
+def test_feature_methods_overfit_one_batch(overrides, kind):
+    method, cfg = _build(overrides)
+    assert method.mask_kind == kind
+    lr = 3e-4 if cfg.method.name == "relaxmim" else 2e-3  # the InfoNCE target moves with the student
+    losses = _overfit(method, _batch(method, cfg), steps=8, lr=lr)
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_maskdistill_loss_only_on_masked_tokens():
+    method, cfg = _build(MASKDISTILL)
+    batch = _batch(method, cfg)
+    captured = {}
+
+    def keep(module, args, out):
+        out.retain_grad()
+        captured["pred"] = out
+
+    handle = method.head.register_forward_hook(keep)
+    method(batch)["loss"].backward()
+    handle.remove()
+    grad = captured["pred"].grad.abs().sum(-1)  # [B, h, w]
+    assert torch.all(grad[~batch["mask"]] == 0) and torch.all(grad[batch["mask"]] > 0)
+
+
+def test_maskalign_attention_guided_mask_keeps_attended_tokens():
+    from mimscale.methods.maskalign import attention_guided_mask
+
+    attention = torch.full((2, 4, 4), 1e-6)
+    attention[:, 0, :] = 1.0  # the first row holds all the attention
+    mask = attention_guided_mask(attention, num_masked=12)
+    assert mask.sum().item() == 24 and not mask[:, 0, :].any()
+    method, cfg = _build(MASKALIGN + ["mask.kind=attention_guided"])
+    assert method.mask_kind == "random_tokens"  # the loader's mask is replaced inside the method
+    out = method(_batch(method, cfg))
+    assert torch.isfinite(out["loss"]) and abs(out["mask_ratio"].item() - 11 / 16) < 1e-6
+
+
+def test_teacher_grid_is_resampled_to_the_student_grid():
+    overrides = MASKDISTILL + ["teacher.image_size=48"]  # 6x6 teacher tokens vs 4x4 student tokens
+    method, cfg = _build(overrides)
+    assert method.frozen_modules()[0].grid == (6, 6)
+    out = method(_batch(method, cfg))
+    assert torch.isfinite(out["loss"])
+
+
+def test_timm_teacher_works_for_maskdistill():
+    overrides = TINY_VIT + ["method.name=maskdistill", "mask.patch_size=16", "teacher.kind=timm"]
+    overrides += ["teacher.name=vit_tiny_patch16_224", "teacher.random_init=true", "teacher.model_args={depth: 2}"]
+    method, cfg = _build(overrides)
+    assert method.frozen_modules()[0].image_size == 224
+    assert torch.isfinite(method(_batch(method, cfg))["loss"])
+
+
+def test_relaxmim_targets_carry_no_gradient_and_loss_is_infonce():
+    method, cfg = _build(RELAXMIM)
+    out = method(_batch(method, cfg))
+    assert 0.0 <= out["match_accuracy"].item() <= 1.0
+    out["loss"].backward()
+    assert method.head.net[0].weight.grad is not None and method.student.mask_token.grad is not None

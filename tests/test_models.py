@@ -19,6 +19,15 @@ TINY_SWIN = [
 ]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread, and the CI machine's two cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _student(overrides):
     torch.manual_seed(0)
     return build_student(load_config(None, overrides)).eval()

@@ -52,6 +52,8 @@ def resolve_preset(cfg: Config) -> Preset:
             f"{', '.join(allowed_masks)}"
         )
     output = cfg.teacher.output if cfg.teacher.output != "auto" else preset.teacher_output
+    if cfg.teacher.output == "auto" and output == "projected" and cfg.teacher.kind == "timm":
+        output = "norm"  # timm towers built with num_classes=0 have no projection: their final-norm tokens
     return Preset(
         head=preset.head if cfg.method.head == "auto" else cfg.method.head,
         loss=preset.loss if cfg.method.loss == "auto" else cfg.method.loss,

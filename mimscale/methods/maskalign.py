@@ -1,0 +1,76 @@
+"""MaskAlign: align the visible tokens of a visible-only student with several whitened teacher levels.
+
+The student never sees mask tokens (it drops masked patches, so it costs ~keep-ratio of a full forward); the
+Dynamic Alignment head mixes all student block outputs per teacher level. Masks come from the batch (random)
+or, with ``mask.kind: attention_guided``, from the teacher's class-token attention: tokens are kept by sampling
+without replacement in proportion to attention, as MaskAlign does, and the batch mask is ignored.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mimscale.config import Config, ConfigError
+from mimscale.methods.base import MIMMethod
+from mimscale.methods.components import build_regression_loss, feature_target_norm
+from mimscale.models.heads import DynamicAlignHead
+from mimscale.models.students import Student, gather_tokens
+from mimscale.models.teachers import FrozenTeacher, build_teacher, resize_token_map
+
+
+def attention_guided_mask(cls_attention: torch.Tensor, num_masked: int) -> torch.Tensor:
+    """[B, h, w] attention -> [B, h, w] bool mask: keep tokens sampled with probability ~ attention."""
+    batch, h, w = cls_attention.shape
+    weights = cls_attention.flatten(1).float().clamp_min(1e-12)
+    keep = torch.multinomial(weights, h * w - num_masked, replacement=False)
+    mask = torch.ones(batch, h * w, dtype=torch.bool, device=cls_attention.device)
+    mask.scatter_(1, keep, False)
+    return mask.view(batch, h, w)
+
+
+class MaskAlign(MIMMethod):
+    def __init__(self, student: Student, head: DynamicAlignHead, mask_kind: str, teacher: FrozenTeacher, loss, norm):
+        data_kind = "random_tokens" if mask_kind == "attention_guided" else mask_kind
+        super().__init__(student, head, data_kind, teachers=(teacher,))
+        self.attention_guided = mask_kind == "attention_guided"
+        self.loss_fn = loss
+        self.target_norm = norm
+
+    @property
+    def teacher(self) -> FrozenTeacher:
+        return self._frozen[0]
+
+    def forward(self, batch: dict) -> dict:
+        image, mask = batch["image"], batch["mask"].bool()
+        grid = tuple(mask.shape[-2:])
+        teacher_out = self.teacher(image, need_cls_attention=self.attention_guided)
+        if self.attention_guided:
+            attention = resize_token_map(teacher_out.cls_attention.to(image.device), grid)
+            mask = attention_guided_mask(attention, int(mask[0].sum()))
+        out = self.student(image, mask, visible_only=True, levels=range(self.student.depth))
+        prefix = self.student.num_prefix_tokens
+        preds = self.head([level[:, prefix:] for level in out.levels])
+        losses = []
+        for pred, level in zip(preds, teacher_out.levels, strict=True):
+            target = resize_token_map(level.float().to(image.device), grid).flatten(1, 2)
+            target = self.target_norm(gather_tokens(target, out.keep_index))
+            losses.append(self.loss_fn(pred.float(), target))
+        loss = torch.stack(losses).mean()
+        return {"loss": loss, "last_level_loss": losses[-1].detach(), "mask_ratio": mask.float().mean().detach()}
+
+
+def build_maskalign(cfg: Config, preset, student: Student) -> MaskAlign:
+    if student.family != "vit":
+        raise ConfigError("method.name=maskalign needs a ViT student (it drops masked tokens); pick a timm ViT")
+    if preset.head != "dynamic_align":
+        raise ConfigError(f"method.head={preset.head!r} is not valid for maskalign; use auto or dynamic_align")
+    teacher = build_teacher(cfg.teacher, preset.teacher_output, cfg.data)
+    head = DynamicAlignHead(
+        student_dim=student.num_features,
+        student_depth=student.depth,
+        teacher_dim=teacher.out_dim,
+        teacher_levels=teacher.layers,
+        teacher_depth=teacher.depth,
+    )
+    loss = build_regression_loss(preset.loss, cfg.method.loss_args)
+    return MaskAlign(student, head, preset.mask_kind, teacher, loss, feature_target_norm(preset.target_norm))
