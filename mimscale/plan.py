@@ -34,7 +34,7 @@ RELAXMIM_PROJECTOR = (2048, 256)  # hidden and output width of the RelaxMIM proj
 
 @dataclass
 class MetaModels:
-    """The student, the frozen teacher (visual tower) and the head size, all on the meta device."""
+    """The student (mimscale's Student around the timm backbone), the frozen teacher and the head size, on meta."""
 
     student: nn.Module
     teacher: nn.Module | None
@@ -46,41 +46,47 @@ class MetaModels:
     visible_only: bool
 
     def student_forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Forward the student as the method runs it: visible tokens only for MaskAlign on a ViT."""
-        model = self.student
+        """Forward the student as the method runs it: mask token on all tokens, or visible tokens only."""
         if not self.visible_only:
-            return model.forward_features(images)
+            side = images.shape[-1] // self.student.patch_size
+            mask = torch.zeros(images.shape[0], side, side, dtype=torch.bool, device=images.device)
+            return self.student(images, mask).tokens
+        model = self.student.backbone  # Student's visible path sorts the mask (data-dependent: not on meta)
         x = model._pos_embed(model.patch_embed(images))
-        x = x[:, : self.student_tokens]  # masked tokens are dropped; only the count matters for the plan
+        x = x[:, : self.student_tokens]  # only the count of kept tokens matters for memory and FLOPs
         x = model.norm_pre(x)
         for block in model.blocks:
             x = block(x)
         return model.norm(x)
+
+    def target_forward(self, images: torch.Tensor) -> torch.Tensor:
+        """RelaxMIM's target: the student itself on the unmasked view."""
+        return self.student(images).tokens
 
     def teacher_forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.teacher(images)
 
 
 def build_student(cfg: Config) -> nn.Module:
-    """The timm student as the config names it, on the meta device (no memory, no download)."""
-    import timm
+    """The student exactly as training builds it (mimscale.models.students), on the meta device."""
+    from mimscale.models.students import build_student as build_training_student
 
-    kwargs = {"img_size": cfg.data.image_size, "num_classes": 0, "drop_path_rate": cfg.model.drop_path_rate}
-    kwargs.update(cfg.model.student_args)
+    with torch.device("meta"):
+        return build_training_student(cfg)
+
+
+def build_head_params(cfg: Config) -> int | None:
+    """Head size from the real method on the meta device, for methods that need no teacher weights."""
+    if cfg.teacher.kind != "none" and cfg.method.name != "relaxmim":
+        return None
+    from mimscale.methods import build_method
+
     try:
         with torch.device("meta"):
-            return timm.create_model(cfg.model.student, pretrained=False, **kwargs)
-    except RuntimeError as err:
-        if "Unknown model" in str(err):
-            raise ConfigError(
-                f"model.student={cfg.model.student!r} is not a timm model; pick one from timm.list_models()"
-            ) from err
-        raise
-    except (TypeError, AssertionError, ValueError) as err:
-        raise ConfigError(
-            f"model.student={cfg.model.student!r} cannot be built with data.image_size={cfg.data.image_size} "
-            f"and model.student_args={cfg.model.student_args}: {err}"
-        ) from err
+            method = build_method(cfg)
+    except (ImportError, NotImplementedError, RuntimeError):
+        return None  # a preset still being written: fall back to the estimate
+    return count_params(method) - count_params(method.student)
 
 
 def build_teacher(cfg: Config) -> tuple[nn.Module | None, int]:
@@ -109,14 +115,6 @@ def build_teacher(cfg: Config) -> tuple[nn.Module | None, int]:
     return visual, cfg.teacher.image_size or int(native)
 
 
-def _encoder_stride(student: nn.Module) -> int:
-    """Pixels per output token side: the patch size for a ViT, 32 for a 4-stage Swin."""
-    info = getattr(student, "feature_info", None)
-    if info:
-        return int(info[-1]["reduction"])
-    return int(student.patch_embed.patch_size[0])
-
-
 def _teacher_width(teacher: nn.Module | None) -> int:
     if teacher is None:
         return 0
@@ -128,31 +126,35 @@ def estimate_head_params(cfg: Config, student: nn.Module, teacher: nn.Module | N
     """Head size from the preset's head and the student/teacher widths (the heads are small next to the body)."""
     width = int(student.num_features)
     if cfg.method.name == "simmim":
-        out = _encoder_stride(student) ** 2 * 3  # pixels predicted per output token
+        out = student.out_stride**2 * 3  # pixels predicted per output token
         return width * out + out
     if cfg.method.name == "relaxmim":
         hidden, out = RELAXMIM_PROJECTOR
         return width * hidden + hidden + hidden * out + out
-    levels = len(cfg.teacher.layers) if cfg.method.name == "maskalign" else 1
+    if cfg.method.name == "maskdistill":  # a linear map to the teacher's (projected) token width
+        out = int(getattr(teacher, "output_dim", 0) or _teacher_width(teacher))
+        return width * out + out
+    levels = len(cfg.teacher.layers)
     adapters = levels * (width * _teacher_width(teacher) + _teacher_width(teacher))
-    depth = len(_checkpoint_units(student)) if cfg.method.name == "maskalign" else 0
-    return adapters + depth * levels  # Dynamic Alignment mixes every student level into every teacher level
+    return adapters + student.depth * levels  # Dynamic Alignment mixes every student level into every teacher level
 
 
 def build_meta_models(cfg: Config) -> MetaModels:
     """Everything the plan needs, shaped exactly as the config would train it."""
     student = build_student(cfg)
     teacher, teacher_size = build_teacher(cfg)
-    patch_embed = getattr(student, "patch_embed", None)
-    tokens = int(getattr(patch_embed, "num_patches", 0) or (cfg.data.image_size // 4) ** 2)
-    visible_only = cfg.method.name == "maskalign" and hasattr(student, "_pos_embed") and hasattr(student, "blocks")
-    student_tokens = tokens + int(getattr(student, "num_prefix_tokens", 0))
+    head_params = build_head_params(cfg)
+    if head_params is None:
+        head_params = estimate_head_params(cfg, student, teacher)
+    tokens = (cfg.data.image_size // student.patch_size) ** 2
+    visible_only = cfg.method.name == "maskalign" and student.family == "vit"
+    student_tokens = tokens + student.num_prefix_tokens
     if visible_only:
-        student_tokens = round(tokens * (1.0 - cfg.mask.ratio)) + int(student.num_prefix_tokens)
+        student_tokens = round(tokens * (1.0 - cfg.mask.ratio)) + student.num_prefix_tokens
     return MetaModels(
         student=student,
         teacher=teacher,
-        head_params=estimate_head_params(cfg, student, teacher),
+        head_params=head_params,
         student_image_size=cfg.data.image_size,
         teacher_image_size=teacher_size,
         tokens=tokens,
@@ -375,11 +377,20 @@ def trace_student_activations(models: MetaModels, precision: str) -> ActivationT
         return trace_saved_activations(models.student_forward, images, student)
 
 
-def head_activation_bytes(models: MetaModels, precision: str) -> int:
-    """Per-sample bytes the head saves: its input tokens and its predictions kept for the loss."""
-    width = int(models.student.num_features)
+def head_activation_bytes(models: MetaModels, precision: str, method: str) -> int:
+    """Per-sample bytes the head saves: its input tokens and its predictions kept for the loss.
+
+    MaskAlign's Dynamic Alignment also stacks every student block's output, which keeps them all alive even
+    with activation checkpointing.
+    """
+    student = models.student
+    width = int(student.num_features)
+    tokens = models.student_tokens if models.visible_only else (models.student_image_size // student.out_stride) ** 2
     out_per_token = models.head_params // max(width + 1, 1)
-    return models.student_tokens * (width + out_per_token) * DTYPE_BYTES[precision]
+    elements = tokens * (width + out_per_token)
+    if method == "maskalign":
+        elements += student.depth * models.student_tokens * int(student.embed_dim)
+    return elements * DTYPE_BYTES[precision]
 
 
 # ----------------------------------------------------------------------------------------------- FLOPs
@@ -421,7 +432,7 @@ def image_flops(models: MetaModels, cfg: Config) -> FlopsPerImage:
         teacher = count_forward_flops(models.teacher_forward, torch.empty(1, 3, side, side, device="meta"))
     target = 0.0
     if cfg.method.name == "relaxmim":
-        target = count_forward_flops(models.student.forward_features, torch.empty(1, 3, size, size, device="meta"))
+        target = count_forward_flops(models.target_forward, torch.empty(1, 3, size, size, device="meta"))
     return FlopsPerImage(student, teacher, target, cfg.deepspeed.activation_checkpointing)
 
 
@@ -498,7 +509,7 @@ def make_plan(cfg: Config, *, gpus: int, gpu_memory_bytes: float, mfu: float = 0
     teacher_bytes = teacher_params * DTYPE_BYTES["fp32" if ds.precision == "fp32" else "bf16"]
     flops = image_flops(models, cfg)
     trace = trace_student_activations(models, ds.precision)
-    head = head_activation_bytes(models, ds.precision)
+    head = head_activation_bytes(models, ds.precision, cfg.method.name)
     per_sample = trace.peak(ds.activation_checkpointing) + head
     other = trace.peak(not ds.activation_checkpointing) + head
     reserve = RUNTIME_RESERVE_FRACTION * gpu_memory_bytes

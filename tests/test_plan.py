@@ -8,9 +8,8 @@ import json
 import time
 
 import pytest
-import timm
 import torch
-from timm.layers import set_reentrant_ckpt, use_reentrant_ckpt
+from torch.utils.checkpoint import checkpoint
 
 from mimscale.config import ConfigError, load_config
 from mimscale.plan import (
@@ -61,9 +60,9 @@ def test_model_states_shrink_as_the_stage_rises():
     assert offloaded.total < totals[2] and offloaded.offloaded_to_cpu == 16 * params / 8
 
 
-def _measured_saved_bytes(model: torch.nn.Module, images: torch.Tensor) -> int:
-    """Unique storages autograd saves in a real CPU forward (parameters excluded)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+def _measured_saved_bytes(student: torch.nn.Module, images: torch.Tensor, mask: torch.Tensor) -> int:
+    """Unique storages autograd saves in a real CPU forward of the training Student (parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in student.parameters()}
     storages: dict[int, int] = {}
 
     def pack(tensor):
@@ -73,23 +72,26 @@ def _measured_saved_bytes(model: torch.nn.Module, images: torch.Tensor) -> int:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.forward_features(images)
+        student(images, mask)
     return sum(storages.values())
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_activation_estimate_matches_saved_tensors(checkpointing):
+def test_activation_estimate_matches_saved_tensors(checkpointing, monkeypatch):
+    from mimscale.models import students
+
     cfg = load_config(None, TINY_VIT)
     trace = trace_student_activations(build_meta_models(cfg), "fp32")
     batch = 4
-    model = timm.create_model("vit_tiny_patch16_224", patch_size=8, depth=4, img_size=64, num_classes=0)
-    model.set_grad_checkpointing(checkpointing)
-    reentrant = use_reentrant_ckpt()
-    set_reentrant_ckpt(True)  # re-entrant checkpoints save block inputs where the hook sees them
-    try:
-        measured = _measured_saved_bytes(model, torch.randn(batch, 3, 64, 64))
-    finally:
-        set_reentrant_ckpt(reentrant)
+    torch.manual_seed(0)
+    student = students.build_student(cfg)
+    student.set_grad_checkpointing(checkpointing)
+    # re-entrant checkpoints hand the block inputs to save_for_backward, where the hook sees them
+    monkeypatch.setattr(
+        students, "checkpoint", lambda fn, x, use_reentrant=False: checkpoint(fn, x, use_reentrant=True)
+    )
+    mask = torch.rand(batch, 8, 8) < 0.6
+    measured = _measured_saved_bytes(student, torch.randn(batch, 3, 64, 64), mask)
     estimate = batch * trace.stored(checkpointing)
     assert estimate == pytest.approx(measured, rel=0.15)
     if checkpointing:
