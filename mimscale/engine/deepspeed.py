@@ -81,7 +81,30 @@ def initialize_engine(
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     optimizer = build_optimizer(method, cfg.optim, fused=device.type == "cuda")
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    if cfg.deepspeed.zero_stage == 3:
+        register_container_parameters(method)
     engine, _, _, scheduler = deepspeed.initialize(
         model=method, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     return engine, scheduler, ds_config
+
+
+def register_container_parameters(model: nn.Module) -> list[str]:
+    """ZeRO-3: keep the direct parameters of container modules gathered for the whole forward and backward.
+
+    ZeRO-3 gathers a module's parameters around that module's own forward/backward. Students call parts of a
+    timm model (patch_embed, _pos_embed, blocks) instead of its forward, so the model's direct parameters
+    (cls_token, pos_embed, the student's mask_token, alignment weights) are used outside any hooked forward;
+    after release their autograd shape check fails in backward. They are small, so we register them as
+    external parameters of the top module, which ZeRO-3 gathers around the method's whole step.
+    """
+    import deepspeed
+
+    registered = []
+    for module_name, module in model.named_modules():
+        if not any(True for _ in module.children()):
+            continue  # leaf modules (Linear, LayerNorm, Conv) always run through their own forward
+        for param_name, param in module.named_parameters(recurse=False):
+            deepspeed.zero.register_external_parameter(model, param)
+            registered.append(f"{module_name}.{param_name}".lstrip("."))
+    return registered
