@@ -2,8 +2,8 @@
 
     python bench/bench_plan.py [--gpu-memory 80GB] [--mfu 0.4] [--peak-tflops 989]
 
-Uses configs/*.yaml whose names mention vit_b / vit_l / vit_g / 1b / swinv2 when they exist; otherwise (and in
-addition, for models no preset covers yet) plans built-in override sets on the default config.
+Plans every non-demo config in configs/ as written, plus built-in override sets (bf16, activation checkpointing)
+for the ViT-B/L, ViT-g 1B and SwinV2-G 3B models no config covers yet.
 """
 
 from __future__ import annotations
@@ -17,9 +17,14 @@ from mimscale.plan import GIB, make_plan, parse_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 BF16_ZERO = ["deepspeed.precision=bf16", "deepspeed.activation_checkpointing=true"]
+SWINV2_GIANT = "model.student_args={embed_dim: 512, depths: [2, 2, 42, 4], num_heads: [16, 32, 64, 128]}"
 BUILTIN = {
-    "vit_b simmim 224": ["model.student=vit_base_patch16_224", "data.image_size=224", "deepspeed.zero_stage=1"],
-    "vit_l maskdistill 224": [
+    "vit_b simmim 224 (builtin)": [
+        "model.student=vit_base_patch16_224",
+        "data.image_size=224",
+        "deepspeed.zero_stage=1",
+    ],
+    "vit_l maskdistill 224 (builtin)": [
         "model.student=vit_large_patch16_224",
         "data.image_size=224",
         "method.name=maskdistill",
@@ -27,7 +32,7 @@ BUILTIN = {
         "teacher.name=ViT-B-16",
         "deepspeed.zero_stage=2",
     ],
-    "vit_g(1B) maskalign 224": [
+    "vit_g 1B maskalign 224 (builtin)": [
         "model.student=vit_giant_patch14_224",
         "data.image_size=224",
         "mask.patch_size=28",
@@ -37,23 +42,29 @@ BUILTIN = {
         "teacher.name=ViT-L-14",
         "deepspeed.zero_stage=3",
     ],
-    "swinv2_g(2.6B) simmim 224": [
-        "model.student=swinv2_cr_giant_224",
-        "data.image_size=224",
+    "swinv2_g 3B simmim 192 (builtin)": [
+        "model.student=swinv2_base_window12_192",
+        SWINV2_GIANT,
+        "data.image_size=192",
         "deepspeed.zero_stage=3",
     ],
 }
-PRESET_WORDS = ("vit_b", "vitb", "vit-b", "vit_l", "vitl", "vit-l", "vit_g", "1b", "swinv2")
 
 
 def preset_configs() -> dict[str, tuple[Path | None, list[str]]]:
-    """Presets from configs/ when they exist, else the built-in override sets."""
-    found = {}
+    """Every non-demo config in configs/, plus the built-in sets for models no config covers yet."""
+    found: dict[str, tuple[Path | None, list[str]]] = {}
+    covered = set()
     for path in sorted((ROOT / "configs").glob("*.yaml")):
-        if any(word in path.stem.lower() for word in PRESET_WORDS):
-            found[path.stem] = (path, [])
-    if not found:
-        found = {name: (None, BF16_ZERO + overrides) for name, overrides in BUILTIN.items()}
+        if path.stem.startswith("demo"):
+            continue
+        cfg = load_config(path)
+        found[path.stem] = (path, [])
+        covered.add((cfg.model.student, str(cfg.model.student_args)))
+    for name, overrides in BUILTIN.items():
+        cfg = load_config(None, overrides)
+        if (cfg.model.student, str(cfg.model.student_args)) not in covered:
+            found[name] = (None, BF16_ZERO + overrides)
     return found
 
 
@@ -66,7 +77,7 @@ def main() -> None:
     args = parser.parse_args()
     memory = parse_memory(args.gpu_memory)
     header = (
-        f"{'config':<28} {'gpus':>4} {'ZeRO':>4} {'ckpt':>4} {'student':>8} {'teacher':>8} {'states/rank':>11} "
+        f"{'config':<32} {'gpus':>4} {'ZeRO':>4} {'ckpt':>4} {'student':>8} {'teacher':>8} {'states/rank':>11} "
         f"{'act/img':>9} {'max mb':>6} {'GFLOP/img':>9} {'img/s':>9} {'plan s':>6}"
     )
     print(f"GPU memory {args.gpu_memory}, MFU {args.mfu:.0%} of {args.peak_tflops:g} TFLOP/s")
@@ -79,7 +90,7 @@ def main() -> None:
             plan = make_plan(cfg, gpus=gpus, gpu_memory_bytes=memory, mfu=args.mfu, peak_tflops=args.peak_tflops)
             seconds = time.perf_counter() - start
             print(
-                f"{name[:28]:<28} {gpus:>4} {plan.zero_stage:>4} {'on' if plan.activation_checkpointing else 'off':>4} "
+                f"{name[:32]:<32} {gpus:>4} {plan.zero_stage:>4} {'on' if plan.activation_checkpointing else 'off':>4} "
                 f"{plan.student_params / 1e9:>7.2f}B {plan.teacher_params / 1e9:>7.2f}B "
                 f"{plan.model_state_bytes / GIB:>7.2f} GiB {plan.activation_bytes_per_sample / 2**20:>5.1f} MiB "
                 f"{plan.max_micro_batch:>6} {plan.flops_per_image / 1e9:>9.1f} {plan.images_per_second:>9,.0f} "
