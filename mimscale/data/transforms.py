@@ -9,10 +9,11 @@ resolution, which makes decode + crop cheaper than a plain full-size decode.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
-from PIL import Image
+import torch.nn.functional as F
 
 from mimscale.data.images import BadImage, open_image, to_rgb
 
@@ -40,25 +41,36 @@ def sample_crop_box(
     return (width - crop_w) // 2, (height - crop_h) // 2, crop_w, crop_h
 
 
-def _decode_for_box(payload: bytes, box: tuple[int, int, int, int] | None, out_size: int, rng_box=None):
-    """Open, draft-decode and convert to RGB; returns the image and the box rescaled to the decoded size."""
+def _decode_for_box(payload: bytes, out_size: int, choose_box) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """Open, draft-decode and convert to RGB; returns HWC uint8 pixels and the box in decoded coordinates."""
     image = open_image(payload)
     try:
         width, height = image.size
-        if box is None:
-            box = rng_box(width, height)
-        left, top, crop_w, crop_h = box
+        left, top, crop_w, crop_h = choose_box(width, height)
         if image.format == "JPEG":
             factor = out_size / max(1, min(crop_w, crop_h))
             image.draft(None, (max(1, math.ceil(width * factor)), max(1, math.ceil(height * factor))))
         image = to_rgb(image)
-        image.load()
+        pixels = np.asarray(image)
     except BadImage:
         raise
     except Exception as err:  # truncated data, broken headers: PIL raises many types
         raise BadImage("undecodable", f"{type(err).__name__}: {err}") from err
     sx, sy = image.size[0] / width, image.size[1] / height
-    return image, (left * sx, top * sy, (left + crop_w) * sx, (top + crop_h) * sy)
+    x0, y0 = int(left * sx), int(top * sy)
+    x1, y1 = max(x0 + 1, round((left + crop_w) * sx)), max(y0 + 1, round((top + crop_h) * sy))
+    return pixels, (x0, y0, x1, y1)
+
+
+def _resize_crop(pixels: np.ndarray, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
+    """Crop and resize to size x size with antialiased bilinear (torch's uint8 kernel: PIL quality, ~2x faster)."""
+    x0, y0, x1, y1 = box
+    with warnings.catch_warnings():  # PIL's buffer is read-only; the crop is only read (interpolate copies)
+        warnings.simplefilter("ignore", UserWarning)
+        crop = torch.from_numpy(pixels[y0:y1, x0:x1]).permute(2, 0, 1).unsqueeze(0)
+    if crop.shape[-2:] == (size, size):
+        return crop[0]
+    return F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
 
 
 def train_transform(
@@ -69,33 +81,29 @@ def train_transform(
     ratio: tuple[float, float],
     hflip: float,
     rng: np.random.Generator,
-) -> np.ndarray:
-    """Decode + RandomResizedCrop + horizontal flip; returns uint8 HWC [size, size, 3]."""
-    image, box = _decode_for_box(
-        payload, None, size, rng_box=lambda w, h: sample_crop_box(w, h, tuple(scale), tuple(ratio), rng)
-    )
-    flip = rng.random() < hflip
-    image = image.resize((size, size), Image.BILINEAR, box=box)
-    if flip:
-        image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    return np.asarray(image)
+) -> torch.Tensor:
+    """Decode + RandomResizedCrop + horizontal flip; returns uint8 CHW [3, size, size]."""
+    pixels, box = _decode_for_box(payload, size, lambda w, h: sample_crop_box(w, h, tuple(scale), tuple(ratio), rng))
+    image = _resize_crop(pixels, box, size)
+    return image.flip(-1) if rng.random() < hflip else image
 
 
-def eval_transform(payload: bytes, *, size: int, crop_fraction: float = 0.875) -> np.ndarray:
-    """Decode + resize the shorter side to size/crop_fraction + centre crop; returns uint8 HWC."""
+def eval_transform(payload: bytes, *, size: int, crop_fraction: float = 0.875) -> torch.Tensor:
+    """Decode + resize the shorter side to size/crop_fraction + centre crop; returns uint8 CHW."""
 
     def centre_box(width: int, height: int) -> tuple[int, int, int, int]:
-        side = min(width, height) * crop_fraction
-        crop_w, crop_h = max(1, round(side)), max(1, round(side))
-        return (width - crop_w) // 2, (height - crop_h) // 2, crop_w, crop_h
+        side = max(1, round(min(width, height) * crop_fraction))
+        return (width - side) // 2, (height - side) // 2, side, side
 
-    image, box = _decode_for_box(payload, None, size, rng_box=centre_box)
-    return np.asarray(image.resize((size, size), Image.BILINEAR, box=box))
+    pixels, box = _decode_for_box(payload, size, centre_box)
+    return _resize_crop(pixels, box, size)
 
 
-def normalise_batch(images: list[np.ndarray], mean: list[float], std: list[float]) -> torch.Tensor:
-    """Stack uint8 HWC images into a float32 [B,3,S,S] tensor normalised per channel."""
-    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+def normalise_batch(images: list[torch.Tensor], mean: list[float], std: list[float]) -> torch.Tensor:
+    """Stack uint8 CHW images into a float32 [B,3,S,S] tensor normalised per channel (one pass per image)."""
+    batch = torch.empty((len(images), *images[0].shape), dtype=torch.float32)
+    for row, image in zip(batch, images, strict=True):
+        row.copy_(image)
     std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    return batch.sub_(mean_t).div_(std_t).contiguous()
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    return batch.mul_(1.0 / (255.0 * std_t)).sub_(mean_t / std_t)
