@@ -326,7 +326,8 @@ def load_open_clip_visual(cfg: TeacherConfig) -> nn.Module:
         raise ConfigError(f"teacher.name={cfg.name!r} is not an open_clip model; see open_clip.list_models()")
     kwargs = dict(cfg.model_args)
     if _check_random_init(cfg):
-        return open_clip.create_model(cfg.name, pretrained=None, **kwargs).visual
+        device = "meta" if torch.get_default_device().type == "meta" else "cpu"  # plans/tests build giants on meta
+        return open_clip.create_model(cfg.name, pretrained=None, device=device, **kwargs).visual
     if _looks_like_path(cfg.pretrained):
         return open_clip.create_model(cfg.name, pretrained=_checked_local_file(cfg), **kwargs).visual
     cached, pcfg = _cached_open_clip_weights(cfg.name, cfg.pretrained)
