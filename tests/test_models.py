@@ -149,3 +149,17 @@ def test_dynamic_alignment_starts_near_identity():
     assert torch.allclose(weights.sum(1), torch.full((5,), 1.0 + 0.12))
     half = identity_like_mixing([-1, -3], teacher_depth=24, student_depth=12)
     assert half.argmax(1).tolist() == [11, 10]
+
+
+@pytest.mark.parametrize("overrides", [TINY_VIT, TINY_SWIN], ids=["vit", "swin"])
+def test_backbone_is_called_as_a_module(overrides):
+    """ZeRO-3 gathers a module's own parameters (ViT cls_token/pos_embed) only when the module is called."""
+    student = _student(overrides)
+    calls = []
+    student.backbone.register_forward_pre_hook(lambda module, args: calls.append(1))
+    side = 32 if overrides is TINY_VIT else 64
+    grid = side // student.patch_size
+    student(torch.randn(1, 3, side, side), torch.zeros(1, grid, grid, dtype=torch.bool))
+    if student.family == "vit":
+        student(torch.randn(1, 3, side, side), torch.zeros(1, grid, grid, dtype=torch.bool), visible_only=True)
+    assert len(calls) == (2 if student.family == "vit" else 1)

@@ -4,7 +4,7 @@ The backbone is created with ``num_classes=0`` and kept as ``self.backbone`` so 
 keys are ``student.backbone.<plain timm keys>``: export strips the prefix and gets a checkpoint timm loads.
 Two families are supported, by what their timm modules look like:
 
-* ViT (``patch_embed``, ``_pos_embed``, ``blocks``, ``norm``): masked patch embeddings are replaced by the mask
+* ViT (``patch_embed``, ``_pos_embed``, ``patch_drop``, ``blocks``, ``norm``): masked patch embeddings are replaced by the mask
   token *before* the position embedding is added (SimMIM/MaskDistill), or dropped after it (visible-only
   forward, MaskAlign/MAE), so the blocks process only the kept tokens.
 * Swin / SwinV2 (``patch_embed`` with NHWC output, ``layers`` of stages, ``norm``): masked patch embeddings are
@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from mimscale.config import Config, ConfigError
 
@@ -90,7 +89,7 @@ class Student(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block (ViT) or stage's blocks (Swin) in backward to save activation memory."""
         self.grad_checkpointing = enable
-        self.backbone.set_grad_checkpointing(enable)
+        self.backbone.set_grad_checkpointing(enable)  # timm recomputes each block (ViT) / stage block (Swin)
 
     def forward(
         self,
@@ -115,56 +114,70 @@ class Student(nn.Module):
             return self._forward_swin(image, mask, levels)
         return self._forward_vit(image, mask, visible_only, levels)
 
-    def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, x, use_reentrant=False)
-        return block(x)
-
     def _forward_vit(
         self, image: torch.Tensor, mask: torch.Tensor | None, visible_only: bool, levels: Sequence[int]
     ) -> StudentOutput:
+        # The backbone is *called* (not taken apart) so that wrappers that act on module calls, like ZeRO-3's
+        # parameter gathering for cls_token/pos_embed, see a normal forward; masking happens in forward hooks.
         model = self.backbone
-        x = model.patch_embed(image)
-        if mask is not None and not visible_only:
-            x = _replace_masked(x, mask, self.mask_token)
-        x = model._pos_embed(x)
-        index = None
-        if mask is not None and visible_only:
-            index = keep_indices(mask)
-            prefix_count = self.num_prefix_tokens
-            x = torch.cat([x[:, :prefix_count], gather_tokens(x[:, prefix_count:], index)], dim=1)
-        x = model.patch_drop(x)
-        x = model.norm_pre(x)
-        wanted = {_absolute(i, self.depth) for i in levels}
-        outputs = {}
-        for i, block in enumerate(model.blocks):
-            x = self._run_block(block, x)
-            if i in wanted:
-                outputs[i] = x
-        x = model.norm(x)
         prefix_count = self.num_prefix_tokens
+        wanted = [_absolute(i, self.depth) for i in levels]
+        captured: dict[str, torch.Tensor] = {}
+        index = keep_indices(mask) if mask is not None and visible_only else None
+
+        def replace_masked(module, args, out):
+            return _replace_masked(out, mask, self.mask_token)
+
+        def drop_masked(module, args, out):
+            return torch.cat([out[:, :prefix_count], gather_tokens(out[:, prefix_count:], index)], dim=1)
+
+        def capture(name):
+            def hook(module, args, out):
+                captured[name] = out
+
+            return hook
+
+        hooks = [model.norm.register_forward_hook(capture("final"))]
+        hooks += [model.blocks[i].register_forward_hook(capture(f"block{i}")) for i in set(wanted)]
+        if mask is not None:
+            target, hook = (model.patch_drop, drop_masked) if visible_only else (model.patch_embed, replace_masked)
+            hooks.append(target.register_forward_hook(hook))
+        try:
+            model(image)
+        finally:
+            for handle in hooks:
+                handle.remove()
+        x = captured["final"]
         return StudentOutput(
             tokens=x[:, prefix_count:],
             prefix=x[:, :prefix_count] if prefix_count else None,
-            levels=[outputs[_absolute(i, self.depth)] for i in levels],
+            levels=[captured[f"block{i}"] for i in wanted],
             keep_index=index,
         )
 
     def _forward_swin(self, image: torch.Tensor, mask: torch.Tensor | None, levels: Sequence[int]) -> StudentOutput:
         model = self.backbone
-        x = model.patch_embed(image)  # [B, h, w, C]
-        if mask is not None:
-            x = _replace_masked(x, mask, self.mask_token)
-        if getattr(model, "absolute_pos_embed", None) is not None:
-            x = x + model.absolute_pos_embed
-        wanted = {_absolute(i, self.depth) for i in levels}
-        outputs = {}
-        for i, stage in enumerate(model.layers):
-            x = stage(x)
-            if i in wanted:
-                outputs[i] = x
-        x = model.norm(x)
-        return StudentOutput(tokens=x, levels=[outputs[_absolute(i, self.depth)] for i in levels])
+        wanted = [_absolute(i, self.depth) for i in levels]
+        captured: dict[str, torch.Tensor] = {}
+
+        def capture(name):
+            def hook(module, args, out):
+                captured[name] = out
+
+            return hook
+
+        hooks = [model.norm.register_forward_hook(capture("final"))]
+        hooks += [model.layers[i].register_forward_hook(capture(f"stage{i}")) for i in set(wanted)]
+        if mask is not None:  # patch embeddings are NHWC [B, h, w, C] in timm Swin/SwinV2
+            hooks.append(
+                model.patch_embed.register_forward_hook(lambda m, a, out: _replace_masked(out, mask, self.mask_token))
+            )
+        try:
+            model(image)
+        finally:
+            for handle in hooks:
+                handle.remove()
+        return StudentOutput(tokens=captured["final"], levels=[captured[f"stage{i}"] for i in wanted])
 
 
 def _absolute(index: int, depth: int) -> int:
@@ -174,7 +187,7 @@ def _absolute(index: int, depth: int) -> int:
 
 
 def _family(backbone: nn.Module) -> str:
-    if all(hasattr(backbone, name) for name in ("patch_embed", "_pos_embed", "blocks", "norm")):
+    if all(hasattr(backbone, name) for name in ("patch_embed", "_pos_embed", "patch_drop", "blocks", "norm")):
         return "vit"
     if all(hasattr(backbone, name) for name in ("patch_embed", "layers", "norm")) and hasattr(backbone, "feature_info"):
         return "swin"
