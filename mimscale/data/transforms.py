@@ -1,9 +1,10 @@
 """Image transforms driven by an explicit numpy Generator, so augmentation depends only on (seed, epoch, sample).
 
 torchvision's RandomResizedCrop draws from torch's global RNG, which differs per worker and per resume; here
-the crop box is sampled with the same algorithm from the generator the stream seeds per sample. JPEGs are
-decoded with PIL's draft mode (DCT scaling) at the smallest scale that still covers the crop at full output
-resolution, which makes decode + crop cheaper than a plain full-size decode.
+the crop box is sampled with the same algorithm from the generator the stream seeds per sample. A JPEG whose
+crop is at least twice the output is decoded by PIL in draft mode (DCT scaling), which is cheaper than a full
+decode; other JPEGs go through torchvision's libjpeg-turbo decoder; the resize is torch's antialiased uint8
+bilinear kernel (same pixels as PIL's, about twice as fast).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from mimscale.data.images import BadImage, open_image, to_rgb
 
@@ -41,35 +43,49 @@ def sample_crop_box(
     return (width - crop_w) // 2, (height - crop_h) // 2, crop_w, crop_h
 
 
-def _decode_for_box(payload: bytes, out_size: int, choose_box) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """Open, draft-decode and convert to RGB; returns HWC uint8 pixels and the box in decoded coordinates."""
+def _jpeg_tensor(payload: bytes) -> torch.Tensor:
+    """libjpeg-turbo through torchvision: ~15 % faster than PIL and straight to CHW; raises on truncated data."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return decode_jpeg(torch.frombuffer(payload, dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+def _decode_for_box(payload: bytes, out_size: int, choose_box) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """Decode to uint8 CHW RGB at the cheapest scale that still covers the crop; returns pixels and the box.
+
+    JPEGs whose crop is at least twice the output are decoded by PIL in draft mode (DCT scaling to 1/2..1/8);
+    other JPEGs by torchvision's decoder; everything else by PIL (any mode, converted to RGB).
+    """
     image = open_image(payload)
     try:
         width, height = image.size
         left, top, crop_w, crop_h = choose_box(width, height)
-        if image.format == "JPEG":
-            factor = out_size / max(1, min(crop_w, crop_h))
-            image.draft(None, (max(1, math.ceil(width * factor)), max(1, math.ceil(height * factor))))
-        image = to_rgb(image)
-        pixels = np.asarray(image)
+        factor = out_size / max(1, min(crop_w, crop_h))
+        if image.format == "JPEG" and factor > 0.5 and image.mode in ("RGB", "L", "CMYK"):
+            pixels = _jpeg_tensor(payload)
+        else:
+            if image.format == "JPEG":
+                image.draft(None, (max(1, math.ceil(width * factor)), max(1, math.ceil(height * factor))))
+            with warnings.catch_warnings():  # PIL's buffer is read-only; pixels are only read (resize copies)
+                warnings.simplefilter("ignore", UserWarning)
+                pixels = torch.from_numpy(np.asarray(to_rgb(image))).permute(2, 0, 1)
     except BadImage:
         raise
-    except Exception as err:  # truncated data, broken headers: PIL raises many types
+    except Exception as err:  # truncated data, broken headers: PIL and torchvision raise many types
         raise BadImage("undecodable", f"{type(err).__name__}: {err}") from err
-    sx, sy = image.size[0] / width, image.size[1] / height
+    sx, sy = pixels.shape[2] / width, pixels.shape[1] / height
     x0, y0 = int(left * sx), int(top * sy)
     x1, y1 = max(x0 + 1, round((left + crop_w) * sx)), max(y0 + 1, round((top + crop_h) * sy))
     return pixels, (x0, y0, x1, y1)
 
 
-def _resize_crop(pixels: np.ndarray, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
+def _resize_crop(pixels: torch.Tensor, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
     """Crop and resize to size x size with antialiased bilinear (torch's uint8 kernel: PIL quality, ~2x faster)."""
     x0, y0, x1, y1 = box
-    with warnings.catch_warnings():  # PIL's buffer is read-only; the crop is only read (interpolate copies)
-        warnings.simplefilter("ignore", UserWarning)
-        crop = torch.from_numpy(pixels[y0:y1, x0:x1]).permute(2, 0, 1).unsqueeze(0)
+    crop = pixels[:, y0:y1, x0:x1].unsqueeze(0)
     if crop.shape[-2:] == (size, size):
         return crop[0]
+    crop = crop.contiguous(memory_format=torch.channels_last)  # the fast layout for the uint8 kernel
     return F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
 
 
@@ -100,10 +116,10 @@ def eval_transform(payload: bytes, *, size: int, crop_fraction: float = 0.875) -
 
 
 def normalise_batch(images: list[torch.Tensor], mean: list[float], std: list[float]) -> torch.Tensor:
-    """Stack uint8 CHW images into a float32 [B,3,S,S] tensor normalised per channel (one pass per image)."""
+    """Stack uint8 CHW images into a float32 [B,3,S,S] tensor normalised per channel (two passes in all)."""
     batch = torch.empty((len(images), *images[0].shape), dtype=torch.float32)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    scale, shift = 1.0 / (255.0 * std_t), torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) / std_t
     for row, image in zip(batch, images, strict=True):
-        row.copy_(image)
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    return batch.mul_(1.0 / (255.0 * std_t)).sub_(mean_t / std_t)
+        torch.mul(image, scale, out=row)
+    return batch.sub_(shift)
