@@ -227,3 +227,46 @@ def test_relaxmim_targets_carry_no_gradient_and_loss_is_infonce():
     assert 0.0 <= out["match_accuracy"].item() <= 1.0
     out["loss"].backward()
     assert method.head.net[0].weight.grad is not None and method.student.mask_token.grad is not None
+
+
+def test_cosine_and_mse_losses_and_an_eva_style_override():
+    from mimscale.methods.components import cosine_loss, mse_loss
+
+    x = torch.randn(2, 5, 8)
+    weight = torch.zeros(2, 5)
+    weight[:, :2] = 1
+    assert cosine_loss(x, 3 * x).abs().item() < 1e-6
+    assert abs(cosine_loss(x, -x).item() - 2.0) < 1e-5
+    target = x.clone()
+    target[:, 2:] += 10  # only unweighted positions differ
+    assert mse_loss(x, target, weight).item() < 1e-9 and mse_loss(x, target).item() > 1
+    method, cfg = _build(MASKDISTILL + ["method.loss=cosine", "method.target_norm=none"])
+    assert torch.isfinite(method(_batch(method, cfg))["loss"])
+    with pytest.raises(ConfigError, match="method.loss"):
+        _build(MASKDISTILL + ["method.loss=infonce"])
+
+
+def test_maskalign_aligns_class_token_and_visible_tokens_only():
+    method, cfg = _build(MASKALIGN)
+    batch = _batch(method, cfg)
+    shapes = []
+    method.head.register_forward_hook(lambda module, args, out: shapes.extend(p.shape for p in out))
+    method(batch)
+    visible = int((~batch["mask"][0]).sum())
+    assert shapes == [(4, 1 + visible, 64)] * 2  # two teacher levels, CLIP width 64
+
+
+def test_simmim_swin_reconstructs_through_pixelshuffle_and_learns():
+    overrides = [
+        "model.student=swin_tiny_patch4_window7_224",
+        "model.student_args={embed_dim: 16, depths: [1, 1, 1, 1], num_heads: [1, 1, 1, 1], window_size: 2}",
+        "data.image_size=64",
+        "mask.patch_size=32",
+        "method.name=simmim",
+    ]
+    method, cfg = _build(overrides)
+    assert type(method.head).__name__ == "PixelShuffleHead" and method.token_stride == 4
+    batch = _batch(method, cfg)
+    assert batch["mask"].shape == (4, 16, 16)
+    losses = _overfit(method, batch, steps=8, lr=3e-3)
+    assert losses[-1] < 0.8 * losses[0], losses

@@ -1,7 +1,9 @@
 """MaskAlign: align the visible tokens of a visible-only student with several whitened teacher levels.
 
 The student never sees mask tokens (it drops masked patches, so it costs ~keep-ratio of a full forward); the
-Dynamic Alignment head mixes all student block outputs per teacher level. Masks come from the batch (random)
+Dynamic Alignment head mixes all student block outputs per teacher level, and the class token plus the visible
+patch tokens are aligned with the teacher's (smooth-L1, averaged over levels; MaskAlign's extra factor 2 is left
+out, which Adam does not notice). Masks come from the batch (random)
 or, with ``mask.kind: attention_guided``, from the teacher's class-token attention: tokens are kept by sampling
 without replacement in proportion to attention, as MaskAlign does, and the batch mask is ignored.
 """
@@ -49,12 +51,18 @@ class MaskAlign(MIMMethod):
             mask = attention_guided_mask(attention, int(mask[0].sum()))
         out = self.student(image, mask, visible_only=True, levels=range(self.student.depth))
         prefix = self.student.num_prefix_tokens
-        preds = self.head([level[:, prefix:] for level in out.levels])
+        # Aligned tokens: the class token (when the student has one) and the visible patches, as MaskAlign does.
+        with_cls = prefix > 0
+        preds = self.head(
+            [torch.cat([level[:, :1], level[:, prefix:]], 1) if with_cls else level for level in out.levels]
+        )
         losses = []
-        for pred, level in zip(preds, teacher_out.levels, strict=True):
+        for pred, level, cls in zip(preds, teacher_out.levels, teacher_out.class_tokens, strict=True):
             target = resize_token_map(level.float().to(image.device), grid).flatten(1, 2)
-            target = self.target_norm(gather_tokens(target, out.keep_index))
-            losses.append(self.loss_fn(pred.float(), target))
+            target = gather_tokens(target, out.keep_index)
+            if with_cls:
+                target = torch.cat([cls.float().to(image.device).unsqueeze(1), target], 1)
+            losses.append(self.loss_fn(pred.float(), self.target_norm(target)))
         loss = torch.stack(losses).mean()
         return {"loss": loss, "last_level_loss": losses[-1].detach(), "mask_ratio": mask.float().mean().detach()}
 

@@ -30,10 +30,12 @@ WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".npz", ".ckpt")
 
 @dataclass
 class TeacherOutput:
-    """``levels``: [B, h, w, C] token maps, one per requested block. ``cls_attention``: [B, h, w] attention of
-    the class token to each patch in the last block (heads averaged), when asked for."""
+    """``levels``: [B, h, w, C] token maps, one per requested block; ``class_tokens``: the matching [B, C] class
+    tokens. ``cls_attention``: [B, h, w] attention of the class token to each patch in the last block (heads
+    averaged), when asked for."""
 
     levels: list[torch.Tensor]
+    class_tokens: list[torch.Tensor]
     cls_attention: torch.Tensor | None = None
 
 
@@ -128,10 +130,11 @@ class FrozenTeacher(nn.Module):
             if i >= last and not need_cls_attention:
                 break
         batch, (h, w) = image.shape[0], self.grid
-        levels = [self.finish(outputs[i])[:, self.num_prefix_tokens :].reshape(batch, h, w, -1) for i in self.layers]
+        finished = [self.finish(outputs[i]) for i in self.layers]
+        levels = [x[:, self.num_prefix_tokens :].reshape(batch, h, w, -1) for x in finished]
         if attention is not None:
             attention = attention.reshape(batch, h, w)
-        return TeacherOutput(levels=levels, cls_attention=attention)
+        return TeacherOutput(levels=levels, class_tokens=[x[:, 0] for x in finished], cls_attention=attention)
 
     @property
     def out_dim(self) -> int:
