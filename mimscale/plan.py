@@ -51,13 +51,15 @@ class MetaModels:
             side = images.shape[-1] // self.student.patch_size
             mask = torch.zeros(images.shape[0], side, side, dtype=torch.bool, device=images.device)
             return self.student(images, mask).tokens
-        model = self.student.backbone  # Student's visible path sorts the mask (data-dependent: not on meta)
-        x = model._pos_embed(model.patch_embed(images))
-        x = x[:, : self.student_tokens]  # only the count of kept tokens matters for memory and FLOPs
-        x = model.norm_pre(x)
-        for block in model.blocks:
-            x = block(x)
-        return model.norm(x)
+        # Student gathers the kept tokens by their mask indices (data-dependent: impossible on meta); the same
+        # hook point with the first K tokens costs the same memory and FLOPs.
+        backbone = self.student.backbone
+        keep = self.student_tokens
+        handle = backbone.patch_drop.register_forward_hook(lambda _module, _args, out: out[:, :keep])
+        try:
+            return backbone.forward_features(images)
+        finally:
+            handle.remove()
 
     def target_forward(self, images: torch.Tensor) -> torch.Tensor:
         """RelaxMIM's target: the student itself on the unmasked view."""

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from torch.utils.checkpoint import checkpoint
+from timm.layers import set_reentrant_ckpt, use_reentrant_ckpt
 
 from mimscale.config import ConfigError, load_config
 from mimscale.plan import (
@@ -77,7 +77,7 @@ def _measured_saved_bytes(student: torch.nn.Module, images: torch.Tensor, mask: 
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_activation_estimate_matches_saved_tensors(checkpointing, monkeypatch):
+def test_activation_estimate_matches_saved_tensors(checkpointing):
     from mimscale.models import students
 
     cfg = load_config(None, TINY_VIT)
@@ -86,12 +86,13 @@ def test_activation_estimate_matches_saved_tensors(checkpointing, monkeypatch):
     torch.manual_seed(0)
     student = students.build_student(cfg)
     student.set_grad_checkpointing(checkpointing)
-    # re-entrant checkpoints hand the block inputs to save_for_backward, where the hook sees them
-    monkeypatch.setattr(
-        students, "checkpoint", lambda fn, x, use_reentrant=False: checkpoint(fn, x, use_reentrant=True)
-    )
     mask = torch.rand(batch, 8, 8) < 0.6
-    measured = _measured_saved_bytes(student, torch.randn(batch, 3, 64, 64), mask)
+    reentrant = use_reentrant_ckpt()
+    set_reentrant_ckpt(True)  # re-entrant checkpoints hand block inputs to save_for_backward, where the hook sees them
+    try:
+        measured = _measured_saved_bytes(student, torch.randn(batch, 3, 64, 64), mask)
+    finally:
+        set_reentrant_ckpt(reentrant)
     estimate = batch * trace.stored(checkpointing)
     assert estimate == pytest.approx(measured, rel=0.15)
     if checkpointing:
