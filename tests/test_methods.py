@@ -270,3 +270,24 @@ def test_simmim_swin_reconstructs_through_pixelshuffle_and_learns():
     assert batch["mask"].shape == (4, 16, 16)
     losses = _overfit(method, batch, steps=8, lr=3e-3)
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.mark.parametrize("overrides", [SIMMIM, MASKALIGN], ids=["simmim", "maskalign"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(overrides):
+    method, cfg = _build(overrides)
+    method.eval()  # no drop path, so both passes see the same network
+    batch = _batch(method, cfg)
+
+    def loss_and_grads():
+        method.zero_grad()
+        loss = method(batch)["loss"]
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in method.parameters() if p.grad is not None]
+
+    plain_loss, plain_grads = loss_and_grads()
+    method.set_grad_checkpointing(True)
+    ckpt_loss, ckpt_grads = loss_and_grads()
+    torch.testing.assert_close(ckpt_loss, plain_loss)
+    assert len(ckpt_grads) == len(plain_grads)
+    for a, b in zip(ckpt_grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b)

@@ -110,7 +110,7 @@ LOSSES = ("l1", "smooth_l1", "mse", "cosine", "infonce")
 def build_regression_loss(name: str, loss_args: dict) -> Callable:
     """Regression loss by name; ``loss_args`` come from method.loss_args (e.g. beta for smooth_l1)."""
     allowed = {"smooth_l1": {"beta"}}.get(name, set())
-    unknown = set(loss_args) - allowed - {"temperature"}
+    unknown = set(loss_args) - allowed
     if unknown:
         raise ConfigError(f"method.loss_args has keys {sorted(unknown)} that loss {name!r} does not take")
     if name == "l1":
