@@ -176,3 +176,17 @@ def test_worker_count_does_not_change_augmentation():
     assert not np.array_equal(a[0]["mask"][0].numpy(), a[0]["mask"][1].numpy()) or not torch.equal(
         a[0]["image"][0], a[0]["image"][1]
     )
+
+
+def test_truncated_shard_is_reindexed_and_its_broken_tail_replaced(tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(ROOT / "shards/sample-val", tmp_path / "set")
+    shard = tmp_path / "set/val-000.tar"
+    shard.write_bytes(shard.read_bytes()[:150_000])  # the manifest's cached index no longer matches the file
+    stream = build_train_loader(make_cfg(shards=str(tmp_path / "set")), rank=0, world_size=1, mask_generator=MASK)
+    assert 56 < stream.num_samples < 128  # val-001 whole, val-000 up to the cut
+    ids = torch.cat([b["sample_id"] for b in take(stream, stream.steps_per_epoch)])
+    assert len(ids) == stream.steps_per_epoch * 8
+    assert stream.corrupt_count == 0  # the member cut in half is not indexed
+    assert "val-000.tar is damaged" in capsys.readouterr().err

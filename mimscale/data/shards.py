@@ -15,6 +15,7 @@ import io
 import json
 import os
 import re
+import sys
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "mimscale-shards/1"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
 LABEL_EXTS = ("cls", "label")
+TAR_END_SLACK = 20 * 512 + 1024  # end-of-archive blocks and record padding a complete tar may end with
 
 
 class ShardError(ValueError):
@@ -131,37 +133,54 @@ def _parse_label(raw: bytes) -> int:
         return -1
 
 
+def _warn(message: str, path: Path) -> None:
+    print(f"mimscale data: {message} (check with `mimscale shards verify {path.parent}`)", file=sys.stderr)
+
+
+def _scan_members(raw, tar, groups: dict[str, dict], order: list[str]) -> None:
+    for member in tar:
+        if not member.isfile():
+            continue
+        key, ext = split_key(member.name)
+        if key not in groups:
+            groups[key] = {}
+            order.append(key)
+        if ext in IMAGE_EXTS and "image" not in groups[key]:
+            groups[key]["image"] = (ext, member.offset_data, member.size)
+        elif ext in LABEL_EXTS and "label" not in groups[key]:
+            here = raw.tell()
+            raw.seek(member.offset_data)
+            groups[key]["label"] = _parse_label(raw.read(member.size))
+            raw.seek(here)
+
+
 def index_tar(path: str | Path) -> ShardIndex:
     """Read tar headers (and the tiny label members) of one shard; image data is skipped by seeking.
 
-    Samples without an image member are ignored; a truncated or unreadable tar is a ShardError naming the file.
+    Samples without an image member are ignored. A file that is not a tar is a ShardError naming it; a tar cut
+    short or corrupt in the middle keeps the samples before the damage, with a warning to run verify.
     """
     path = Path(path)
     groups: dict[str, dict] = {}
     order: list[str] = []
     try:
         with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = split_key(member.name)
-                if key not in groups:
-                    groups[key] = {}
-                    order.append(key)
-                if ext in IMAGE_EXTS and "image" not in groups[key]:
-                    groups[key]["image"] = (ext, member.offset_data, member.size)
-                elif ext in LABEL_EXTS and "label" not in groups[key]:
-                    here = raw.tell()
-                    raw.seek(member.offset_data)
-                    groups[key]["label"] = _parse_label(raw.read(member.size))
-                    raw.seek(here)
             nbytes = os.fstat(raw.fileno()).st_size
+            try:
+                _scan_members(raw, tar, groups, order)
+            except (tarfile.ReadError, EOFError) as err:
+                if not order:
+                    raise
+                _warn(f"shard {path} is damaged after {len(order)} samples ({err}); the rest is skipped", path)
+            end = tar.offset
     except (tarfile.TarError, OSError, EOFError) as err:
         raise ShardError(f"shard {path} is not a readable tar file ({err}); re-create or remove it") from err
+    if nbytes - end > TAR_END_SLACK:  # tarfile stops quietly at a corrupt header in the middle of a file
+        _warn(f"shard {path}: unreadable data after byte {end} of {nbytes}; the samples there are skipped", path)
     index = ShardIndex(name=path.name, bytes=nbytes)
     for key in order:
         group = groups[key]
-        if "image" not in group:
+        if "image" not in group or group["image"][1] + group["image"][2] > nbytes:
             continue
         ext, offset, size = group["image"]
         index.keys.append(key)

@@ -40,7 +40,8 @@ class SampleTable:
         self.offset = np.concatenate([np.asarray(ix.offsets, dtype=np.int64) for ix in indexes])
         self.size = np.concatenate([np.asarray(ix.sizes, dtype=np.int64) for ix in indexes])
         self.label = np.concatenate([np.asarray(ix.labels, dtype=np.int64) for ix in indexes])
-        self.keys = [(n, key) for n, ix in enumerate(indexes) for key in ix.keys]  # for error messages
+        self.shard_keys = [ix.keys for ix in indexes]  # for error messages
+        self.shard_start = np.cumsum([0] + [len(ix) for ix in indexes])
         self._handles: dict[int, object] = {}
 
     def __len__(self) -> int:
@@ -52,7 +53,8 @@ class SampleTable:
         return state
 
     def describe(self, sample_id: int) -> str:
-        shard, key = self.keys[sample_id]
+        shard = int(self.shard[sample_id])
+        key = self.shard_keys[shard][sample_id - int(self.shard_start[shard])]
         return f"shard {self.paths[shard]} sample {key!r}"
 
     def read(self, sample_id: int) -> bytes:
