@@ -113,7 +113,8 @@ def build_teacher(cfg: Config) -> tuple[nn.Module | None, int]:
                 visual = timm.create_model(name, pretrained=False, num_classes=0)
             native = visual.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
     except RuntimeError as err:
-        raise ConfigError(f"teacher.name={name!r} is not a known {kind} model: {err}") from err
+        lister = "open_clip.list_models()" if kind == "open_clip" else "timm.list_models()"
+        raise ConfigError(f"teacher.name={name!r} is not a known {kind} model; pick one from {lister}") from err
     return visual, cfg.teacher.image_size or int(native)
 
 
@@ -466,7 +467,7 @@ class Plan:
     max_micro_batch: int
     flops_per_image: float
     student_forward_flops: float
-    teacher_forward_flops: float
+    teacher_forward_flops: float  # RelaxMIM: its own no-grad target forward
     mfu: float
     peak_tflops: float
     images_per_second_per_gpu: float
@@ -508,7 +509,7 @@ def make_plan(cfg: Config, *, gpus: int, gpu_memory_bytes: float, mfu: float = 0
         offload_optimizer=ds.offload_optimizer,
     )
     teacher_params = count_params(models.teacher)
-    teacher_bytes = teacher_params * DTYPE_BYTES["fp32" if ds.precision == "fp32" else "bf16"]
+    teacher_bytes = teacher_params * DTYPE_BYTES["bf16"]  # the engine casts frozen teachers to bf16 on GPUs
     flops = image_flops(models, cfg)
     trace = trace_student_activations(models, ds.precision)
     head = head_activation_bytes(models, ds.precision, cfg.method.name)
@@ -539,7 +540,7 @@ def make_plan(cfg: Config, *, gpus: int, gpu_memory_bytes: float, mfu: float = 0
         max_micro_batch=batch,
         flops_per_image=flops.total,
         student_forward_flops=flops.student_forward,
-        teacher_forward_flops=flops.teacher_forward,
+        teacher_forward_flops=flops.teacher_forward + flops.target_forward,
         mfu=mfu,
         peak_tflops=peak_tflops,
         images_per_second_per_gpu=per_gpu,
@@ -617,8 +618,8 @@ def format_plan(plan: Plan) -> str:
         (
             "FLOPs per image",
             f"{_human(plan.flops_per_image, 'FLOP')} (student fwd {_human(plan.student_forward_flops)}"
-            f" x3{' +1 recompute' if plan.activation_checkpointing else ''}, teacher fwd "
-            f"{_human(plan.teacher_forward_flops)})",
+            f" x3{' +1 recompute' if plan.activation_checkpointing else ''}, "
+            f"{'target' if plan.method == 'relaxmim' else 'teacher'} fwd {_human(plan.teacher_forward_flops)})",
         ),
         (
             "ideal speed",
