@@ -4,11 +4,15 @@ The backbone is created with ``num_classes=0`` and kept as ``self.backbone`` so 
 keys are ``student.backbone.<plain timm keys>``: export strips the prefix and gets a checkpoint timm loads.
 Two families are supported, by what their timm modules look like:
 
-* ViT (``patch_embed``, ``_pos_embed``, ``patch_drop``, ``blocks``, ``norm``): masked patch embeddings are replaced by the mask
-  token *before* the position embedding is added (SimMIM/MaskDistill), or dropped after it (visible-only
-  forward, MaskAlign/MAE), so the blocks process only the kept tokens.
+* ViT (``patch_embed``, ``_pos_embed``, ``patch_drop``, ``blocks``, ``norm``): masked patch embeddings are
+  replaced by the mask token *before* the position embedding is added (SimMIM/MaskDistill), or dropped after
+  it (visible-only forward, MaskAlign/MAE), so the blocks process only the kept tokens.
 * Swin / SwinV2 (``patch_embed`` with NHWC output, ``layers`` of stages, ``norm``): masked patch embeddings are
   replaced after the patch embedding; the stages then run unchanged.
+
+The backbone is always *called* and the masking happens in forward hooks on its submodules, so anything that
+acts on module calls (ZeRO-3 gathering the backbone's own cls_token/pos_embed, timm's activation checkpointing)
+sees an ordinary forward.
 """
 
 from __future__ import annotations
