@@ -208,7 +208,7 @@ def test_reshard_keeps_labels_and_csv_list_with_names_and_byte_limit(tmp_path):
     assert labels == [0, 1, 0, 1, 0, 1]
 
 
-def test_killed_create_resumes_and_matches_an_uninterrupted_run(tmp_path):
+def test_killed_create_resumes_and_matches_an_uninterrupted_parallel_run(tmp_path):
     make_image_folder(tmp_path / "src")
     args = [sys.executable, "-m", "mimscale.cli", "shards", "create", str(tmp_path / "src"), str(tmp_path / "out"),
             "--samples-per-shard", "2", "--max-side", "32"]  # fmt: skip
@@ -225,7 +225,7 @@ def test_killed_create_resumes_and_matches_an_uninterrupted_run(tmp_path):
     assert finished.returncode == 0, finished.stderr
     assert "resuming: 3 of 7 chunks already complete" in finished.stderr
     clean = tmp_path / "clean"
-    create_shards(str(tmp_path / "src"), clean, CreateOptions(samples_per_shard=2, max_side=32))
+    create_shards(str(tmp_path / "src"), clean, CreateOptions(samples_per_shard=2, max_side=32), workers=2)
     resumed_files = sorted(p.name for p in out.iterdir())
     assert resumed_files == sorted(p.name for p in clean.iterdir())
     for name in resumed_files:
