@@ -190,3 +190,32 @@ def test_truncated_shard_is_reindexed_and_its_broken_tail_replaced(tmp_path, cap
     assert len(ids) == stream.steps_per_epoch * 8
     assert stream.corrupt_count == 0  # the member cut in half is not indexed
     assert "val-000.tar is damaged" in capsys.readouterr().err
+
+
+def test_stream_decodes_every_mode_to_rgb(tmp_path):
+    def encoded(image: Image.Image, fmt: str) -> bytes:
+        out = io.BytesIO()
+        image.save(out, format=fmt)
+        return out.getvalue()
+
+    base = Image.new("RGB", (40, 40), (200, 40, 40))
+    transparent = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
+    deep = Image.fromarray(np.full((40, 40), 65535, dtype=np.uint16))
+    cases = {
+        "rgbjpg": ("jpg", encoded(base, "JPEG")),
+        "grayjpg": ("jpg", encoded(base.convert("L"), "JPEG")),
+        "cmykjpg": ("jpg", encoded(base.convert("CMYK"), "JPEG")),
+        "palettepng": ("png", encoded(base.convert("P"), "PNG")),
+        "alphapng": ("png", encoded(transparent, "PNG")),
+        "deeppng": ("png", encoded(deep, "PNG")),
+        "rgbwebp": ("webp", encoded(base, "WEBP")),
+    }
+    write_shard(tmp_path / "modes.tar", [(key, {ext: data}) for key, (ext, data) in cases.items()])
+    kwargs = dict(image_size=32, batch_size=len(cases), mean=[0.0] * 3, std=[1.0] * 3)
+    images, labels = next(iter_eval_batches(str(tmp_path / "modes.tar"), **kwargs))
+    assert images.shape == (7, 3, 32, 32) and labels.tolist() == [-1] * 7
+    centre = images[:, :, 16, 16]
+    for row in (0, 2, 3, 6):  # colour survives jpg, CMYK jpg, palette png and webp
+        assert centre[row, 0] > 0.7 and centre[row, 1] < 0.3, (row, centre[row])
+    assert torch.allclose(centre[1], centre[1].mean().expand(3), atol=0.02)  # grayscale -> equal channels
+    assert torch.allclose(centre[4], torch.ones(3)) and torch.allclose(centre[5], torch.ones(3))  # white
