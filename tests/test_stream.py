@@ -219,3 +219,17 @@ def test_stream_decodes_every_mode_to_rgb(tmp_path):
         assert centre[row, 0] > 0.7 and centre[row, 1] < 0.3, (row, centre[row])
     assert torch.allclose(centre[1], centre[1].mean().expand(3), atol=0.02)  # grayscale -> equal channels
     assert torch.allclose(centre[4], torch.ones(3)) and torch.allclose(centre[5], torch.ones(3))  # white
+
+
+def test_epoch_order_is_a_lazy_permutation_keyed_by_seed_and_epoch():
+    from mimscale.data.stream import EpochOrder
+
+    for size in (1, 2, 3, 257, 1000):
+        assert sorted(epoch_order(5, 2, size).tolist()) == list(range(size))
+    assert epoch_order(0, 0, 500).tolist() == epoch_order(0, 0, 500).tolist()
+    assert epoch_order(0, 0, 500).tolist() != epoch_order(0, 1, 500).tolist() != epoch_order(1, 0, 500).tolist()
+    huge = EpochOrder(0, 0, 400_000_000)  # no per-epoch array: O(1) memory per worker
+    picks = [huge[p] for p in range(0, 400_000_000, 40_000_000)]
+    assert len(set(picks)) == 10 and all(0 <= p < 400_000_000 for p in picks)
+    with pytest.raises(IndexError):
+        huge[400_000_000]

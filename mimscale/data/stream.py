@@ -83,9 +83,55 @@ def load_table(pattern: str, key: str) -> SampleTable:
     return table
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(value: int) -> int:
+    """splitmix64 finaliser: a cheap, well-mixing hash of a 64-bit integer."""
+    value = (value + 0x9E3779B97F4A7C15) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
+class EpochOrder:
+    """The sample order of one epoch, a pseudo-random permutation of [0, N) keyed by (seed, epoch) only.
+
+    A 4-round Feistel network over the next even power of two with cycle-walking maps any position to its
+    sample in O(1) time and memory, so a 400M-sample epoch needs no 3 GB permutation array in every worker.
+    """
+
+    ROUNDS = 4
+
+    def __init__(self, seed: int, epoch: int, num_samples: int):
+        self.num_samples = num_samples
+        self.half_bits = max(1, (max(1, num_samples - 1).bit_length() + 1) // 2)
+        self.half_mask = (1 << self.half_bits) - 1
+        keys = np.random.default_rng([seed, epoch, 0x5EED]).integers(0, 1 << 62, self.ROUNDS)
+        self.keys = [int(key) for key in keys]
+
+    def _feistel(self, value: int) -> int:
+        left, right = value >> self.half_bits, value & self.half_mask
+        for key in self.keys:
+            left, right = right, left ^ (_mix64(key ^ right) & self.half_mask)
+        return (left << self.half_bits) | right
+
+    def __getitem__(self, position: int) -> int:
+        if not 0 <= position < self.num_samples:
+            raise IndexError(f"position {position} outside an epoch of {self.num_samples} samples")
+        value = self._feistel(position)
+        while value >= self.num_samples:  # cycle-walk back into [0, N); at most a few steps on average
+            value = self._feistel(value)
+        return value
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
 def epoch_order(seed: int, epoch: int, num_samples: int) -> np.ndarray:
-    """The sample order of one epoch: depends on (seed, epoch, N) only, never on ranks or workers."""
-    return np.random.default_rng([seed, epoch, 0x5EED]).permutation(num_samples)
+    """The whole order of one epoch as an array (for tests and tools; the stream looks positions up lazily)."""
+    order = EpochOrder(seed, epoch, num_samples)
+    return np.fromiter((order[p] for p in range(num_samples)), dtype=np.int64, count=num_samples)
 
 
 @dataclass(frozen=True)
@@ -126,19 +172,19 @@ class _TrainBatches(IterableDataset):
         self._order_epoch, self._order = -1, None
         self._reported = 0
 
-    def _order_for(self, epoch: int) -> np.ndarray:
+    def _order_for(self, epoch: int) -> EpochOrder:
         if epoch != self._order_epoch:
-            self._order_epoch, self._order = epoch, epoch_order(self.seed, epoch, len(self.table))
+            self._order_epoch, self._order = epoch, EpochOrder(self.seed, epoch, len(self.table))
         return self._order
 
     def _load(self, epoch: int, position: int) -> tuple[np.ndarray, np.ndarray, int, int]:
         """Sample at an order position; a corrupt one is replaced by the next valid one in the order."""
         order = self._order_for(epoch)
-        planned = int(order[position])
+        planned = order[position]
         rng = np.random.default_rng([self.seed, epoch, planned])
         spec = self.spec
         for step in range(MAX_CONSECUTIVE_CORRUPT):
-            sample_id = int(order[(position + step) % len(order)])
+            sample_id = order[(position + step) % len(order)]
             try:
                 payload = self.table.read(sample_id)
                 image = train_transform(payload, size=spec.size, scale=spec.scale, ratio=spec.ratio,
