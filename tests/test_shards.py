@@ -242,3 +242,18 @@ def test_max_side_resizes_and_keeps_aspect(tmp_path):
     assert manifest["image_stats"]["width"]["max"] == 75 and manifest["image_stats"]["height"]["max"] == 50
     payload = read_members(tmp_path / "out/shard-00000.tar")["000000000.webp"]
     assert decode_rgb(payload).size == (75, 50)
+
+
+def test_shuffle_seed_reorders_inputs_deterministically(tmp_path):
+    for number in range(12):
+        save(Image.fromarray(np.roll(gradient(), number * 3, axis=1)), tmp_path / f"src/c{number % 3}/{number:02d}.png")
+
+    def sources(out: Path, seed: int) -> list[str]:
+        create_shards(str(tmp_path / "src"), out, CreateOptions(samples_per_shard=5, shuffle_seed=seed, format="png"))
+        found = []
+        for path in expand_shards(str(out)):
+            found += [json.loads(v)["source"] for k, v in read_members(path).items() if k.endswith(".json")]
+        return found
+
+    plain, shuffled, again = sources(tmp_path / "a", -1), sources(tmp_path / "b", 7), sources(tmp_path / "c", 7)
+    assert plain == sorted(plain) and shuffled != plain and sorted(shuffled) == plain and shuffled == again
