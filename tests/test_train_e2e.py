@@ -1,0 +1,302 @@
+"""End-to-end training through the real CLI and the real `deepspeed` launcher (2 CPU ranks, gloo).
+
+One uninterrupted 2-rank ZeRO-3 bf16 reference run is shared by the resume tests: every interrupted run
+(stopped, killed, killed while saving, resumed on another world size) must reproduce its weights and its
+per-step data checksum.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "configs" / "demo_cpu.yaml"
+# Small and fast: 2-block ViT-Tiny at 64 px, 4 images per rank, 6 steps, a checkpoint every 2 steps.
+TINY = [
+    "model.student_args.depth=2",
+    "data.batch_size=4",
+    "data.num_workers=1",
+    "train.max_steps=6",
+    "train.log_every=1",
+    "checkpoint.every_steps=2",
+    "checkpoint.keep_last=5",
+    "optim.warmup_steps=2",
+    "eval.knn_every=0",
+]
+ZERO3_BF16 = ["deepspeed.zero_stage=3", "deepspeed.precision=bf16"]
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def overrides(output_dir: Path, *extra: str) -> list[str]:
+    args = []
+    for item in [*TINY, f"run.output_dir={output_dir}", *extra]:
+        args += ["--set", item]
+    return args
+
+
+def env_with(**extra) -> dict:
+    # One thread per rank: two ranks on a 2-core machine must not oversubscribe it.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env.pop("MIMSCALE_INJECT_FAULT", None)
+    env.update(extra)
+    return env
+
+
+def launcher_cmd(ranks: int, *args: str) -> list[str]:
+    return [
+        "deepspeed",
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "mimscale.train",
+        "--config",
+        str(DEMO),
+        *args,
+    ]
+
+
+def launch(ranks: int, *args: str, env=None, timeout=240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        launcher_cmd(ranks, *args), cwd=REPO, env=env or env_with(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def train_single(*args: str, env=None, timeout=240) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "mimscale.cli", "train", "--config", str(DEMO), *args]
+    return subprocess.run(command, cwd=REPO, env=env or env_with(), capture_output=True, text=True, timeout=timeout)
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=f"step_{step:08d}")
+
+
+def scalars(run_dir: Path, name: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values = {}
+    for event_file in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        if name in accumulator.Tags()["scalars"]:
+            values.update({event.step: event.value for event in accumulator.Scalars(name)})
+    return values
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [key for key in a if not torch.equal(a[key], b[key])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The uninterrupted 2-rank ZeRO-3 bf16 run every resume test compares against."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    ok(launch(2, *overrides(run_dir, *ZERO3_BF16)))
+    return run_dir
+
+
+def test_single_process_cli_logs_tensorboard_checkpoints_and_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    first = ok(train_single(*overrides(run_dir, "train.max_steps=4", "checkpoint.keep_last=1")))
+    lines = [line for line in first.stdout.splitlines() if line.startswith("step ")]
+    assert len(lines) == 4 and lines[-1].startswith("step 4/4 | loss ")
+    for field in ("lr ", "grad_norm ", "img/s ", "mem "):
+        assert field in lines[-1]
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "deepspeed_config.json").is_file()
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    assert checkpoints == ["step_00000004"]  # keep_last=1 pruned step 2
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000004"
+    for name in ("train/loss", "train/lr", "train/grad_norm", "perf/images_per_sec"):
+        assert sorted(scalars(run_dir, name)) == [1, 2, 3, 4], name
+
+    second = ok(train_single(*overrides(run_dir, "train.max_steps=6", "checkpoint.keep_last=1")))
+    assert "resumed from" in second.stdout and "at step 4" in second.stdout
+    assert [line.split("|")[0].strip() for line in second.stdout.splitlines() if line.startswith("step ")] == [
+        "step 5/6",
+        "step 6/6",
+    ]
+    assert sorted(scalars(run_dir, "train/loss")) == [1, 2, 3, 4, 5, 6]
+
+
+def test_zero3_bf16_stop_and_resume_is_bit_identical(reference, tmp_path):
+    run_dir = tmp_path / "stopped"
+    stopped = ok(launch(2, *overrides(run_dir, *ZERO3_BF16, "train.stop_at_step=3")))
+    assert "step 3/6" in stopped.stdout and "step 4/6" not in stopped.stdout
+    resumed = ok(launch(2, *overrides(run_dir, *ZERO3_BF16)))
+    assert "at step 3" in resumed.stdout
+    assert_same_weights(weights(reference, 6), weights(run_dir, 6))
+    assert scalars(run_dir, "train/loss") == scalars(reference, "train/loss")  # the curve continues exactly
+    assert scalars(run_dir, "data/sample_id_sum") == scalars(reference, "data/sample_id_sum")
+
+
+def test_kill_9_at_a_random_moment_then_resume_matches(reference, tmp_path):
+    run_dir = tmp_path / "killed"
+    process = subprocess.Popen(
+        launcher_cmd(2, *overrides(run_dir, *ZERO3_BF16)),
+        cwd=REPO,
+        env=env_with(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    marker = run_dir / "checkpoints" / "step_00000002" / "mimscale.json"
+    deadline = time.time() + 180
+    while not marker.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.0, 1.5))  # somewhere in steps 3-4, possibly inside the step-4 save
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    assert marker.exists(), "the run never reached its first checkpoint"
+    ok(launch(2, *overrides(run_dir, *ZERO3_BF16)))
+    assert_same_weights(weights(reference, 6), weights(run_dir, 6))
+
+
+def test_kill_while_writing_a_checkpoint_resumes_from_the_previous_one(reference, tmp_path):
+    run_dir = tmp_path / "killed_in_save"
+    dying = launch(
+        2, *overrides(run_dir, *ZERO3_BF16), env=env_with(MIMSCALE_INJECT_FAULT="kill_in_save:rank=0:step=4")
+    )
+    assert dying.returncode != 0
+    assert not (run_dir / "checkpoints" / "step_00000004" / "mimscale.json").exists()
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000002"
+    resumed = ok(launch(2, *overrides(run_dir, *ZERO3_BF16)))
+    assert "step_00000004 is incomplete" in resumed.stdout and "at step 2" in resumed.stdout
+    assert_same_weights(weights(reference, 6), weights(run_dir, 6))
+
+
+def copy_checkpoint(source: Path, run_dir: Path, step: int) -> None:
+    tag = f"step_{step:08d}"
+    shutil.copytree(source / "checkpoints" / tag, run_dir / "checkpoints" / tag)
+    (run_dir / "checkpoints" / "latest").write_text(tag)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_two_rank_checkpoint_resumes_on_one_rank_with_the_same_data(reference, tmp_path, stage):
+    """Same global batch (2 x 4 -> 1 x 8): the data order continues exactly and the weights stay close."""
+    run_dir = tmp_path / f"zero{stage}"
+    settings = ["deepspeed.precision=bf16", f"deepspeed.zero_stage={stage}"]
+    if stage == 3:  # the reference's own step-2 checkpoint
+        copy_checkpoint(reference, run_dir, 2)
+    else:
+        ok(launch(2, *overrides(run_dir, *settings, "train.stop_at_step=2")))
+    resumed = ok(train_single(*overrides(run_dir, *settings, "data.batch_size=8")))
+    assert "universal checkpoint" in resumed.stdout and "at step 2" in resumed.stdout
+    expected_ids = {step: value for step, value in scalars(reference, "data/sample_id_sum").items() if step > 2}
+    assert {s: v for s, v in scalars(run_dir, "data/sample_id_sum").items() if s > 2} == expected_ids
+    if stage == 3:  # same training as the reference up to the summation order of bf16 gradients
+        a, b = weights(reference, 6), weights(run_dir, 6)
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=2e-2, rtol=2e-2)
+
+
+def test_one_rank_checkpoint_resumes_on_two_ranks(reference, tmp_path):
+    run_dir = tmp_path / "grow"
+    settings = [*ZERO3_BF16]
+    ok(train_single(*overrides(run_dir, *settings, "data.batch_size=8", "train.stop_at_step=2")))
+    ok(launch(2, *overrides(run_dir, *settings)))
+    assert scalars(run_dir, "data/sample_id_sum") == scalars(reference, "data/sample_id_sum")
+
+
+def test_nan_on_one_rank_is_skipped_on_all_ranks(tmp_path):
+    run_dir = tmp_path / "nan"
+    result = ok(
+        launch(2, *overrides(run_dir, "train.max_steps=3"), env=env_with(MIMSCALE_INJECT_FAULT="nan:rank=1:step=2"))
+    )
+    assert "non-finite loss on some rank; micro-batch skipped on all ranks" in result.stdout
+    assert "step 3/3" in result.stdout
+    assert scalars(run_dir, "train/skipped_steps")[3] == 1.0
+
+
+def test_sigterm_checkpoints_and_exits_with_the_requeue_code(tmp_path):
+    run_dir = tmp_path / "preempted"
+    command = [sys.executable, "-m", "mimscale.cli", "train", "--config", str(DEMO)]
+    command += overrides(run_dir, "train.max_steps=400", "checkpoint.every_steps=1000")
+    process = subprocess.Popen(command, cwd=REPO, env=env_with(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 180
+    for line in iter(process.stdout.readline, b""):
+        if line.split(b"/")[0].split() == [b"step", b"2"] or time.time() > deadline:
+            break
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0].decode()
+    assert process.returncode == 75, output[-3000:]
+    saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    assert len(saved) == 1 and (run_dir / "checkpoints" / saved[0] / "mimscale.json").is_file()
+    assert "stopped by signal" in output
+
+
+def _limit_file_size(max_bytes: int):
+    # Python ignores SIGXFSZ, so a write past RLIMIT_FSIZE fails with EFBIG, as a full disk fails with ENOSPC.
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+
+
+def test_full_disk_during_save_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path):
+    run_dir = tmp_path / "full"
+    settings = ["deepspeed.zero_stage=2"]
+    ok(train_single(*overrides(run_dir, "train.max_steps=2", *settings)))
+    biggest = max(p.stat().st_size for p in (run_dir / "checkpoints" / "step_00000002").iterdir())
+    command = [sys.executable, "-m", "mimscale.cli", "train", "--config", str(DEMO)]
+    command += overrides(run_dir, "train.max_steps=4", *settings)
+    result = subprocess.run(
+        command,
+        cwd=REPO,
+        env=env_with(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+        preexec_fn=_limit_file_size(biggest // 2),
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "could not write checkpoint" in result.stderr and "(step_00000002) is intact" in result.stderr
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000002"
+    assert not (run_dir / "checkpoints" / "step_00000004").exists()
+    resumed = ok(train_single(*overrides(run_dir, "train.max_steps=4", *settings)))
+    assert "at step 2" in resumed.stdout
+
+
+def test_hung_rank_times_out_and_is_named(tmp_path):
+    run_dir = tmp_path / "hung"
+    result = launch(
+        2,
+        *overrides(run_dir, "train.max_steps=4", "run.collective_timeout_s=5"),
+        env=env_with(MIMSCALE_INJECT_FAULT="hang:rank=1:step=3"),
+    )
+    assert result.returncode != 0
+    assert "stalled rank(s): 1" in result.stdout + result.stderr
+
+
+def test_unwritable_output_dir_and_bad_config_fail_fast_and_clearly(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = train_single(*overrides(blocker / "run"))
+    assert result.returncode == 2 and "run.output_dir" in result.stderr and "not writable" in result.stderr
+    bad = train_single("--set", "optim.lrr=1")
+    assert bad.returncode == 2 and "unknown key 'optim.lrr'" in bad.stderr and "Did you mean 'lr'" in bad.stderr
