@@ -94,7 +94,7 @@ def test_prune_keeps_last_k_every_m_and_the_protected_one(tmp_path):
         _fake_checkpoint(tmp_path, step)
     incomplete = _fake_checkpoint(tmp_path, 70, complete=False)
     protected = tmp_path / ckpt.tag_for_step(10)
-    removed = ckpt.prune_checkpoints(tmp_path, keep_last=2, keep_every=40, protect=protected)
+    removed = ckpt.prune_checkpoints(tmp_path, keep_last=2, keep_every=40, protect=[protected, None])
     left = sorted(p.name for p in ckpt.list_checkpoints(tmp_path))
     assert left == ["step_00000010", "step_00000040", "step_00000050", "step_00000060", "step_00000070"]
     assert {p.name for p in removed} == {"step_00000020", "step_00000030"}

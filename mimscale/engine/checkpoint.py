@@ -164,14 +164,14 @@ def load_checkpoint(engine, tag_dir: Path, rank: int, universal: bool = False) -
     return meta
 
 
-def prune_checkpoints(root: Path, *, keep_last: int, keep_every: int, protect: Path | None = None) -> list[Path]:
-    """Delete complete checkpoints beyond the newest ``keep_last`` (keeping multiples of ``keep_every``)."""
+def prune_checkpoints(root: Path, *, keep_last: int, keep_every: int, protect=()) -> list[Path]:
+    """Delete complete checkpoints beyond the newest ``keep_last``, keeping multiples of ``keep_every`` and the
+    ``protect``-ed folders (the one just written, the one this run resumed from)."""
     complete = [path for path in list_checkpoints(root) if is_complete(path)]
     keep = set(complete[-keep_last:])
     if keep_every > 0:
         keep |= {path for path in complete if step_of(path.name) % keep_every == 0}
-    if protect is not None:
-        keep.add(protect)
+    keep |= {Path(path) for path in protect if path is not None}
     removed = []
     for path in complete:
         if path not in keep:

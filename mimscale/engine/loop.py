@@ -41,6 +41,7 @@ class RunState:
     window_images: int = 0
     window_data_wait: float = 0.0
     grad_norm: float | None = None
+    resumed_from: Path | None = None  # never pruned while this run lives: it is the fallback if a save fails
     corrupt_samples: int = 0  # corrupt samples this rank's stream replaced so far
     window_id_sum: int = 0  # sum of the sample ids this rank trained on since the last log (data-order fingerprint)
     history: list = field(default_factory=list)
@@ -184,6 +185,7 @@ def _convert_on_rank0(tag_dir: Path, info) -> None:
 def load_resume_plan(engine, plan: ResumePlan, info, state: RunState) -> dict:
     """Load the planned checkpoint into the engine and the run state; returns the saved data position."""
     meta = ckpt.load_checkpoint(engine, plan.tag_dir, info.rank, universal=plan.universal)
+    state.resumed_from = plan.tag_dir
     state.step = meta["step"]
     state.samples_seen = meta["samples_seen"]
     state.skipped_micro_batches = meta.get("skipped_micro_batches", 0)
@@ -329,7 +331,10 @@ def save(engine, stream, cfg: Config, info, state: RunState, root: Path, logger)
     tag_dir = ckpt.save_checkpoint(engine, root, state.step, meta, info.rank)
     if info.is_main:
         removed = ckpt.prune_checkpoints(
-            root, keep_last=cfg.checkpoint.keep_last, keep_every=cfg.checkpoint.keep_every, protect=tag_dir
+            root,
+            keep_last=cfg.checkpoint.keep_last,
+            keep_every=cfg.checkpoint.keep_every,
+            protect=[tag_dir, state.resumed_from],
         )
         pruned = f" (pruned {', '.join(path.name for path in removed)})" if removed else ""
         logger.text(f"saved checkpoint {tag_dir}{pruned}")
