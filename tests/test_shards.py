@@ -257,3 +257,12 @@ def test_shuffle_seed_reorders_inputs_deterministically(tmp_path):
 
     plain, shuffled, again = sources(tmp_path / "a", -1), sources(tmp_path / "b", 7), sources(tmp_path / "c", 7)
     assert plain == sorted(plain) and shuffled != plain and sorted(shuffled) == plain and shuffled == again
+
+
+def test_create_refuses_a_folder_with_foreign_tars(tmp_path):
+    save(Image.fromarray(gradient()), tmp_path / "src/a/x.png")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out/shard-00000.tar").write_bytes(b"someone else's data")
+    with pytest.raises(ShardError, match="already contains .tar files"):
+        create_shards(str(tmp_path / "src"), tmp_path / "out", CreateOptions())
+    assert (tmp_path / "out/shard-00000.tar").read_bytes() == b"someone else's data"

@@ -266,8 +266,10 @@ def _prepare_out(out: Path, fingerprint: str) -> None:
     progress = out / PROGRESS_DIR
     if (out / MANIFEST_NAME).is_file() and not progress.is_dir():
         raise ShardError(f"{out} already holds a finished shard set ({MANIFEST_NAME}); choose an empty OUT folder")
-    progress.mkdir(parents=True, exist_ok=True)
     job_file = progress / "job.json"
+    if not job_file.is_file() and glob.glob(str(out / "*.tar")):
+        raise ShardError(f"{out} already contains .tar files that this job did not write; choose an empty OUT folder")
+    progress.mkdir(parents=True, exist_ok=True)
     if job_file.is_file():
         previous = json.loads(job_file.read_text()).get("fingerprint")
         if previous != fingerprint:
