@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -77,18 +78,24 @@ def build_student(cfg: Config) -> nn.Module:
         return build_training_student(cfg)
 
 
-def build_head_params(cfg: Config) -> int | None:
-    """Head size from the real method on the meta device, for methods that need no teacher weights."""
-    if cfg.teacher.kind != "none" and cfg.method.name != "relaxmim":
-        return None
+def build_method_on_meta(cfg: Config) -> tuple[nn.Module, int, nn.Module | None] | None:
+    """(student, head params, frozen teacher) from the method exactly as training builds it, on the meta device.
+
+    Teachers are built at random init: the plan needs their shapes, never their weights. None when the preset
+    cannot be built yet (then the plan falls back to timm/open_clip directly and an estimated head).
+    """
     from mimscale.methods import build_method
 
+    if cfg.teacher.kind != "none":
+        teacher = dataclasses.replace(cfg.teacher, random_init=True, pretrained="")
+        cfg = dataclasses.replace(cfg, teacher=teacher)
     try:
         with torch.device("meta"):
             method = build_method(cfg)
     except (ImportError, NotImplementedError, RuntimeError):
-        return None  # a preset still being written: fall back to the estimate
-    return count_params(method) - count_params(method.student)
+        return None
+    frozen = method.frozen_modules()
+    return method.student, count_params(method) - count_params(method.student), frozen[0] if frozen else None
 
 
 def build_teacher(cfg: Config) -> tuple[nn.Module | None, int]:
@@ -103,14 +110,14 @@ def build_teacher(cfg: Config) -> tuple[nn.Module | None, int]:
             import open_clip
 
             with torch.device("meta"):
-                visual = open_clip.create_model(name, pretrained=None, device="meta").visual
+                visual = open_clip.create_model(name, pretrained=None, device="meta", **cfg.teacher.model_args).visual
             native = visual.image_size
             native = native[0] if isinstance(native, (tuple, list)) else native
         else:
             import timm
 
             with torch.device("meta"):
-                visual = timm.create_model(name, pretrained=False, num_classes=0)
+                visual = timm.create_model(name, pretrained=False, num_classes=0, **cfg.teacher.model_args)
             native = visual.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
     except RuntimeError as err:
         lister = "open_clip.list_models()" if kind == "open_clip" else "timm.list_models()"
@@ -144,10 +151,13 @@ def estimate_head_params(cfg: Config, student: nn.Module, teacher: nn.Module | N
 
 def build_meta_models(cfg: Config) -> MetaModels:
     """Everything the plan needs, shaped exactly as the config would train it."""
-    student = build_student(cfg)
-    teacher, teacher_size = build_teacher(cfg)
-    head_params = build_head_params(cfg)
-    if head_params is None:
+    built = build_method_on_meta(cfg)
+    if built is not None:  # the method's teacher resizes the batch to its own input size itself
+        student, head_params, teacher = built
+        teacher_size = cfg.data.image_size
+    else:
+        student = build_student(cfg)
+        teacher, teacher_size = build_teacher(cfg)
         head_params = estimate_head_params(cfg, student, teacher)
     tokens = (cfg.data.image_size // student.patch_size) ** 2
     visible_only = cfg.method.name == "maskalign" and student.family == "vit"

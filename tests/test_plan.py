@@ -161,7 +161,7 @@ def test_bad_input_gives_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match="--gpus"):
         make_plan(load_config(None, TINY_VIT), gpus=0, gpu_memory_bytes=2**30)
     bogus_teacher = TINY_VIT + ["method.name=maskdistill", "teacher.kind=open_clip", "teacher.name=ViT-Bogus"]
-    with pytest.raises(ConfigError, match="teacher.name='ViT-Bogus' is not a known open_clip model"):
+    with pytest.raises(ConfigError, match="teacher.name='ViT-Bogus' is not"):
         make_plan(load_config(None, bogus_teacher), gpus=1, gpu_memory_bytes=2**30)
     with pytest.raises(ConfigError, match="teacher.name"):
         make_plan(
