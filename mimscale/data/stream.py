@@ -177,7 +177,7 @@ class _TrainBatches(IterableDataset):
             self._order_epoch, self._order = epoch, EpochOrder(self.seed, epoch, len(self.table))
         return self._order
 
-    def _load(self, epoch: int, position: int) -> tuple[np.ndarray, np.ndarray, int, int]:
+    def _load(self, epoch: int, position: int) -> tuple[torch.Tensor, np.ndarray, int, int]:
         """Sample at an order position; a corrupt one is replaced by the next valid one in the order."""
         order = self._order_for(epoch)
         planned = order[position]
