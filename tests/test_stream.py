@@ -233,3 +233,9 @@ def test_epoch_order_is_a_lazy_permutation_keyed_by_seed_and_epoch():
     assert len(set(picks)) == 10 and all(0 <= p < 400_000_000 for p in picks)
     with pytest.raises(IndexError):
         huge[400_000_000]
+
+
+def test_several_sets_joined_with_double_colon():
+    both = f"{SAMPLE}::{ROOT / 'shards/sample-val'}"
+    stream = build_train_loader(make_cfg(shards=both), rank=0, world_size=1, mask_generator=MASK)
+    assert stream.num_samples == SAMPLE_COUNT + 128

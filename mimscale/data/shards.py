@@ -51,12 +51,15 @@ def _brace_expand(pattern: str) -> list[str]:
 
 
 def expand_shards(pattern: str, key: str = "data.shards") -> list[Path]:
-    """Resolve a path, folder, glob or brace pattern to a sorted list of existing tar files.
+    """Resolve a path, folder, glob or brace pattern (or several joined by ``::``) to existing tar files.
 
     ``key`` names the config key in errors so the user knows what to change.
     """
     if not pattern or not pattern.strip():
         raise ShardError(f"{key} is empty; set it to a shard path, glob or brace pattern (e.g. shards/sample/*.tar)")
+    if "::" in pattern:  # several sets, WebDataset style: a/*.tar::b/{000..009}.tar
+        parts = [expand_shards(part, key) for part in pattern.split("::") if part.strip()]
+        return list(dict.fromkeys(path for part in parts for path in part))
     if re.match(r"^[a-z][a-z0-9+]*://|^pipe:", pattern):
         raise ShardError(f"{key}={pattern!r}: remote URLs are not supported; copy or mount the shards locally")
     paths: list[Path] = []
@@ -307,8 +310,16 @@ def write_manifest(folder: str | Path, entries: list[dict], **extra) -> dict:
         **extra,
         "shards": entries,
     }
+    placeholders = {f"@index{n}@": entry["index"] for n, entry in enumerate(entries) if "index" in entry}
+    readable = {
+        **manifest,
+        "shards": [{**e, "index": f"@index{n}@"} if "index" in e else e for n, e in enumerate(entries)],
+    }
+    text = json.dumps(readable, indent=1)
+    for token, index in placeholders.items():  # one line per index keeps the manifest readable
+        text = text.replace(f'"{token}"', json.dumps(index, separators=(",", ":")), 1)
     tmp = folder / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    tmp.write_text(text + "\n")
     os.replace(tmp, folder / MANIFEST_NAME)
     return manifest
 
