@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,3 +170,53 @@ def test_bad_input_gives_clear_errors(tmp_path):
             gpus=1,
             gpu_memory_bytes=2**30,
         )
+
+
+@pytest.mark.parametrize(
+    "config, overrides",
+    [
+        ("demo_cpu.yaml", []),
+        ("demo_maskalign.yaml", []),
+        ("demo_maskalign.yaml", ["deepspeed.activation_checkpointing=true"]),
+    ],
+)
+def test_whole_method_activations_match_the_plan(config, overrides):
+    """Student + head + loss saved bytes of the real method forward (teacher under no_grad) vs the plan."""
+    import numpy as np
+
+    from mimscale.data.masking import build_mask_generator
+    from mimscale.methods import build_method
+    from mimscale.plan import head_activation_bytes
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / config, overrides + ["deepspeed.precision=fp32"])
+    checkpointing = cfg.deepspeed.activation_checkpointing
+    models = build_meta_models(cfg)
+    planned = trace_student_activations(models, "fp32").stored(checkpointing)
+    planned += head_activation_bytes(models, "fp32", cfg.method.name)
+    torch.manual_seed(0)
+    method = build_method(cfg)
+    method.set_grad_checkpointing(checkpointing)
+    size, stride, batch = cfg.data.image_size, method.student.patch_size, 4
+    kind = "random_tokens" if method.mask_kind == "attention_guided" else method.mask_kind  # recomputed inside
+    masks = build_mask_generator(
+        kind, image_size=size, token_stride=stride, ratio=cfg.mask.ratio, cell_size=cfg.mask.patch_size
+    )
+    rng = np.random.default_rng(0)
+    inputs = {"image": torch.randn(batch, 3, size, size), "mask": torch.from_numpy(np.stack([masks(rng)] * batch))}
+    frozen = [p for module in [method, *method.frozen_modules()] for p in module.parameters()]
+    weights = {p.untyped_storage().data_ptr() for p in frozen}
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in weights:
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    reentrant = use_reentrant_ckpt()
+    set_reentrant_ckpt(True)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            method(inputs)
+    finally:
+        set_reentrant_ckpt(reentrant)
+    assert batch * planned == pytest.approx(sum(storages.values()), rel=0.15)
