@@ -239,3 +239,12 @@ def test_several_sets_joined_with_double_colon():
     both = f"{SAMPLE}::{ROOT / 'shards/sample-val'}"
     stream = build_train_loader(make_cfg(shards=both), rank=0, world_size=1, mask_generator=MASK)
     assert stream.num_samples == SAMPLE_COUNT + 128
+
+
+def test_resume_with_another_global_batch_continues_from_the_consumed_position():
+    stopped = build_train_loader(make_cfg(batch_size=8), rank=0, world_size=2, mask_generator=MASK)
+    take(stopped, 3)  # 48 samples consumed
+    resumed = build_train_loader(make_cfg(batch_size=24), rank=0, world_size=1, mask_generator=MASK,
+                                 state=stopped.state_dict())  # fmt: skip
+    ids = torch.cat([b["sample_id"] for b in take(resumed, 2)]).tolist()
+    assert ids == epoch_order(0, 0, SAMPLE_COUNT)[48:96].tolist()
