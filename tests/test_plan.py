@@ -220,3 +220,12 @@ def test_whole_method_activations_match_the_plan(config, overrides):
     finally:
         set_reentrant_ckpt(reentrant)
     assert batch * planned == pytest.approx(sum(storages.values()), rel=0.15)
+
+
+def test_engine_flops_per_image_is_the_plans():
+    from mimscale.engine.flops import flops_per_image
+
+    cfg = load_config(None, TINY_VIT + ["deepspeed.activation_checkpointing=true"])
+    plan = make_plan(cfg, gpus=1, gpu_memory_bytes=parse_memory("80GB"))
+    assert flops_per_image(cfg) == pytest.approx(plan.flops_per_image)
+    assert plan.flops_per_image == pytest.approx(4 * plan.student_forward_flops)  # fwd + bwd (2x) + recompute
