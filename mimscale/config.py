@@ -51,7 +51,9 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    shards: str = _doc("shards/sample/*.tar", "Training shards: a path, glob or brace pattern ({000..009}).")
+    shards: str = _doc(
+        "shards/sample/*.tar", "Training shards: a path, folder, glob or brace pattern ({000..009}); join sets with ::."
+    )
     batch_size: int = _doc(16, "Micro-batch size per rank.")
     image_size: int = _doc(64, "Side of the square training crop, in pixels.")
     num_workers: int = _doc(2, "DataLoader worker processes per rank (0 = load in the main process).")
