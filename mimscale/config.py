@@ -47,6 +47,7 @@ class TrainConfig:
     stop_at_step: int = _doc(0, "Checkpoint and stop at this step without changing the schedule (0 = run to the end).")
     nan_guard: bool = _doc(True, "Skip micro-batches whose loss is NaN/Inf on any rank (agreed across ranks).")
     max_bad_steps: int = _doc(20, "Stop with an error after this many consecutive non-finite losses.")
+    peak_tflops: float = _doc(0.0, "Peak dense TFLOP/s per device for MFU; 0 = look up known GPUs (none on CPU).")
 
 
 @dataclass(kw_only=True)

@@ -300,3 +300,44 @@ def test_unwritable_output_dir_and_bad_config_fail_fast_and_clearly(tmp_path):
     assert result.returncode == 2 and "run.output_dir" in result.stderr and "not writable" in result.stderr
     bad = train_single("--set", "optim.lrr=1")
     assert bad.returncode == 2 and "unknown key 'optim.lrr'" in bad.stderr and "Did you mean 'lr'" in bad.stderr
+
+
+TINY_OPEN_CLIP = (
+    "teacher.model_args={embed_dim: 64, vision_cfg: {image_size: 56, layers: 2, width: 64, patch_size: 14, "
+    "head_width: 32}, text_cfg: {context_length: 8, vocab_size: 64, width: 32, heads: 2, layers: 1}}"
+)
+GIANTS = {
+    # ViT-g/14 (width 1408) at depth 2, distilling a tiny random open_clip tower at 56 px.
+    "maskdistill_vit_giant_1b": [
+        "model.student_args.depth=2",
+        "data.image_size=56",
+        "teacher.random_init=true",
+        "teacher.pretrained=",
+        TINY_OPEN_CLIP,
+    ],
+    # SwinV2-G (width 512 -> 4096) with one block per stage at 96 px.
+    "simmim_swinv2_giant_3b": ["model.student_args.depths=[1,1,1,1]", "data.image_size=96", "mask.patch_size=32"],
+}
+
+
+@pytest.mark.parametrize("preset", sorted(GIANTS))
+def test_giant_preset_runs_a_zero3_step_on_two_cpu_ranks(tmp_path, preset):
+    """The billion-parameter presets keep their width, ZeRO-3, bf16 and checkpointing; only depth is cut."""
+    settings = [
+        *GIANTS[preset],
+        f"run.output_dir={tmp_path / preset}",
+        "run.device=cpu",
+        "data.shards=shards/sample/*.tar",
+        "data.batch_size=1",
+        "data.num_workers=0",
+        "train.max_steps=1",
+        "train.log_every=1",
+        "eval.knn_every=0",
+    ]
+    command = launcher_cmd(2, *(arg for item in settings for arg in ("--set", item)))
+    command[command.index(str(DEMO))] = str(REPO / "configs" / f"{preset}.yaml")
+    result = ok(subprocess.run(command, cwd=REPO, env=env_with(), capture_output=True, text=True, timeout=400))
+    assert "step 1/1 | loss " in result.stdout
+    ds_config = (tmp_path / preset / "deepspeed_config.json").read_text()
+    assert '"stage": 3' in ds_config and '"bf16": {\n    "enabled": true' in ds_config
+    assert (tmp_path / preset / "checkpoints" / "step_00000001" / "mimscale.json").is_file()

@@ -310,14 +310,15 @@ def write_manifest(folder: str | Path, entries: list[dict], **extra) -> dict:
         **extra,
         "shards": entries,
     }
-    placeholders = {f"@index{n}@": entry["index"] for n, entry in enumerate(entries) if "index" in entry}
     readable = {
         **manifest,
-        "shards": [{**e, "index": f"@index{n}@"} if "index" in e else e for n, e in enumerate(entries)],
+        "shards": [{**e, "index": f"\0index{n}"} if "index" in e else e for n, e in enumerate(entries)],
     }
-    text = json.dumps(readable, indent=1)
-    for token, index in placeholders.items():  # one line per index keeps the manifest readable
-        text = text.replace(f'"{token}"', json.dumps(index, separators=(",", ":")), 1)
+    text = re.sub(  # one line per shard index keeps the manifest readable; one pass keeps it linear in size
+        r'"\\u0000index(\d+)"',  # a NUL cannot occur in real data, so the token cannot collide
+        lambda match: json.dumps(entries[int(match.group(1))]["index"], separators=(",", ":")),
+        json.dumps(readable, indent=1),
+    )
     tmp = folder / (MANIFEST_NAME + ".tmp")
     tmp.write_text(text + "\n")
     os.replace(tmp, folder / MANIFEST_NAME)

@@ -18,7 +18,7 @@ from mimscale.config import Config, save_config
 from mimscale.engine import checkpoint as ckpt
 from mimscale.engine import distributed, faults
 from mimscale.engine.deepspeed import DTYPES, initialize_engine, write_deepspeed_config
-from mimscale.engine.metrics import MetricAccumulator, StepLogger, memory_gib, progress_wanted
+from mimscale.engine.metrics import MetricAccumulator, StepLogger, memory_gib, peak_tflops, progress_wanted
 from mimscale.engine.optim import warmup_cosine
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: checkpointed after SIGTERM/SIGUSR1; the job script requeues on this code
@@ -41,6 +41,8 @@ class RunState:
     window_images: int = 0
     window_data_wait: float = 0.0
     grad_norm: float | None = None
+    flops_per_image: float | None = None  # from the planner, for TFLOP/s and MFU
+    peak_tflops: float | None = None
     resumed_from: Path | None = None  # never pruned while this run lives: it is the fallback if a save fails
     corrupt_samples: int = 0  # corrupt samples this rank's stream replaced so far
     window_id_sum: int = 0  # sum of the sample ids this rank trained on since the last log (data-order fingerprint)
@@ -92,11 +94,33 @@ def _build(cfg: Config, info: distributed.DistInfo, load_universal: bool):
     teacher_dtype = torch.bfloat16 if info.device.type == "cuda" else torch.float32
     for frozen in method.frozen_modules():
         frozen.to(device=info.device, dtype=teacher_dtype)
+    _cast_float_buffers(method, DTYPES[cfg.deepspeed.precision])
     engine, scheduler, ds_config = initialize_engine(
         method, cfg, info.world_size, info.device, load_universal=load_universal
     )
     torch.manual_seed(cfg.run.seed + 1 + info.rank)  # per-rank randomness (drop path) from here on
     return method, engine, scheduler, ds_config
+
+
+def _cast_float_buffers(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """DeepSpeed casts parameters to bf16/fp16 but, under ZeRO-3, not buffers (SwinV2's coordinate tables)."""
+    for submodule in module.modules():
+        for name, buffer in submodule.named_buffers(recurse=False):
+            if buffer.is_floating_point() and buffer.dtype != dtype:
+                setattr(submodule, name, buffer.to(dtype))
+
+
+def _flops_per_image(cfg: Config, info) -> float | None:
+    """For the MFU column, counted once on rank 0 from meta-device models; never fatal."""
+    if not info.is_main:
+        return None
+    try:
+        from mimscale.engine.flops import flops_per_image
+
+        return flops_per_image(cfg)
+    except Exception as err:  # noqa: BLE001 - a planner gap must not stop training
+        print(f"mimscale: MFU unavailable (could not count FLOPs: {err})", flush=True)
+        return None
 
 
 def _train(cfg: Config, info: distributed.DistInfo, resume: str) -> dict:
@@ -110,7 +134,10 @@ def _train(cfg: Config, info: distributed.DistInfo, resume: str) -> dict:
     if info.is_main:
         save_config(cfg, output_dir / "config.yaml")
         write_deepspeed_config(ds_config, output_dir)
-    state = RunState()
+    state = RunState(
+        flops_per_image=_flops_per_image(cfg, info),
+        peak_tflops=peak_tflops(info.device, cfg.deepspeed.precision, cfg.train.peak_tflops),
+    )
     data_state = load_resume_plan(engine, plan, info, state) if plan else None
     mask_generator = build_mask_generator(
         method.mask_kind,
@@ -217,9 +244,7 @@ def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     moved = {}
     for name, value in batch.items():
         if isinstance(value, torch.Tensor):
-            value = value.to(device, non_blocking=True)
-            if value.is_floating_point():
-                value = value.to(dtype)
+            value = value.to(device, dtype=dtype if value.is_floating_point() else None, non_blocking=True)
         moved[name] = value
     return moved
 
@@ -311,6 +336,11 @@ def log_step(engine, cfg: Config, info, state: RunState, accumulator: MetricAccu
             "data/corrupt_samples": corrupt,
         }
     )
+    if state.flops_per_image:
+        tflops = scalars["perf/images_per_sec_per_rank"] * state.flops_per_image / 1e12
+        scalars["perf/tflops_per_device"] = tflops
+        if state.peak_tflops:
+            scalars["perf/mfu"] = tflops / state.peak_tflops
     state.history.append((state.step, scalars.get("train/loss", math.nan)))
     state.window_images, state.window_data_wait, state.window_id_sum = 0, 0.0, 0
     logger.log(state.step, cfg.train.max_steps, scalars)

@@ -13,6 +13,22 @@ from pathlib import Path
 
 import torch
 
+# Dense bf16/fp16 tensor-core peaks (TFLOP/s) by GPU name fragment; fp32 runs use TF32 peaks (half of these).
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "V100": 125.0}
+
+
+def peak_tflops(device: torch.device, precision: str, configured: float) -> float | None:
+    """The per-device peak used for MFU: train.peak_tflops if set, else a known GPU's dense peak."""
+    if configured > 0:
+        return configured
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for fragment, peak in PEAK_BF16_TFLOPS.items():
+        if fragment in name:
+            return peak if precision in ("bf16", "fp16") else peak / 2
+    return None
+
 
 def memory_gib(device: torch.device) -> float:
     """Peak GPU memory allocated, or the process's resident memory on CPU."""
