@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "mimscale.engine.ckpt_cli",  # ckpt info|convert
     "mimscale.plan",  # plan
     "mimscale.data.shards_cli",  # shards create|verify|inspect
+    "mimscale.eval.export",  # export
 ]
 
 
