@@ -372,6 +372,12 @@ def save(engine, stream, cfg: Config, info, state: RunState, root: Path, logger)
 
 def run_loop(engine, stream, cfg: Config, info, state: RunState, logger, root: Path) -> int:
     """Step until max_steps (or stop_at_step, or a stop signal); returns the process exit code."""
+    if state.step >= cfg.train.max_steps:
+        logger.text(
+            f"nothing to do: the run is at step {state.step} and train.max_steps={cfg.train.max_steps}; "
+            "raise train.max_steps to train further, or set run.output_dir to a new folder for a fresh run"
+        )
+        return 0
     iterator = iter(stream)
     accumulator = MetricAccumulator()
     window_start = time.perf_counter()
