@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "mimscale.plan",  # plan
     "mimscale.data.shards_cli",  # shards create|verify|inspect
     "mimscale.eval.export",  # export
+    "mimscale.eval.probe",  # eval knn|linear
 ]
 
 

@@ -1,0 +1,243 @@
+"""Frozen-feature evaluation: weighted kNN (DINO's protocol) and a linear probe, plus `mimscale eval`.
+
+kNN: L2-normalised features, cosine similarity to every training feature, the k nearest vote with weight
+exp(sim / T) (k=20, T=0.07 as in DINO's eval_knn). It needs no training, so the engine can call
+``knn_top1`` during a run to watch representation quality. The linear probe standardises the features
+(train statistics), trains a softmax classifier with SGD + cosine schedule over a small lr x weight-decay grid
+and reports the best validation accuracy (the usual, optimistic, protocol of MIM papers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+DEFAULT_LRS = (0.01, 0.1, 1.0)
+DEFAULT_WEIGHT_DECAYS = (0.0, 1e-4, 1e-3)
+
+
+def _param_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    param = next(model.parameters())
+    return param.dtype, param.device
+
+
+def pool_features(features: torch.Tensor, model: nn.Module, pool: str) -> torch.Tensor:
+    """[B, C] from forward_features: ViT tokens [B, P+N, C] (cls or patch mean), Swin maps [B, h, w, C] (mean).
+
+    A model without a class token (Swin, ViT with no cls) is average-pooled for ``pool="cls"`` as well.
+    """
+    if pool not in ("cls", "mean"):
+        raise ValueError(f"pool={pool!r} is not valid; use cls or mean")
+    if features.ndim == 4:  # NHWC stage output
+        return features.mean(dim=(1, 2))
+    if features.ndim != 3:
+        raise ValueError(f"unexpected feature shape {tuple(features.shape)} from {type(model).__name__}")
+    prefix = int(getattr(model, "num_prefix_tokens", 0))
+    has_cls = prefix > 0 and getattr(model, "cls_token", None) is not None
+    if pool == "cls" and has_cls:
+        return features[:, 0]
+    return features[:, prefix:].mean(dim=1)
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, batches: Batches, *, pool: str = "cls") -> tuple[torch.Tensor, torch.Tensor]:
+    """(features float32 [N, C], labels int64 [N]) with the model in eval mode; its mode is restored after."""
+    dtype, device = _param_dtype_device(model)
+    was_training = model.training
+    model.eval()
+    feats, labels = [], []
+    try:
+        for images, batch_labels in batches:
+            out = model.forward_features(images.to(device=device, dtype=dtype))
+            feats.append(pool_features(out, model, pool).float().cpu())
+            labels.append(batch_labels.cpu())
+    finally:
+        model.train(was_training)
+    if not feats:
+        raise ValueError("no images to extract features from: the shards are empty or unlabelled")
+    return torch.cat(feats), torch.cat(labels).long()
+
+
+@torch.no_grad()
+def knn_predict(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    query_feats: torch.Tensor,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """Class predictions [M] by exp(cos/T)-weighted voting of the k nearest training features."""
+    if k <= 0 or temperature <= 0:
+        raise ValueError(f"k and temperature must be positive, got k={k}, temperature={temperature}")
+    num_classes = num_classes or int(train_labels.max()) + 1
+    k = min(k, len(train_feats))
+    bank = F.normalize(train_feats.float(), dim=1)
+    predictions = []
+    for start in range(0, len(query_feats), chunk):
+        query = F.normalize(query_feats[start : start + chunk].float(), dim=1)
+        sims, index = (query @ bank.T).topk(k, dim=1)
+        weights = (sims / temperature).exp()
+        votes = torch.zeros(len(query), num_classes).scatter_add_(1, train_labels[index], weights)
+        predictions.append(votes.argmax(dim=1))
+    return torch.cat(predictions)
+
+
+def knn_accuracy(train_feats, train_labels, val_feats, val_labels, *, k: int = 20, temperature: float = 0.07) -> float:
+    """Top-1 accuracy of the weighted kNN classifier on the validation features."""
+    num_classes = int(max(train_labels.max(), val_labels.max())) + 1
+    pred = knn_predict(train_feats, train_labels, val_feats, k=k, temperature=temperature, num_classes=num_classes)
+    return float((pred == val_labels).float().mean())
+
+
+def knn_top1(
+    backbone: nn.Module,
+    train_batches: Batches,
+    val_batches: Batches,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    pool: str = "cls",
+) -> float:
+    """In-run monitor: kNN top-1 of a timm backbone; restores its train/eval mode, casts to its dtype."""
+    train_feats, train_labels = extract_features(backbone, train_batches, pool=pool)
+    val_feats, val_labels = extract_features(backbone, val_batches, pool=pool)
+    return knn_accuracy(train_feats, train_labels, val_feats, val_labels, k=k, temperature=temperature)
+
+
+def _train_linear_grid(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    lrs: torch.Tensor,
+    decays: torch.Tensor,
+    *,
+    epochs: int,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train one softmax classifier per (lr, weight decay) pair at once: SGD, momentum 0.9, cosine schedule.
+
+    The grid is a batch dimension (weights [G, D, K]), so the whole sweep costs about as much as one run.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    grid = len(lrs)
+    weight = torch.zeros(grid, x.shape[1], num_classes, requires_grad=True)
+    bias = torch.zeros(grid, 1, num_classes, requires_grad=True)
+    momentum = [torch.zeros_like(weight), torch.zeros_like(bias)]
+    batch_size = min(256, len(x))
+    total_steps = epochs * math.ceil(len(x) / batch_size)
+    step = 0
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), batch_size):
+            index = order[start : start + batch_size]
+            logits = x[index] @ weight + bias  # [G, B, K]
+            target = y[index].repeat(grid)
+            loss = F.cross_entropy(logits.reshape(-1, num_classes), target) * grid  # sum of per-config means
+            grads = torch.autograd.grad(loss, (weight, bias))
+            scale = 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
+            with torch.no_grad():
+                for param, grad, buf, decay in zip((weight, bias), grads, momentum, (decays, 0.0), strict=True):
+                    buf.mul_(0.9).add_(grad + decay * param)
+                    param.sub_(scale * lrs.view(-1, 1, 1) * buf)
+            step += 1
+    return weight.detach(), bias.detach()
+
+
+def linear_probe(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    val_feats: torch.Tensor,
+    val_labels: torch.Tensor,
+    *,
+    lrs: Iterable[float] = DEFAULT_LRS,
+    weight_decays: Iterable[float] = DEFAULT_WEIGHT_DECAYS,
+    epochs: int = 100,
+    seed: int = 0,
+) -> dict:
+    """Best validation top-1 over the lr x weight-decay grid: {"top1", "lr", "weight_decay", "grid"}."""
+    mean = train_feats.mean(dim=0)
+    std = train_feats.std(dim=0).clamp_min(1e-6)
+    x_train, x_val = (train_feats.float() - mean) / std, (val_feats.float() - mean) / std
+    num_classes = int(max(train_labels.max(), val_labels.max())) + 1
+    pairs = [(float(lr), float(wd)) for lr in lrs for wd in weight_decays]
+    lr_t = torch.tensor([lr for lr, _ in pairs])
+    wd_t = torch.tensor([wd for _, wd in pairs]).view(-1, 1, 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: extra threads only add sync cost (40x slower on a busy 2-core box)
+    try:
+        weight, bias = _train_linear_grid(x_train, train_labels, num_classes, lr_t, wd_t, epochs=epochs, seed=seed)
+    finally:
+        torch.set_num_threads(threads)
+    val_top1 = ((x_val @ weight + bias).argmax(dim=2) == val_labels).float().mean(dim=1)
+    train_top1 = ((x_train @ weight + bias).argmax(dim=2) == train_labels).float().mean(dim=1)
+    grid = [
+        {"lr": lr, "weight_decay": wd, "top1": float(val_top1[i]), "train_top1": float(train_top1[i])}
+        for i, (lr, wd) in enumerate(pairs)
+    ]
+    best = max(grid, key=lambda row: row["top1"])
+    return {"top1": best["top1"], "lr": best["lr"], "weight_decay": best["weight_decay"], "grid": grid}
+
+
+def _features_for(args: argparse.Namespace) -> tuple[tuple, tuple, int]:
+    from mimscale.data.stream import iter_eval_batches
+    from mimscale.eval.export import load_backbone
+
+    loaded = load_backbone(args.model)
+    size = args.image_size or loaded.image_size
+    common = {"image_size": size, "batch_size": args.batch_size, "mean": loaded.mean, "std": loaded.std}
+    train = extract_features(loaded.model, iter_eval_batches(args.train, key="--train", **common), pool=args.pool)
+    val = extract_features(loaded.model, iter_eval_batches(args.val, key="--val", **common), pool=args.pool)
+    return train, val, size
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    torch.manual_seed(0)
+    (train_feats, train_labels), (val_feats, val_labels), size = _features_for(args)
+    result = {"model": args.model, "protocol": args.protocol, "pool": args.pool, "image_size": size}
+    result.update({"train_samples": len(train_labels), "val_samples": len(val_labels)})
+    if args.protocol == "knn":
+        result["top1"] = knn_accuracy(
+            train_feats, train_labels, val_feats, val_labels, k=args.k, temperature=args.temperature
+        )
+        result.update({"k": args.k, "temperature": args.temperature})
+    else:
+        result.update(linear_probe(train_feats, train_labels, val_feats, val_labels, epochs=args.epochs))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        extra = (
+            f"k={args.k} T={args.temperature}"
+            if args.protocol == "knn"
+            else f"lr={result['lr']} wd={result['weight_decay']}"
+        )
+        print(
+            f"{args.protocol} top-1 {100 * result['top1']:.2f}% ({extra}, pool {args.pool}, {size}px, "
+            f"{result['train_samples']} train / {result['val_samples']} val) {args.model}"
+        )
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("eval", help="kNN or linear-probe accuracy of frozen features")
+    parser.add_argument("protocol", choices=("knn", "linear"), help="knn (DINO weighted kNN) or linear (probe)")
+    parser.add_argument("--model", required=True, help="exported folder, run/checkpoint folder, or random:<config>")
+    parser.add_argument("--train", required=True, help="labelled training shards (folder, glob or brace pattern)")
+    parser.add_argument("--val", required=True, help="labelled validation shards")
+    parser.add_argument("--pool", choices=("cls", "mean"), default="cls", help="feature pooling (Swin: always mean)")
+    parser.add_argument("--image-size", type=int, default=0, help="input side; default: the model's training size")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--k", type=int, default=20, help="kNN neighbours")
+    parser.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature")
+    parser.add_argument("--epochs", type=int, default=100, help="linear-probe epochs per grid point")
+    parser.add_argument("--json", action="store_true", help="print one JSON line instead of text")
+    parser.set_defaults(func=run_eval)
