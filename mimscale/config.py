@@ -198,6 +198,11 @@ def validate(cfg: Config) -> Config:
             f"data.image_size={cfg.data.image_size} is not a multiple of mask.patch_size={cfg.mask.patch_size}; "
             "change one of them so the mask cells tile the image"
         )
+    if cfg.eval.knn_every > 0 and not (cfg.eval.train_shards and cfg.eval.val_shards):
+        raise ConfigError(
+            "eval.knn_every > 0 needs eval.train_shards and eval.val_shards (labelled shards); set them or set "
+            "eval.knn_every=0"
+        )
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
     if cfg.optim.lr <= 0 or cfg.optim.warmup_steps < 0:

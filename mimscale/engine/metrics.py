@@ -98,6 +98,13 @@ class StepLogger:
             self.writer.add_scalar(name, value, step)
         self.writer.flush()
 
+    def log_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+
     def text(self, message: str) -> None:
         if not self.enabled:
             return
