@@ -342,8 +342,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         section, key, value = parse_override(text)
         if section not in SECTIONS:
             raise _unknown("section", section, sorted(SECTIONS), f" in --set {text}")
+        valid = sorted(typing.get_type_hints(SECTIONS[section]))
+        if key.split(".")[0] not in valid:
+            raise _unknown("key", f"{section}.{key.split('.')[0]}", valid, f" in --set {text}")
         raw[section] = _set_dotted(dict(raw.get(section) or {}), key, value)
-    return from_dict(raw, where=f" in {path}" if path else "")
+    where = f" in {path}" if path else ""
+    if overrides:
+        where += " (with --set overrides)" if path else " in --set overrides"
+    return from_dict(raw, where=where)
 
 
 def config_to_yaml(cfg: Config) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mimscale.config import ConfigError, load_config
+from mimscale.config import load_config
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,17 +49,10 @@ def register(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mimscale.train", description=__doc__)
-    add_train_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except ConfigError as err:
-        print(f"mimscale: config error: {err}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError) as err:
-        print(f"mimscale: error: {err}", file=sys.stderr)
-        return 2
+    """`python -m mimscale.train ...` is `mimscale train ...` (the launcher adds --local_rank)."""
+    from mimscale.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
