@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "mimscale.data.shards_cli",  # shards create|verify|inspect
     "mimscale.eval.export",  # export
     "mimscale.eval.probe",  # eval knn|linear
+    "mimscale.eval.analysis",  # analyze
 ]
 
 
