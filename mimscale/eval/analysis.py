@@ -250,7 +250,7 @@ def plot_cka(results: dict[str, dict], path: Path) -> None:
         ax.set_xticklabels([t + 1 for t in ticks])
         ax.set_yticklabels([t + 1 for t in ticks])
         ax.grid(False)
-        if size <= 12:
+        if size <= 8:  # more cells than that and the numbers overlap
             for i, j in itertools.product(range(size), range(size)):
                 ax.text(
                     j,
