@@ -177,6 +177,7 @@ def analyze_model(model: nn.Module, images: torch.Tensor, *, ratios=DEFAULT_MASK
         result["attention_entropy"] = [attention_entropy(a).tolist() for a in maps]
         result["head_diversity"] = [head_diversity(a) for a in maps]
         result["uniform_entropy"] = math.log(maps[0].shape[-1])
+        result["uniform_attention_distance"] = float(patch_distances(grid, patch).mean())
     else:
         features = block_features(model, images)
         result["note"] = "attention metrics skipped: Swin attends within shifted windows (distances not comparable)"
@@ -207,6 +208,7 @@ def plot_attention_distance(results: dict[str, dict], path: Path) -> None:
             ax.scatter([layer + 1] * len(heads), heads, s=22, alpha=0.7, color="tab:blue")
         means = [sum(h) / len(h) for h in result["attention_distance"]]
         ax.plot(range(1, len(means) + 1), means, color="tab:red", lw=2, label="mean over heads")
+        ax.axhline(result["uniform_attention_distance"], color="gray", ls="--", lw=1, label="uniform attention")
         ax.set(title=label, xlabel="block", xticks=range(1, len(means) + 1))
         ax.legend(loc="lower right", fontsize=9)
     axes[0][0].set_ylabel("mean attention distance (px)")
@@ -223,12 +225,13 @@ def plot_attention_summary(results: dict[str, dict], path: Path) -> None:
     for label, result in results.items():
         if "attention_entropy" not in result:
             continue
-        entropy = [sum(h) / len(h) for h in result["attention_entropy"]]
+        entropy = [sum(h) / len(h) / result["uniform_entropy"] for h in result["attention_entropy"]]
         blocks = range(1, len(entropy) + 1)
-        line = left.plot(blocks, entropy, marker="o", label=label)[0]
-        left.axhline(result["uniform_entropy"], color=line.get_color(), ls=":", lw=1)
+        left.plot(blocks, entropy, marker="o", label=label)
         right.plot(blocks, result["head_diversity"], marker="o", label=label)
-    left.set(title="attention entropy (dotted: uniform)", xlabel="block", ylabel="nats")
+    left.axhline(1.0, color="gray", ls="--", lw=1, label="uniform attention")
+    left.set(title="attention entropy / log(tokens)", xlabel="block", ylabel="1 = uniform, 0 = one token")
+    left.ticklabel_format(axis="y", useOffset=False)
     right.set(title="head diversity (mean pairwise JS)", xlabel="block", ylabel="nats")
     left.legend(fontsize=9)
     right.legend(fontsize=9)
@@ -286,7 +289,11 @@ def plot_occlusion(results: dict[str, dict], path: Path) -> None:
 
 
 def _label(spec: str, taken: set[str]) -> str:
-    base = "random init" if spec.startswith("random:") else (Path(spec).name or spec)
+    path = Path(spec)
+    generic = path.name in ("export", "checkpoints", "") or path.name.startswith("step_")
+    base = (
+        "random init" if spec.startswith("random:") else (f"{path.parent.name}/{path.name}" if generic else path.name)
+    )
     label, count = base, 2
     while label in taken:
         label, count = f"{base} ({count})", count + 1
