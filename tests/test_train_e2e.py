@@ -126,7 +126,8 @@ def reference(tmp_path_factory) -> Path:
 
 def test_single_process_cli_logs_tensorboard_checkpoints_and_resumes(tmp_path):
     run_dir = tmp_path / "run"
-    first = ok(train_single(*overrides(run_dir, "train.max_steps=4", "checkpoint.keep_last=1")))
+    knn = ["eval.knn_every=4", "eval.train_shards=shards/sample-val/*.tar", "eval.val_shards=shards/sample-val/*.tar"]
+    first = ok(train_single(*overrides(run_dir, "train.max_steps=4", "checkpoint.keep_last=1", *knn)))
     lines = [line for line in first.stdout.splitlines() if line.startswith("step ")]
     assert len(lines) == 4 and lines[-1].startswith("step 4/4 | loss ")
     for field in ("lr ", "grad_norm ", "img/s ", "mem "):
@@ -137,6 +138,8 @@ def test_single_process_cli_logs_tensorboard_checkpoints_and_resumes(tmp_path):
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000004"
     for name in ("train/loss", "train/lr", "train/grad_norm", "perf/images_per_sec"):
         assert sorted(scalars(run_dir, name)) == [1, 2, 3, 4], name
+    knn_top1 = scalars(run_dir, "eval/knn_top1")  # in-run kNN on 19 photo classes: chance is about 0.05
+    assert list(knn_top1) == [4] and 0.2 < knn_top1[4] <= 1.0 and "eval step 4 | knn_top1" in first.stdout
 
     second = ok(train_single(*overrides(run_dir, "train.max_steps=6", "checkpoint.keep_last=1")))
     assert "resumed from" in second.stdout and "at step 4" in second.stdout

@@ -346,6 +346,38 @@ def log_step(engine, cfg: Config, info, state: RunState, accumulator: MetricAccu
     logger.log(state.step, cfg.train.max_steps, scalars)
 
 
+def evaluate_knn(engine, cfg: Config, info, logger, step: int) -> None:
+    """In-run kNN top-1 of the student backbone on small labelled shards (every rank runs it: ZeRO-3 gathers)."""
+    from mimscale.data.stream import iter_eval_batches
+    from mimscale.eval.probe import knn_top1
+
+    dtype = DTYPES[cfg.deepspeed.precision]
+
+    def batches(pattern: str, key: str):
+        for images, labels in iter_eval_batches(
+            pattern,
+            image_size=cfg.data.image_size,
+            batch_size=cfg.data.batch_size,
+            mean=cfg.data.mean,
+            std=cfg.data.std,
+            key=key,
+        ):
+            yield images.to(info.device, dtype=dtype), labels
+
+    start = time.perf_counter()
+    top1 = knn_top1(
+        engine.module.student.backbone,
+        batches(cfg.eval.train_shards, "eval.train_shards"),
+        batches(cfg.eval.val_shards, "eval.val_shards"),
+        k=cfg.eval.k,
+        temperature=cfg.eval.temperature,
+        pool=cfg.eval.pool,
+    )
+    if info.is_main:
+        logger.log_scalars(step, {"eval/knn_top1": top1})
+        logger.text(f"eval step {step} | knn_top1 {100 * top1:.2f}% ({time.perf_counter() - start:.1f}s)")
+
+
 def save(engine, stream, cfg: Config, info, state: RunState, root: Path, logger) -> None:
     meta = {
         "step": state.step,
@@ -391,6 +423,8 @@ def run_loop(engine, stream, cfg: Config, info, state: RunState, logger, root: P
             window_start = time.perf_counter()
         if not cfg.train.nan_guard and state.step % cfg.train.log_every == 0:  # else agreed every micro-batch
             state.stop_agreed = int(distributed.all_reduce_max(state.stop_signal)[0])
+        if cfg.eval.knn_every and (state.step % cfg.eval.knn_every == 0 or at_end):
+            evaluate_knn(engine, cfg, info, logger, state.step)
         stop_signal = state.stop_agreed
         if state.step % cfg.checkpoint.every_steps == 0 or at_end or stop_signal:
             save(engine, stream, cfg, info, state, root, logger)
