@@ -188,12 +188,29 @@ def linear_probe(
     return {"top1": best["top1"], "lr": best["lr"], "weight_decay": best["weight_decay"], "grid": grid}
 
 
+def resize_input(model: nn.Module, size: int) -> None:
+    """Evaluate at another resolution: timm resamples the position embeddings (ViT) / rebuilds windows (Swin)."""
+    if size <= 0 or size % _patch(model):
+        raise ValueError(f"--image-size {size} must be a positive multiple of the patch size {_patch(model)}")
+    try:
+        model.set_input_size(img_size=(size, size))
+    except (AttributeError, AssertionError, RuntimeError) as err:
+        raise ValueError(f"{type(model).__name__} cannot run at --image-size {size}: {err}; leave it out") from err
+
+
+def _patch(model: nn.Module) -> int:
+    size = model.patch_embed.patch_size
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
 def _features_for(args: argparse.Namespace) -> tuple[tuple, tuple, int]:
     from mimscale.data.stream import iter_eval_batches
     from mimscale.eval.export import load_backbone
 
     loaded = load_backbone(args.model)
     size = args.image_size or loaded.image_size
+    if size != loaded.image_size:
+        resize_input(loaded.model, size)
     common = {"image_size": size, "batch_size": args.batch_size, "mean": loaded.mean, "std": loaded.std}
     train = extract_features(loaded.model, iter_eval_batches(args.train, key="--train", **common), pool=args.pool)
     val = extract_features(loaded.model, iter_eval_batches(args.val, key="--val", **common), pool=args.pool)
