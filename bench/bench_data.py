@@ -5,8 +5,11 @@
 Builds ImageNet-like JPEGs (about 500x375, quality 90) from scikit-image's sample photos in a temporary
 folder, then measures, in this one process (one "worker"):
   bound   plain PIL decode to RGB of every image's bytes, already in memory (the figure to match)
+  floor   torchvision's libjpeg-turbo full decode alone: the ceiling for any crop whose output is more than
+          half its side (no DCT-scaled decode possible), before any resize or copy
   stream  TrainStream with num_workers=0: seek+read from the tar, decode, RandomResizedCrop, flip,
-          normalise, mask, collate (everything a DataLoader worker does)
+          normalise, mask, collate (everything a DataLoader worker does); "uint8" rows build the stream
+          with normalise_on_device=True (the worker hands uint8 pixels; the engine normalises on the GPU)
   create  `shards create` img/s, keeping JPEG bytes (validate only) and re-encoding with --max-side 256
 The ratio stream/bound is the target (>= 0.9); figures are best-of-N to reduce noise on shared cores.
 """
@@ -76,7 +79,9 @@ def bench_bound(shard_dir: Path, repeats: int) -> tuple[float, list[bytes]]:
     return best_rate(decode_all, len(payloads), repeats), payloads
 
 
-def bench_stream(shard_dir: Path, size: int, count: int, repeats: int, scale=(0.67, 1.0), workers: int = 0) -> float:
+def bench_stream(
+    shard_dir: Path, size: int, count: int, repeats: int, scale=(0.67, 1.0), workers: int = 0, uint8: bool = False
+) -> float:
     batch = 32
     cfg = load_config(None, [f"data.shards={shard_dir}", f"data.batch_size={batch}", f"data.image_size={size}",
                              f"data.num_workers={workers}", "mask.patch_size=32",
@@ -84,13 +89,24 @@ def bench_stream(shard_dir: Path, size: int, count: int, repeats: int, scale=(0.
     mask = build_mask_generator("random_cells", image_size=size, token_stride=16, ratio=0.6, cell_size=32)
     steps = count // batch
 
-    stream = build_train_loader(cfg, rank=0, world_size=1, mask_generator=mask)  # indexing is not timed
+    stream = build_train_loader(cfg, rank=0, world_size=1, mask_generator=mask, normalise_on_device=uint8)
 
     def run():
         for _ in itertools.islice(iter(stream), steps):
             pass
 
     return best_rate(run, steps * batch, repeats)
+
+
+def bench_decode_only(payloads: list[bytes], repeats: int) -> float:
+    """The stream's own decoder with nothing after it: what a full-size decode alone costs."""
+    from mimscale.data.transforms import _jpeg_tensor
+
+    def run():
+        for payload in payloads:
+            _jpeg_tensor(payload)
+
+    return best_rate(run, len(payloads), repeats)
 
 
 def bench_torchvision(payloads: list[bytes], size: int, repeats: int) -> float:
@@ -132,8 +148,13 @@ def main(argv: list[str] | None = None) -> int:
         count, size = len(payloads), args.size
         measures = {
             "plain PIL decode to RGB (the bound)": lambda: bench_bound(shards, 1)[0],
+            "libjpeg-turbo full decode only (floor)": lambda: bench_decode_only(payloads, 1),
             f"stream {size}px, crop scale 0.67-1 (SimMIM)": lambda: bench_stream(shards, size, count, 1),
             f"stream {size}px, crop scale 0.08-1": lambda: bench_stream(shards, size, count, 1, (0.08, 1.0)),
+            f"stream {size}px, 0.67-1, uint8 (device norm)": lambda: bench_stream(shards, size, count, 1, uint8=True),
+            f"stream {size}px, 0.08-1, uint8 (device norm)": lambda: bench_stream(
+                shards, size, count, 1, (0.08, 1.0), uint8=True
+            ),
             "stream 64px, crop scale 0.67-1": lambda: bench_stream(shards, 64, count, 1),
             f"torchvision {size}px RRC 0.67-1 + ToTensor": lambda: bench_torchvision(payloads, size, 1),
         }

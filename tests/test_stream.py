@@ -248,3 +248,20 @@ def test_resume_with_another_global_batch_continues_from_the_consumed_position()
                                  state=stopped.state_dict())  # fmt: skip
     ids = torch.cat([b["sample_id"] for b in take(resumed, 2)]).tolist()
     assert ids == epoch_order(0, 0, SAMPLE_COUNT)[48:96].tolist()
+
+
+def test_normalise_on_device_flag_hands_uint8_with_the_same_pixels():
+    from mimscale.data.transforms import normalise_on_device
+
+    cfg = make_cfg(workers=2)
+    floats = take(build_train_loader(cfg, rank=0, world_size=1, mask_generator=MASK), 3)
+    uint8 = build_train_loader(cfg, rank=0, world_size=1, mask_generator=MASK, normalise_on_device=True)
+    for expected, got in zip(floats, take(uint8, 3), strict=True):
+        assert set(got) == set(expected)
+        assert got["image"].dtype == torch.uint8 and got["image"].shape == (8, 3, 32, 32)
+        assert int(got["image"].max()) > 200  # raw 0-255 pixels, not normalised
+        for key in ("mask", "label", "sample_id"):
+            assert torch.equal(expected[key], got[key]), key
+        device = normalise_on_device(got["image"], cfg.data.mean, cfg.data.std, torch.float32)
+        assert (device - expected["image"]).abs().max() <= 1e-6
+    assert uint8.state_dict()["consumed"] == 3 * 8

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from mimscale.config import Config
 from mimscale.data.images import BadImage
 from mimscale.data.shards import ShardError, ShardIndex, dataset_fingerprint, expand_shards, index_shards
-from mimscale.data.transforms import eval_transform, normalise_batch, train_transform
+from mimscale.data.transforms import eval_transform, normalise_batch, train_crop, write_chw
 
 MAX_CONSECUTIVE_CORRUPT = 64
 STATE_VERSION = 1
@@ -160,6 +160,7 @@ class AugmentSpec:
     hflip: float
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    uint8: bool = False  # hand uint8 pixels to the main process; the engine normalises on the device
 
 
 class _TrainBatches(IterableDataset):
@@ -177,8 +178,8 @@ class _TrainBatches(IterableDataset):
             self._order_epoch, self._order = epoch, EpochOrder(self.seed, epoch, len(self.table))
         return self._order
 
-    def _load(self, epoch: int, position: int) -> tuple[torch.Tensor, np.ndarray, int, int]:
-        """Sample at an order position; a corrupt one is replaced by the next valid one in the order."""
+    def _load(self, epoch: int, position: int) -> tuple[torch.Tensor, bool, np.ndarray, int, int]:
+        """(pixels, flip?, mask, sample id, replaced) at an order position; a corrupt sample gives way to the next."""
         order = self._order_for(epoch)
         planned = order[position]
         rng = np.random.default_rng([self.seed, epoch, planned])
@@ -187,12 +188,12 @@ class _TrainBatches(IterableDataset):
             sample_id = order[(position + step) % len(order)]
             try:
                 payload = self.table.read(sample_id)
-                image = train_transform(payload, size=spec.size, scale=spec.scale, ratio=spec.ratio,
-                                        hflip=spec.hflip, rng=rng)  # fmt: skip
+                image, flip = train_crop(payload, size=spec.size, scale=spec.scale, ratio=spec.ratio,
+                                         hflip=spec.hflip, rng=rng)  # fmt: skip
             except BadImage as err:
                 self._report(sample_id, err)
                 continue
-            return image, np.asarray(self.mask_generator(rng), dtype=bool), sample_id, step
+            return image, flip, np.asarray(self.mask_generator(rng), dtype=bool), sample_id, step
         raise ShardError(
             f"{MAX_CONSECUTIVE_CORRUPT} consecutive corrupt samples from {self.table.describe(planned)} on; "
             "run `mimscale shards verify` on the shard folder and re-create the broken shards"
@@ -205,16 +206,19 @@ class _TrainBatches(IterableDataset):
 
     def batch(self, epoch: int, position: int) -> dict:
         first = position + self.rank * self.batch_size
-        images, masks, ids, labels, corrupt = [], [], [], [], 0
-        for pos in range(first, first + self.batch_size):
-            image, mask, sample_id, replaced = self._load(epoch, pos)
-            images.append(image)
+        size = self.spec.size
+        images = torch.empty((self.batch_size, 3, size, size), dtype=torch.uint8)  # torch-owned: shares/pins as usual
+        pixels = images.numpy()
+        masks, ids, labels, corrupt = [], [], [], 0
+        for row, pos in enumerate(range(first, first + self.batch_size)):
+            image, flip, mask, sample_id, replaced = self._load(epoch, pos)
+            write_chw(pixels[row], image, flip)  # now, while the image is in cache; the flip rides on the copy
             masks.append(mask)
             ids.append(sample_id)
             labels.append(int(self.table.label[sample_id]))
             corrupt += replaced
         return {
-            "image": normalise_batch(images, list(self.spec.mean), list(self.spec.std)),
+            "image": images if self.spec.uint8 else normalise_batch(images, list(self.spec.mean), list(self.spec.std)),
             "mask": torch.from_numpy(np.stack(masks)),
             "label": torch.tensor(labels, dtype=torch.int64),
             "sample_id": torch.tensor(ids, dtype=torch.int64),
@@ -235,14 +239,16 @@ class TrainStream:
     ``state_dict()`` is the position after the last batch handed to the caller (not what workers prefetched).
     """
 
-    def __init__(self, cfg: Config, table: SampleTable, *, rank: int, world_size: int, mask_generator):
+    def __init__(self, cfg: Config, table: SampleTable, *, rank: int, world_size: int, mask_generator,
+                 normalise_on_device: bool = False):  # fmt: skip
         self.table, self.rank, self.world_size = table, rank, world_size
         self.batch_size, self.seed = cfg.data.batch_size, cfg.run.seed
         self.global_batch = self.batch_size * world_size
         self.num_workers, self.pin_memory = cfg.data.num_workers, cfg.data.pin_memory and torch.cuda.is_available()
         self.mask_generator = mask_generator
         self.spec = AugmentSpec(cfg.data.image_size, tuple(cfg.data.crop_scale), tuple(cfg.data.crop_ratio),
-                                cfg.data.hflip, tuple(cfg.data.mean), tuple(cfg.data.std))  # fmt: skip
+                                cfg.data.hflip, tuple(cfg.data.mean), tuple(cfg.data.std),
+                                uint8=normalise_on_device)  # fmt: skip
         self.num_samples = len(table)
         if self.num_samples < self.global_batch:
             raise ShardError(
@@ -305,13 +311,24 @@ class TrainStream:
 
 
 def build_train_loader(
-    cfg: Config, *, rank: int, world_size: int, mask_generator, state: dict | None = None
+    cfg: Config,
+    *,
+    rank: int,
+    world_size: int,
+    mask_generator,
+    state: dict | None = None,
+    normalise_on_device: bool = False,
 ) -> TrainStream:
-    """This rank's resumable training stream over cfg.data.shards (state: a previous ``state_dict()``)."""
+    """This rank's resumable training stream over cfg.data.shards (state: a previous ``state_dict()``).
+
+    ``normalise_on_device=True`` makes ``image`` uint8 [B,3,S,S] (same pixels, not normalised): the worker skips
+    the float conversion and host-to-device copies shrink 4x; the engine must then call
+    ``mimscale.data.transforms.normalise_on_device(image, cfg.data.mean, cfg.data.std, dtype)`` on the device.
+    """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
     stream = TrainStream(cfg, load_table(cfg.data.shards, "data.shards"), rank=rank, world_size=world_size,
-                         mask_generator=mask_generator)  # fmt: skip
+                         mask_generator=mask_generator, normalise_on_device=normalise_on_device)  # fmt: skip
     if state:
         stream.load_state_dict(state)
     return stream
