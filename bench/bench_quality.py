@@ -1,0 +1,134 @@
+"""Quality of what SimMIM learns on the demo: kNN / linear probe and attention distance, pretrained vs random init.
+
+Pretrains the demo ViT-Tiny (64 px, 8-px patches) with `mimscale train` for a few CPU minutes, then scores the
+frozen features of the trained and of a randomly initialised copy (same architecture, same seed) with the weighted
+kNN and the linear probe, on the sample photos (shards/sample -> shards/sample-val) and on digits, and prints the
+mean attention distance per block. Prints markdown tables for bench/RESULTS.md.
+
+    python bench/bench_quality.py --steps 300 --out runs/bench_quality
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "configs" / "demo_cpu.yaml"
+EVAL_SETS = {
+    "photos (sample -> sample-val)": ("shards/sample/*.tar", "shards/sample-val/*.tar"),
+    "digits (train -> val)": ("shards/digits/train-*.tar", "shards/digits/val-000.tar"),
+}
+
+
+def pretrain(out: Path, steps: int) -> float:
+    """Run `mimscale train` on the demo config; returns wall seconds (resumes if the run already exists)."""
+    overrides = [
+        f"run.output_dir={out}",
+        f"train.max_steps={steps}",
+        f"checkpoint.every_steps={steps}",
+        "eval.knn_every=0",
+        "data.num_workers=1",
+        "train.progress_bar=false",
+        f"train.log_every={max(1, steps // 10)}",
+    ]
+    cmd = [sys.executable, "-m", "mimscale.cli", "train", "--config", str(DEMO)]
+    for item in overrides:
+        cmd += ["--set", item]
+    start = time.time()
+    subprocess.run(cmd, check=True, cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    return time.time() - start
+
+
+def evaluate(spec: str, pool: str) -> dict:
+    """kNN and linear-probe top-1 on every eval set (``pool`` features), mean attention distance per block."""
+    from mimscale.data.stream import iter_eval_batches
+    from mimscale.eval.analysis import analyze_model
+    from mimscale.eval.export import load_backbone
+    from mimscale.eval.probe import extract_features, knn_accuracy, linear_probe
+
+    loaded = load_backbone(spec)
+    common = {"image_size": loaded.image_size, "batch_size": 64, "mean": loaded.mean, "std": loaded.std}
+    scores = {}
+    for name, (train, val) in EVAL_SETS.items():
+        train_feats, train_labels = extract_features(
+            loaded.model, iter_eval_batches(str(REPO / train), **common), pool=pool
+        )
+        val_feats, val_labels = extract_features(loaded.model, iter_eval_batches(str(REPO / val), **common), pool=pool)
+        knn = knn_accuracy(train_feats, train_labels, val_feats, val_labels, k=20, temperature=0.07)
+        probe = linear_probe(train_feats, train_labels, val_feats, val_labels)
+        scores[name] = {
+            "knn": knn,
+            "linear": probe["top1"],
+            "linear_lr": probe["lr"],
+            "linear_wd": probe["weight_decay"],
+        }
+    images, _ = next(iter(iter_eval_batches(str(REPO / "shards/sample-val/*.tar"), **{**common, "batch_size": 32})))
+    analysis = analyze_model(loaded.model, images, pool=pool)
+    distance = [sum(heads) / len(heads) for heads in analysis["attention_distance"]]
+    entropy = [sum(h) / len(h) / analysis["uniform_entropy"] for h in analysis["attention_entropy"]]
+    return {
+        "scores": scores,
+        "attention_distance": distance,
+        "attention_entropy_rel": entropy,
+        "head_diversity": analysis["head_diversity"],
+        "occlusion": analysis["occlusion"],
+    }
+
+
+def print_tables(results: dict[str, dict]) -> None:
+    print("\n| model | eval set | kNN top-1 (k=20, T=0.07) | linear probe top-1 (best lr, wd) |")
+    print("|---|---|---|---|")
+    for model, result in results.items():
+        for name, s in result["scores"].items():
+            print(
+                f"| {model} | {name} | {100 * s['knn']:.1f} % | {100 * s['linear']:.1f} % "
+                f"({s['linear_lr']:g}, {s['linear_wd']:g}) |"
+            )
+    depth = max(len(r["attention_distance"]) for r in results.values())
+    rows = {
+        "mean attention distance (px)": ("attention_distance", "{:.1f}"),
+        "attention entropy / log(tokens)": ("attention_entropy_rel", "{:.3f}"),
+        "head diversity (JS, nats)": ("head_diversity", "{:.3f}"),
+    }
+    for title, (key, fmt) in rows.items():
+        print(f"\n| {title} | " + " | ".join(f"b{i + 1}" for i in range(depth)) + " |")
+        print("|---|" + "---|" * depth)
+        for model, result in results.items():
+            if model.endswith(", cls"):  # attention does not depend on the pooling
+                print(f"| {model[: -len(', cls')]} | " + " | ".join(fmt.format(v) for v in result[key]) + " |")
+    print("\n| occlusion: cos(masked, intact) | " + " | ".join(next(iter(results.values()))["occlusion"]) + " |")
+    print("|---|" + "---|" * len(next(iter(results.values()))["occlusion"]))
+    for model, result in results.items():
+        print(f"| {model} | " + " | ".join(f"{v:.3f}" for v in result["occlusion"].values()) + " |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300, help="SimMIM pretraining steps")
+    parser.add_argument("--out", default="runs/bench_quality", help="run folder of the pretraining")
+    parser.add_argument("--skip-train", action="store_true", help="evaluate the run already in --out")
+    args = parser.parse_args()
+    out = (REPO / args.out).resolve()
+    if not args.skip_train:
+        seconds = pretrain(out, args.steps)
+        print(f"pretraining: {args.steps} steps in {seconds:.0f} s ({out})")
+    torch.manual_seed(0)
+    results = {}
+    for pool in ("cls", "mean"):  # SimMIM's loss never reaches the class token directly: mean pooling matters
+        results[f"SimMIM {args.steps} steps, {pool}"] = evaluate(str(out), pool)
+        results[f"random init, {pool}"] = evaluate(f"random:{DEMO}", pool)
+    (out / "quality.json").write_text(json.dumps(results, indent=2) + "\n")
+    print_tables(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
