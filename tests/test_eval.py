@@ -25,7 +25,7 @@ from mimscale.eval.analysis import (
     occlusion_similarity,
 )
 from mimscale.eval.export import load_backbone
-from mimscale.eval.probe import knn_accuracy, knn_top1, linear_probe
+from mimscale.eval.probe import extract_features, knn_accuracy, knn_top1, linear_probe, resize_input
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo_cpu.yaml"
@@ -266,3 +266,18 @@ def test_analyze_cli_writes_json_and_plots_for_vit_and_swin(tmp_path: Path) -> N
     assert swin["occlusion"]["0"] == pytest.approx(1.0, abs=1e-6)
     for name in ("attention_distance.png", "attention_entropy_diversity.png", "cka.png", "occlusion.png"):
         assert (out / name).stat().st_size > 10_000
+
+
+def test_unlabelled_samples_and_bad_image_size_are_clear_errors() -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, patch_size=8, depth=1)
+    unlabelled = [(torch.randn(4, 3, 32, 32), torch.tensor([0, -1, 1, -1]))]
+    with pytest.raises(ValueError, match="2 of 4 samples have no .cls label"):
+        extract_features(model, unlabelled)
+    with pytest.raises(ValueError, match="multiple of the patch size 8"):
+        resize_input(model, 36)
+    resize_input(model, 48)  # timm resamples the position embeddings: the model now takes 48 px
+    assert extract_features(model, [(torch.randn(2, 3, 48, 48), torch.tensor([0, 1]))], pool="mean")[0].shape == (
+        2,
+        192,
+    )

@@ -62,7 +62,13 @@ def extract_features(model: nn.Module, batches: Batches, *, pool: str = "cls") -
         model.train(was_training)
     if not feats:
         raise ValueError("no images to extract features from: the shards are empty or unlabelled")
-    return torch.cat(feats), torch.cat(labels).long()
+    all_labels = torch.cat(labels).long()
+    if bool((all_labels < 0).any()):
+        raise ValueError(
+            f"{int((all_labels < 0).sum())} of {len(all_labels)} samples have no .cls label; kNN and linear probing "
+            "need labelled shards (write <key>.cls files, e.g. with `mimscale shards create` from a CSV with labels)"
+        )
+    return torch.cat(feats), all_labels
 
 
 @torch.no_grad()
