@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import io
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,7 +72,13 @@ def _zero0_fp32_state(tag_dir: Path) -> dict[str, torch.Tensor]:
     saved = torch.load(tag_dir / ZERO0_MODEL_FILE, map_location="cpu", weights_only=False)
     module: dict[str, torch.Tensor] = dict(saved["module"])
     fp32_groups = (saved.get("optimizer") or {}).get("fp32_groups")
-    if all(t.dtype == torch.float32 for t in module.values()) or not fp32_groups:
+    if all(t.dtype == torch.float32 for t in module.values()):
+        return dict(module)
+    if not fp32_groups:
+        print(
+            f"note: {tag_dir} holds no fp32 master weights; exporting its low-precision weights as fp32",
+            file=sys.stderr,
+        )
         return {name: tensor.float() for name, tensor in module.items()}
     buffers = set(saved.get("buffer_names") or [])
     params = [name for name in module if name not in buffers]
