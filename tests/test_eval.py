@@ -35,6 +35,11 @@ TINY_SWIN = [
     "model.student_args={embed_dim: 24, depths: [1, 1, 1, 1], num_heads: [1, 1, 2, 2], window_size: 4}",
     "mask.patch_size=32",
 ]
+TINY_SWINV2 = [
+    "model.student=swinv2_tiny_window8_256",
+    "model.student_args={embed_dim: 24, depths: [1, 1, 1, 1], num_heads: [1, 1, 2, 2], window_size: 4}",
+    "mask.patch_size=32",
+]
 
 
 def train_run(out: Path, family_args: list[str], zero_stage: int, precision: str) -> Path:
@@ -83,6 +88,7 @@ CASES = {
     "vit-zero3-fp32": (TINY_VIT, 3, "fp32"),
     "swin-zero2-fp32": (TINY_SWIN, 2, "fp32"),
     "swin-zero3-bf16": (TINY_SWIN, 3, "bf16"),
+    "swinv2-zero1-bf16": (TINY_SWINV2, 1, "bf16"),
 }
 
 
