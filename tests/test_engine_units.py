@@ -119,3 +119,18 @@ def test_metric_accumulator_means_and_step_line():
         5, 100, {"train/loss": 0.5, "train/lr": 1e-4, "train/grad_norm": 2.0, "perf/images_per_sec": 10.0}
     )
     assert line.startswith("step   5/100 | loss 0.5000 | lr 1.00e-04 | grad_norm 2.000 | img/s 10.0")
+
+
+def test_uint8_batches_are_normalised_like_the_worker_path():
+    """GPU runs ship uint8 images and normalise on the device; the result must equal the CPU worker path."""
+    from mimscale.data.transforms import normalise_batch
+    from mimscale.engine.loop import _to_device
+
+    cfg = load_config(None)
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    batch = {"image": images, "mask": torch.ones(2, 1, 1, dtype=torch.bool), "label": torch.tensor([3, 4])}
+    moved = _to_device(batch, torch.device("cpu"), torch.float32, cfg.data)
+    assert torch.equal(moved["image"], normalise_batch(images, cfg.data.mean, cfg.data.std))
+    assert moved["mask"].dtype == torch.bool and moved["label"].dtype == torch.int64
+    as_bf16 = _to_device(batch, torch.device("cpu"), torch.bfloat16, cfg.data)["image"]
+    assert as_bf16.dtype == torch.bfloat16 and torch.equal(as_bf16, moved["image"].to(torch.bfloat16))

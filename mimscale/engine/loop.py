@@ -147,7 +147,12 @@ def _train(cfg: Config, info: distributed.DistInfo, resume: str) -> dict:
         cell_size=cfg.mask.patch_size,
     )
     stream = build_train_loader(
-        cfg, rank=info.rank, world_size=info.world_size, mask_generator=mask_generator, state=data_state
+        cfg,
+        rank=info.rank,
+        world_size=info.world_size,
+        mask_generator=mask_generator,
+        state=data_state,
+        normalise_on_device=info.device.type == "cuda",  # 4x fewer bytes to copy; on CPU workers normalise
     )
     logger = StepLogger(
         output_dir,
@@ -240,11 +245,17 @@ def _install_stop_handlers(state: RunState) -> None:
         signal.signal(signum, request_stop)
 
 
-def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+def _to_device(batch: dict, device: torch.device, dtype: torch.dtype, data_cfg) -> dict:
+    """Move a batch in one copy per tensor; uint8 images (GPU runs) are normalised on the device."""
+    from mimscale.data.transforms import normalise_on_device
+
     moved = {}
     for name, value in batch.items():
         if isinstance(value, torch.Tensor):
-            value = value.to(device, dtype=dtype if value.is_floating_point() else None, non_blocking=True)
+            if name == "image" and value.dtype == torch.uint8:
+                value = normalise_on_device(value.to(device, non_blocking=True), data_cfg.mean, data_cfg.std, dtype)
+            else:
+                value = value.to(device, dtype=dtype if value.is_floating_point() else None, non_blocking=True)
         moved[name] = value
     return moved
 
@@ -263,7 +274,7 @@ def train_one_step(engine, iterator, cfg: Config, info, state: RunState, accumul
     while done < cfg.train.grad_accum_steps:
         host_batch = _next_batch(iterator, state)
         state.window_id_sum += int(host_batch["sample_id"].sum()) if "sample_id" in host_batch else 0
-        batch = _to_device(host_batch, info.device, dtype)
+        batch = _to_device(host_batch, info.device, dtype, cfg.data)
         faults.maybe_hang(info.rank, state.step + 1)
         outputs = engine(batch)
         distributed.report_progress(info.rank, state.step + 1, done)
