@@ -9,7 +9,9 @@ folder, then measures, in this one process (one "worker"):
           half its side (no DCT-scaled decode possible), before any resize or copy
   stream  TrainStream with num_workers=0: seek+read from the tar, decode, RandomResizedCrop, flip,
           normalise, mask, collate (everything a DataLoader worker does); "uint8" rows build the stream
-          with normalise_on_device=True (the worker hands uint8 pixels; the engine normalises on the GPU)
+          with normalise_on_device=True (the worker hands uint8 pixels; the engine normalises on the GPU);
+          "1 worker" rows run one real DataLoader worker process, so the batch's trip through shared memory
+          to the main process counts too (the main process only receives)
   create  `shards create` img/s, keeping JPEG bytes (validate only) and re-encoding with --max-side 256
 The ratio stream/bound is the target (>= 0.9); figures are best-of-N to reduce noise on shared cores.
 """
@@ -90,12 +92,15 @@ def bench_stream(
     steps = count // batch
 
     stream = build_train_loader(cfg, rank=0, world_size=1, mask_generator=mask, normalise_on_device=uint8)
-
-    def run():
-        for _ in itertools.islice(iter(stream), steps):
+    best = float("inf")
+    for _ in range(repeats):
+        batches = iter(stream)
+        next(batches)  # indexing, worker start-up and the first batch are not timed
+        start = time.perf_counter()
+        for _ in itertools.islice(batches, steps - 1):
             pass
-
-    return best_rate(run, steps * batch, repeats)
+        best = min(best, time.perf_counter() - start)
+    return (steps - 1) * batch / best
 
 
 def bench_decode_only(payloads: list[bytes], repeats: int) -> float:
@@ -154,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
             f"stream {size}px, 0.67-1, uint8 (device norm)": lambda: bench_stream(shards, size, count, 1, uint8=True),
             f"stream {size}px, 0.08-1, uint8 (device norm)": lambda: bench_stream(
                 shards, size, count, 1, (0.08, 1.0), uint8=True
+            ),
+            f"stream {size}px, 0.67-1, 1 worker": lambda: bench_stream(shards, size, count, 1, workers=1),
+            f"stream {size}px, 0.67-1, 1 worker, uint8": lambda: bench_stream(
+                shards, size, count, 1, workers=1, uint8=True
             ),
             "stream 64px, crop scale 0.67-1": lambda: bench_stream(shards, 64, count, 1),
             f"torchvision {size}px RRC 0.67-1 + ToTensor": lambda: bench_torchvision(payloads, size, 1),
