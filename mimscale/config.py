@@ -71,6 +71,7 @@ class ModelConfig:
     student: str = _doc("vit_tiny_patch16_224", "timm model name of the student backbone.")
     student_args: dict = _doc({}, "Keyword arguments for timm.create_model (e.g. img_size, patch_size, depth).")
     drop_path_rate: float = _doc(0.0, "Stochastic depth rate of the student.")
+    compile: bool = _doc(False, "torch.compile each student block and the teacher's forward (GPU runs; slow to start).")
 
 
 @dataclass(kw_only=True)
