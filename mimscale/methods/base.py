@@ -29,6 +29,13 @@ class MIMMethod(nn.Module):
         self.token_stride = student.patch_size
         self._frozen: list[nn.Module] = list(teachers)
 
+    @property
+    def teacher(self) -> nn.Module:
+        """The (first) frozen teacher, for presets that distil one."""
+        if not self._frozen:
+            raise AttributeError(f"{type(self).__name__} has no frozen teacher")
+        return self._frozen[0]
+
     def frozen_modules(self) -> list[nn.Module]:
         """Frozen teachers (not registered submodules): the engine moves them to the device and casts them."""
         return list(self._frozen)

@@ -38,10 +38,6 @@ class MaskAlign(MIMMethod):
         self.loss_fn = loss
         self.target_norm = norm
 
-    @property
-    def teacher(self) -> FrozenTeacher:
-        return self._frozen[0]
-
     def forward(self, batch: dict) -> dict:
         image, mask = batch["image"], batch["mask"].bool()
         grid = tuple(mask.shape[-2:])

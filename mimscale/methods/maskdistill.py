@@ -28,10 +28,6 @@ class MaskDistill(MIMMethod):
         self.loss_fn = loss
         self.target_norm = target_norm
 
-    @property
-    def teacher(self) -> FrozenTeacher:
-        return self._frozen[0]
-
     def forward(self, batch: dict) -> dict:
         image, mask = batch["image"], batch["mask"].bool()
         grid = tuple(mask.shape[-2:])
