@@ -6,7 +6,7 @@ frozen features of the trained and of a randomly initialised copy (same architec
 kNN and the linear probe, on the sample photos (shards/sample -> shards/sample-val) and on digits, and prints the
 mean attention distance per block. Prints markdown tables for bench/RESULTS.md.
 
-    python bench/bench_quality.py --setup digits --steps 600 --out runs/bench_quality_digits
+    python bench/bench_quality.py --setup digits --steps 1500 --out runs/bench_quality_digits
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ EVAL_SETS = {
 def baseline_config(out: Path, setup: str) -> Path:
     """The demo config with the setup's overrides, as a file for ``random:`` (the same architecture at random init).
 
-    Written here because ``random:RUN/config.yaml`` does not load (the resolved config has keys the loader rejects).
+    Built from the demo config and SETUPS, not read from the run folder, so the baseline needs no finished run.
     """
     cfg = yaml.safe_load(DEMO.read_text())
     for key, value in SETUPS[setup].items():
@@ -144,7 +144,7 @@ def print_tables(results: dict[str, dict]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=600, help="SimMIM pretraining steps")
+    parser.add_argument("--steps", type=int, default=1500, help="SimMIM pretraining steps")
     parser.add_argument("--out", default="runs/bench_quality", help="run folder of the pretraining")
     parser.add_argument("--setup", choices=sorted(SETUPS), default="digits", help="what to pretrain on (see SETUPS)")
     parser.add_argument("--skip-train", action="store_true", help="evaluate the run already in --out")
