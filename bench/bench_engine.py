@@ -25,15 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def fixed_batches(cfg, method, count: int) -> list[dict]:
     """Random images and real masks from the method's mask generator, made once and reused by every loop."""
-    from mimscale.data.masking import build_mask_generator
+    from mimscale.data.masking import mask_generator_for
 
-    generator = build_mask_generator(
-        method.mask_kind,
-        image_size=cfg.data.image_size,
-        token_stride=method.token_stride,
-        ratio=cfg.mask.ratio,
-        cell_size=cfg.mask.patch_size,
-    )
+    generator = mask_generator_for(cfg, method)
     rng = np.random.default_rng(0)
     size, batch = cfg.data.image_size, cfg.data.batch_size
     return [

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mimscale.config import ConfigError, load_config
-from mimscale.data.masking import build_mask_generator
+from mimscale.data.masking import mask_generator_for
 from mimscale.methods import build_method
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -105,13 +105,7 @@ def test_demo_builds_and_steps(path):
     torch.manual_seed(0)
     method = build_method(cfg)
     assert 4e6 < sum(p.numel() for p in method.student.parameters()) < 7e6
-    generator = build_mask_generator(
-        method.mask_kind,
-        image_size=cfg.data.image_size,
-        token_stride=method.token_stride,
-        ratio=cfg.mask.ratio,
-        cell_size=cfg.mask.patch_size,
-    )
+    generator = mask_generator_for(cfg, method)
     rng = np.random.default_rng(0)
     mask = torch.from_numpy(np.stack([generator(rng) for _ in range(2)]))
     side = cfg.data.image_size

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mimscale.config import ConfigError, load_config
-from mimscale.data.masking import build_mask_generator
+from mimscale.data.masking import mask_generator_for
 from mimscale.methods import build_method
 from mimscale.methods.components import infonce_loss, l1_loss, make_smooth_l1
 
@@ -25,13 +25,7 @@ def _one_thread():
 
 
 def _batch(method, cfg, size: int = 4, seed: int = 0) -> dict:
-    gen = build_mask_generator(
-        method.mask_kind,
-        image_size=cfg.data.image_size,
-        token_stride=method.token_stride,
-        ratio=cfg.mask.ratio,
-        cell_size=cfg.mask.patch_size,
-    )
+    gen = mask_generator_for(cfg, method)
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     side = cfg.data.image_size

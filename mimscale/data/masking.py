@@ -134,3 +134,14 @@ def build_mask_generator(kind: str, *, image_size: int, token_stride: int, ratio
     if kind == "blockwise":
         return BlockwiseMask(grid=grid, ratio=ratio)
     raise ValueError(f"unknown mask.kind '{kind}'; choose one of {', '.join(MASK_KINDS)}")
+
+
+def mask_generator_for(cfg, method):
+    """The generator the data workers use for ``method`` under ``cfg`` (its mask kind on its token grid)."""
+    return build_mask_generator(
+        method.mask_kind,
+        image_size=cfg.data.image_size,
+        token_stride=method.token_stride,
+        ratio=cfg.mask.ratio,
+        cell_size=cfg.mask.patch_size,
+    )

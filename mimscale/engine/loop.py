@@ -139,7 +139,7 @@ def _flops_per_image(cfg: Config, info) -> float | None:
 
 
 def _train(cfg: Config, info: distributed.DistInfo, resume: str) -> dict:
-    from mimscale.data.masking import build_mask_generator
+    from mimscale.data.masking import mask_generator_for
     from mimscale.data.stream import build_train_loader
 
     output_dir = Path(cfg.run.output_dir)
@@ -154,13 +154,7 @@ def _train(cfg: Config, info: distributed.DistInfo, resume: str) -> dict:
         peak_tflops=peak_tflops(info.device, cfg.deepspeed.precision, cfg.train.peak_tflops),
     )
     data_state = load_resume_plan(engine, plan, info, state) if plan else None
-    mask_generator = build_mask_generator(
-        method.mask_kind,
-        image_size=cfg.data.image_size,
-        token_stride=method.token_stride,
-        ratio=cfg.mask.ratio,
-        cell_size=cfg.mask.patch_size,
-    )
+    mask_generator = mask_generator_for(cfg, method)
     stream = build_train_loader(
         cfg,
         rank=info.rank,
