@@ -90,6 +90,19 @@ def find_resume_checkpoint(root: Path, log=print) -> Path | None:
     return None
 
 
+def resolve_checkpoint(path: Path, log=print) -> Path:
+    """A tag folder, a checkpoints/ folder or a run folder -> the newest complete tag folder in it."""
+    if is_complete(path):
+        return path
+    for root in (path, path / "checkpoints"):
+        found = find_resume_checkpoint(root, log=log) if root.is_dir() else None
+        if found is not None:
+            return found
+    if path.is_dir() and TAG_PATTERN.match(path.name):
+        raise FileNotFoundError(f"{path} is incomplete ({MARKER} is missing): the run died while writing it")
+    raise FileNotFoundError(f"no complete mimscale checkpoint at {path} (give a run folder or a step_* folder)")
+
+
 def read_meta(tag_dir: Path) -> dict:
     marker = tag_dir / MARKER
     if not marker.is_file():

@@ -9,19 +9,6 @@ from mimscale.config import Config, from_dict, load_config
 from mimscale.engine import checkpoint as ckpt
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """A tag folder, a checkpoints/ folder or a run folder -> the newest complete tag folder in it."""
-    if ckpt.is_complete(path):
-        return path
-    for root in (path, path / "checkpoints"):
-        found = ckpt.find_resume_checkpoint(root, log=print) if root.is_dir() else None
-        if found is not None:
-            return found
-    if path.is_dir() and ckpt.TAG_PATTERN.match(path.name):
-        raise FileNotFoundError(f"{path} is incomplete ({ckpt.MARKER} is missing): the run died while writing it")
-    raise FileNotFoundError(f"no complete mimscale checkpoint at {path} (give a run folder or a step_* folder)")
-
-
 def config_diff(saved: dict, current: Config) -> list[str]:
     """Lines 'section.key: saved -> current' for every key that differs."""
     now = current.to_dict()
@@ -35,7 +22,7 @@ def config_diff(saved: dict, current: Config) -> list[str]:
 
 
 def info(args: argparse.Namespace) -> int:
-    tag_dir = resolve_checkpoint(Path(args.path))
+    tag_dir = ckpt.resolve_checkpoint(Path(args.path))
     meta = ckpt.read_meta(tag_dir)
     shards = sorted(p.name for p in tag_dir.iterdir() if p.suffix == ".pt")
     size = sum(p.stat().st_size for p in tag_dir.rglob("*") if p.is_file())
@@ -58,7 +45,7 @@ def info(args: argparse.Namespace) -> int:
 
 
 def convert(args: argparse.Namespace) -> int:
-    tag_dir = resolve_checkpoint(Path(args.path))
+    tag_dir = ckpt.resolve_checkpoint(Path(args.path))
     meta = ckpt.read_meta(tag_dir)
     if meta["zero_stage"] == 0:
         print(f"{tag_dir} is a ZeRO-0 checkpoint: it already loads on any number of ranks")

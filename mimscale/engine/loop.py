@@ -196,7 +196,9 @@ def plan_resume(cfg: Config, root: Path, resume: str, info) -> ResumePlan | None
                 "that run, or set run.output_dir to a new folder for a fresh one"
             )
         return None
-    tag_dir = ckpt.find_resume_checkpoint(root, log=log) if resume == "auto" else _resolve_tag_dir(Path(resume))
+    tag_dir = (
+        ckpt.find_resume_checkpoint(root, log=log) if resume == "auto" else ckpt.resolve_checkpoint(Path(resume), log)
+    )
     if tag_dir is None:
         return None
     meta = ckpt.read_meta(tag_dir)
@@ -233,17 +235,6 @@ def load_resume_plan(engine, plan: ResumePlan, info, state: RunState) -> dict:
     if info.is_main:
         print(f"resumed from {plan.tag_dir} at step {state.step} ({state.samples_seen} samples seen)", flush=True)
     return meta["data_state"]
-
-
-def _resolve_tag_dir(path: Path) -> Path:
-    """Accept a checkpoint folder, a checkpoints/ folder or a run folder."""
-    for candidate in (path, path / "checkpoints"):
-        if ckpt.is_complete(candidate):
-            return candidate
-        found = ckpt.find_resume_checkpoint(candidate, log=lambda *_: None) if candidate.is_dir() else None
-        if found is not None:
-            return found
-    raise FileNotFoundError(f"--resume {path}: no complete mimscale checkpoint found there")
 
 
 def _install_stop_handlers(state: RunState) -> None:

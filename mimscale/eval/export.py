@@ -26,7 +26,6 @@ from torch import nn
 
 from mimscale.config import Config, from_dict, load_config
 from mimscale.engine import checkpoint as ckpt
-from mimscale.engine.ckpt_cli import resolve_checkpoint
 from mimscale.models.students import Student, build_student
 
 STUDENT_PREFIX = "student."
@@ -51,7 +50,7 @@ def find_tag_dir(path: str | Path, tag: str | None = None) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint path {path} does not exist; give a run folder or a step_* folder")
     if tag is None:
-        return resolve_checkpoint(path)
+        return ckpt.resolve_checkpoint(path)
     for root in (path, path / "checkpoints"):
         if (root / tag).is_dir():
             tag_dir = root / tag
