@@ -92,11 +92,12 @@ def initialize_engine(
 def register_container_parameters(model: nn.Module) -> list[str]:
     """ZeRO-3: keep the direct parameters of container modules gathered for the whole forward and backward.
 
-    ZeRO-3 gathers a module's parameters around that module's own forward/backward. Students call parts of a
-    timm model (patch_embed, _pos_embed, blocks) instead of its forward, so the model's direct parameters
-    (cls_token, pos_embed, the student's mask_token, alignment weights) are used outside any hooked forward;
-    after release their autograd shape check fails in backward. They are small, so we register them as
-    external parameters of the top module, which ZeRO-3 gathers around the method's whole step.
+    ZeRO-3 gathers a module's parameters around that module's own forward/backward. A container's direct
+    parameters can be used inside a child's forward (the student's mask_token is applied in a forward hook on
+    the backbone's patch_embed), outside the region ZeRO-3 keeps them gathered; after release, autograd's shape
+    check fails in backward ("size of tensor a (0)"). Removing this registration reproduces that failure in the
+    2-rank ZeRO-3 tests. These tensors are small, so we register them as external parameters of the top
+    module, which ZeRO-3 gathers around the method's whole step.
     """
     import deepspeed
 
