@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from mimscale.config import Config, save_config
+from mimscale.data.transforms import normalise_on_device
 from mimscale.engine import checkpoint as ckpt
 from mimscale.engine import distributed, faults
 from mimscale.engine.deepspeed import DTYPES, initialize_engine, write_deepspeed_config
@@ -247,8 +248,6 @@ def _install_stop_handlers(state: RunState) -> None:
 
 def _to_device(batch: dict, device: torch.device, dtype: torch.dtype, data_cfg) -> dict:
     """Move a batch in one copy per tensor; uint8 images (GPU runs) are normalised on the device."""
-    from mimscale.data.transforms import normalise_on_device
-
     moved = {}
     for name, value in batch.items():
         if isinstance(value, torch.Tensor):
