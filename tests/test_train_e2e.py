@@ -7,6 +7,7 @@ per-step data checksum.
 
 from __future__ import annotations
 
+import glob
 import os
 import random
 import resource
@@ -163,8 +164,10 @@ def test_zero3_bf16_stop_and_resume_is_bit_identical(reference, tmp_path):
 
 def test_kill_9_at_a_random_moment_then_resume_matches(reference, tmp_path):
     run_dir = tmp_path / "killed"
+    command = launcher_cmd(2, *overrides(run_dir, *ZERO3_BF16))
+    port = command[command.index("--master_port") + 1]
     process = subprocess.Popen(
-        launcher_cmd(2, *overrides(run_dir, *ZERO3_BF16)),
+        command,
         cwd=REPO,
         env=env_with(),
         stdout=subprocess.DEVNULL,
@@ -179,6 +182,8 @@ def test_kill_9_at_a_random_moment_then_resume_matches(reference, tmp_path):
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
     assert marker.exists(), "the run never reached its first checkpoint"
+    # DeepSpeed's CPU all-reduce buffers (66 MB each in /dev/shm) must not outlive even a killed run
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
     ok(launch(2, *overrides(run_dir, *ZERO3_BF16)))
     assert_same_weights(weights(reference, 6), weights(run_dir, 6))
 

@@ -6,7 +6,9 @@ LOCAL_RANK, MASTER_ADDR and MASTER_PORT; a plain `mimscale train` fills them in 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import glob
 import os
 import socket
 from dataclasses import dataclass
@@ -68,6 +70,9 @@ def init_distributed(device_kind: str, timeout_s: float = 1800.0) -> DistInfo:
     )
     import torch.distributed as dist
 
+    if device_kind == "cpu":
+        dist.barrier()  # every rank has mapped every peer's shared-memory buffer
+        _unlink_shm_allreduce_buffer(dist.get_rank())
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_kind == "cuda":
         torch.cuda.set_device(local_rank)
@@ -75,6 +80,19 @@ def init_distributed(device_kind: str, timeout_s: float = 1800.0) -> DistInfo:
     else:
         device = torch.device("cpu")
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
+
+
+def _unlink_shm_allreduce_buffer(rank: int) -> None:
+    """Remove this rank's /dev/shm file of DeepSpeed's CPU all-reduce once all ranks have mapped it.
+
+    DeepSpeed never deletes these 66 MB files (one per rank per master port); on a machine that runs many jobs
+    they fill /dev/shm until the OOM killer ends a run. The mappings stay valid after the unlink, and a run
+    killed later leaks nothing.
+    """
+    port = os.environ.get("MASTER_PORT", "*")
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_{rank}"):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def barrier() -> None:
