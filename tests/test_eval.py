@@ -25,7 +25,14 @@ from mimscale.eval.analysis import (
     occlusion_similarity,
 )
 from mimscale.eval.export import load_backbone
-from mimscale.eval.probe import extract_features, knn_accuracy, knn_top1, linear_probe, resize_input
+from mimscale.eval.probe import (
+    extract_features,
+    knn_accuracy,
+    knn_top1,
+    layer_features,
+    linear_probe,
+    resize_input,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo_cpu.yaml"
@@ -287,3 +294,49 @@ def test_unlabelled_samples_and_bad_image_size_are_clear_errors() -> None:
         2,
         192,
     )
+
+
+def _vit_tokens_by_hand(model: torch.nn.Module, images: torch.Tensor, blocks: int) -> torch.Tensor:
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+    for block in model.blocks[:blocks]:
+        x = block(x)
+    return x
+
+
+@torch.no_grad()
+def test_layer_features_pick_the_right_vit_block_and_swin_stage() -> None:
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, patch_size=8, depth=3).eval()
+    images = torch.randn(2, 3, 32, 32)
+    second = layer_features(vit, images, 2)
+    assert second.shape == (2, 1 + 16, 192)  # class token + 4x4 patches, as forward_features gives them
+    assert torch.allclose(second, _vit_tokens_by_hand(vit, images, 2), atol=1e-5)
+    assert torch.allclose(layer_features(vit, images, -2), second)
+    assert torch.allclose(vit.norm(layer_features(vit, images, -1)), vit.forward_features(images), atol=1e-5)
+    assert not torch.allclose(layer_features(vit, images, 1), second)
+    for bad in (0, 4, -4):
+        with pytest.raises(ValueError, match=f"--layer {bad} is out of range: VisionTransformer has 3"):
+            layer_features(vit, images, bad)
+    feats, _ = extract_features(vit, [(images, torch.tensor([0, 1]))], pool="mean", layer=2)
+    assert torch.allclose(feats, second[:, 1:].mean(dim=1), atol=1e-6)
+
+    swin = timm.create_model(
+        "swin_tiny_patch4_window7_224", num_classes=0, img_size=64, embed_dim=24, depths=[1, 1, 1, 1],
+        num_heads=[1, 1, 2, 2], window_size=4,
+    ).eval()  # fmt: skip
+    x = torch.randn(2, 3, 64, 64)
+    assert layer_features(swin, x, 1).shape == (2, 16, 16, 24)  # stage 1, NHWC like forward_features
+    assert torch.allclose(swin.norm(layer_features(swin, x, -1)), swin.forward_features(x), atol=1e-5)
+
+
+def test_random_init_from_a_run_folder_takes_overrides(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(f"base: {DEMO}\nmodel:\n  student_args: {{patch_size: 8, depth: 2}}\n")
+    assert len(load_backbone(f"random:{run}").model.blocks) == 2
+    deeper = load_backbone(f"random:{run}", ["model.student_args.depth=3", "data.image_size=32"])
+    assert len(deeper.model.blocks) == 3 and deeper.image_size == 32
+    with pytest.raises(FileNotFoundError, match="has no config.yaml"):
+        load_backbone(f"random:{tmp_path}")
+    with pytest.raises(ValueError, match="only applies to random:<config> models"):
+        load_backbone(str(run), ["model.student_args.depth=3"])

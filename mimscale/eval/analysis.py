@@ -320,7 +320,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     results: dict[str, dict] = {}
     taken: set[str] = set()
     for spec in [args.model, *args.compare]:
-        loaded = load_backbone(spec)
+        loaded = load_backbone(spec, args.set if spec.startswith("random:") else ())
         label = _label(spec, taken)
         result = analyze_model(loaded.model, _first_images(args.images, loaded, args.num_images), pool=args.pool)
         results[label] = {"spec": spec, **result}
@@ -340,10 +340,13 @@ def run_analyze(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("analyze", help="attention distance/entropy, CKA, occlusion robustness + plots")
-    parser.add_argument("model", help="exported folder, run/checkpoint folder, or random:<config.yaml>")
+    parser.add_argument("model", help="exported folder, run/checkpoint folder, or random:<config.yaml | run folder>")
     parser.add_argument("--compare", action="append", default=[], metavar="SPEC", help="more models, side by side")
     parser.add_argument("--images", required=True, help="shards to take the images from (labels unused)")
     parser.add_argument("--out", required=True, help="folder for analysis.json and the PNG plots")
     parser.add_argument("--num-images", type=int, default=32, help="images analysed per model")
     parser.add_argument("--pool", choices=("cls", "mean"), default="cls", help="pooling for occlusion similarity")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override for random:<config> models"
+    )
     parser.set_defaults(func=run_analyze)

@@ -8,7 +8,7 @@ the fp32 master weights (ZeRO 1-3 shards merged by DeepSpeed's zero_to_fp32; ZeR
 optimizer's fp32 groups), never the bf16 copy the forward pass used.
 
 The same loaders serve the evaluation commands: ``load_backbone(spec)`` accepts an exported folder, a run or
-checkpoint folder, or ``random:<config.yaml>`` (the same architecture at random init, the baseline).
+checkpoint folder, or ``random:<config.yaml | run folder>`` (the same architecture at random init, the baseline).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import contextlib
 import io
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,13 +178,34 @@ def export_checkpoint(
     return out_dir
 
 
-def load_backbone(spec: str) -> LoadedBackbone:
-    """An exported folder, a run/checkpoint folder, or ``random:<config.yaml>`` -> backbone in eval mode."""
+def random_init_config(target: str, overrides: Sequence[str] = ()) -> Config:
+    """The config of ``random:<target>``: a config YAML, or a run folder (its resolved ``config.yaml``)."""
+    path = Path(target)
+    if path.is_dir():
+        if not (path / "config.yaml").is_file():
+            raise FileNotFoundError(
+                f"random:{target}: the folder has no config.yaml; give a config file or a run folder "
+                "(`mimscale train` writes the resolved config.yaml into its run.output_dir)"
+            )
+        path = path / "config.yaml"
+    return load_config(path, list(overrides))
+
+
+def load_backbone(spec: str, overrides: Sequence[str] = ()) -> LoadedBackbone:
+    """An exported folder, a run/checkpoint folder, or ``random:<config.yaml | run folder>`` -> backbone in eval mode.
+
+    ``overrides`` (``section.key=value``, as ``--set``) apply to ``random:`` specs only: trained models keep the
+    architecture they were trained with.
+    """
     if spec.startswith("random:"):
-        cfg = load_config(spec[len("random:") :])
+        cfg = random_init_config(spec[len("random:") :], overrides)
         torch.manual_seed(cfg.run.seed)
         backbone = build_student(cfg).backbone.eval()
         return LoadedBackbone(backbone, cfg.data.image_size, list(cfg.data.mean), list(cfg.data.std), spec)
+    if overrides:
+        raise ValueError(
+            f"--set {' '.join(overrides)} only applies to random:<config> models; {spec} keeps its trained architecture"
+        )
     path = Path(spec)
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         import timm

@@ -46,16 +46,59 @@ def pool_features(features: torch.Tensor, model: nn.Module, pool: str) -> torch.
     return features[:, prefix:].mean(dim=1)
 
 
+def block_count(model: nn.Module) -> int:
+    """How many layers ``--layer`` can pick from: ViT blocks, or Swin stages."""
+    for name in ("blocks", "layers"):
+        if isinstance(getattr(model, name, None), nn.Sequential | nn.ModuleList):
+            return len(getattr(model, name))
+    raise ValueError(f"{type(model).__name__} has no blocks/layers to take --layer features from; leave --layer out")
+
+
+def layer_features(model: nn.Module, images: torch.Tensor, layer: int | None) -> torch.Tensor:
+    """Tokens [B, P+N, C] (ViT) or maps [B, h, w, C] (Swin) for ``pool_features``.
+
+    ``layer=None``: ``forward_features`` (last layer, final norm). Otherwise the raw output of ViT block / Swin stage
+    ``layer`` (1-based; -1 = the last one, before the final norm), through timm's ``forward_intermediates``.
+    """
+    if layer is None:
+        return model.forward_features(images)
+    count = block_count(model)
+    if layer == 0 or not -count <= layer <= count:
+        raise ValueError(
+            f"--layer {layer} is out of range: {type(model).__name__} has {count} (1..{count} or -1..-{count})"
+        )
+    index = layer - 1 if layer > 0 else count + layer
+    if not hasattr(model, "forward_intermediates"):
+        raise ValueError(
+            f"{type(model).__name__} has no forward_intermediates; use a timm ViT/Swin or leave --layer out"
+        )
+    if not hasattr(model, "blocks"):  # Swin: NCHW stage maps -> NHWC, as forward_features gives them
+        (maps,) = model.forward_intermediates(images, indices=[index], intermediates_only=True)
+        return maps.permute(0, 2, 3, 1)
+    if int(getattr(model, "num_prefix_tokens", 0)) == 0:
+        (tokens,) = model.forward_intermediates(images, indices=[index], output_fmt="NLC", intermediates_only=True)
+        return tokens
+    ((tokens, prefix),) = model.forward_intermediates(
+        images, indices=[index], return_prefix_tokens=True, output_fmt="NLC", intermediates_only=True
+    )
+    return torch.cat([prefix, tokens], dim=1)
+
+
 @torch.no_grad()
-def extract_features(model: nn.Module, batches: Batches, *, pool: str = "cls") -> tuple[torch.Tensor, torch.Tensor]:
-    """(features float32 [N, C], labels int64 [N]) with the model in eval mode; its mode is restored after."""
+def extract_features(
+    model: nn.Module, batches: Batches, *, pool: str = "cls", layer: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features float32 [N, C], labels int64 [N]) with the model in eval mode; its mode is restored after.
+
+    ``layer`` picks an intermediate ViT block / Swin stage (see ``layer_features``); None = the final features.
+    """
     dtype, device = _param_dtype_device(model)
     was_training = model.training
     model.eval()
     feats, labels = [], []
     try:
         for images, batch_labels in batches:
-            out = model.forward_features(images.to(device=device, dtype=dtype))
+            out = layer_features(model, images.to(device=device, dtype=dtype), layer)
             feats.append(pool_features(out, model, pool).float().cpu())
             labels.append(batch_labels.cpu())
     finally:
@@ -213,20 +256,22 @@ def _features_for(args: argparse.Namespace) -> tuple[tuple, tuple, int]:
     from mimscale.data.stream import iter_eval_batches
     from mimscale.eval.export import load_backbone
 
-    loaded = load_backbone(args.model)
+    loaded = load_backbone(args.model, args.set)
     size = args.image_size or loaded.image_size
     if size != loaded.image_size:
         resize_input(loaded.model, size)
     common = {"image_size": size, "batch_size": args.batch_size, "mean": loaded.mean, "std": loaded.std}
-    train = extract_features(loaded.model, iter_eval_batches(args.train, key="--train", **common), pool=args.pool)
-    val = extract_features(loaded.model, iter_eval_batches(args.val, key="--val", **common), pool=args.pool)
+    features = {"pool": args.pool, "layer": args.layer}
+    train = extract_features(loaded.model, iter_eval_batches(args.train, key="--train", **common), **features)
+    val = extract_features(loaded.model, iter_eval_batches(args.val, key="--val", **common), **features)
     return train, val, size
 
 
 def run_eval(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     (train_feats, train_labels), (val_feats, val_labels), size = _features_for(args)
-    result = {"model": args.model, "protocol": args.protocol, "pool": args.pool, "image_size": size}
+    result = {"model": args.model, "protocol": args.protocol, "pool": args.pool, "layer": args.layer or "final"}
+    result["image_size"] = size
     result.update({"train_samples": len(train_labels), "val_samples": len(val_labels)})
     if args.protocol == "knn":
         result["top1"] = knn_accuracy(
@@ -244,7 +289,7 @@ def run_eval(args: argparse.Namespace) -> int:
             else f"lr={result['lr']} wd={result['weight_decay']}"
         )
         print(
-            f"{args.protocol} top-1 {100 * result['top1']:.2f}% ({extra}, pool {args.pool}, {size}px, "
+            f"{args.protocol} top-1 {100 * result['top1']:.2f}% ({extra}, pool {args.pool}, layer {result['layer']}, {size}px, "
             f"{result['train_samples']} train / {result['val_samples']} val) {args.model}"
         )
     return 0
@@ -253,12 +298,22 @@ def run_eval(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     parser = subparsers.add_parser("eval", help="kNN or linear-probe accuracy of frozen features")
     parser.add_argument("protocol", choices=("knn", "linear"), help="knn (DINO weighted kNN) or linear (probe)")
-    parser.add_argument("--model", required=True, help="exported folder, run/checkpoint folder, or random:<config>")
+    parser.add_argument(
+        "--model", required=True, help="exported folder, run/checkpoint folder, or random:<config.yaml | run folder>"
+    )
     parser.add_argument("--train", required=True, help="labelled training shards (folder, glob or brace pattern)")
     parser.add_argument("--val", required=True, help="labelled validation shards")
     parser.add_argument("--pool", choices=("cls", "mean"), default="cls", help="feature pooling (Swin: always mean)")
+    parser.add_argument(
+        "--layer",
+        type=int,
+        help="features of this ViT block / Swin stage (1-based; -1 = last, before the final norm); default: final",
+    )
     parser.add_argument("--image-size", type=int, default=0, help="input side; default: the model's training size")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override for a random:<config> model"
+    )
     parser.add_argument("--k", type=int, default=20, help="kNN neighbours")
     parser.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature")
     parser.add_argument("--epochs", type=int, default=100, help="linear-probe epochs per grid point")
