@@ -71,6 +71,11 @@ class ModelConfig:
     student: str = _doc("vit_tiny_patch16_224", "timm model name of the student backbone.")
     student_args: dict = _doc({}, "Keyword arguments for timm.create_model (e.g. img_size, patch_size, depth).")
     drop_path_rate: float = _doc(0.0, "Stochastic depth rate of the student.")
+    pos_embed_init: str = _doc(
+        "timm",
+        "ViT position embedding init: timm (its learned, trunc-normal init) or sincos (2-D sin-cos as in MAE, still "
+        "learned): gives attention a spatial prior from step 0, which short runs need to become local.",
+    )
     compile: bool = _doc(False, "torch.compile each student block and the teacher's forward (GPU runs; slow to start).")
 
 
@@ -177,6 +182,7 @@ def validate(cfg: Config) -> Config:
     _check_choice("deepspeed.precision", cfg.deepspeed.precision, ("fp32", "bf16", "fp16"))
     _check_choice("run.device", cfg.run.device, ("auto", "cpu", "cuda"))
     _check_choice("method.name", cfg.method.name, ("simmim", "maskdistill", "maskalign", "relaxmim"))
+    _check_choice("model.pos_embed_init", cfg.model.pos_embed_init, ("timm", "sincos"))
     _check_choice("teacher.kind", cfg.teacher.kind, ("none", "open_clip", "timm"))
     _check_choice("eval.pool", cfg.eval.pool, ("cls", "mean"))
     positive = {

@@ -163,3 +163,27 @@ def test_backbone_is_called_as_a_module(overrides):
     if student.family == "vit":
         student(torch.randn(1, 3, side, side), torch.zeros(1, grid, grid, dtype=torch.bool), visible_only=True)
     assert len(calls) == (2 if student.family == "vit" else 1)
+
+
+def test_sincos_pos_embed_init_is_a_2d_table_and_stays_learned():
+    plain, sincos = _student(TINY_VIT), _student([*TINY_VIT, "model.pos_embed_init=sincos"])
+    table = sincos.backbone.pos_embed[0]  # [1 + 4*4, 192]: class-token row, then the 4x4 grid row-major
+    assert sincos.backbone.pos_embed.requires_grad and table.shape == plain.backbone.pos_embed[0].shape
+    assert torch.equal(table[0], torch.zeros(192))
+    grid = table[1:].view(4, 4, 192)
+    # every channel depends on the column only or on the row only, half of them each (low frequencies can be both)
+    column_only = [bool((grid[:, :, c] == grid[:1, :, c]).all()) for c in range(192)]
+    row_only = [bool((grid[:, :, c] == grid[:, :1, c]).all()) for c in range(192)]
+    assert all(a or b for a, b in zip(column_only, row_only, strict=True))
+    assert sum(column_only) >= 96 and sum(row_only) >= 96
+    unit = torch.nn.functional.normalize(table[1:], dim=-1)
+    similarity = (unit @ unit.T)[0].view(4, 4)  # of patch (0, 0) to every patch: falls with distance
+    assert similarity[0, 0] > similarity[0, 1] > similarity[0, 3] and similarity[1, 1] > similarity[3, 3]
+    assert not torch.allclose(plain.backbone.pos_embed, sincos.backbone.pos_embed)
+
+
+def test_sincos_pos_embed_init_needs_a_vit():
+    with pytest.raises(ConfigError, match="pos_embed_init=sincos needs a ViT"):
+        _student([*TINY_SWIN, "model.pos_embed_init=sincos"])
+    with pytest.raises(ConfigError, match="model.pos_embed_init"):
+        load_config(None, ["model.pos_embed_init=rope"])

@@ -220,4 +220,27 @@ def build_student(cfg: Config) -> Student:
             f"model.student={cfg.model.student!r} cannot be built with data.image_size={cfg.data.image_size} "
             f"and model.student_args={cfg.model.student_args}: {err}"
         ) from err
+    if cfg.model.pos_embed_init == "sincos":
+        init_sincos_pos_embed(backbone, cfg.model.student)
     return Student(backbone)
+
+
+@torch.no_grad()
+def init_sincos_pos_embed(backbone: nn.Module, name: str = "student") -> None:
+    """Fill a timm ViT's learned position embedding with the 2-D sin-cos table (MAE); class-token rows get zeros.
+
+    Only the initial values change: the parameter stays where timm keeps it (exports load in plain timm) and learned.
+    """
+    from timm.layers import build_sincos2d_pos_embed
+
+    pos_embed = getattr(backbone, "pos_embed", None)
+    if _family(backbone) != "vit" or pos_embed is None:
+        raise ConfigError(
+            f"model.pos_embed_init=sincos needs a ViT with a learned position embedding; {name} has none "
+            "(Swin uses relative position biases): leave model.pos_embed_init at timm"
+        )
+    grid = backbone.patch_embed.grid_size
+    table = build_sincos2d_pos_embed(list(grid), dim=pos_embed.shape[-1], dtype=pos_embed.dtype)
+    prefix = pos_embed.shape[1] - table.shape[0]
+    pos_embed.zero_()
+    pos_embed[0, prefix:] = table
