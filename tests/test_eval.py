@@ -340,3 +340,17 @@ def test_random_init_from_a_run_folder_takes_overrides(tmp_path: Path) -> None:
         load_backbone(f"random:{tmp_path}")
     with pytest.raises(ValueError, match="only applies to random:<config> models"):
         load_backbone(str(run), ["model.student_args.depth=3"])
+
+
+def test_eval_cli_probes_a_block_of_a_random_twin(tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(f"base: {DEMO}\nmodel:\n  student_args: {{patch_size: 8, depth: 2}}\n")
+    data = ["--train", str(REPO / "shards/sample-val"), "--val", str(REPO / "shards/sample-val"), "--json"]
+    common = ["eval", "knn", "--model", f"random:{run}", "--set", "data.image_size=32", "--k", "1", *data]
+    assert cli_main([*common, "--layer", "1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["layer"] == 1 and result["image_size"] == 32 and result["train_samples"] == 128
+    assert result["top1"] == 1.0  # val == train: each sample's nearest neighbour is itself
+    assert cli_main([*common, "--layer", "3"]) == 2
+    assert "--layer 3 is out of range: VisionTransformer has 2" in capsys.readouterr().err
