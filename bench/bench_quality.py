@@ -79,30 +79,36 @@ def pretrain(out: Path, steps: int, setup: str, extra: list[str]) -> float:
     return time.time() - start
 
 
+def score(loaded, train: str, val: str, *, pool: str, layer: int | None = None) -> dict:
+    """kNN (DINO, k=20, T=0.07) and linear-probe top-1 of ``loaded``'s frozen features, train shards -> val shards."""
+    from mimscale.data.stream import iter_eval_batches
+    from mimscale.eval.probe import extract_features, knn_accuracy, linear_probe
+
+    common = {"image_size": loaded.image_size, "batch_size": 64, "mean": loaded.mean, "std": loaded.std}
+    features = {"pool": pool, "layer": layer}
+    train_feats, train_labels = extract_features(
+        loaded.model, iter_eval_batches(str(REPO / train), **common), **features
+    )
+    val_feats, val_labels = extract_features(loaded.model, iter_eval_batches(str(REPO / val), **common), **features)
+    probe = linear_probe(train_feats, train_labels, val_feats, val_labels)
+    return {
+        "knn": knn_accuracy(train_feats, train_labels, val_feats, val_labels, k=20, temperature=0.07),
+        "linear": probe["top1"],
+        "linear_lr": probe["lr"],
+        "linear_wd": probe["weight_decay"],
+    }
+
+
 def evaluate(spec: str, pool: str, attention_images: str) -> dict:
     """kNN and linear-probe top-1 on every eval set (``pool`` features), mean attention distance per block."""
     from mimscale.data.stream import iter_eval_batches
     from mimscale.eval.analysis import analyze_model
     from mimscale.eval.export import load_backbone
-    from mimscale.eval.probe import extract_features, knn_accuracy, linear_probe
 
     loaded = load_backbone(spec)
-    common = {"image_size": loaded.image_size, "batch_size": 64, "mean": loaded.mean, "std": loaded.std}
-    scores = {}
-    for name, (train, val) in EVAL_SETS.items():
-        train_feats, train_labels = extract_features(
-            loaded.model, iter_eval_batches(str(REPO / train), **common), pool=pool
-        )
-        val_feats, val_labels = extract_features(loaded.model, iter_eval_batches(str(REPO / val), **common), pool=pool)
-        knn = knn_accuracy(train_feats, train_labels, val_feats, val_labels, k=20, temperature=0.07)
-        probe = linear_probe(train_feats, train_labels, val_feats, val_labels)
-        scores[name] = {
-            "knn": knn,
-            "linear": probe["top1"],
-            "linear_lr": probe["lr"],
-            "linear_wd": probe["weight_decay"],
-        }
-    images, _ = next(iter(iter_eval_batches(str(REPO / attention_images), **{**common, "batch_size": 32})))
+    scores = {name: score(loaded, train, val, pool=pool) for name, (train, val) in EVAL_SETS.items()}
+    common = {"image_size": loaded.image_size, "batch_size": 32, "mean": loaded.mean, "std": loaded.std}
+    images, _ = next(iter(iter_eval_batches(str(REPO / attention_images), **common)))
     analysis = analyze_model(loaded.model, images, pool=pool)
     distance = [sum(heads) / len(heads) for heads in analysis["attention_distance"]]
     entropy = [sum(h) / len(h) / analysis["uniform_entropy"] for h in analysis["attention_entropy"]]
@@ -120,22 +126,12 @@ def evaluate(spec: str, pool: str, attention_images: str) -> dict:
 
 def probe_blocks(spec: str, eval_set: str, pool: str = "mean") -> list[dict]:
     """kNN and linear-probe top-1 of every block's raw output (``--layer``), the final norm left out."""
-    from mimscale.data.stream import iter_eval_batches
     from mimscale.eval.export import load_backbone
-    from mimscale.eval.probe import block_count, extract_features, knn_accuracy, linear_probe
+    from mimscale.eval.probe import block_count
 
     loaded = load_backbone(spec)
-    common = {"image_size": loaded.image_size, "batch_size": 64, "mean": loaded.mean, "std": loaded.std}
-    train, val = (str(REPO / pattern) for pattern in EVAL_SETS[eval_set])
-    rows = []
-    for layer in range(1, block_count(loaded.model) + 1):
-        train_feats, train_labels = extract_features(
-            loaded.model, iter_eval_batches(train, **common), pool=pool, layer=layer
-        )
-        val_feats, val_labels = extract_features(loaded.model, iter_eval_batches(val, **common), pool=pool, layer=layer)
-        knn = knn_accuracy(train_feats, train_labels, val_feats, val_labels, k=20, temperature=0.07)
-        rows.append({"knn": knn, "linear": linear_probe(train_feats, train_labels, val_feats, val_labels)["top1"]})
-    return rows
+    train, val = EVAL_SETS[eval_set]
+    return [score(loaded, train, val, pool=pool, layer=layer) for layer in range(1, block_count(loaded.model) + 1)]
 
 
 def print_block_table(blocks: dict[str, list[dict]], eval_set: str) -> None:
