@@ -126,7 +126,6 @@ class Student(nn.Module):
         model = self.backbone
         prefix_count = self.num_prefix_tokens
         wanted = [_absolute(i, self.depth) for i in levels]
-        captured: dict[str, torch.Tensor] = {}
         index = keep_indices(mask) if mask is not None and visible_only else None
 
         def replace_masked(module, args, out):
@@ -135,53 +134,48 @@ class Student(nn.Module):
         def drop_masked(module, args, out):
             return torch.cat([out[:, :prefix_count], gather_tokens(out[:, prefix_count:], index)], dim=1)
 
-        def capture(name):
-            def hook(module, args, out):
-                captured[name] = out
-
-            return hook
-
-        hooks = [model.norm.register_forward_hook(capture("final"))]
-        hooks += [model.blocks[i].register_forward_hook(capture(f"block{i}")) for i in set(wanted)]
+        edits = []
         if mask is not None:
-            target, hook = (model.patch_drop, drop_masked) if visible_only else (model.patch_embed, replace_masked)
-            hooks.append(target.register_forward_hook(hook))
-        try:
-            model(image)
-        finally:
-            for handle in hooks:
-                handle.remove()
+            edits.append((model.patch_drop, drop_masked) if visible_only else (model.patch_embed, replace_masked))
+        captured = _run_capturing(model, image, {i: model.blocks[i] for i in wanted}, edits)
         x = captured["final"]
         return StudentOutput(
             tokens=x[:, prefix_count:],
             prefix=x[:, :prefix_count] if prefix_count else None,
-            levels=[captured[f"block{i}"] for i in wanted],
+            levels=[captured[i] for i in wanted],
             keep_index=index,
         )
 
     def _forward_swin(self, image: torch.Tensor, mask: torch.Tensor | None, levels: Sequence[int]) -> StudentOutput:
         model = self.backbone
         wanted = [_absolute(i, self.depth) for i in levels]
-        captured: dict[str, torch.Tensor] = {}
-
-        def capture(name):
-            def hook(module, args, out):
-                captured[name] = out
-
-            return hook
-
-        hooks = [model.norm.register_forward_hook(capture("final"))]
-        hooks += [model.layers[i].register_forward_hook(capture(f"stage{i}")) for i in set(wanted)]
+        edits = []
         if mask is not None:  # patch embeddings are NHWC [B, h, w, C] in timm Swin/SwinV2
-            hooks.append(
-                model.patch_embed.register_forward_hook(lambda m, a, out: _replace_masked(out, mask, self.mask_token))
-            )
-        try:
-            model(image)
-        finally:
-            for handle in hooks:
-                handle.remove()
-        return StudentOutput(tokens=captured["final"], levels=[captured[f"stage{i}"] for i in wanted])
+            edits.append((model.patch_embed, lambda m, a, out: _replace_masked(out, mask, self.mask_token)))
+        captured = _run_capturing(model, image, {i: model.layers[i] for i in wanted}, edits)
+        return StudentOutput(tokens=captured["final"], levels=[captured[i] for i in wanted])
+
+
+def _run_capturing(model: nn.Module, image: torch.Tensor, levels: dict[int, nn.Module], edits: list) -> dict:
+    """Call ``model(image)`` with forward hooks: ``edits`` ((module, hook) pairs) rewrite module outputs, and the
+    outputs of ``levels`` (by index) and of ``model.norm`` (as ``"final"``) are returned; hooks removed after."""
+    captured: dict = {}
+
+    def capture(key):
+        def hook(module, args, out):
+            captured[key] = out
+
+        return hook
+
+    hooks = [model.norm.register_forward_hook(capture("final"))]
+    hooks += [module.register_forward_hook(capture(key)) for key, module in levels.items()]
+    hooks += [module.register_forward_hook(hook) for module, hook in edits]
+    try:
+        model(image)
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return captured
 
 
 def _absolute(index: int, depth: int) -> int:
