@@ -15,13 +15,7 @@ TINY_VIT = ["model.student=vit_tiny_patch16_224", "model.student_args={patch_siz
 SIMMIM = TINY_VIT + ["method.name=simmim", "mask.patch_size=16"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and the CI machine's two cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _batch(method, cfg, size: int = 4, seed: int = 0) -> dict:
@@ -67,19 +61,24 @@ def test_simmim_contract_and_state_dict_layout():
     assert not any(v.requires_grad for k, v in out.items() if k != "loss")
 
 
-def test_simmim_loss_only_touches_masked_pixels():
-    method, cfg = _build(SIMMIM)
-    batch = _batch(method, cfg)
-    recon = {}
+def _head_output_grad(method, batch) -> torch.Tensor:
+    """Gradient of the loss with respect to the head's output, after one forward and backward."""
+    captured = {}
 
     def keep(module, args, out):
         out.retain_grad()
-        recon["x"] = out
+        captured["out"] = out
 
     handle = method.head.register_forward_hook(keep)
     method(batch)["loss"].backward()
     handle.remove()
-    grad = recon["x"].grad.abs().sum(1)  # [B, H, W]
+    return captured["out"].grad
+
+
+def test_simmim_loss_only_touches_masked_pixels():
+    method, cfg = _build(SIMMIM)
+    batch = _batch(method, cfg)
+    grad = _head_output_grad(method, batch).abs().sum(1)  # [B, H, W]
     pixel_mask = batch["mask"].repeat_interleave(8, 1).repeat_interleave(8, 2)
     assert torch.all(grad[~pixel_mask] == 0)
     assert torch.all(grad[pixel_mask] > 0)
@@ -173,16 +172,7 @@ def test_feature_methods_overfit_one_batch(overrides, kind):
 def test_maskdistill_loss_only_on_masked_tokens():
     method, cfg = _build(MASKDISTILL)
     batch = _batch(method, cfg)
-    captured = {}
-
-    def keep(module, args, out):
-        out.retain_grad()
-        captured["pred"] = out
-
-    handle = method.head.register_forward_hook(keep)
-    method(batch)["loss"].backward()
-    handle.remove()
-    grad = captured["pred"].grad.abs().sum(-1)  # [B, h, w]
+    grad = _head_output_grad(method, batch).abs().sum(-1)  # [B, h, w]
     assert torch.all(grad[~batch["mask"]] == 0) and torch.all(grad[batch["mask"]] > 0)
 
 
