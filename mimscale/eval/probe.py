@@ -270,9 +270,15 @@ def _features_for(args: argparse.Namespace) -> tuple[tuple, tuple, int]:
 def run_eval(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     (train_feats, train_labels), (val_feats, val_labels), size = _features_for(args)
-    result = {"model": args.model, "protocol": args.protocol, "pool": args.pool, "layer": args.layer or "final"}
-    result["image_size"] = size
-    result.update({"train_samples": len(train_labels), "val_samples": len(val_labels)})
+    result = {
+        "model": args.model,
+        "protocol": args.protocol,
+        "pool": args.pool,
+        "layer": args.layer or "final",
+        "image_size": size,
+        "train_samples": len(train_labels),
+        "val_samples": len(val_labels),
+    }
     if args.protocol == "knn":
         result["top1"] = knn_accuracy(
             train_feats, train_labels, val_feats, val_labels, k=args.k, temperature=args.temperature
