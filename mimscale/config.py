@@ -35,7 +35,14 @@ class RunConfig:
     output_dir: str = _doc("runs/demo", "Run folder: resolved config, TensorBoard logs, checkpoints.")
     seed: int = _doc(0, "Seed for model init, data order, augmentation and masks.")
     device: str = _doc("auto", "auto (CUDA when available, else CPU), cpu or cuda.")
-    collective_timeout_s: float = _doc(1800.0, "A collective waiting longer than this fails, naming the stalled peer.")
+    collective_timeout_s: float = _doc(
+        1800.0, "Once training runs, a collective waiting longer than this fails, naming the stalled peer."
+    )
+    startup_timeout_s: float = _doc(
+        900.0,
+        "Joining the rendezvous and start-up (engine build, checkpoint load, first step) may take this long: ranks "
+        "start unevenly on a loaded node, so this is separate from, and usually larger than, collective_timeout_s.",
+    )
 
 
 @dataclass(kw_only=True)

@@ -290,15 +290,19 @@ def test_full_disk_during_save_is_a_clear_error_and_keeps_the_previous_checkpoin
     assert "at step 2" in resumed.stdout
 
 
-def test_hung_rank_times_out_and_is_named(tmp_path):
+def test_late_rank_joins_and_hung_rank_times_out_and_is_named(tmp_path):
+    """Rank 0 (the store's host) joins 8 s late: the rendezvous waits (its own timeout); then rank 1 hangs at step 3
+    and the 5 s collective timeout names it."""
     run_dir = tmp_path / "hung"
     result = launch(
         2,
         *overrides(run_dir, "train.max_steps=4", "run.collective_timeout_s=5"),
-        env=env_with(MIMSCALE_INJECT_FAULT="hang:rank=1:step=3"),
+        env=env_with(MIMSCALE_INJECT_FAULT="slow_start:rank=0:step=8,hang:rank=1:step=3"),
     )
     assert result.returncode != 0
-    assert "stalled rank(s): 1" in result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert "step 2/4" in output and "client socket has timed out" not in output
+    assert "stalled rank(s): 1" in output
 
 
 def test_unwritable_output_dir_and_bad_config_fail_fast_and_clearly(tmp_path):

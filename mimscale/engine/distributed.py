@@ -57,8 +57,12 @@ def resolve_device_kind(requested: str) -> str:
     return requested
 
 
-def init_distributed(device_kind: str, timeout_s: float = 1800.0) -> DistInfo:
-    """Initialise the process group (NCCL on GPU, gloo on CPU) through DeepSpeed, which also reads MPI/SLURM envs."""
+def init_distributed(device_kind: str, timeout_s: float = 900.0) -> DistInfo:
+    """Initialise the process group (NCCL on GPU, gloo on CPU) through DeepSpeed, which also reads MPI/SLURM envs.
+
+    ``timeout_s`` bounds joining the rendezvous (a rank connecting to the store before rank 0 has opened it, as
+    happens on a loaded node) and every collective until ``set_collective_timeout`` narrows it once training runs.
+    """
     if device_kind == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must be set before deepspeed is imported
     fill_single_process_env()
@@ -80,6 +84,14 @@ def init_distributed(device_kind: str, timeout_s: float = 1800.0) -> DistInfo:
     else:
         device = torch.device("cpu")
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
+
+
+def set_collective_timeout(timeout_s: float) -> None:
+    """From now on a collective waiting longer than ``timeout_s`` fails (start-up ran under the rendezvous timeout)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.set_timeout(datetime.timedelta(seconds=timeout_s))
 
 
 def _unlink_shm_allreduce_buffer(rank: int) -> None:

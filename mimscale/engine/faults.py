@@ -1,6 +1,7 @@
 """Fault injection for the failure tests: make one rank produce a NaN loss or stall, at a chosen step.
 
-Set MIMSCALE_INJECT_FAULT="<kind>:rank=<r>:step=<s>" with kind nan, hang or kill_in_save (comma-separate several). Unset, the
+Set MIMSCALE_INJECT_FAULT="<kind>:rank=<r>:step=<s>" with kind nan, hang, kill_in_save or slow_start (comma-separate
+several; slow_start delays joining the rendezvous by <s> seconds). Unset, the
 hooks cost one dictionary lookup per step. Real runs never set it; it exists so the tests can reproduce what
 happens on clusters (a rank's loss going NaN, a rank stalling) with the real launcher.
 """
@@ -48,3 +49,10 @@ def maybe_kill_in_save(rank: int, step: int) -> None:
     """SIGKILL this rank after its shards are written but before the checkpoint is marked complete."""
     if FAULTS and ("kill_in_save", rank, step) in FAULTS:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_slow_start(rank: int) -> None:
+    """Join the rendezvous late (as a rank on a loaded node does) if a slow_start fault is set for this rank."""
+    for kind, fault_rank, seconds in FAULTS:
+        if kind == "slow_start" and fault_rank == rank:
+            time.sleep(seconds)

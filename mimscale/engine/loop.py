@@ -54,7 +54,8 @@ def train(cfg: Config, resume: str = "auto") -> dict:
     """Run (or resume) training; returns a summary {step, last_loss, output_dir, exit_code}."""
     check_output_dir(Path(cfg.run.output_dir))
     device_kind = distributed.resolve_device_kind(cfg.run.device)
-    info = distributed.init_distributed(device_kind, timeout_s=cfg.run.collective_timeout_s)
+    faults.maybe_slow_start(int(os.environ.get("RANK", "0")))
+    info = distributed.init_distributed(device_kind, timeout_s=cfg.run.startup_timeout_s)
     try:
         summary = _train(cfg, info, resume)
     except RuntimeError as err:  # gloo and NCCL report collective timeouts as (subclasses of) RuntimeError
@@ -423,8 +424,11 @@ def run_loop(engine, stream, cfg: Config, info, state: RunState, logger, root: P
     iterator = iter(stream)
     accumulator = MetricAccumulator()
     window_start = time.perf_counter()
+    first_step = state.step + 1
     while state.step < cfg.train.max_steps:
         train_one_step(engine, iterator, cfg, info, state, accumulator)
+        if state.step == first_step:  # start-up (workers spawned, first batch) is over on every rank
+            distributed.set_collective_timeout(cfg.run.collective_timeout_s)
         logger.advance()
         at_end = state.step == cfg.train.max_steps or state.step == cfg.train.stop_at_step
         if state.step % cfg.train.log_every == 0 or at_end:
