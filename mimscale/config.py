@@ -377,13 +377,3 @@ def save_config(cfg: Config, path: str | Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(config_to_yaml(cfg))
     tmp.replace(path)
-
-
-def describe(section: str) -> list[tuple[str, str, Any]]:
-    """(key, doc, default) for every key of a section: for `mimscale config --help`-style listings."""
-    cls = SECTIONS[section]
-    rows = []
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        rows.append((f.name, f.metadata.get("doc", ""), default))
-    return rows

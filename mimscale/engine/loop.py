@@ -112,8 +112,7 @@ def compile_blocks(method: torch.nn.Module) -> int:
     Compiling ``forward`` (not the module) keeps parameter names, so checkpoints and export are unchanged, and
     leaves module hooks (ZeRO-3 gathering, level capture) outside the compiled graphs.
     """
-    backbone = method.student.backbone
-    blocks = list(backbone.blocks) if hasattr(backbone, "blocks") else [b for s in backbone.layers for b in s.blocks]
+    blocks = method.student.arch.blocks
     for module in [*blocks, *method.frozen_modules()]:
         module.forward = torch.compile(module.forward)
     return len(blocks)

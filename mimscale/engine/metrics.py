@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -77,10 +76,6 @@ class StepLogger:
             from tqdm import tqdm
 
             self.bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
-        self.last_time = time.perf_counter()
-
-    def reset_clock(self) -> None:
-        self.last_time = time.perf_counter()
 
     def advance(self) -> None:
         if self.bar is not None:

@@ -25,12 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimscale.eval.probe import pool_features
+from mimscale.models.backbone import Backbone
 
 DEFAULT_MASK_RATIOS = (0.0, 0.1, 0.25, 0.5, 0.75)
-
-
-def is_vit(model: nn.Module) -> bool:
-    return hasattr(model, "blocks") and all(hasattr(block, "attn") for block in model.blocks)
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -56,11 +53,12 @@ def vit_attention_and_features(model: nn.Module, images: torch.Tensor) -> tuple[
     """Per block: attention maps [B, H, N, N] and block outputs [B, N, C] of a timm ViT."""
     maps: list[torch.Tensor] = []
     outputs: list[torch.Tensor] = []
+    blocks = Backbone(model).blocks
     hooks = [
         block.attn.register_forward_pre_hook(lambda m, args: maps.append(_recompute_attention(m, args[0])))
-        for block in model.blocks
+        for block in blocks
     ]
-    hooks += [block.register_forward_hook(lambda m, args, out: outputs.append(out)) for block in model.blocks]
+    hooks += [block.register_forward_hook(lambda m, args, out: outputs.append(out)) for block in blocks]
     try:
         model.forward_features(images)
     finally:
@@ -72,7 +70,7 @@ def vit_attention_and_features(model: nn.Module, images: torch.Tensor) -> tuple[
 @torch.no_grad()
 def block_features(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
     """Per block outputs: ViT [B, N, C]; Swin blocks of every stage [B, h, w, C] (NHWC)."""
-    blocks = list(model.blocks) if is_vit(model) else [b for layer in model.layers for b in layer.blocks]
+    blocks = Backbone(model).blocks
     outputs: list[torch.Tensor] = []
     hooks = [block.register_forward_hook(lambda m, args, out: outputs.append(out)) for block in blocks]
     try:
@@ -158,21 +156,17 @@ def occlusion_similarity(
     return result
 
 
-def _patch_size(model: nn.Module) -> int:
-    size = model.patch_embed.patch_size
-    return int(size[0] if isinstance(size, (tuple, list)) else size)
-
-
 def analyze_model(model: nn.Module, images: torch.Tensor, *, ratios=DEFAULT_MASK_RATIOS, pool: str = "cls") -> dict:
     """Every metric of one model on one batch of images (normalised as the model expects)."""
     model = model.eval()
     images = images.to(dtype=next(model.parameters()).dtype)
-    patch = _patch_size(model)
-    result: dict = {"family": "vit" if is_vit(model) else "swin", "patch_size": patch}
-    if is_vit(model):
+    arch = Backbone(model)
+    patch = arch.patch
+    result: dict = {"family": arch.kind, "patch_size": patch}
+    if arch.plain_attention:
         maps, features = vit_attention_and_features(model, images)
-        grid = tuple(int(g) for g in model.patch_embed.grid_size)
-        prefix = int(model.num_prefix_tokens)
+        grid = arch.grid()
+        prefix = arch.num_prefix_tokens
         result["attention_distance"] = [mean_attention_distance(a, grid, patch, prefix).tolist() for a in maps]
         result["attention_entropy"] = [attention_entropy(a).tolist() for a in maps]
         result["head_diversity"] = [head_diversity(a) for a in maps]
@@ -180,7 +174,10 @@ def analyze_model(model: nn.Module, images: torch.Tensor, *, ratios=DEFAULT_MASK
         result["uniform_attention_distance"] = float(patch_distances(grid, patch).mean())
     else:
         features = block_features(model, images)
-        result["note"] = "attention metrics skipped: Swin attends within shifted windows (distances not comparable)"
+        why = "Swin attends within shifted windows (distances not comparable)"
+        if not arch.is_swin_like:
+            why = f"{type(model).__name__} blocks have no timm Attention to recompute the maps from"
+        result["note"] = f"attention metrics skipped: {why}"
     result["cka"] = cka_matrix([f.float() for f in features])
     cell = max(patch, images.shape[-1] // 8)  # ViT: one patch; Swin (4-px patches): an 8 x 8 grid of cells
     result["occlusion_cell"] = cell

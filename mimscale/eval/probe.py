@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mimscale.models.backbone import Backbone
+
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 DEFAULT_LRS = (0.01, 0.1, 1.0)
 DEFAULT_WEIGHT_DECAYS = (0.0, 1e-4, 1e-3)
@@ -39,19 +41,15 @@ def pool_features(features: torch.Tensor, model: nn.Module, pool: str) -> torch.
         return features.mean(dim=(1, 2))
     if features.ndim != 3:
         raise ValueError(f"unexpected feature shape {tuple(features.shape)} from {type(model).__name__}")
-    prefix = int(getattr(model, "num_prefix_tokens", 0))
-    has_cls = prefix > 0 and getattr(model, "cls_token", None) is not None
-    if pool == "cls" and has_cls:
+    arch = Backbone(model)
+    if pool == "cls" and arch.has_class_token:
         return features[:, 0]
-    return features[:, prefix:].mean(dim=1)
+    return features[:, arch.num_prefix_tokens :].mean(dim=1)
 
 
 def block_count(model: nn.Module) -> int:
     """How many layers ``--layer`` can pick from: ViT blocks, or Swin stages."""
-    for name in ("blocks", "layers"):
-        if isinstance(getattr(model, name, None), nn.Sequential | nn.ModuleList):
-            return len(getattr(model, name))
-    raise ValueError(f"{type(model).__name__} has no blocks/layers to take --layer features from; leave --layer out")
+    return Backbone(model).depth
 
 
 def layer_features(model: nn.Module, images: torch.Tensor, layer: int | None) -> torch.Tensor:
@@ -62,7 +60,8 @@ def layer_features(model: nn.Module, images: torch.Tensor, layer: int | None) ->
     """
     if layer is None:
         return model.forward_features(images)
-    count = block_count(model)
+    arch = Backbone(model)
+    count = arch.depth
     if layer == 0 or not -count <= layer <= count:
         raise ValueError(
             f"--layer {layer} is out of range: {type(model).__name__} has {count} (1..{count} or -1..-{count})"
@@ -72,10 +71,10 @@ def layer_features(model: nn.Module, images: torch.Tensor, layer: int | None) ->
         raise ValueError(
             f"{type(model).__name__} has no forward_intermediates; use a timm ViT/Swin or leave --layer out"
         )
-    if not hasattr(model, "blocks"):  # Swin: NCHW stage maps -> NHWC, as forward_features gives them
+    if arch.is_swin_like:  # NCHW stage maps -> NHWC, as forward_features gives them
         (maps,) = model.forward_intermediates(images, indices=[index], intermediates_only=True)
         return maps.permute(0, 2, 3, 1)
-    if int(getattr(model, "num_prefix_tokens", 0)) == 0:
+    if arch.num_prefix_tokens == 0:
         (tokens,) = model.forward_intermediates(images, indices=[index], output_fmt="NLC", intermediates_only=True)
         return tokens
     ((tokens, prefix),) = model.forward_intermediates(
@@ -239,17 +238,13 @@ def linear_probe(
 
 def resize_input(model: nn.Module, size: int) -> None:
     """Evaluate at another resolution: timm resamples the position embeddings (ViT) / rebuilds windows (Swin)."""
-    if size <= 0 or size % _patch(model):
-        raise ValueError(f"--image-size {size} must be a positive multiple of the patch size {_patch(model)}")
+    patch = Backbone(model).patch
+    if size <= 0 or size % patch:
+        raise ValueError(f"--image-size {size} must be a positive multiple of the patch size {patch}")
     try:
         model.set_input_size(img_size=(size, size))
     except (AttributeError, AssertionError, RuntimeError) as err:
         raise ValueError(f"{type(model).__name__} cannot run at --image-size {size}: {err}; leave it out") from err
-
-
-def _patch(model: nn.Module) -> int:
-    size = model.patch_embed.patch_size
-    return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
 def _features_for(args: argparse.Namespace) -> tuple[tuple, tuple, int]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from mimscale.methods.base import MIMMethod, upsample_mask
@@ -32,10 +31,3 @@ class SimMIM(MIMMethod):
         pixel_mask = upsample_mask(mask, self.student.patch_size)  # [B, H, W]
         loss = self.loss_fn(recon.float().permute(0, 2, 3, 1), target.permute(0, 2, 3, 1), pixel_mask)
         return {"loss": loss, "mask_ratio": mask.float().mean().detach()}
-
-    @torch.no_grad()
-    def reconstruct(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The predicted image with visible pixels kept from the input (for figures)."""
-        recon = self.head(self.student(image, mask.bool()).tokens).to(image.dtype)
-        pixel_mask = upsample_mask(mask.bool(), self.student.patch_size).unsqueeze(1)
-        return torch.where(pixel_mask, recon, image)

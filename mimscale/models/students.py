@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from mimscale.config import Config, ConfigError
+from mimscale.models.backbone import Backbone, UnknownBackboneError, as_pair, find_family
 
 
 @dataclass
@@ -72,28 +73,23 @@ class Student(nn.Module):
     def __init__(self, backbone: nn.Module):
         super().__init__()
         self.backbone = backbone
-        self.family = _family(backbone)
-        patch_size = backbone.patch_embed.patch_size
-        self.patch_size = int(patch_size[0] if isinstance(patch_size, (tuple, list)) else patch_size)
-        embed_dim = getattr(backbone, "embed_dim", None)
-        if self.family == "swin":
-            embed_dim = backbone.patch_embed.proj.out_channels
-            self.out_stride = int(backbone.feature_info[-1]["reduction"])
-            self.depth = len(backbone.layers)
-        else:
-            self.out_stride = self.patch_size
-            self.depth = len(backbone.blocks)
-        self.embed_dim = int(embed_dim)
-        self.num_features = int(backbone.num_features)
-        self.num_prefix_tokens = int(getattr(backbone, "num_prefix_tokens", 0)) if self.family == "vit" else 0
+        try:
+            self.arch = Backbone(backbone)
+        except UnknownBackboneError as err:
+            raise ConfigError(f"model.student: {err}") from err
+        self.family = self.arch.kind
+        self.patch_size = self.arch.patch
+        self.out_stride = self.arch.out_stride
+        self.depth = self.arch.depth
+        self.embed_dim = self.arch.embed_dim
+        self.num_features = self.arch.num_features
+        self.num_prefix_tokens = self.arch.num_prefix_tokens
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-        self.grad_checkpointing = False
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block (ViT) or stage's blocks (Swin) in backward to save activation memory."""
-        self.grad_checkpointing = enable
-        self.backbone.set_grad_checkpointing(enable)  # timm recomputes each block (ViT) / stage block (Swin)
+        self.backbone.set_grad_checkpointing(enable)
 
     def forward(
         self,
@@ -112,9 +108,9 @@ class Student(nn.Module):
                     f"(image {tuple(image.shape[-2:])}, patch {self.patch_size}); build the mask with "
                     f"token_stride={self.patch_size}"
                 )
-        if self.family == "swin":
-            if visible_only:
-                raise ValueError("Swin students cannot drop masked tokens (windows need the full grid)")
+        if visible_only and not self.arch.can_drop_tokens:
+            raise ValueError(f"{self.arch.name} students cannot drop masked tokens (their blocks need the full grid)")
+        if self.arch.is_swin_like:
             return self._forward_swin(image, mask, levels)
         return self._forward_vit(image, mask, visible_only, levels)
 
@@ -123,7 +119,6 @@ class Student(nn.Module):
     ) -> StudentOutput:
         # The backbone is *called* (not taken apart) so that wrappers that act on module calls, like ZeRO-3's
         # parameter gathering for cls_token/pos_embed, see a normal forward; masking happens in forward hooks.
-        model = self.backbone
         prefix_count = self.num_prefix_tokens
         wanted = [_absolute(i, self.depth) for i in levels]
         index = keep_indices(mask) if mask is not None and visible_only else None
@@ -136,8 +131,10 @@ class Student(nn.Module):
 
         edits = []
         if mask is not None:
-            edits.append((model.patch_drop, drop_masked) if visible_only else (model.patch_embed, replace_masked))
-        captured = _run_capturing(model, image, {i: model.blocks[i] for i in wanted}, edits)
+            edits.append(
+                (self.arch.drop_point, drop_masked) if visible_only else (self.arch.patch_embed, replace_masked)
+            )
+        captured = _run_capturing(self.arch, image, {i: self.arch.levels[i] for i in wanted}, edits)
         x = captured["final"]
         return StudentOutput(
             tokens=x[:, prefix_count:],
@@ -147,18 +144,17 @@ class Student(nn.Module):
         )
 
     def _forward_swin(self, image: torch.Tensor, mask: torch.Tensor | None, levels: Sequence[int]) -> StudentOutput:
-        model = self.backbone
         wanted = [_absolute(i, self.depth) for i in levels]
         edits = []
         if mask is not None:  # patch embeddings are NHWC [B, h, w, C] in timm Swin/SwinV2
-            edits.append((model.patch_embed, lambda m, a, out: _replace_masked(out, mask, self.mask_token)))
-        captured = _run_capturing(model, image, {i: model.layers[i] for i in wanted}, edits)
+            edits.append((self.arch.patch_embed, lambda m, a, out: _replace_masked(out, mask, self.mask_token)))
+        captured = _run_capturing(self.arch, image, {i: self.arch.levels[i] for i in wanted}, edits)
         return StudentOutput(tokens=captured["final"], levels=[captured[i] for i in wanted])
 
 
-def _run_capturing(model: nn.Module, image: torch.Tensor, levels: dict[int, nn.Module], edits: list) -> dict:
-    """Call ``model(image)`` with forward hooks: ``edits`` ((module, hook) pairs) rewrite module outputs, and the
-    outputs of ``levels`` (by index) and of ``model.norm`` (as ``"final"``) are returned; hooks removed after."""
+def _run_capturing(arch: Backbone, image: torch.Tensor, levels: dict[int, nn.Module], edits: list) -> dict:
+    """Call the backbone on ``image`` with forward hooks: ``edits`` ((module, hook) pairs) rewrite module outputs,
+    and the outputs of ``levels`` (by index) and of the final norm (as ``"final"``) are returned; hooks removed."""
     captured: dict = {}
 
     def capture(key):
@@ -167,11 +163,11 @@ def _run_capturing(model: nn.Module, image: torch.Tensor, levels: dict[int, nn.M
 
         return hook
 
-    hooks = [model.norm.register_forward_hook(capture("final"))]
+    hooks = [arch.final_norm.register_forward_hook(capture("final"))]
     hooks += [module.register_forward_hook(capture(key)) for key, module in levels.items()]
     hooks += [module.register_forward_hook(hook) for module, hook in edits]
     try:
-        model(image)
+        arch.model(image)
     finally:
         for handle in hooks:
             handle.remove()
@@ -182,17 +178,6 @@ def _absolute(index: int, depth: int) -> int:
     if not -depth <= index < depth:
         raise ValueError(f"student level {index} is out of range for a student with {depth} blocks")
     return index % depth
-
-
-def _family(backbone: nn.Module) -> str:
-    if all(hasattr(backbone, name) for name in ("patch_embed", "_pos_embed", "patch_drop", "blocks", "norm")):
-        return "vit"
-    if all(hasattr(backbone, name) for name in ("patch_embed", "layers", "norm")) and hasattr(backbone, "feature_info"):
-        return "swin"
-    raise ConfigError(
-        f"model.student={type(backbone).__name__} is neither a timm VisionTransformer nor a Swin/SwinV2; "
-        "pick e.g. vit_base_patch16_224, swin_base_patch4_window7_224 or swinv2_base_window12_192"
-    )
 
 
 def build_student(cfg: Config) -> Student:
@@ -228,13 +213,15 @@ def init_sincos_pos_embed(backbone: nn.Module, name: str = "student") -> None:
     from timm.layers import build_sincos2d_pos_embed
 
     pos_embed = getattr(backbone, "pos_embed", None)
-    if _family(backbone) != "vit" or pos_embed is None:
+    family = find_family(backbone)
+    if family is None or family.layout != "tokens" or pos_embed is None:
         raise ConfigError(
             f"model.pos_embed_init=sincos needs a ViT with a learned position embedding; {name} has none "
             "(Swin uses relative position biases): leave model.pos_embed_init at timm"
         )
-    grid = backbone.patch_embed.grid_size
-    table = build_sincos2d_pos_embed(list(grid), dim=pos_embed.shape[-1], dtype=pos_embed.dtype)
+    table = build_sincos2d_pos_embed(
+        list(as_pair(backbone.patch_embed.grid_size)), dim=pos_embed.shape[-1], dtype=pos_embed.dtype
+    )
     prefix = pos_embed.shape[1] - table.shape[0]
     pos_embed.zero_()
     pos_embed[0, prefix:] = table
