@@ -111,6 +111,12 @@ class TeacherConfig:
     model_args: dict = _doc(
         {}, "Keyword arguments for open_clip.create_model / timm.create_model (tiny random teachers in demos)."
     )
+    quick_gelu: bool | None = _doc(
+        None,
+        "open_clip teachers: QuickGELU (OpenAI CLIP weights) or GELU. null = follow the weights: a pretrained tag's "
+        "metadata or the model name (ViT-B-16-quickgelu); a local file says nothing, so it needs true or false. "
+        "A value that contradicts the tag is an error.",
+    )
 
 
 @dataclass(kw_only=True)

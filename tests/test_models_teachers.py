@@ -62,9 +62,62 @@ def test_local_weights_file_is_loaded(tmp_path):
     model = open_clip.create_model("ViT-B-16", pretrained=None, **TINY_ARGS)
     path = tmp_path / "tiny_clip.bin"
     torch.save(model.state_dict(), path)
-    teacher, _ = _teacher([f"teacher.pretrained={path}", TINY_CLIP])
+    teacher, _ = _teacher([f"teacher.pretrained={path}", "teacher.quick_gelu=false", TINY_CLIP])
     for key, value in model.visual.state_dict().items():
         assert torch.equal(teacher.tower.state_dict()[key], value), key
+
+
+def _activations(tower: torch.nn.Module) -> set[str]:
+    return {type(block.mlp.gelu).__name__ for block in tower.transformer.resblocks}
+
+
+def test_activation_follows_the_weights_on_every_path(tmp_path, monkeypatch):
+    """The OpenAI tag's weights (QuickGELU) build the same module whether the tag resolves to the HF cache, to
+    open_clip's ~/.cache/clip download, or the file is named directly with teacher.quick_gelu: true."""
+    import huggingface_hub
+
+    torch.manual_seed(2)
+    weights = open_clip.create_model("ViT-B-16", pretrained=None, quick_gelu=True, **TINY_ARGS).state_dict()
+    tag_cfg = open_clip.get_pretrained_cfg("ViT-B-16", "openai")
+    assert tag_cfg["quick_gelu"] is True  # open_clip's own metadata for the OpenAI weights
+    repo = tag_cfg["hf_hub"].strip("/")
+    snapshot = tmp_path / "hub" / f"models--{repo.replace('/', '--')}" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    torch.save(weights, snapshot / "open_clip_pytorch_model.bin")
+    clip_cache = tmp_path / "home" / ".cache" / "clip"
+    clip_cache.mkdir(parents=True)
+    torch.save(weights, clip_cache / tag_cfg["url"].rsplit("/", 1)[-1])
+    local = tmp_path / "openai_b16.bin"
+    torch.save(weights, local)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    from_hf_cache, _ = _teacher(["teacher.pretrained=openai", TINY_CLIP])
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    from_clip_cache, _ = _teacher(["teacher.pretrained=openai", "teacher.quick_gelu=true", TINY_CLIP])
+    from_file, _ = _teacher([f"teacher.pretrained={local}", "teacher.quick_gelu=true", TINY_CLIP])
+    image = torch.randn(2, 3, 32, 32)
+    reference = from_file(image).levels[0]
+    for teacher in (from_hf_cache, from_clip_cache, from_file):
+        assert _activations(teacher.tower) == {"QuickGELU"}
+        torch.testing.assert_close(teacher(image).levels[0], reference, rtol=0, atol=0)
+    gelu, _ = _teacher([f"teacher.pretrained={local}", "teacher.quick_gelu=false", TINY_CLIP])
+    assert _activations(gelu.tower) == {"GELU"}
+    assert not torch.allclose(gelu(image).levels[0], reference)  # the activation really changes the targets
+
+
+def test_activation_mismatch_and_silence_are_errors(tmp_path):
+    path = tmp_path / "clip.bin"
+    torch.save(open_clip.create_model("ViT-B-16", pretrained=None, **TINY_ARGS).state_dict(), path)
+    with pytest.raises(ConfigError, match="local file.*set teacher.quick_gelu: true for OpenAI"):
+        _teacher([f"teacher.pretrained={path}", TINY_CLIP])
+    with pytest.raises(ConfigError, match="teacher.quick_gelu=False contradicts the pretrained tag 'openai'"):
+        _teacher(["teacher.pretrained=openai", "teacher.quick_gelu=false", TINY_CLIP])
+    cfg = load_config(None, ["teacher.name=ViT-B-16-quickgelu", "teacher.quick_gelu=false"])
+    with pytest.raises(ConfigError, match="contradicts the model name 'ViT-B-16-quickgelu'"):
+        teachers.open_clip_quick_gelu(cfg.teacher, None)
 
 
 def test_missing_weights_file_names_the_key():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -321,26 +322,64 @@ def _check_random_init(cfg: TeacherConfig) -> bool:
     return cfg.random_init
 
 
+def open_clip_quick_gelu(cfg: TeacherConfig, tag_cfg: dict | None) -> bool:
+    """The activation the teacher's weights were trained with: QuickGELU (True, OpenAI CLIP) or GELU (False).
+
+    A pretrained tag's metadata decides (``tag_cfg``, open_clip's pretrained cfg); without a tag the model name's
+    config does when it says QuickGELU (``ViT-B-16-quickgelu``), else ``teacher.quick_gelu`` must. An explicit
+    ``teacher.quick_gelu`` that contradicts the tag or the name is an error, so that the tag, cached-file and
+    local-file paths to the same weights always build the same module.
+    """
+    import open_clip
+
+    if "quick_gelu" in cfg.model_args:
+        raise ConfigError("teacher.model_args.quick_gelu is not allowed; set teacher.quick_gelu instead")
+    by_name = bool((open_clip.get_model_config(cfg.name) or {}).get("quick_gelu", False))
+    known = bool(tag_cfg.get("quick_gelu", False)) if tag_cfg is not None else (True if by_name else None)
+    source = f"pretrained tag {cfg.pretrained!r}" if tag_cfg is not None else f"model name {cfg.name!r}"
+    if known is not None and cfg.quick_gelu is not None and cfg.quick_gelu != known:
+        raise ConfigError(
+            f"teacher.quick_gelu={cfg.quick_gelu} contradicts the {source} of teacher {cfg.name}, whose weights "
+            f"were trained with {'QuickGELU' if known else 'GELU'}; remove teacher.quick_gelu or set it to {known}"
+        )
+    if known is not None:
+        return known
+    if cfg.quick_gelu is None and not cfg.random_init:
+        raise ConfigError(
+            f"teacher.pretrained={cfg.pretrained!r} is a local file, which does not say which activation its weights "
+            "were trained with: set teacher.quick_gelu: true for OpenAI CLIP weights (QuickGELU) or false for "
+            "GELU-trained ones (LAION, DataComp, ...)"
+        )
+    return bool(cfg.quick_gelu)
+
+
 def load_open_clip_visual(cfg: TeacherConfig) -> nn.Module:
-    """The CLIP vision tower with weights from a local file, a cached tag, or random (random_init only)."""
+    """The CLIP vision tower with weights from a local file, a cached tag, or random (random_init only).
+
+    Every path passes the activation explicitly (``open_clip_quick_gelu``), so it follows the weights."""
     import open_clip
 
     if cfg.name not in open_clip.list_models():
         raise ConfigError(f"teacher.name={cfg.name!r} is not an open_clip model; see open_clip.list_models()")
     kwargs = dict(cfg.model_args)
     if _check_random_init(cfg):
+        kwargs["quick_gelu"] = open_clip_quick_gelu(cfg, None)
         device = "meta" if torch.get_default_device().type == "meta" else "cpu"  # plans/tests build giants on meta
         return open_clip.create_model(cfg.name, pretrained=None, device=device, **kwargs).visual
     if _looks_like_path(cfg.pretrained):
-        return open_clip.create_model(cfg.name, pretrained=_checked_local_file(cfg), **kwargs).visual
+        path = _checked_local_file(cfg)
+        kwargs["quick_gelu"] = open_clip_quick_gelu(cfg, None)
+        return open_clip.create_model(cfg.name, pretrained=path, **kwargs).visual
     cached, pcfg = _cached_open_clip_weights(cfg.name, cfg.pretrained)
+    kwargs["quick_gelu"] = open_clip_quick_gelu(cfg, pcfg)
     if cached:
-        quick_gelu = bool(pcfg.get("quick_gelu", False))
-        return open_clip.create_model(cfg.name, pretrained=cached, force_quick_gelu=quick_gelu, **kwargs).visual
+        return open_clip.create_model(cfg.name, pretrained=cached, **kwargs).visual
     reason = _hub_offline_reason(pcfg.get("hf_hub") and "https://huggingface.co" or pcfg.get("url", ""))
     if reason:
         raise _no_weights_error(f"open_clip weights {cfg.name}/{cfg.pretrained}", reason)
-    return open_clip.create_model(cfg.name, pretrained=cfg.pretrained, **kwargs).visual
+    with warnings.catch_warnings():  # open_clip warns about a QuickGELU mismatch it checks before our override
+        warnings.filterwarnings("ignore", message="QuickGELU mismatch")
+        return open_clip.create_model(cfg.name, pretrained=cfg.pretrained, **kwargs).visual
 
 
 def load_timm_teacher(cfg: TeacherConfig) -> nn.Module:
