@@ -7,7 +7,9 @@ ZeRO never partitions them, the optimizer never sees them and checkpoints never 
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -109,3 +111,23 @@ def register_container_parameters(model: nn.Module) -> list[str]:
             deepspeed.zero.register_external_parameter(model, param)
             registered.append(f"{module_name}.{param_name}".lstrip("."))
     return registered
+
+
+@contextlib.contextmanager
+def gathered_own_parameters(module: nn.Module) -> Iterator[nn.Module]:
+    """ZeRO-3: keep ``module``'s own parameters (not its children's) gathered while code calls its methods directly.
+
+    ZeRO-3 gathers parameters in hooks around a module's ``__call__``. Code that calls a method such as
+    ``backbone.forward_features(x)`` skips the backbone's hooks, so parameters it owns directly (a ViT's
+    ``pos_embed``, ``cls_token``, ``reg_token``) stay partitioned (numel 0) once they exceed DeepSpeed's
+    persistence threshold; children are still ``__call__``-ed and gather themselves. Read-only (no modifier
+    rank); a no-op without ZeRO-3. Every rank must enter it (the gather is a collective).
+    """
+    own = [param for param in module.parameters(recurse=False) if hasattr(param, "ds_id")]
+    if not own:
+        yield module
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(own, modifier_rank=None):
+        yield module

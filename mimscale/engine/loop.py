@@ -18,7 +18,7 @@ from mimscale.config import Config, save_config
 from mimscale.data.transforms import normalise_on_device
 from mimscale.engine import checkpoint as ckpt
 from mimscale.engine import distributed, faults
-from mimscale.engine.deepspeed import DTYPES, initialize_engine, write_deepspeed_config
+from mimscale.engine.deepspeed import DTYPES, gathered_own_parameters, initialize_engine, write_deepspeed_config
 from mimscale.engine.metrics import MetricAccumulator, StepLogger, memory_gib, peak_tflops, progress_wanted
 from mimscale.engine.optim import warmup_cosine
 
@@ -375,14 +375,15 @@ def evaluate_knn(engine, cfg: Config, info, logger, step: int) -> None:
             yield images.to(info.device, dtype=dtype), labels
 
     start = time.perf_counter()
-    top1 = knn_top1(
-        engine.module.student.backbone,
-        batches(cfg.eval.train_shards, "eval.train_shards"),
-        batches(cfg.eval.val_shards, "eval.val_shards"),
-        k=cfg.eval.k,
-        temperature=cfg.eval.temperature,
-        pool=cfg.eval.pool,
-    )
+    with gathered_own_parameters(engine.module.student.backbone) as backbone:  # forward_features skips its hooks
+        top1 = knn_top1(
+            backbone,
+            batches(cfg.eval.train_shards, "eval.train_shards"),
+            batches(cfg.eval.val_shards, "eval.val_shards"),
+            k=cfg.eval.k,
+            temperature=cfg.eval.temperature,
+            pool=cfg.eval.pool,
+        )
     if info.is_main:
         logger.log_scalars(step, {"eval/knn_top1": top1})
         logger.text(f"eval step {step} | knn_top1 {100 * top1:.2f}% ({time.perf_counter() - start:.1f}s)")
