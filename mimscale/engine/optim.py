@@ -7,7 +7,10 @@ import math
 import torch
 from torch import nn
 
-# Parameters that are embeddings or learned tokens rather than weights: decaying them hurts (SimMIM, timm).
+# Parameters that are embeddings, learned tokens or mixing coefficients rather than weights: decaying them hurts
+# (SimMIM, BEiT, timm). "head.mixing" is MaskAlign's Dynamic Alignment level mixing (models/heads.py), which the
+# reference keeps out of weight decay as ``distill_weights``. The rule depends on names and shapes only, so export
+# can rebuild the optimizer groups from a checkpoint's state dict.
 NO_DECAY_KEYWORDS = (
     "mask_token",
     "cls_token",
@@ -18,7 +21,7 @@ NO_DECAY_KEYWORDS = (
     "relative_position_bias_table",
     "logit_scale",
     "cpb_mlp",
-    "level_weights",
+    "head.mixing",
 )
 
 
