@@ -124,6 +124,9 @@ class MaskConfig:
     kind: str = _doc("auto", "auto (the preset's), random_cells, blockwise, random_tokens, attention_guided.")
     ratio: float = _doc(0.6, "Fraction of the image masked.")
     patch_size: int = _doc(32, "Mask cell size in pixels (SimMIM masks 32-px cells, upsampled to the patch grid).")
+    count: int = _doc(
+        0, "Exact number of masked tokens for blockwise / random_tokens masks (BEiT v2: 75 of 196); 0 = from ratio."
+    )
 
 
 @dataclass(kw_only=True)

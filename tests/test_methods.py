@@ -186,7 +186,8 @@ def test_maskalign_attention_guided_mask_keeps_attended_tokens():
     method, cfg = _build(MASKALIGN + ["mask.kind=attention_guided"])
     assert method.mask_kind == "random_tokens"  # the loader's mask is replaced inside the method
     out = method(_batch(method, cfg))
-    assert torch.isfinite(out["loss"]) and abs(out["mask_ratio"].item() - 11 / 16) < 1e-6
+    kept = int(16 * (1 - cfg.mask.ratio))  # MaskAlign's len_keep
+    assert torch.isfinite(out["loss"]) and abs(out["mask_ratio"].item() - (16 - kept) / 16) < 1e-6
 
 
 def test_teacher_grid_is_resampled_to_the_student_grid():

@@ -49,14 +49,17 @@ class RandomCellMask:
 
 @dataclass(frozen=True)
 class RandomTokenMask:
-    """MAE-style: mask exactly ``round(ratio * tokens)`` random tokens (visible-only students)."""
+    """MAE-style random tokens: keep exactly ``int(tokens * (1 - ratio))`` (MAE's and MaskAlign's ``len_keep``:
+    58 of 196 at ratio 0.7), or mask exactly ``count`` tokens when given."""
 
     grid: int
     ratio: float
+    count: int = 0
 
     @property
     def num_masked(self) -> int:
-        return int(round(self.grid * self.grid * self.ratio))
+        tokens = self.grid * self.grid
+        return self.count or tokens - int(tokens * (1 - self.ratio))
 
     def __call__(self, rng: np.random.Generator) -> np.ndarray:
         flat = np.zeros(self.grid * self.grid, dtype=bool)
@@ -66,29 +69,32 @@ class RandomTokenMask:
 
 @dataclass(frozen=True)
 class BlockwiseMask:
-    """BEiT / MaskDistill block-wise masking with an exact masked count.
+    """BEiT / BEiT v2 / MaskDistill block-wise masking of exactly ``count`` tokens (BEiT v2: 75 of 196), or
+    ``round(ratio * tokens)`` when no count is given.
 
-    Rectangular blocks (area >= ``min_block`` tokens, aspect ratio in [min_aspect, 1/min_aspect]) are placed
-    until the target is reached, as in BEiT's MaskingGenerator; unlike BEiT, a shortfall after the block
-    attempts is topped up with random tokens and an overshoot cannot happen, so the count is exact.
+    The same procedure as BEiT v2's MaskingGenerator (min 16 tokens per block, aspect in [0.3, 1/0.3], at most
+    10 attempts per block, the shortfall topped up with random tokens), drawing from one numpy Generator in the
+    same order, so equal random streams give equal masks (tests/test_masking.py checks it against the formula).
     """
 
     grid: int
     ratio: float
+    count: int = 0
     min_block: int = 16
     min_aspect: float = 0.3
 
     @property
     def num_masked(self) -> int:
-        return int(round(self.grid * self.grid * self.ratio))
+        return self.count or int(round(self.grid * self.grid * self.ratio))
 
     def _place_block(self, mask: np.ndarray, budget: int, rng: np.random.Generator) -> int:
         log_aspect = (math.log(self.min_aspect), math.log(1 / self.min_aspect))
         for _ in range(10):
-            area = rng.uniform(min(self.min_block, budget), budget)
-            aspect = math.exp(rng.uniform(*log_aspect))
+            # python's random.uniform(a, b) = a + (b - a) * random(), as BEiT draws it (b < a near the end)
+            area = self.min_block + (budget - self.min_block) * rng.random()
+            aspect = math.exp(log_aspect[0] + (log_aspect[1] - log_aspect[0]) * rng.random())
             h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
-            if not (0 < h < self.grid and 0 < w < self.grid):
+            if not (h < self.grid and w < self.grid):
                 continue
             top, left = rng.integers(0, self.grid - h + 1), rng.integers(0, self.grid - w + 1)
             window = mask[top : top + h, left : left + w]
@@ -107,22 +113,29 @@ class BlockwiseMask:
             if added == 0:
                 break
             count += added
-        if count < target:  # top up so the masked count is exact
+        if count < target:  # top up so the masked count is exact (blocks never overshoot: new <= budget)
             free = np.flatnonzero(~mask.ravel())
-            mask.ravel()[rng.choice(free, size=target - count, replace=False)] = True
+            mask.ravel()[free[rng.choice(free.size, size=target - count, replace=False)]] = True
         return mask
 
 
-def build_mask_generator(kind: str, *, image_size: int, token_stride: int, ratio: float, cell_size: int):
+def build_mask_generator(
+    kind: str, *, image_size: int, token_stride: int, ratio: float, cell_size: int, count: int = 0
+):
     """Build a mask generator over the student's token grid.
 
     ``token_stride`` is the student's input patch size in pixels (16 for ViT-B/16, 4 for Swin);
-    ``cell_size`` is the masking cell in pixels (SimMIM: 32), used by ``random_cells`` only.
+    ``cell_size`` is the masking cell in pixels (SimMIM: 32), used by ``random_cells`` only; ``count`` (> 0) is an
+    exact number of masked tokens for ``blockwise`` and ``random_tokens`` (0 = from ``ratio``).
     """
     if image_size % token_stride:
         raise ValueError(f"data.image_size={image_size} is not a multiple of the student patch size {token_stride}")
     grid = image_size // token_stride
+    if not 0 <= count < grid * grid:
+        raise ValueError(f"mask.count={count} must be in [0, {grid * grid}) for a {grid}x{grid} token grid")
     if kind == "random_cells":
+        if count:
+            raise ValueError("mask.count is for blockwise and random_tokens masks; random_cells uses mask.ratio")
         if cell_size % token_stride:
             raise ValueError(
                 f"mask.patch_size={cell_size} is not a multiple of the student patch size {token_stride}; "
@@ -130,9 +143,9 @@ def build_mask_generator(kind: str, *, image_size: int, token_stride: int, ratio
             )
         return RandomCellMask(grid=grid, cell_tokens=cell_size // token_stride, ratio=ratio)
     if kind == "random_tokens":
-        return RandomTokenMask(grid=grid, ratio=ratio)
+        return RandomTokenMask(grid=grid, ratio=ratio, count=count)
     if kind == "blockwise":
-        return BlockwiseMask(grid=grid, ratio=ratio)
+        return BlockwiseMask(grid=grid, ratio=ratio, count=count)
     raise ValueError(f"unknown mask.kind '{kind}'; choose one of {', '.join(MASK_KINDS)}")
 
 
@@ -144,4 +157,5 @@ def mask_generator_for(cfg, method):
         token_stride=method.token_stride,
         ratio=cfg.mask.ratio,
         cell_size=cfg.mask.patch_size,
+        count=cfg.mask.count,
     )
