@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -71,6 +72,16 @@ class DataConfig:
     mean: list[float] = _doc([0.485, 0.456, 0.406], "Per-channel normalisation mean.")
     std: list[float] = _doc([0.229, 0.224, 0.225], "Per-channel normalisation std.")
     pin_memory: bool = _doc(True, "Pin host memory for faster host-to-GPU copies (ignored on CPU).")
+    cache_dir: str = _doc(
+        "",
+        "Node-local folder where remote shards (http(s)://, s3://, gs://, pipe:) are downloaded, shared by every "
+        "rank and worker of the node; empty = <tmp>/mimscale-shards-<uid>. Never a shared filesystem (flock).",
+    )
+    cache_limit_gb: float = _doc(
+        20.0, "Size limit of data.cache_dir in GB (1e9 bytes); least recently used shards nobody reads are evicted."
+    )
+    download_retries: int = _doc(5, "Retries of a failed shard download (exponential backoff) before the run stops.")
+    download_timeout_s: float = _doc(60.0, "Network timeout of one shard request (connect and each read), seconds.")
 
 
 @dataclass(kw_only=True)
@@ -228,6 +239,15 @@ def validate(cfg: Config) -> Config:
         )
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
+    if not (0 < cfg.data.cache_limit_gb < float("inf")):
+        raise ConfigError(f"data.cache_limit_gb must be a positive size in GB, got {cfg.data.cache_limit_gb}")
+    if cfg.data.download_retries < 0 or not (0 < cfg.data.download_timeout_s < float("inf")):
+        raise ConfigError(
+            f"data.download_retries must be >= 0 and data.download_timeout_s positive, got "
+            f"{cfg.data.download_retries} and {cfg.data.download_timeout_s}"
+        )
+    if cfg.data.cache_dir and os.path.exists(cfg.data.cache_dir) and not os.path.isdir(cfg.data.cache_dir):
+        raise ConfigError(f"data.cache_dir={cfg.data.cache_dir} exists and is not a folder; point it at a folder")
     if cfg.optim.lr <= 0 or cfg.optim.warmup_steps < 0:
         raise ConfigError("optim.lr must be positive and optim.warmup_steps >= 0")
     if cfg.method.name != "simmim" and cfg.method.name != "relaxmim" and cfg.teacher.kind == "none":

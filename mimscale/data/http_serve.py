@@ -1,0 +1,114 @@
+"""A threaded HTTP server for a shard folder on 127.0.0.1, with added latency, request counts and injected faults.
+
+The tests and ``bench/bench_remote.py`` read shards through it as they would from a real server; try remote
+reading by hand with ``python -m mimscale.data.http_serve shards/sample --latency-ms 50`` and
+``--set data.shards=http://127.0.0.1:PORT/train-{000..003}.tar``.
+
+Faults (``server.faults[name] = [...]``, one consumed per request of that file): ``"500"`` answers HTTP 500,
+``"close"`` sends half the body then closes the connection, ``"hang"`` sends half the body and then waits until
+``server.release`` is set, ``"extra"`` sends the body plus 100 junk bytes with no Content-Length, ``"long"``
+declares and sends 100 more bytes than the file has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    protocol_version = "HTTP/1.0"
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        owner = self.server.owner
+        name = unquote(urlsplit(self.path).path).lstrip("/")
+        path = (owner.root / name).resolve()
+        with owner.lock:
+            owner.requests[name] += 1
+            fault = owner.faults.get(name, []).pop(0) if owner.faults.get(name) else ""
+        if owner.latency_s:
+            time.sleep(owner.latency_s)
+        if owner.root not in path.parents or not path.is_file():
+            self.send_error(404)
+            return
+        if fault == "500":
+            self.send_error(500, "injected failure")
+            return
+        self._send(path.read_bytes(), fault)
+
+    def _send(self, body: bytes, fault: str) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-tar")
+        if fault != "extra":
+            self.send_header("Content-Length", str(len(body) + (100 if fault == "long" else 0)))
+        self.end_headers()
+        if fault in ("close", "hang"):
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            if fault == "hang":
+                self.server.owner.hanging.set()
+                self.server.owner.release.wait(120)
+            self.close_connection = True
+            return
+        self.wfile.write(body + (b"\0" * 100 if fault in ("extra", "long") else b""))
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    owner: ShardServer
+
+
+class ShardServer:
+    """``with ShardServer(folder, latency_s=0.05) as server: server.url("x.tar")``."""
+
+    def __init__(self, root: str | os.PathLike, latency_s: float = 0.0, port: int = 0):
+        self.root = Path(root).resolve()
+        self.latency_s = latency_s
+        self.requests: Counter = Counter()
+        self.faults: dict[str, list[str]] = {}
+        self.lock = threading.Lock()
+        self.hanging, self.release = threading.Event(), threading.Event()
+        self._httpd = _Server(("127.0.0.1", port), _Handler)
+        self._httpd.owner = self
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="shard-http", daemon=True)
+
+    def url(self, name: str = "") -> str:
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+    def __enter__(self) -> ShardServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release.set()
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("folder")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    args = parser.parse_args()
+    with ShardServer(args.folder, latency_s=args.latency_ms / 1000, port=args.port) as server:
+        print(f"serving {server.root} at {server.url()} (Ctrl-C to stop)", flush=True)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()

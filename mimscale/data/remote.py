@@ -1,0 +1,727 @@
+"""Shard locations that may be remote, and the node-local shard cache that makes them local.
+
+A location is a local path, ``file://``, ``http(s)://``, ``s3://``, ``gs://`` (``gcs://``) or ``pipe:COMMAND`` (a
+shell command whose stdout is the shard, as in WebDataset). Brace patterns (``{000..099}``, ``{a,b}``) expand
+everywhere; globs and folders are listed for local paths and object stores (an HTTP server cannot be listed).
+
+Libraries, chosen for what each does best: HTTP(S) uses the standard library (a whole-shard GET needs no async
+stack, and fsspec's HTTP backend would add aiohttp); ``s3://`` and ``gs://`` go through fsspec with s3fs / gcsfs
+(the optional extra ``mimscale[remote]``) for their credential chains and listing; ``pipe:`` uses webdataset's
+gopen, so commands behave exactly as in WebDataset pipelines.
+
+The cache (:class:`ShardCache`) keeps whole shards in a node-local folder under a byte limit. Coordination between
+the processes of a node (ranks, DataLoader workers) is done with ``flock`` on one small lock file per shard:
+whoever holds it exclusively downloads (everyone else waits, so a shard is fetched once per node), readers hold
+it shared while they use the file (so it is never evicted under them), and eviction takes it exclusively without
+waiting. The kernel drops a dead process's locks, so a killed downloader never blocks anyone. Downloads go to a
+hidden ``.part`` file that is fsynced, checked against the manifest's size and sha256 when known, and renamed;
+a partial file is never served and leftovers are removed by the next downloader.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob
+import hashlib
+import http.client
+import importlib
+import io
+import os
+import random
+import re
+import stat
+import threading
+import time
+import urllib.error
+import urllib.request
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+SCHEMES = ("file", "http", "https", "s3", "gs", "gcs", "pipe")
+OBJECT_STORE_PACKAGES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}
+CHUNK = 1 << 20
+LOCK_DIR = ".locks"
+PART_MARK = ".part-"
+MAX_BACKOFF_S = 30.0
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+class RemoteError(ValueError):
+    """A shard location cannot be used: unknown scheme, missing package or credentials, a full cache, or a network
+    failure that outlasted the retries. The message names the location (or config key) and what to do."""
+
+
+class RemoteNotFound(RemoteError, FileNotFoundError):
+    """The location does not exist (HTTP 404, missing object or file)."""
+
+
+class _Transient(Exception):
+    """A failure worth retrying (connection reset, timeout, HTTP 5xx, truncated body); the message is the reason."""
+
+
+# ----------------------------------------------------------------------------------------------- locations
+
+
+def scheme_of(location: str) -> str:
+    """'' for a local path, else the lower-case scheme ('pipe' for ``pipe:`` commands)."""
+    if location.startswith("pipe:"):
+        return "pipe"
+    match = _URL.match(location)
+    return match.group(1).lower() if match else ""
+
+
+def is_url(spec: str) -> bool:
+    """True for anything with a scheme (including ``file://`` and ``pipe:``); False for plain paths."""
+    return bool(scheme_of(spec.strip()))
+
+
+def is_local(location: str) -> bool:
+    return scheme_of(location) in ("", "file")
+
+
+def _check_scheme(location: str, key: str = "data.shards") -> str:
+    kind = scheme_of(location)
+    if kind and kind not in SCHEMES:
+        raise RemoteError(
+            f"{key}={location!r}: unknown scheme '{kind}://'; use a local path or one of "
+            "file://, http://, https://, s3://, gs://, pipe:COMMAND"
+        )
+    return kind
+
+
+def file_url_path(url: str) -> str:
+    """The local path of a ``file://`` URL (``file:///data/x.tar`` -> ``/data/x.tar``)."""
+    parts = urlsplit(url)
+    if parts.netloc not in ("", "localhost"):
+        raise RemoteError(f"{url!r}: file:// URLs must name a local path (file:///path), not host {parts.netloc!r}")
+    return unquote(parts.path)
+
+
+def brace_expand(pattern: str) -> list[str]:
+    """Expand ``{000..009}`` ranges (zero padding kept) and ``{a,b}`` lists, left to right."""
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if not match:
+        return [pattern]
+    head, body, tail = pattern[: match.start()], match.group(1), pattern[match.end() :]
+    numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if numeric:
+        lo, hi = numeric.groups()
+        width = len(lo) if lo.startswith("0") else 0
+        choices = [str(value).zfill(width) for value in range(int(lo), int(hi) + 1)]
+    else:
+        choices = body.split(",")
+    return [expanded for choice in choices for expanded in brace_expand(head + choice + tail)]
+
+
+def expand(spec: str, key: str = "data.shards") -> list[str]:
+    """Shard locations of a spec: paths, folders, globs and brace patterns, local or URLs, several joined by ``::``.
+
+    Local entries come back as plain paths (``file://`` included), remote ones as URLs. ``key`` names the config
+    key in errors.
+    """
+    if not spec or not spec.strip():
+        raise RemoteError(
+            f"{key} is empty; set it to a shard path, glob, brace pattern or URL (e.g. shards/sample/*.tar)"
+        )
+    found: list[str] = []
+    for part in (part.strip() for part in spec.split("::")):
+        if part:
+            found.extend(_expand_one(part, key))
+    return list(dict.fromkeys(found))
+
+
+def _expand_one(part: str, key: str) -> list[str]:
+    kind = _check_scheme(part, key)
+    if kind == "":
+        return _expand_local(part, part, key)
+    if kind == "file":
+        return _expand_local(file_url_path(part), part, key)
+    candidates = brace_expand(part)
+    if kind == "pipe":
+        return candidates
+    if kind in ("http", "https"):
+        if any("*" in c or "[" in c or c.endswith("/") for c in candidates):
+            raise RemoteError(
+                f"{key}={part!r}: an HTTP server cannot be listed; name the shards with a brace pattern "
+                "(https://host/train-{000000..000099}.tar)"
+            )
+        return candidates
+    return _expand_object_store(kind, candidates, part, key)
+
+
+def _expand_local(pattern: str, shown: str, key: str) -> list[str]:
+    paths: list[str] = []
+    missing: list[str] = []
+    for candidate in brace_expand(pattern):
+        if os.path.isdir(candidate):
+            found = sorted(glob.glob(os.path.join(glob.escape(candidate), "*.tar")))
+        elif glob.has_magic(candidate):
+            found = sorted(p for p in glob.glob(candidate) if p.endswith(".tar"))
+        else:
+            found = [candidate] if os.path.lexists(candidate) else []
+            if not found:
+                missing.append(candidate)
+        for path in found:
+            if not os.path.isfile(path):  # a FIFO or device named x.tar would hang or never end
+                raise RemoteError(f"{key}={shown!r}: {path} is not a regular file; remove it or narrow the pattern")
+        paths.extend(p for p in found if p.endswith(".tar"))
+    if missing and paths:
+        listed = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
+        raise RemoteError(f"{key}={shown!r}: {len(missing)} shard file(s) do not exist: {listed}")
+    if not paths:
+        raise RemoteError(
+            f"{key}={shown!r} matches no .tar shard files (cwd {os.getcwd()}); "
+            "check the path, or build shards with `mimscale shards create SRC OUT`"
+        )
+    return sorted(set(paths), key=lambda p: (os.path.dirname(p), os.path.basename(p)))
+
+
+def object_store(kind: str, location: str = ""):
+    """The fsspec filesystem for s3/gs, with a clear error naming the package to install when it is missing."""
+    package = OBJECT_STORE_PACKAGES[kind]
+    try:
+        importlib.import_module(package)
+    except ImportError as err:
+        raise RemoteError(
+            f"{location or kind + '://'}: reading {kind}:// shards needs the {package} package, which is not "
+            f"installed; pip install 'mimscale[remote]' (or pip install {package})"
+        ) from err
+    import fsspec
+
+    return fsspec.filesystem(kind)
+
+
+def _store_error(location: str, err: Exception) -> Exception:
+    """Map an object-store exception to a clear permanent error or a retryable one."""
+    name = type(err).__name__
+    if isinstance(err, FileNotFoundError):
+        return RemoteNotFound(f"{location} does not exist ({err}); check the bucket and key")
+    if isinstance(err, PermissionError) or "Credentials" in name or "Auth" in name:
+        return RemoteError(
+            f"{location}: access denied or no credentials ({name}: {err}); set AWS_ACCESS_KEY_ID/"
+            "AWS_SECRET_ACCESS_KEY or AWS_PROFILE for s3://, GOOGLE_APPLICATION_CREDENTIALS for gs://"
+        )
+    return _Transient(f"{name}: {err}")
+
+
+def _expand_object_store(kind: str, candidates: list[str], shown: str, key: str) -> list[str]:
+    fs = object_store(kind, shown)
+    found: list[str] = []
+    for candidate in candidates:
+        if candidate.endswith(".tar") and not glob.has_magic(candidate):
+            found.append(candidate)
+            continue
+        pattern = candidate if glob.has_magic(candidate) else candidate.rstrip("/") + "/*.tar"
+        try:
+            listed = sorted(fs.glob(pattern))
+        except Exception as err:  # noqa: BLE001 - any backend error becomes a message naming the location
+            mapped = _store_error(candidate, err)
+            raise (
+                mapped if isinstance(mapped, RemoteError) else RemoteError(f"{key}: listing {candidate}: {err}")
+            ) from err
+        found.extend(fs.unstrip_protocol(path) for path in listed if path.endswith(".tar"))
+    if not found:
+        raise RemoteError(f"{key}={shown!r} matches no .tar shards; check the bucket, prefix and pattern")
+    return found
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def open_regular(path: str | os.PathLike) -> io.BufferedReader:
+    """Open a local file for reading, refusing anything but a regular file (a FIFO would block, /dev/zero never
+    end). Opening with O_NONBLOCK means even a FIFO's open returns at once so it can be refused."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError as err:
+        raise RemoteNotFound(f"{path} does not exist") from err
+    except OSError as err:
+        raise RemoteError(f"cannot open {path}: {err.strerror or err}") from err
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise RemoteError(f"{path} is not a regular file (a FIFO, device or socket); only regular files are read")
+    return os.fdopen(fd, "rb")
+
+
+@contextlib.contextmanager
+def _open_http(url: str, timeout: float) -> Iterator[tuple[object, int | None]]:
+    request = urllib.request.Request(url, headers={"User-Agent": "mimscale", "Accept-Encoding": "identity"})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 - the scheme is checked above
+    except urllib.error.HTTPError as err:
+        err.close()
+        if err.code in (404, 410):
+            raise RemoteNotFound(f"{url}: HTTP {err.code} {err.reason}; check the URL") from None
+        if err.code in (401, 403):
+            raise RemoteError(
+                f"{url}: HTTP {err.code} {err.reason}; check the credentials (expired signed URL?)"
+            ) from None
+        if err.code in (408, 425, 429) or err.code >= 500:
+            raise _Transient(f"HTTP {err.code} {err.reason}") from None
+        raise RemoteError(f"{url}: HTTP {err.code} {err.reason}") from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+        raise _Transient(f"{type(err).__name__}: {getattr(err, 'reason', err)}") from None
+    length = response.headers.get("Content-Length", "")
+    with response:
+        yield response, int(length) if length.isdigit() else None
+
+
+@contextlib.contextmanager
+def _open_pipe(location: str) -> Iterator[tuple[object, None]]:
+    try:
+        from webdataset.gopen import gopen
+    except ImportError as err:
+        raise RemoteError(f"{location}: pipe: shards need the webdataset package (pip install webdataset)") from err
+    try:
+        stream = gopen(location, "rb")
+    except ValueError as err:  # WDS_SECURE=1 forbids pipes
+        raise RemoteError(f"{location}: {err}") from err
+    try:
+        yield stream.stream, None  # the raw stdout: the exit status is checked once, here, with a clear message
+        stream.stream.close()
+        status = stream.proc.wait()
+        if status != 0:
+            raise _Transient(f"command exited with status {status}")
+    finally:
+        if stream.proc.poll() is None:
+            stream.proc.kill()
+            stream.proc.wait()
+        stream.status = 0  # checked above; keeps gopen's own close() from raising a second time
+
+
+@contextlib.contextmanager
+def _open_object(location: str, kind: str, timeout: float) -> Iterator[tuple[object, int | None]]:
+    fs = object_store(kind, location)
+    try:
+        handle = fs.open(location, "rb", block_size=16 << 20)
+    except Exception as err:  # noqa: BLE001 - backend errors are mapped to clear messages
+        raise _store_error(location, err) from None
+    with handle:
+        yield handle, getattr(handle, "size", None)
+
+
+@contextlib.contextmanager
+def open_location(location: str, timeout: float = 60.0) -> Iterator[tuple[object, int | None]]:
+    """(reader, declared size or None) for any supported location; failures worth retrying raise _Transient."""
+    kind = _check_scheme(location, "location")
+    try:
+        if kind in ("", "file"):
+            with open_regular(file_url_path(location) if kind else location) as handle:
+                yield handle, os.fstat(handle.fileno()).st_size
+        elif kind in ("http", "https"):
+            with _open_http(location, timeout) as opened:
+                yield opened
+        elif kind == "pipe":
+            with _open_pipe(location) as opened:
+                yield opened
+        else:
+            with _open_object(location, kind, timeout) as opened:
+                yield opened
+    except (RemoteError, _Transient):
+        raise
+    except (OSError, http.client.HTTPException) as err:  # reset, timeout, broken pipe while reading
+        raise _Transient(f"{type(err).__name__}: {err}") from None
+
+
+def copy_bounded(reader, sink, *, location: str, declared: int | None, expected: int | None = None,
+                 sha256: str | None = None, bound: int) -> int:  # fmt: skip
+    """Copy reader to sink, never reading more than the size we expect; returns the bytes copied.
+
+    The expected size is the manifest's when known, else what the server declared, else ``bound``. A server that
+    declares or sends more is refused (RemoteError); a short body or a sha256 mismatch is retryable.
+    """
+    if expected is not None and declared is not None and declared != expected:
+        raise RemoteError(
+            f"{location}: the source reports {declared} bytes but the manifest says {expected}; the shard changed "
+            "since the manifest was written: re-index the shard set or restore the original file"
+        )
+    limit = next(size for size in (expected, declared, bound) if size is not None)
+    digest = hashlib.sha256() if sha256 else None
+    total = 0
+    while True:
+        chunk = reader.read(min(CHUNK, limit + 1 - total))
+        if not chunk:
+            break
+        total += len(chunk)
+        if total > limit:
+            raise RemoteError(f"{location}: the source sent more than the {limit} bytes expected; refusing it")
+        sink.write(chunk)
+        if digest:
+            digest.update(chunk)
+    wanted = expected if expected is not None else declared
+    if wanted is not None and total != wanted:
+        raise _Transient(f"the transfer ended after {total} of {wanted} bytes")
+    if digest and digest.hexdigest() != sha256:
+        raise _Transient(f"sha256 {digest.hexdigest()[:12]}... differs from the manifest's {sha256[:12]}...")
+    return total
+
+
+def with_retries(location: str, attempt: Callable[[], object], *, retries: int, backoff_s: float):
+    """Run attempt(), retrying _Transient failures with jittered exponential backoff; then a RemoteError."""
+    start, reason = time.monotonic(), ""
+    for number in range(retries + 1):
+        try:
+            return attempt()
+        except _Transient as err:
+            reason = str(err)
+        if number < retries:
+            time.sleep(min(MAX_BACKOFF_S, backoff_s * 2**number) * random.uniform(0.5, 1.5))
+    raise RemoteError(
+        f"could not read {location}: {reason} ({retries + 1} attempts over {time.monotonic() - start:.1f} s); "
+        "check the URL, the network and the credentials, then resume the run"
+    )
+
+
+def read_small(location: str, max_bytes: int, *, retries: int = 3, backoff_s: float = 0.5,
+               timeout_s: float = 60.0) -> bytes:  # fmt: skip
+    """The whole content of a small file (manifest, index), at most ``max_bytes``; more is a RemoteError.
+
+    A missing file raises RemoteNotFound (a FileNotFoundError), so callers can treat "no manifest" as optional.
+    """
+
+    def attempt() -> bytes:
+        buffer = io.BytesIO()
+        with open_location(location, timeout_s) as (reader, declared):
+            if declared is not None and declared > max_bytes:
+                raise RemoteError(f"{location} is {declared} bytes, more than the {max_bytes} allowed for it")
+            copy_bounded(reader, buffer, location=location, declared=declared, bound=max_bytes)
+        return buffer.getvalue()
+
+    return with_retries(location, attempt, retries=retries, backoff_s=backoff_s)
+
+
+def sibling(location: str, name: str) -> str:
+    """The location of file ``name`` in the same folder/prefix as ``location`` (e.g. its manifest.json)."""
+    if scheme_of(location) == "pipe":
+        raise RemoteError(f"{location}: a pipe: command has no folder to look for {name} in")
+    head, _, _ = location.rpartition("/")
+    return f"{head}/{name}" if head else name
+
+
+# ----------------------------------------------------------------------------------------------- the cache
+
+
+_CACHES: weakref.WeakSet = weakref.WeakSet()
+
+
+def _forget_pins_after_fork() -> None:
+    for cache in list(_CACHES):
+        cache._after_fork()
+
+
+os.register_at_fork(after_in_child=_forget_pins_after_fork)
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class ShardCache:
+    """Node-local, size-bounded cache of whole shards, shared by every process of a node (see the module doc).
+
+    ``local_path`` pins a shard (it cannot be evicted) until ``release``; ``prefetch`` downloads ahead in background
+    threads, best effort (skipped when the cache is full of pinned shards). Local locations pass straight through.
+    ``expect`` tells the cache a shard's size and sha256 from the manifest, so downloads are checked and space is
+    reserved before they start.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike, limit_bytes: int, *, retries: int = 5, backoff_s: float = 1.0,
+                 timeout_s: float = 60.0, prefetch_threads: int = 4, space_wait_s: float = 300.0):  # fmt: skip
+        if not limit_bytes > 0:
+            raise RemoteError(f"data.cache_limit_gb must be positive, got {limit_bytes / 1e9:g} GB")
+        self._args = (str(cache_dir), int(limit_bytes))
+        self._options = {"retries": retries, "backoff_s": backoff_s, "timeout_s": timeout_s,
+                         "prefetch_threads": prefetch_threads, "space_wait_s": space_wait_s}  # fmt: skip
+        self.dir = Path(cache_dir).expanduser()
+        self.limit = int(limit_bytes)
+        self.retries, self.backoff_s, self.timeout_s = retries, backoff_s, timeout_s
+        self.prefetch_threads, self.space_wait_s = prefetch_threads, space_wait_s
+        try:
+            (self.dir / LOCK_DIR).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise RemoteError(
+                f"data.cache_dir={cache_dir} cannot be created ({err}); use a writable node-local folder"
+            ) from err
+        self._facts: dict[str, tuple[int | None, str | None]] = {}
+        self._reset_process_state()
+        _CACHES.add(self)
+
+    @classmethod
+    def from_config(cls, data_cfg) -> ShardCache:
+        """The cache a DataConfig asks for (data.cache_dir, data.cache_limit_gb, data.download_*)."""
+        return cls(cache_dir_for(data_cfg.cache_dir), int(data_cfg.cache_limit_gb * 1e9),
+                   retries=data_cfg.download_retries, timeout_s=data_cfg.download_timeout_s)  # fmt: skip
+
+    def _reset_process_state(self) -> None:
+        self._mutex = threading.RLock()
+        self._pins: dict[str, list[int]] = {}  # location -> [lock fd held shared, use count]
+        self._location_locks: dict[str, threading.Lock] = {}
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: dict[str, Future] = {}
+        self.downloads = 0  # shards this process downloaded (statistics, tests)
+
+    def _after_fork(self) -> None:
+        """In a forked child: drop our copies of the parent's pin fds (closing, not unlocking: the lock is shared
+        with the parent through the open file description) and start with no threads or pins of our own."""
+        for fd, _count in self._pins.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._reset_process_state()
+
+    def __getstate__(self) -> dict:
+        return {"args": self._args, "options": self._options, "facts": dict(self._facts)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(*state["args"], **state["options"])
+        self._facts.update(state["facts"])
+
+    # ------------------------------------------------------------------------------------------- paths
+
+    def _name(self, location: str) -> str:
+        digest = hashlib.sha256(location.encode()).hexdigest()[:16]  # distinct URLs with one basename stay apart
+        base = re.sub(r"[^A-Za-z0-9_.-]", "_", location.rstrip("/").rsplit("/", 1)[-1])[-80:].lstrip(".")
+        return f"{digest}-{base or 'shard'}"
+
+    def path_for(self, location: str) -> Path:
+        """Where the cached copy of a remote location lives (whether or not it is there now)."""
+        return self.dir / self._name(location)
+
+    def _lock_fd(self, name: str) -> int:
+        return os.open(self.dir / LOCK_DIR / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+
+    def expect(self, location: str, nbytes: int | None = None, sha256: str | None = None) -> None:
+        """Record the manifest's size and sha256 of a shard; downloads are then checked against them."""
+        self._facts[location] = (nbytes, sha256)
+
+    def check_window(self, nbytes: int, what: str = "one window of shards") -> None:
+        """Refuse, up front, a limit that cannot hold what must be resident at once."""
+        if nbytes > self.limit:
+            raise RemoteError(
+                f"data.cache_limit_gb={self.limit / 1e9:g} is smaller than {what} ({nbytes / 1e9:.3f} GB); "
+                f"raise it to at least {2 * nbytes / 1e9:.3f} (the window plus the shards fetched ahead)"
+            )
+
+    # ------------------------------------------------------------------------------------------- use
+
+    def local_path(self, location: str) -> Path:
+        """A local path with the whole shard, downloading it once per node if needed; pinned until release()."""
+        kind = _check_scheme(location, "shard location")
+        if kind in ("", "file"):
+            return Path(file_url_path(location) if kind else location)
+        with self._mutex:
+            lock = self._location_locks.setdefault(location, threading.Lock())
+        with lock:
+            with self._mutex:
+                pin = self._pins.get(location)
+                if pin:
+                    pin[1] += 1
+                    return self.path_for(location)
+            fd = self._pin(location)
+            with self._mutex:
+                self._pins[location] = [fd, 1]
+        return self.path_for(location)
+
+    def _pin(self, location: str) -> int:
+        final = self.path_for(location)
+        fd = self._lock_fd(final.name)
+        try:
+            while True:
+                fcntl.flock(fd, fcntl.LOCK_SH)  # waits while another process downloads or evicts it
+                if final.exists():
+                    os.utime(final)  # recency for eviction
+                    return fd
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                if not final.exists():  # nobody fetched it while we waited: our turn
+                    self._download(location, wait_for_space=True)
+                fcntl.flock(fd, fcntl.LOCK_UN)  # then pin it shared (the loop re-checks it is still there)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def release(self, location: str, *, drop: bool = False) -> None:
+        """Done with a shard for now: unpin it (it may be evicted); ``drop`` evicts it at once if nobody uses it."""
+        if is_local(location):
+            return
+        with self._mutex:
+            pin = self._pins.get(location)
+            if pin is None:
+                return
+            pin[1] -= 1
+            if pin[1] > 0:
+                return
+            del self._pins[location]
+        os.close(pin[0])
+        if drop:
+            self._try_evict(self.path_for(location))
+
+    def prefetch(self, locations: Iterable[str]) -> None:
+        """Start background downloads of shards needed soon (best effort; errors surface in local_path)."""
+        for location in locations:
+            if is_local(location):
+                continue
+            _check_scheme(location, "shard location")
+            with self._mutex:
+                if location in self._pins or location in self._pending or self.path_for(location).exists():
+                    continue
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(self.prefetch_threads, thread_name_prefix="mimscale-prefetch")
+                future = self._executor.submit(self._prefetch_one, location)
+                self._pending[location] = future
+            future.add_done_callback(lambda _f, loc=location: self._forget_pending(loc))
+
+    def _forget_pending(self, location: str) -> None:
+        with self._mutex:
+            self._pending.pop(location, None)
+
+    def _prefetch_one(self, location: str) -> None:
+        final = self.path_for(location)
+        fd = self._lock_fd(final.name)
+        try:
+            while True:  # never block a prefetch thread behind a pin: poll instead
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if final.exists():
+                        return
+                    time.sleep(0.05)
+            if not final.exists():
+                self._download(location, wait_for_space=False)
+        except RemoteError:
+            pass  # the consumer's local_path retries and reports it with the URL
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        """Stop prefetching and drop this process's pins."""
+        with self._mutex:
+            executor, self._executor = self._executor, None
+            pins, self._pins = self._pins, {}
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+        for fd, _count in pins.values():
+            os.close(fd)
+
+    # ------------------------------------------------------------------------------------------- download
+
+    def _download(self, location: str, *, wait_for_space: bool) -> bool:
+        """Fetch into the cache; the caller holds the shard's exclusive lock. False if prefetch found no room."""
+        final = self.path_for(location)
+        for stale in self.dir.glob(f".{glob.escape(final.name)}{PART_MARK}*"):
+            stale.unlink(missing_ok=True)  # left by a killed downloader: nobody else can be writing it
+        size, sha256 = self._facts.get(location, (None, None))
+        if size is not None and size > self.limit:
+            self.check_window(size, f"the shard {location}")
+        part = self.dir / f".{final.name}{PART_MARK}{os.getpid()}-{threading.get_ident()}"
+        if not self._reserve(part, size or 0, location, wait=wait_for_space):
+            return False
+        try:
+            with_retries(location, lambda: self._fetch_once(location, part, size, sha256),
+                         retries=self.retries, backoff_s=self.backoff_s)  # fmt: skip
+            os.replace(part, final)
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        _fsync_dir(self.dir)
+        self.downloads += 1
+        if size is None:  # its size was unknown when space was reserved: trim the cache back under the limit now
+            self._reserve(None, 0, location, wait=False)
+        return True
+
+    def _fetch_once(self, location: str, part: Path, size: int | None, sha256: str | None) -> int:
+        with open(part, "r+b") as sink, open_location(location, self.timeout_s) as (reader, declared):
+            if size is None and declared is not None and declared > self.limit:
+                self.check_window(declared, f"the shard {location}")
+            total = copy_bounded(reader, sink, location=location, declared=declared, expected=size,
+                                 sha256=sha256, bound=self.limit)  # fmt: skip
+            sink.truncate(total)
+            sink.flush()
+            os.fsync(sink.fileno())
+        return total
+
+    @contextlib.contextmanager
+    def _cache_lock(self) -> Iterator[None]:
+        fd = self._lock_fd(".cache")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _entries(self) -> tuple[int, list[tuple[float, int, Path]]]:
+        """(bytes used by finished and in-progress files, finished shards as (mtime, size, path))."""
+        used, finished = 0, []
+        with os.scandir(self.dir) as entries:
+            for entry in entries:
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                info = entry.stat(follow_symlinks=False)
+                used += info.st_size
+                if not entry.name.startswith("."):
+                    finished.append((info.st_mtime, info.st_size, Path(entry.path)))
+        return used, sorted(finished)
+
+    def usage(self) -> int:
+        """Bytes in the cache now (finished shards plus reservations of downloads in progress)."""
+        return self._entries()[0]
+
+    def _try_evict(self, path: Path) -> bool:
+        """Delete a cached shard unless some process uses or downloads it (its lock is then held)."""
+        fd = self._lock_fd(path.name)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        try:
+            path.unlink(missing_ok=True)
+            return True
+        finally:
+            os.close(fd)
+
+    def _reserve(self, part: Path | None, needed: int, location: str, *, wait: bool) -> bool:
+        """Evict least recently used unpinned shards until ``needed`` bytes fit, then create ``part`` at that size
+        (a sparse reservation other processes count). Waits up to space_wait_s for pins to go, then a RemoteError."""
+        deadline = time.monotonic() + (self.space_wait_s if wait else 0.0)
+        while True:
+            with self._cache_lock():
+                used, finished = self._entries()
+                for _mtime, size, path in finished:
+                    if used + needed <= self.limit:
+                        break
+                    if self._try_evict(path):
+                        used -= size
+                if used + needed <= self.limit:
+                    if part is not None:
+                        with open(part, "wb") as handle:
+                            handle.truncate(needed)
+                    return True
+            if not wait or time.monotonic() > deadline:
+                if not wait:
+                    return False
+                raise RemoteError(
+                    f"data.cache_limit_gb={self.limit / 1e9:g} is too small: {location} needs {needed} bytes but "
+                    f"{len(finished)} shards in use on this node (by its ranks and DataLoader workers) fill "
+                    f"{used} of {self.limit} bytes; raise data.cache_limit_gb above {(used + needed) / 1e9:.3f}"
+                )
+            time.sleep(0.2)
+
+
+def cache_dir_for(configured: str) -> str:
+    """data.cache_dir, or a per-user folder in the node's temporary directory when it is empty."""
+    if configured:
+        return configured
+    import tempfile
+
+    return os.path.join(tempfile.gettempdir(), f"mimscale-shards-{os.getuid()}")

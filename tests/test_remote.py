@@ -1,0 +1,262 @@
+"""Remote shard locations and the node-local cache, through a real HTTP server on 127.0.0.1 and real processes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from mimscale.data import remote
+from mimscale.data.http_serve import ShardServer
+from mimscale.data.remote import RemoteError, RemoteNotFound, ShardCache
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "shards/sample"
+NAMES = [f"sample-00{n}.tar" for n in range(4)]
+SHARD_BYTES = (SAMPLE / NAMES[0]).stat().st_size
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def server():
+    with ShardServer(SAMPLE) as running:
+        yield running
+
+
+def cache_in(tmp_path: Path, limit: int = 10**9, **options) -> ShardCache:
+    options = {"backoff_s": 0.01, "timeout_s": 20.0, **options}
+    return ShardCache(tmp_path / "cache", limit, **options)
+
+
+def run_python(code: str, **kwargs) -> subprocess.Popen:
+    """A fresh interpreter on this tree (PYTHONPATH kept, so subprocesses test this checkout, not main)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kwargs)  # fmt: skip
+
+
+def test_expand_urls_local_paths_and_errors(tmp_path, server):
+    assert remote.expand(server.url("sample-{000..001}.tar") + "::" + server.url("sample-003.tar")) == [
+        server.url(NAMES[0]), server.url(NAMES[1]), server.url(NAMES[3])
+    ]  # fmt: skip
+    assert remote.expand("pipe:cat /d/x-{0..1}.tar") == ["pipe:cat /d/x-0.tar", "pipe:cat /d/x-1.tar"]
+    assert remote.expand(f"file://{SAMPLE}/sample-{{000..001}}.tar") == [str(SAMPLE / n) for n in NAMES[:2]]
+    assert remote.expand(str(SAMPLE)) == [str(SAMPLE / n) for n in NAMES]
+    assert remote.is_url("s3://b/k.tar") and remote.is_url("pipe:cat x") and not remote.is_url("/data/x.tar")
+    with pytest.raises(RemoteError, match=r"data.shards='ftp://h/x.tar': unknown scheme 'ftp://'"):
+        remote.expand("ftp://h/x.tar")
+    with pytest.raises(RemoteError, match="HTTP server cannot be listed; name the shards with a brace pattern"):
+        remote.expand(server.url("*.tar"))
+    with pytest.raises(RemoteError, match="eval.val_shards is empty"):
+        remote.expand(" ", key="eval.val_shards")
+    (tmp_path / "a.tar").write_bytes(b"")
+    os.mkfifo(tmp_path / "b.tar")
+    with pytest.raises(RemoteError, match="b.tar is not a regular file"):
+        remote.expand(str(tmp_path))
+    with pytest.raises(RemoteError, match="1 shard file.s. do not exist"):
+        remote.expand(str(tmp_path / "{a,c}.tar"))
+
+
+def test_http_shards_through_the_cache_match_the_files(tmp_path, server):
+    cache = cache_in(tmp_path)
+    urls = [server.url(name) for name in NAMES]
+    cache.prefetch(urls)
+    for url, name in zip(urls, NAMES, strict=True):
+        path = cache.local_path(url)
+        assert path.parent == cache.dir and sha(path) == sha(SAMPLE / name)
+        cache.release(url)
+    assert cache.local_path(str(SAMPLE / NAMES[0])) == SAMPLE / NAMES[0]  # local paths pass through
+    assert all(server.requests[name] == 1 for name in NAMES)  # prefetch and local_path share one download
+    assert cache.usage() == sum((SAMPLE / n).stat().st_size for n in NAMES)
+    assert not [p for p in cache.dir.iterdir() if ".part-" in p.name]
+    assert remote.read_small(server.url("manifest.json"), 1 << 20) == (SAMPLE / "manifest.json").read_bytes()
+    with pytest.raises(RemoteError, match=r"manifest.json is \d+ bytes, more than the 100 allowed"):
+        remote.read_small(server.url("manifest.json"), 100)
+    with pytest.raises(RemoteNotFound, match="HTTP 404"):
+        remote.read_small(server.url("nothing.json"), 100)
+    assert server.requests["nothing.json"] == 1  # a 404 is not retried
+    cache.close()
+
+
+def test_bounded_reads_and_manifest_checks(tmp_path, server):
+    cache = cache_in(tmp_path, retries=1)
+    url, size = server.url(NAMES[1]), (SAMPLE / NAMES[1]).stat().st_size
+    cache.expect(url, size, "0" * 64)
+    with pytest.raises(RemoteError, match=rf"could not read {url}: sha256 .* differs from the manifest's 000000"):
+        cache.local_path(url)
+    cache.expect(url, size, sha(SAMPLE / NAMES[1]))
+    server.faults[NAMES[1]] = ["long"]
+    with pytest.raises(RemoteError, match=rf"{url}: the source reports {size + 100} bytes but the manifest"):
+        cache.local_path(url)
+    server.faults[NAMES[1]] = ["extra"]  # no Content-Length, 100 bytes more than the manifest says
+    with pytest.raises(RemoteError, match=rf"{url}: the source sent more than the {size} bytes expected"):
+        cache.local_path(url)
+    assert not list(cache.dir.glob("*sample-001.tar")) and not list(cache.dir.glob(".*part*"))
+    assert sha(cache.local_path(url)) == sha(SAMPLE / NAMES[1])
+    for hostile in (Path("/dev/zero"), tmp_path / "fifo"):
+        if hostile.name == "fifo":
+            os.mkfifo(hostile)
+        with pytest.raises(RemoteError, match="is not a regular file"):
+            remote.read_small(str(hostile), 100)
+    os.symlink("/dev/zero", tmp_path / "zero.json")
+    with pytest.raises(RemoteError, match="is not a regular file"):
+        remote.read_small(f"file://{tmp_path}/zero.json", 100)
+    cache.close()
+
+
+def test_network_errors_are_retried_then_stop_with_the_url(tmp_path, server):
+    cache = cache_in(tmp_path, retries=3)
+    url = server.url(NAMES[2])
+    server.faults[NAMES[2]] = ["500", "close", "500"]
+    assert sha(cache.local_path(url)) == sha(SAMPLE / NAMES[2]) and server.requests[NAMES[2]] == 4
+    server.faults[NAMES[3]] = ["500"] * 2 + ["close"] * 2
+    with pytest.raises(RemoteError, match=rf"could not read {server.url(NAMES[3])}: the transfer ended after \d+ of"):
+        cache.local_path(server.url(NAMES[3]))
+    assert server.requests[NAMES[3]] == 4  # 1 + 3 retries
+    server.faults[NAMES[3]] = ["500"] * 4
+    with pytest.raises(RemoteError, match=r"HTTP 500 injected failure \(4 attempts"):
+        cache.local_path(server.url(NAMES[3]))
+    with pytest.raises(RemoteNotFound, match="missing.tar: HTTP 404"):
+        cache.local_path(server.url("missing.tar"))
+    dead = ShardServer(SAMPLE)  # bound, never started: connection refused
+    dead._httpd.server_close()
+    with pytest.raises(RemoteError, match=rf"could not read {dead.url(NAMES[0])}: .*(refused|Errno)"):
+        cache.local_path(dead.url(NAMES[0]))
+    cache.close()
+
+
+def test_killed_download_leaves_no_partial_file_and_no_stuck_lock(tmp_path, server):
+    """A downloader is killed mid-body while a second process waits for the same shard: the waiter takes over,
+    nobody ever sees the half file, and its leftover is cleaned."""
+    url = server.url(NAMES[0])
+    server.faults[NAMES[0]] = ["hang"]
+    code = (f"from mimscale.data.remote import ShardCache; import hashlib; "
+            f"p = ShardCache({str(tmp_path / 'cache')!r}, 10**9, backoff_s=0.01).local_path({url!r}); "
+            f"print(hashlib.sha256(p.read_bytes()).hexdigest())")  # fmt: skip
+    first = run_python(code)
+    assert server.hanging.wait(60), first.communicate()
+    parts = list((tmp_path / "cache").glob(".*.part-*"))
+    assert len(parts) == 1 and not list((tmp_path / "cache").glob("*sample-000.tar"))
+    waiter = run_python(code)
+    time.sleep(1.0)
+    assert waiter.poll() is None  # blocked on the downloader's lock, not downloading too
+    assert server.requests[NAMES[0]] == 1
+    first.send_signal(signal.SIGKILL)
+    first.wait(30)
+    out, err = waiter.communicate(timeout=120)
+    assert waiter.returncode == 0, err
+    assert out.strip() == sha(SAMPLE / NAMES[0]) and server.requests[NAMES[0]] == 2
+    assert not list((tmp_path / "cache").glob(".*.part-*"))  # the killed download's half file is gone
+
+
+def test_one_download_per_node_with_racing_processes(tmp_path):
+    go = tmp_path / "go"
+    with ShardServer(SAMPLE, latency_s=0.3) as server:
+        urls = [server.url(NAMES[0]), server.url(NAMES[1])]
+        code = (f"import os, time, hashlib; from mimscale.data.remote import ShardCache\n"
+                f"c = ShardCache({str(tmp_path / 'cache')!r}, 10**9)\n"
+                f"while not os.path.exists({str(go)!r}): time.sleep(0.01)\n"
+                f"c.prefetch({urls!r})\n"
+                f"print(' '.join(hashlib.sha256(c.local_path(u).read_bytes()).hexdigest() for u in {urls!r}))")  # fmt: skip
+        racers = [run_python(code) for _ in range(3)]
+        time.sleep(2.0)  # let every interpreter start and wait at the line
+        go.touch()
+        results = [racer.communicate(timeout=120) for racer in racers]
+        assert all(racer.returncode == 0 for racer in racers), [err for _out, err in results]
+        expected = f"{sha(SAMPLE / NAMES[0])} {sha(SAMPLE / NAMES[1])}"
+        assert [out.strip() for out, _err in results] == [expected] * 3
+        assert server.requests[NAMES[0]] == 1 and server.requests[NAMES[1]] == 1
+
+
+def test_eviction_respects_the_limit_and_never_evicts_a_shard_in_use(tmp_path, server):
+    sizes = {name: (SAMPLE / name).stat().st_size for name in NAMES}
+    limit = sizes[NAMES[0]] + sizes[NAMES[1]] + 1  # room for two shards, never three
+    cache = cache_in(tmp_path, limit, space_wait_s=0.5)
+    urls = [server.url(name) for name in NAMES]
+    for url in urls:
+        cache.expect(url, sizes[url.rsplit("/", 1)[1]])
+    pinned = cache.local_path(urls[0])
+    for url in urls[1:]:
+        cache.local_path(url)
+        assert cache.usage() <= limit and pinned.exists()
+        cache.release(url)
+    assert sorted(p.name.split("-", 1)[1] for p in cache.dir.iterdir() if p.is_file()) == [NAMES[0], NAMES[3]]
+    cache.local_path(urls[3])
+    with pytest.raises(RemoteError, match="data.cache_limit_gb=.* is too small: .*sample-001.tar needs"):
+        cache.local_path(urls[1])  # two pinned shards leave no room for a third
+    assert pinned.exists() and cache.usage() <= limit
+    cache.release(urls[3], drop=True)
+    assert not cache.path_for(urls[3]).exists()
+    with pytest.raises(RemoteError, match=r"data.cache_limit_gb=.* is smaller than one window of shards"):
+        cache.check_window(limit + 1)
+    cache.prefetch(urls[1:3])  # best effort: evicts only unpinned shards
+    cache.close()
+    assert pinned.exists() and cache.usage() <= limit
+
+
+def test_forked_worker_does_not_keep_the_parents_pin(tmp_path, server):
+    cache = cache_in(tmp_path, space_wait_s=0.2)
+    url = server.url(NAMES[0])
+    path = cache.local_path(url)
+    child = os.fork()
+    if child == 0:  # a DataLoader worker would be here: exits without touching the parent's pins
+        os._exit(0 if not cache._pins else 1)
+    assert os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) == 0
+    assert not cache._try_evict(path)  # pinned by us
+    cache.release(url)
+    assert cache._try_evict(path) and not path.exists()
+
+
+def test_pipe_commands_unknown_schemes_and_missing_packages(tmp_path, monkeypatch):
+    cache = cache_in(tmp_path, retries=1)
+    path = cache.local_path(f"pipe:cat {SAMPLE / NAMES[2]}")
+    assert sha(path) == sha(SAMPLE / NAMES[2])
+    with pytest.raises(RemoteError, match=r"could not read pipe:exit 3: command exited with status 3 \(2 attempts"):
+        cache.local_path("pipe:exit 3")
+    with pytest.raises(RemoteError, match="unknown scheme 'ftp://'"):
+        cache.local_path("ftp://host/x.tar")
+    monkeypatch.setitem(sys.modules, "s3fs", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "gcsfs", None)
+    with pytest.raises(
+        RemoteError, match=r"s3://bucket/x.tar: reading s3:// shards needs the s3fs package.*mimscale\[remote\]"
+    ):
+        cache.local_path("s3://bucket/x.tar")
+    with pytest.raises(RemoteError, match="needs the gcsfs package"):
+        remote.expand("gs://bucket/train-{0..3}.tar")
+    cache.close()
+
+
+def test_object_store_download_path_with_fsspec(tmp_path):
+    """The s3/gs code path is fsspec's; exercised here with fsspec's local filesystem standing in for a bucket."""
+    import fsspec
+
+    handle = fsspec.filesystem("file").open(str(SAMPLE / NAMES[1]), "rb")
+    out = tmp_path / "copy.tar"
+    with handle, open(out, "wb") as sink:
+        remote.copy_bounded(handle, sink, location="s3://b/x.tar", declared=handle.size, bound=10**9)
+    assert sha(out) == sha(SAMPLE / NAMES[1])
+    assert isinstance(remote._store_error("s3://b/x", PermissionError("denied")), RemoteError)
+    assert "AWS_ACCESS_KEY_ID" in str(remote._store_error("s3://b/x", type("NoCredentialsError", (Exception,), {})()))
+    assert isinstance(remote._store_error("s3://b/x", FileNotFoundError("x")), RemoteNotFound)
+
+
+def test_waiting_for_space_ends_when_a_pin_is_released(tmp_path, server):
+    limit = int(SHARD_BYTES * 1.5)
+    cache = cache_in(tmp_path, limit, space_wait_s=60)
+    first, second = server.url(NAMES[0]), server.url(NAMES[0] + "?copy")
+    cache.expect(first, SHARD_BYTES)
+    cache.expect(second, SHARD_BYTES)
+    cache.local_path(first)
+    threading.Timer(0.5, cache.release, args=(first,)).start()
+    assert sha(cache.local_path(second)) == sha(SAMPLE / NAMES[0]) and not cache.path_for(first).exists()
+    cache.close()
