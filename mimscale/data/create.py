@@ -5,6 +5,11 @@ into chunks of ``samples_per_shard``; chunk k always becomes ``<prefix>k.tar`` (
 ``max_bytes_per_shard`` splits it). Each shard is written to ``.tmp``, fsynced and renamed, and a chunk's
 completion marker is written only after all its shards, so a killed job re-run redoes only unfinished chunks
 and produces byte-identical files. Every input is decoded and validated first; rejects are counted by reason.
+
+Inputs are hostile until read: only regular files are opened (a FIFO named x.jpg, /dev/zero or a symlink to it is
+rejected as ``not_regular_file``, never read), at most ``max_bytes`` are read per input (``too_large``), tar
+members are read by seeking to just their bytes, and tar link or device members are counted
+(``link_member``, ``not_regular_member``) instead of vanishing.
 """
 
 from __future__ import annotations
@@ -17,18 +22,21 @@ import multiprocessing
 import os
 import shutil
 import sys
+import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from PIL import Image, ImageOps
 
 from mimscale.data.images import FORMAT_NAMES, BadImage, encode, open_image, to_rgb
+from mimscale.data.remote import NotRegularFile, RemoteError, RemoteNotFound, expand, is_url, open_regular
 from mimscale.data.shards import (
+    IMAGE_EXTS,
+    LABEL_EXTS,
     MANIFEST_NAME,
     ShardError,
-    expand_shards,
     image_size_stats,
-    index_shards,
+    split_key,
     write_manifest,
     write_shard,
 )
@@ -37,6 +45,7 @@ SOURCE_IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", "
 PROGRESS_DIR = ".create"
 LISTED_REJECTS = 1000
 CRASH_ENV = "MIMSCALE_CREATE_EXIT_AFTER_CHUNKS"  # fault injection for tests: os._exit after N chunks
+MAX_LABEL_BYTES = 32
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,7 @@ class CreateOptions:
     shuffle_seed: int = -1
     min_side: int = 8
     max_pixels: int = 100_000_000
+    max_bytes: int = 256 << 20  # per input file or tar member; more is rejected as too_large, never read
     prefix: str = "shard-"
 
     def check(self) -> None:
@@ -58,6 +68,8 @@ class CreateOptions:
             raise ShardError(f"--format {self.format!r} is not supported; use jpg, png or webp")
         if not 1 <= self.quality <= 100:
             raise ShardError(f"--quality must be in 1..100, got {self.quality}")
+        if self.max_bytes <= 0:
+            raise ShardError(f"--max-bytes must be positive, got {self.max_bytes}")
         if "." in self.prefix or "/" in self.prefix:
             raise ShardError(f"--prefix {self.prefix!r} may not contain dots or slashes")
 
@@ -72,14 +84,26 @@ class Input:
     offset: int = -1
     size: int = 0
 
-    def read(self) -> bytes:
+    def read(self, max_bytes: int) -> bytes:
+        """The input's bytes: regular files only, at most max_bytes (BadImage otherwise, nothing more read)."""
+        if self.offset >= 0 and self.size > max_bytes:
+            raise BadImage("too_large", f"tar member of {self.size} bytes > --max-bytes {max_bytes}")
         try:
-            with open(self.path, "rb") as handle:
-                if self.offset < 0:
-                    return handle.read()
-                handle.seek(self.offset)
-                return handle.read(self.size)
-        except OSError as err:
+            with open_regular(self.path) as handle:
+                if self.offset >= 0:
+                    handle.seek(self.offset)
+                    payload = handle.read(self.size)
+                    if len(payload) != self.size:
+                        raise BadImage("truncated", f"{len(payload)} of {self.size} bytes in the tar")
+                    return payload
+                size = os.fstat(handle.fileno()).st_size
+                payload = handle.read(max_bytes + 1) if size <= max_bytes else b""
+                if size > max_bytes or len(payload) > max_bytes:  # the second: it grew while we read
+                    raise BadImage("too_large", f"{max(size, len(payload))} bytes > --max-bytes {max_bytes}")
+                return payload
+        except NotRegularFile as err:
+            raise BadImage("not_regular_file", str(err)) from err
+        except (RemoteNotFound, RemoteError, OSError) as err:
             raise BadImage("unreadable", f"{type(err).__name__}: {err}") from err
 
 
@@ -91,9 +115,13 @@ def _is_image_file(path: str) -> bool:
 
 
 def list_folder(src: Path) -> tuple[list[Input], list[str]]:
-    """Images under src; each top-level sub-folder is a class (sorted names -> 0, 1, ...), loose images get -1."""
+    """Images under src; each top-level sub-folder is a class (sorted names -> 0, 1, ...), loose images get -1.
+
+    Every non-folder entry with an image name is an input, FIFOs and devices included: reading rejects them by
+    reason, so nothing is dropped silently (symlinked folders are not followed).
+    """
     classes = sorted(entry.name for entry in src.iterdir() if entry.is_dir() and not entry.name.startswith("."))
-    items = [Input(str(p), -1, str(p)) for p in sorted(src.iterdir()) if p.is_file() and _is_image_file(p.name)]
+    items = [Input(str(p), -1, str(p)) for p in sorted(src.iterdir()) if not p.is_dir() and _is_image_file(p.name)]
     for label, name in enumerate(classes):
         for folder, dirs, files in sorted(os.walk(src / name)):
             dirs.sort()
@@ -123,25 +151,74 @@ def list_table(src: Path) -> tuple[list[Input], list[str]]:
     return items, named
 
 
-def list_tars(pattern: str) -> tuple[list[Input], list[str]]:
+def _read_label(raw, member: tarfile.TarInfo) -> int:
+    if member.size > MAX_LABEL_BYTES:
+        return -1
+    here = raw.tell()
+    raw.seek(member.offset_data)
+    text = raw.read(member.size).decode("utf-8", "replace").strip()
+    raw.seek(here)
+    return int(text) if text.lstrip("-").isdigit() else -1
+
+
+def scan_tar(path: str) -> tuple[list[Input], list[dict]]:
+    """Image samples of one tar from its headers (member data is skipped by seeking, labels are read bounded),
+    and the members that cannot be inputs, by reason: links, devices/FIFOs, damage after some samples."""
+    images: dict[str, tuple[int, int]] = {}
+    labels: dict[str, int] = {}
+    skipped: list[dict] = []
+    try:
+        with open_regular(path) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
+            try:
+                for member in tar:
+                    key, ext = split_key(member.name)
+                    if ext not in IMAGE_EXTS and ext not in LABEL_EXTS:
+                        continue
+                    if not member.isfile():
+                        reason = "link_member" if member.issym() or member.islnk() else "not_regular_member"
+                        detail = f"tar member type {member.type!r}" + (
+                            f" -> {member.linkname}" if member.linkname else ""
+                        )
+                        skipped.append({"source": f"{path}:{member.name}", "reason": reason, "detail": detail})
+                    elif ext in IMAGE_EXTS:
+                        images.setdefault(key, (member.offset_data, member.size))
+                    else:
+                        labels.setdefault(key, _read_label(raw, member))
+            except (tarfile.TarError, EOFError) as err:
+                skipped.append({"source": path, "reason": "damaged_tar", "detail": f"{type(err).__name__}: {err}"})
+    except (tarfile.TarError, EOFError, RemoteError) as err:
+        raise ShardError(f"SRC shard {path} is not a readable tar file ({err}); remove it or fix the pattern") from err
+    items = [Input(f"{path}:{key}", labels.get(key, -1), path, offset, size) for key, (offset, size) in images.items()]
+    return items, skipped
+
+
+def list_tars(pattern: str) -> tuple[list[Input], list[str], list[dict]]:
     """Samples of existing shards (ours or any WebDataset set), read by seeking, labels kept."""
-    paths = expand_shards(pattern, key="SRC")
-    items = []
-    for path, index in zip(paths, index_shards(paths), strict=True):
-        for key, offset, size, label in zip(index.keys, index.offsets, index.sizes, index.labels, strict=True):
-            items.append(Input(f"{path}:{key}", label, str(path), offset, size))
-    classes_file = paths[0].parent / "classes.json"
+    if is_url(pattern):
+        raise ShardError(f"SRC {pattern!r}: create reads local shards only; download them first")
+    try:
+        paths = expand(pattern, key="SRC")
+    except RemoteError as err:
+        raise ShardError(str(err)) from err
+    items, skipped = [], []
+    for path in paths:
+        found, bad = scan_tar(path)
+        items += found
+        skipped += bad
+    classes_file = Path(paths[0]).parent / "classes.json"
     classes = json.loads(classes_file.read_text()) if classes_file.is_file() else []
-    return items, classes
+    return items, classes, skipped
 
 
-def list_inputs(src: str) -> tuple[list[Input], list[str]]:
-    """Dispatch on the kind of SRC: list file, image folder, or tar shards (file, folder of tars, pattern)."""
+def list_inputs(src: str) -> tuple[list[Input], list[str], list[dict]]:
+    """Dispatch on the kind of SRC: list file, image folder, or tar shards (file, folder of tars, pattern).
+
+    Returns (inputs, class names, inputs skipped while listing as reject records)."""
     path = Path(src)
     if path.is_file() and path.suffix.lower() in (".csv", ".tsv", ".txt"):
-        return list_table(path)
+        return (*list_table(path), [])
     if path.is_dir() and not glob.glob(str(path / "*.tar")):
-        return list_folder(path)
+        return (*list_folder(path), [])
     if path.is_dir() or path.suffix == ".tar" or glob.has_magic(src) or "{" in src:
         return list_tars(src)
     raise ShardError(f"SRC {src!r} is not an image folder, a .csv/.tsv list or tar shards; check the path")
@@ -152,7 +229,7 @@ def list_inputs(src: str) -> tuple[list[Input], list[str]]:
 
 def convert_sample(item: Input, opts: CreateOptions) -> tuple[bytes, tuple[int, int], tuple[int, int]]:
     """Validate and (re-)encode one input; returns (payload, stored size, original size). BadImage on reject."""
-    payload = item.read()
+    payload = item.read(opts.max_bytes)
     if not payload:
         raise BadImage("empty_file")
     image = open_image(payload)
@@ -301,9 +378,9 @@ def _run_chunks(jobs: list, workers: int, total_inputs: int) -> None:
                     os._exit(137)  # simulated kill: no cleanup, no manifest
 
 
-def _summarise(markers: list[dict]) -> tuple[list[dict], dict, dict]:
+def _summarise(markers: list[dict], skipped: list[dict]) -> tuple[list[dict], dict, dict]:
     entries = [entry for marker in markers for entry in marker["shards"]]
-    rejects = [reject for marker in markers for reject in marker["rejects"]]
+    rejects = skipped + [reject for marker in markers for reject in marker["rejects"]]
     by_reason: dict[str, int] = {}
     for reject in rejects:
         by_reason[reject["reason"]] = by_reason.get(reject["reason"], 0) + 1
@@ -316,7 +393,7 @@ def create_shards(src: str, out: str | Path, opts: CreateOptions, *, workers: in
     """Build (or finish building) a shard set in ``out``; returns the manifest."""
     opts.check()
     out = Path(out)
-    items, classes = list_inputs(src)
+    items, classes, skipped = list_inputs(src)
     if not items:
         raise ShardError(f"SRC {src!r} holds no images ({', '.join(SOURCE_IMAGE_EXTS)})")
     if opts.shuffle_seed >= 0:
@@ -335,7 +412,7 @@ def create_shards(src: str, out: str | Path, opts: CreateOptions, *, workers: in
     markers = [_finished_marker(out, k) for k, _ in chunks]
     if any(marker is None for marker in markers):
         raise ShardError(f"some chunks of {out} did not complete; re-run the same command to finish them")
-    entries, rejects, stats = _summarise(markers)
+    entries, rejects, stats = _summarise(markers, skipped)
     if classes:
         (out / "classes.json").write_text(json.dumps(classes, indent=1) + "\n")
     manifest = write_manifest(

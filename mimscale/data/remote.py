@@ -59,6 +59,10 @@ class RemoteNotFound(RemoteError, FileNotFoundError):
     """The location does not exist (HTTP 404, missing object or file)."""
 
 
+class NotRegularFile(RemoteError):
+    """A local path is a FIFO, device, socket or directory (or a symlink to one): never read."""
+
+
 class _Transient(Exception):
     """A failure worth retrying (connection reset, timeout, HTTP 5xx, truncated body); the message is the reason."""
 
@@ -244,7 +248,7 @@ def open_regular(path: str | os.PathLike) -> io.BufferedReader:
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
-        raise RemoteError(f"{path} is not a regular file (a FIFO, device or socket); only regular files are read")
+        raise NotRegularFile(f"{path} is not a regular file (a FIFO, device or socket); only regular files are read")
     return os.fdopen(fd, "rb")
 
 

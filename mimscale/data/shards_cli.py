@@ -201,6 +201,7 @@ def cmd_create(args) -> int:
         shuffle_seed=args.shuffle_seed,
         min_side=args.min_side,
         max_pixels=args.max_pixels,
+        max_bytes=args.max_bytes,
         prefix=args.prefix,
     )
     command = "mimscale " + " ".join(shlex.quote(arg) for arg in sys.argv[1:]) if args.record_argv else ""
@@ -228,6 +229,7 @@ def register(subparsers) -> None:
     create.add_argument("--shuffle-seed", type=int, default=-1, help="shuffle inputs with this seed (-1: keep order)")
     create.add_argument("--min-side", type=int, default=8, help="reject images with a shorter side below N px")
     create.add_argument("--max-pixels", type=int, default=100_000_000, help="reject images above N pixels")
+    create.add_argument("--max-bytes", type=int, default=256 << 20, help="reject inputs above B bytes (never read)")
     create.add_argument("--prefix", default="shard-", help="shard file name prefix")
     create.set_defaults(func=cmd_create, record_argv=True)
     verify = commands.add_parser("verify", help="re-read everything against manifest.json; exit 1 on problems")
