@@ -56,3 +56,214 @@ def test_zero3_in_run_knn_with_partitioned_pos_embed(tmp_path):
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     assert "eval step 1 | knn_top1" in result.stdout
     assert '"stage3_param_persistence_threshold": 0' in (run_dir / "deepspeed_config.json").read_text()
+
+
+# --------------------------------------------------------------------------------------------- model.compile
+
+
+def _build_cfg(config: str | None, *settings: str):
+    from mimscale.config import load_config
+
+    return load_config(REPO / "configs" / config if config else None, list(settings))
+
+
+@pytest.mark.parametrize(
+    ("student", "args", "size", "max_graphs"),
+    [
+        ("vit_tiny_patch16_224", "{patch_size: 8, depth: 12, embed_dim: 48, num_heads: 2}", 64, 2),
+        ("swin_tiny_patch4_window7_224", "{window_size: 4, embed_dim: 24, num_heads: [1,1,2,2]}", 128, 12),
+    ],
+)
+def test_compile_parts_trace_without_breaks_or_hitting_the_recompile_limit(
+    student, args, size, max_graphs, one_torch_thread
+):
+    """Whole blocks differ in baked-in drop-path probabilities (8 graphs, then eager); their attention and MLP do
+    not. Traced with dynamo's eager backend (the same graphs inductor would compile, in a fraction of the time)."""
+    import torch
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    from mimscale.engine.loop import compile_blocks
+    from mimscale.methods import build_method
+
+    cfg = _build_cfg(None, f"model.student={student}", f"model.student_args={args}", f"data.image_size={size}",
+                     "model.drop_path_rate=0.1", "mask.patch_size=32")  # fmt: skip
+    torch.manual_seed(0)
+    method = build_method(cfg)
+    reference = build_method(cfg)
+    reference.load_state_dict(method.state_dict())
+    blocks = method.student.arch.blocks
+    dynamo.reset()
+    counters.clear()
+    assert compile_blocks(method, backend="eager") == 2 * len(blocks)
+    image = torch.randn(2, 3, size, size)
+    mask = torch.zeros(2, size // method.token_stride, size // method.token_stride, dtype=torch.bool)
+    mask[:, ::2] = True
+    for _ in range(2):
+        out = method({"image": image, "mask": mask})["loss"]
+        out.backward()
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    graphs = counters["stats"]["unique_graphs"]
+    assert 1 <= graphs <= max_graphs < dynamo.config.recompile_limit
+    method.eval(), reference.eval()  # drop path off: both must give the same loss
+    with torch.no_grad():
+        ours, theirs = (m({"image": image, "mask": mask})["loss"] for m in (method, reference))
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    dynamo.reset()
+
+
+def test_compile_leaves_the_student_eager_under_zero3():
+    from mimscale.engine.loop import compile_blocks
+    from mimscale.methods import build_method
+
+    method = build_method(_build_cfg("demo_maskdistill.yaml", "model.student_args.depth=2"))
+    forwards = [part.forward for block in method.student.arch.blocks for part in (block.attn, block.mlp)]
+    assert compile_blocks(method, zero_stage=3, backend="eager") == len(method.frozen_modules()) == 1
+    assert forwards == [part.forward for block in method.student.arch.blocks for part in (block.attn, block.mlp)]
+
+
+# --------------------------------------------------------------------------------------------- host syncs
+
+
+class SyncCounter:
+    """CUDA-free proxy for host syncs: calls made *from mimscale's code* of the tensor methods that wait for the
+    device (item, tolist, bool/int/float conversion, nonzero) and of torch.tensor (a blocking host-to-device copy
+    when the target is a GPU). On a GPU each of these is a sync point; on CPU they are just counted."""
+
+    WAITING = ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero")
+
+    def __init__(self, monkeypatch):
+        import sys
+
+        import torch
+
+        self.calls: list[str] = []
+        root = str(REPO / "mimscale")
+
+        def wrap(owner, name):
+            original = getattr(owner, name)
+
+            def counted(*args, **kwargs):
+                caller = sys._getframe(1).f_code
+                if caller.co_filename.startswith(root):
+                    self.calls.append(f"{name} in {caller.co_name}")
+                return original(*args, **kwargs)
+
+            monkeypatch.setattr(owner, name, counted)
+
+        for name in self.WAITING:
+            wrap(torch.Tensor, name)
+        wrap(torch, "tensor")
+
+
+@pytest.mark.parametrize("nan_guard", [True, False])
+def test_host_syncs_per_micro_batch(monkeypatch, nan_guard, one_torch_thread):
+    """MaskAlign (visible-only student, teacher normalisation, attention-guided masks), uint8 images normalised
+    in the engine: after a warm-up step, mimscale's own code waits on the device once per micro-batch (the NaN
+    guard's agreed flag) and never otherwise; with train.nan_guard=false, never."""
+    import numpy as np
+    import torch
+
+    from mimscale.data.masking import mask_generator_for
+    from mimscale.engine.distributed import init_distributed
+    from mimscale.engine.loop import RunState, _build, train_one_step
+    from mimscale.engine.metrics import MetricAccumulator
+
+    cfg = _build_cfg("demo_maskalign.yaml", "model.student_args.depth=2", "data.batch_size=4", "run.device=cpu",
+                     "deepspeed.zero_stage=0", "deepspeed.precision=fp32", "train.grad_accum_steps=2",
+                     f"train.nan_guard={str(nan_guard).lower()}")  # fmt: skip
+    info = init_distributed("cpu")
+    method, engine, _, _ = _build(cfg, info, load_universal=False)
+    generator, rng = mask_generator_for(cfg, method), np.random.default_rng(0)
+    size = cfg.data.image_size
+
+    def batches():
+        while True:
+            yield {
+                "image": torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8),
+                "mask": torch.from_numpy(np.stack([generator(rng) for _ in range(4)])),
+                "sample_id": torch.arange(4),
+            }
+
+    source, state, accumulator = batches(), RunState(), MetricAccumulator()
+    train_one_step(engine, source, cfg, info, state, accumulator)  # warm-up: constants made once
+    counter = SyncCounter(monkeypatch)
+    train_one_step(engine, source, cfg, info, state, accumulator)
+    train_one_step(engine, source, cfg, info, state, accumulator)
+    monkeypatch.undo()
+    micro_batches = 2 * cfg.train.grad_accum_steps
+    expected = ["tolist in agree_bad_loss_and_stop"] * micro_batches if nan_guard else []
+    assert counter.calls == expected
+
+
+# --------------------------------------------------------------------------------------------- AdamW, TF32, peaks
+
+
+def test_fused_adamw_choice_and_device_steps_survive_loading_a_foreach_checkpoint():
+    """A checkpoint written by a foreach AdamW (CPU run) loaded into a fused one: torch's load_state_dict copies
+    the saved flags (so the run would silently go foreach); restoring puts back fused and float32 step tensors on
+    the parameters' device, and the next step equals a fused optimizer that never went through a checkpoint."""
+    import torch
+
+    from mimscale.engine.optim import restore_adamw_implementation
+
+    torch.manual_seed(0)
+    start = torch.randn(6, 4)
+    grads = [torch.randn(6, 4) for _ in range(3)]
+
+    def run(optimizer, param, steps):
+        for grad in steps:
+            param.grad = grad.clone()
+            optimizer.step()
+
+    saved_param = torch.nn.Parameter(start.clone())
+    saved = torch.optim.AdamW([saved_param], lr=0.1, foreach=True)
+    run(saved, saved_param, grads[:2])
+
+    param = torch.nn.Parameter(saved_param.detach().clone())
+    resumed = torch.optim.AdamW([param], lr=0.1, fused=True)
+    resumed.load_state_dict(saved.state_dict())
+    assert resumed.param_groups[0]["foreach"] and not resumed.param_groups[0]["fused"]  # the trap
+    restore_adamw_implementation(resumed, fused=True)
+    assert resumed.param_groups[0]["fused"] and resumed.param_groups[0]["foreach"] is None
+    assert resumed.state[param]["step"].dtype == torch.float32 and resumed.state[param]["step"].device == param.device
+    run(resumed, param, grads[2:])
+
+    reference_param = torch.nn.Parameter(start.clone())
+    reference = torch.optim.AdamW([reference_param], lr=0.1, fused=True)
+    run(reference, reference_param, grads)
+    torch.testing.assert_close(param.detach(), reference_param.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_peak_table_picks_the_variant_and_precision():
+    from mimscale.engine.metrics import lookup_peak_tflops
+
+    assert lookup_peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.0
+    assert lookup_peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0
+    assert lookup_peak_tflops("NVIDIA H100 NVL", "fp16") == 835.0
+    assert lookup_peak_tflops("NVIDIA H200", "bf16") == 989.0
+    assert lookup_peak_tflops("NVIDIA H200 NVL", "bf16") == 835.0
+    assert lookup_peak_tflops("NVIDIA A100-SXM4-80GB", "fp32") == 156.0  # TF32
+    assert lookup_peak_tflops("NVIDIA B200", "bf16") == 2250.0
+    assert lookup_peak_tflops("NVIDIA L40S", "bf16") == 362.0 and lookup_peak_tflops("NVIDIA L4", "bf16") == 121.0
+    assert lookup_peak_tflops("Some Future GPU", "bf16") is None
+
+
+def test_swin_window_attention_runs_fused_with_the_same_result(one_torch_thread):
+    import timm
+    import torch
+
+    from mimscale.models.students import use_fused_window_attention
+
+    torch.manual_seed(0)
+    kwargs = {"img_size": 64, "window_size": 4, "embed_dim": 24, "depths": (2, 2), "num_heads": (1, 2)}
+    eager = timm.create_model("swin_tiny_patch4_window7_224", num_classes=0, **kwargs).eval()
+    fused = timm.create_model("swin_tiny_patch4_window7_224", num_classes=0, **kwargs).eval()
+    fused.load_state_dict(eager.state_dict())
+    for module in eager.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    assert use_fused_window_attention(fused) == 4
+    image = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(image), eager(image), rtol=1e-4, atol=1e-5)

@@ -154,10 +154,23 @@ def stack_uint8(images: list[torch.Tensor], flips: list[bool] | None = None) -> 
     return batch
 
 
-def _mean_std_constants(mean: list[float], std: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 (scale, shift) with x_norm = x_uint8 * scale - shift; one definition so every path gives equal bits."""
-    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return 1.0 / (255.0 * std_t), torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) / std_t
+_CONSTANTS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _mean_std_constants(
+    mean: list[float], std: list[float], device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 (scale, shift) with x_norm = x_uint8 * scale - shift; one definition so every path gives equal bits.
+
+    Made once per (mean, std, device) and cached: a fresh host tensor copied to the GPU on every batch is a
+    blocking copy from pageable memory, i.e. a host sync per micro-batch.
+    """
+    key = (tuple(float(v) for v in mean), tuple(float(v) for v in std), str(torch.device(device)))
+    if key not in _CONSTANTS:
+        std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        scale, shift = 1.0 / (255.0 * std_t), torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) / std_t
+        _CONSTANTS[key] = (scale.to(device), shift.to(device))
+    return _CONSTANTS[key]
 
 
 def normalise_on_device(
@@ -172,9 +185,8 @@ def normalise_on_device(
     """
     if images_uint8.dtype != torch.uint8:
         raise TypeError(f"normalise_on_device expects uint8 images, got {images_uint8.dtype}")
-    scale, shift = _mean_std_constants(mean, std)
-    device = images_uint8.device
-    out = images_uint8.to(torch.float32).mul_(scale.to(device)).sub_(shift.to(device))
+    scale, shift = _mean_std_constants(mean, std, images_uint8.device)
+    out = images_uint8.to(torch.float32).mul_(scale).sub_(shift)
     return out if dtype == torch.float32 else out.to(dtype)
 
 

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mimscale.config import Config, save_config
@@ -20,7 +21,7 @@ from mimscale.engine import checkpoint as ckpt
 from mimscale.engine import distributed, faults
 from mimscale.engine.deepspeed import DTYPES, gathered_own_parameters, initialize_engine, write_deepspeed_config
 from mimscale.engine.metrics import MetricAccumulator, StepLogger, memory_gib, peak_tflops, progress_wanted
-from mimscale.engine.optim import warmup_cosine
+from mimscale.engine.optim import restore_adamw_implementation, warmup_cosine
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: checkpointed after SIGTERM/SIGUSR1; the job script requeues on this code
 
@@ -97,8 +98,11 @@ def _build(cfg: Config, info: distributed.DistInfo, load_universal: bool):
     for frozen in method.frozen_modules():
         frozen.to(device=info.device, dtype=teacher_dtype)
     _cast_float_buffers(method, DTYPES[cfg.deepspeed.precision])
+    configure_matmul_precision(info.device, cfg.deepspeed.precision)
     if cfg.model.compile:
-        compile_blocks(method)
+        compiled = compile_blocks(method, zero_stage=cfg.deepspeed.zero_stage)
+        if info.is_main:
+            print(f"model.compile: compiled {compiled} modules{COMPILE_ZERO3_NOTE * (cfg.deepspeed.zero_stage == 3)}")
     engine, scheduler, ds_config = initialize_engine(
         method, cfg, info.world_size, info.device, load_universal=load_universal
     )
@@ -106,16 +110,44 @@ def _build(cfg: Config, info: distributed.DistInfo, load_universal: bool):
     return method, engine, scheduler, ds_config
 
 
-def compile_blocks(method: torch.nn.Module) -> int:
-    """torch.compile each student block's forward and each teacher's forward, in place.
+COMPILE_ZERO3_NOTE = (
+    " (teachers only: under ZeRO-3 DeepSpeed's parameter hooks, which torch.compile cannot trace, break every "
+    "student graph, so the student runs eagerly)"
+)
 
+
+def compile_blocks(method: torch.nn.Module, *, zero_stage: int = 0, backend: str = "inductor") -> int:
+    """torch.compile what compiles cleanly, in place; returns how many modules were compiled.
+
+    Student: each block's attention and MLP (``attn``/``mlp``), not the whole block. The blocks differ in
+    constants dynamo specialises on (each block's drop-path probability, Swin's shift mask), so whole blocks
+    need one graph each and ViT-B/Swin-B hit dynamo's recompile limit (8), after which the rest runs eagerly; the
+    attention and MLP code is the same in every block of a stage (ViT: 2 graphs in all, Swin-B: about 11). The
+    limit is raised to the number of compiled modules so no block ever falls back silently. Under ZeRO-3 the
+    student is left eager (see COMPILE_ZERO3_NOTE). Teachers (frozen, never partitioned): their whole forward.
     Compiling ``forward`` (not the module) keeps parameter names, so checkpoints and export are unchanged, and
-    leaves module hooks (ZeRO-3 gathering, level capture) outside the compiled graphs.
+    leaves module hooks (ZeRO gathering, level capture) outside the compiled graphs.
     """
-    blocks = method.student.arch.blocks
-    for module in [*blocks, *method.frozen_modules()]:
-        module.forward = torch.compile(module.forward)
-    return len(blocks)
+    modules = [] if zero_stage == 3 else compiled_parts(method.student.arch.blocks)
+    modules += method.frozen_modules()
+    for module in modules:
+        module.forward = torch.compile(module.forward, backend=backend)
+    dynamo_config = torch._dynamo.config
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, len(modules) + 8)
+    return len(modules)
+
+
+def compiled_parts(blocks: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """The attention and MLP of every block (timm ViT, Swin, SwinV2 and BEiT blocks all name them so)."""
+    parts = [getattr(block, name, None) for block in blocks for name in ("attn", "mlp")]
+    return [part for part in parts if isinstance(part, torch.nn.Module)]
+
+
+def configure_matmul_precision(device: torch.device, precision: str) -> None:
+    """fp32 runs on a GPU use TF32 tensor cores for matmuls (cuDNN convolutions already do by default);
+    the MFU peak for fp32 is the TF32 one accordingly. bf16/fp16 runs and CPUs are unaffected."""
+    if device.type == "cuda" and precision == "fp32":
+        torch.set_float32_matmul_precision("high")
 
 
 def _cast_float_buffers(module: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -229,6 +261,8 @@ def _convert_on_rank0(tag_dir: Path, info) -> None:
 def load_resume_plan(engine, plan: ResumePlan, info, state: RunState) -> dict:
     """Load the planned checkpoint into the engine and the run state; returns the saved data position."""
     meta = ckpt.load_checkpoint(engine, plan.tag_dir, info.rank, universal=plan.universal)
+    if engine.optimizer is not None:
+        restore_adamw_implementation(engine.optimizer, fused=info.device.type == "cuda")
     state.resumed_from = plan.tag_dir
     state.step = meta["step"]
     state.samples_seen = meta["samples_seen"]
@@ -247,8 +281,12 @@ def _install_stop_handlers(state: RunState) -> None:
 
 
 def _to_device(batch: dict, device: torch.device, dtype: torch.dtype, data_cfg) -> dict:
-    """Move a batch in one copy per tensor; uint8 images (GPU runs) are normalised on the device."""
-    moved = {}
+    """Move a batch in one copy per tensor; uint8 images (GPU runs) are normalised on the device.
+
+    ``masked_count`` (masked tokens per sample, when every sample has the same count) is read off the host mask
+    here, so the visible-only students never need a device sync to learn it.
+    """
+    moved = {"masked_count": equal_masked_count(batch["mask"])} if "mask" in batch else {}
     for name, value in batch.items():
         if isinstance(value, torch.Tensor):
             if name == "image" and value.dtype == torch.uint8:
@@ -257,6 +295,28 @@ def _to_device(batch: dict, device: torch.device, dtype: torch.dtype, data_cfg) 
                 value = value.to(device, dtype=dtype if value.is_floating_point() else None, non_blocking=True)
         moved[name] = value
     return moved
+
+
+def equal_masked_count(host_mask: torch.Tensor) -> int | None:
+    """Masked tokens per sample of a host (CPU) mask batch if every sample has the same count, else None."""
+    if host_mask.device.type != "cpu" or host_mask.ndim < 2 or not len(host_mask):
+        return None
+    counts = host_mask.numpy().reshape(len(host_mask), -1).sum(1, dtype=np.int64)  # numpy: host memory only
+    return int(counts[0]) if (counts == counts[0]).all() else None
+
+
+def agree_bad_loss_and_stop(loss: torch.Tensor, stop_signal: int) -> tuple[bool, int]:
+    """Has any rank a non-finite loss, and the largest stop signal of any rank: one all-reduce of a device tensor
+    and one host read per micro-batch (the NaN guard's only sync; the flag is made on the device, not copied)."""
+    import torch.distributed as dist
+
+    flags = torch.stack(
+        [(~torch.isfinite(loss.detach())).to(torch.float32), torch.full((), float(stop_signal), device=loss.device)]
+    )
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    bad, stop = flags.tolist()
+    return bad > 0, int(stop)
 
 
 def _next_batch(iterator, state: RunState):
@@ -272,16 +332,16 @@ def train_one_step(engine, iterator, cfg: Config, info, state: RunState, accumul
     done = 0
     while done < cfg.train.grad_accum_steps:
         host_batch = _next_batch(iterator, state)
-        state.window_id_sum += int(host_batch["sample_id"].sum()) if "sample_id" in host_batch else 0
+        if "sample_id" in host_batch:  # numpy: a host read, never a device sync
+            state.window_id_sum += int(host_batch["sample_id"].numpy().sum())
         batch = _to_device(host_batch, info.device, dtype, cfg.data)
         faults.maybe_hang(info.rank, state.step + 1)
         outputs = engine(batch)
         distributed.report_progress(info.rank, state.step + 1, done)
         loss = faults.maybe_corrupt_loss(outputs["loss"], info.rank, state.step + 1)
         if cfg.train.nan_guard:  # one tiny collective per micro-batch: agree on "bad loss" and "stop signal"
-            bad, stop = distributed.all_reduce_max(0.0 if torch.isfinite(loss).item() else 1.0, state.stop_signal)
-            state.stop_agreed = int(stop)
-            if bad > 0:
+            bad, state.stop_agreed = agree_bad_loss_and_stop(loss, state.stop_signal)
+            if bad:
                 _skip_bad_micro_batch(cfg, info, state)
                 continue
         state.consecutive_bad = 0
@@ -350,7 +410,9 @@ def log_step(engine, cfg: Config, info, state: RunState, accumulator: MetricAccu
         tflops = scalars["perf/images_per_sec_per_rank"] * state.flops_per_image / 1e12
         scalars["perf/tflops_per_device"] = tflops
         if state.peak_tflops:
-            scalars["perf/mfu"] = tflops / state.peak_tflops
+            # With activation checkpointing the FLOPs count the recompute: hardware-FLOPs utilisation, not MFU.
+            utilisation = "perf/hfu" if cfg.deepspeed.activation_checkpointing else "perf/mfu"
+            scalars[utilisation] = tflops / state.peak_tflops
     state.history.append((state.step, scalars.get("train/loss", math.nan)))
     state.window_images, state.window_data_wait, state.window_id_sum = 0, 0.0, 0
     logger.log(state.step, cfg.train.max_steps, scalars)

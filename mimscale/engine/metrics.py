@@ -12,8 +12,37 @@ from pathlib import Path
 
 import torch
 
-# Dense bf16/fp16 tensor-core peaks (TFLOP/s) by GPU name fragment; fp32 runs use TF32 peaks (half of these).
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "V100": 125.0}
+# Dense (not sparse) bf16/fp16 tensor-core peaks in TFLOP/s, by a fragment of torch.cuda.get_device_name(); the
+# first matching fragment wins, so the specific variants come before the family name. fp32 runs use TF32 (half).
+# Sources: NVIDIA data sheets (H100 SXM 989, PCIe 756, NVL 835; H200 SXM 989, NVL 835; H800 SXM as H100 SXM;
+# GH200 989; B200 2250, B100 1750, GB200 2500 per GPU; A100/A800 312; L40S 362, L40 181, L4 121, A10 125).
+PEAK_BF16_TFLOPS = {
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H200 NVL": 835.0,
+    "H800 PCIe": 756.0,
+    "GH200": 989.0,
+    "H200": 989.0,
+    "H100": 989.0,
+    "H800": 989.0,
+    "GB200": 2500.0,
+    "B200": 2250.0,
+    "B100": 1750.0,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.0,
+    "L40": 181.0,
+    "L4": 121.0,
+    "A10": 125.0,
+}
+
+
+def lookup_peak_tflops(device_name: str, precision: str) -> float | None:
+    """A known GPU's dense peak for ``precision`` (TF32 for fp32), or None."""
+    for fragment, peak in PEAK_BF16_TFLOPS.items():
+        if fragment in device_name:
+            return peak if precision in ("bf16", "fp16") else peak / 2
+    return None
 
 
 def peak_tflops(device: torch.device, precision: str, configured: float) -> float | None:
@@ -22,11 +51,7 @@ def peak_tflops(device: torch.device, precision: str, configured: float) -> floa
         return configured
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for fragment, peak in PEAK_BF16_TFLOPS.items():
-        if fragment in name:
-            return peak if precision in ("bf16", "fp16") else peak / 2
-    return None
+    return lookup_peak_tflops(torch.cuda.get_device_name(device), precision)
 
 
 def memory_gib(device: torch.device) -> float:
@@ -124,8 +149,9 @@ def format_step_line(step: int, max_steps: int, scalars: dict[str, float]) -> st
         f"grad_norm {scalars.get('train/grad_norm', float('nan')):.3f}",
         f"img/s {scalars.get('perf/images_per_sec', float('nan')):.1f}",
     ]
-    if "perf/mfu" in scalars:
-        parts.append(f"mfu {100 * scalars['perf/mfu']:.1f}%")
+    for kind in ("mfu", "hfu"):  # hfu: the FLOPs include activation-checkpointing recompute
+        if f"perf/{kind}" in scalars:
+            parts.append(f"{kind} {100 * scalars[f'perf/{kind}']:.1f}%")
     parts.append(f"mem {scalars.get('perf/memory_gib', float('nan')):.2f}GiB")
     if scalars.get("data/corrupt_samples"):
         parts.append(f"corrupt {int(scalars['data/corrupt_samples'])}")

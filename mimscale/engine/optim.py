@@ -75,3 +75,38 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg, max_steps: int)
         return lr / optim_cfg.lr
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+
+
+def torch_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside DeepSpeed's wrappers (ZeRO, BF16_Optimizer keep it as ``.optimizer``)."""
+    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"no torch optimizer inside {type(optimizer).__name__}")
+    return optimizer
+
+
+def restore_adamw_implementation(optimizer, *, fused: bool) -> int:
+    """After loading optimizer state: put back our fused/foreach choice and the step tensors fused AdamW needs.
+
+    Loading a state dict copies the saved param groups' ``fused``/``foreach`` flags (torch's load_state_dict and
+    DeepSpeed's universal load alike), so a checkpoint written on CPU (foreach) would turn a GPU run to foreach
+    silently, and one written on GPU would ask a CPU run for fused. DeepSpeed's universal load also leaves each
+    ``state['step']`` a CPU tensor, while the fused kernel reads it on the parameter's device. Returns how many
+    step tensors were moved.
+    """
+    inner = torch_optimizer(optimizer)
+    moved = 0
+    for group in inner.param_groups:
+        group["fused"], group["foreach"] = (True, None) if fused else (None, True)
+        for param in group["params"]:
+            state = inner.state.get(param, {})
+            step = state.get("step")
+            if step is None:
+                continue
+            device = param.device if fused or group.get("capturable") else torch.device("cpu")
+            step = torch.as_tensor(step, dtype=torch.float32)
+            if step.device != device:
+                moved += 1
+            state["step"] = step.to(device)
+    return moved

@@ -44,8 +44,11 @@ class MaskAlign(MIMMethod):
         teacher_out = self.teacher(image, need_cls_attention=self.attention_guided)
         if self.attention_guided:
             attention = resize_token_map(teacher_out.cls_attention.to(image.device), grid)
-            mask = attention_guided_mask(attention, int(mask[0].sum()))
-        out = self.student(image, mask, visible_only=True, levels=range(self.student.depth))
+            masked = batch.get("masked_count")  # counted on the host by the engine: no device sync
+            mask = attention_guided_mask(attention, int(mask[0].sum()) if masked is None else masked)
+        out = self.student(
+            image, mask, visible_only=True, levels=range(self.student.depth), masked_count=batch.get("masked_count")
+        )
         prefix = self.student.num_prefix_tokens
         # Aligned tokens: the class token (when the student has one) and the visible patches, as MaskAlign does.
         with_cls = prefix > 0

@@ -24,7 +24,7 @@ class RelaxMIM(MIMMethod):
 
     def forward(self, batch: dict) -> dict:
         image, mask = batch["image"], batch["mask"].bool()
-        masked_index = keep_indices(~mask)  # indices of the masked tokens (same count in every sample)
+        masked_index = keep_indices(~mask, batch.get("masked_count"))  # masked tokens (same count in every sample)
         with torch.no_grad():
             full = self.student(image, None).tokens
             keys = self.head(gather_tokens(full.flatten(1, -2), masked_index))

@@ -106,14 +106,20 @@ class FrozenTeacher(nn.Module):
         weight = next(self.parameters())
         x = image.to(device=weight.device, dtype=torch.float32)
         if (self.data_mean, self.data_std) != (self.teacher_mean, self.teacher_std):
-            data_mean, data_std, mean, std = (
-                torch.tensor(v, device=x.device).view(1, -1, 1, 1)
-                for v in (self.data_mean, self.data_std, self.teacher_mean, self.teacher_std)
-            )
+            data_mean, data_std, mean, std = self._norm_constants(x.device)
             x = ((x * data_std + data_mean) - mean) / std
         if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False)
         return x.to(weight.dtype)
+
+    def _norm_constants(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(data mean, data std, teacher mean, teacher std) as [1, C, 1, 1] float32 on ``device``, made once per
+        device: creating them every step would be four blocking host-to-device copies per step."""
+        cache = self.__dict__.setdefault("_norm_cache", {})
+        if device not in cache:
+            values = (self.data_mean, self.data_std, self.teacher_mean, self.teacher_std)
+            cache[device] = tuple(torch.tensor(v, device=device).view(1, -1, 1, 1) for v in values)
+        return cache[device]
 
     @torch.no_grad()
     def forward(self, image: torch.Tensor, *, need_cls_attention: bool = False) -> TeacherOutput:
