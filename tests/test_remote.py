@@ -204,17 +204,35 @@ def test_eviction_respects_the_limit_and_never_evicts_a_shard_in_use(tmp_path, s
     assert pinned.exists() and cache.usage() <= limit
 
 
-def test_forked_worker_does_not_keep_the_parents_pin(tmp_path, server):
-    cache = cache_in(tmp_path, space_wait_s=0.2)
-    url = server.url(NAMES[0])
-    path = cache.local_path(url)
+def test_forked_worker_keeps_none_of_the_parents_locks(tmp_path, server):
+    """flock locks live while any copy of the fd is open: a DataLoader worker forked while the parent pins one
+    shard and a parent thread is mid-download of another must not keep either locked."""
+    cache = cache_in(tmp_path)
+    pinned_url, fetched_url = server.url(NAMES[0]), server.url(NAMES[1])
+    pinned = cache.local_path(pinned_url)
+    server.faults[NAMES[1]] = ["hang"]
+    cache.prefetch([fetched_url])
+    assert server.hanging.wait(30)  # a prefetch thread holds that shard's lock now
+    done = tmp_path / "done"
     child = os.fork()
-    if child == 0:  # a DataLoader worker would be here: exits without touching the parent's pins
+    if child == 0:  # the worker: alive until the parent has checked, then gone without cleanup
+        deadline = time.monotonic() + 60
+        while not done.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
         os._exit(0 if not cache._pins else 1)
-    assert os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) == 0
-    assert not cache._try_evict(path)  # pinned by us
-    cache.release(url)
-    assert cache._try_evict(path) and not path.exists()
+    try:
+        server.release.set()
+        deadline = time.monotonic() + 60
+        while cache._pending and time.monotonic() < deadline:
+            time.sleep(0.02)
+        fetched = cache.path_for(fetched_url)
+        assert fetched.exists() and cache._try_evict(fetched)  # the worker holds no copy of the download's lock
+        assert not cache._try_evict(pinned)  # our own pin still protects it
+        cache.release(pinned_url)
+        assert cache._try_evict(pinned)  # and the worker holds no copy of the pin
+    finally:
+        done.touch()
+        assert os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) == 0
 
 
 def test_pipe_commands_unknown_schemes_and_missing_packages(tmp_path, monkeypatch):

@@ -411,14 +411,39 @@ def sibling(location: str, name: str) -> str:
 
 
 _CACHES: weakref.WeakSet = weakref.WeakSet()
+_LOCK_FDS: set[int] = set()  # every lock file this process has open, whichever thread opened it
+_LOCK_FDS_GUARD = threading.Lock()
 
 
-def _forget_pins_after_fork() -> None:
+def _open_lock(path: Path) -> int:
+    with _LOCK_FDS_GUARD:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        _LOCK_FDS.add(fd)
+    return fd
+
+
+def _close_lock(fd: int) -> None:
+    with _LOCK_FDS_GUARD:
+        _LOCK_FDS.discard(fd)
+        os.close(fd)
+
+
+def _after_fork_in_child() -> None:
+    """A forked child (a DataLoader worker) shares its parent's open lock files, and flock locks live as long as
+    any copy is open: close (never unlock) every inherited one, or a parent thread's finished download or released
+    pin would stay locked for the child's lifetime. Then start with no pins or threads of its own."""
+    for fd in _LOCK_FDS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _LOCK_FDS.clear()
+    _LOCK_FDS_GUARD.release()  # taken before the fork, so no lock file was half-registered
     for cache in list(_CACHES):
-        cache._after_fork()
+        cache._reset_process_state()
 
 
-os.register_at_fork(after_in_child=_forget_pins_after_fork)
+os.register_at_fork(
+    before=_LOCK_FDS_GUARD.acquire, after_in_parent=_LOCK_FDS_GUARD.release, after_in_child=_after_fork_in_child
+)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -462,8 +487,8 @@ class ShardCache:
 
     @classmethod
     def from_config(cls, data_cfg) -> ShardCache:
-        """The cache a DataConfig asks for (data.cache_dir, data.cache_limit_gb, data.download_*)."""
-        return cls(cache_dir_for(data_cfg.cache_dir), int(data_cfg.cache_limit_gb * 1e9),
+        """The cache a DataConfig asks for: <data.cache_dir>/shards, data.cache_limit_gb, data.download_*."""
+        return cls(os.path.join(cache_dir_for(data_cfg.cache_dir), "shards"), int(data_cfg.cache_limit_gb * 1e9),
                    retries=data_cfg.download_retries, timeout_s=data_cfg.download_timeout_s)  # fmt: skip
 
     def _reset_process_state(self) -> None:
@@ -473,14 +498,6 @@ class ShardCache:
         self._executor: ThreadPoolExecutor | None = None
         self._pending: dict[str, Future] = {}
         self.downloads = 0  # shards this process downloaded (statistics, tests)
-
-    def _after_fork(self) -> None:
-        """In a forked child: drop our copies of the parent's pin fds (closing, not unlocking: the lock is shared
-        with the parent through the open file description) and start with no threads or pins of our own."""
-        for fd, _count in self._pins.values():
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._reset_process_state()
 
     def __getstate__(self) -> dict:
         return {"args": self._args, "options": self._options, "facts": dict(self._facts)}
@@ -501,7 +518,7 @@ class ShardCache:
         return self.dir / self._name(location)
 
     def _lock_fd(self, name: str) -> int:
-        return os.open(self.dir / LOCK_DIR / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        return _open_lock(self.dir / LOCK_DIR / name)
 
     def expect(self, location: str, nbytes: int | None = None, sha256: str | None = None) -> None:
         """Record the manifest's size and sha256 of a shard; downloads are then checked against them."""
@@ -550,7 +567,7 @@ class ShardCache:
                     self._download(location, wait_for_space=True)
                 fcntl.flock(fd, fcntl.LOCK_UN)  # then pin it shared (the loop re-checks it is still there)
         except BaseException:
-            os.close(fd)
+            _close_lock(fd)
             raise
 
     def release(self, location: str, *, drop: bool = False) -> None:
@@ -565,7 +582,7 @@ class ShardCache:
             if pin[1] > 0:
                 return
             del self._pins[location]
-        os.close(pin[0])
+        _close_lock(pin[0])
         if drop:
             self._try_evict(self.path_for(location))
 
@@ -605,7 +622,7 @@ class ShardCache:
         except RemoteError:
             pass  # the consumer's local_path retries and reports it with the URL
         finally:
-            os.close(fd)
+            _close_lock(fd)
 
     def close(self) -> None:
         """Stop prefetching and drop this process's pins."""
@@ -615,7 +632,7 @@ class ShardCache:
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
         for fd, _count in pins.values():
-            os.close(fd)
+            _close_lock(fd)
 
     # ------------------------------------------------------------------------------------------- download
 
@@ -661,7 +678,7 @@ class ShardCache:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
-            os.close(fd)
+            _close_lock(fd)
 
     def _entries(self) -> tuple[int, list[tuple[float, int, Path]]]:
         """(bytes used by finished and in-progress files, finished shards as (mtime, size, path))."""
@@ -686,13 +703,13 @@ class ShardCache:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(fd)
+            _close_lock(fd)
             return False
         try:
             path.unlink(missing_ok=True)
             return True
         finally:
-            os.close(fd)
+            _close_lock(fd)
 
     def _reserve(self, part: Path | None, needed: int, location: str, *, wait: bool) -> bool:
         """Evict least recently used unpinned shards until ``needed`` bytes fit, then create ``part`` at that size
