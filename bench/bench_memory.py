@@ -151,13 +151,14 @@ def checkpointing_table(model_name: str, batch: int, repeats: int) -> None:
     from timm.layers import set_reentrant_ckpt
 
     from mimscale.config import load_config
-    from mimscale.plan import build_meta_models, trace_student_activations
+    from mimscale.engine.flops import build_on_meta
+    from mimscale.plan import trace_student_activations
 
     torch.manual_seed(0)
     model = timm.create_model(model_name, num_classes=0)
     images = torch.randn(batch, 3, 224, 224)
     cfg = load_config(None, [f"model.student={model_name}", "data.image_size=224", "mask.patch_size=16"])
-    trace = trace_student_activations(build_meta_models(cfg), "fp32")
+    trace = trace_student_activations(build_on_meta(cfg), cfg, "fp32")
     set_reentrant_ckpt(True)  # re-entrant checkpoints save block inputs where the hook sees them
     times = {False: [], True: []}
     memory = {}

@@ -99,11 +99,17 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class MethodConfig:
-    name: str = _doc("simmim", "Preset: simmim, maskdistill, maskalign or relaxmim.")
-    head: str = _doc("auto", "Head override: auto (the preset's), linear, pixelshuffle, dynamic_align, mlp.")
-    loss: str = _doc("auto", "Loss override: auto, l1, smooth_l1, mse, cosine, infonce.")
+    name: str = _doc("simmim", "Preset: a key of mimscale.methods.PRESETS (README: Methods).")
+    loss: str = _doc("auto", "Loss override: auto (the preset's) or a key of methods.components.LOSSES.")
     loss_args: dict = _doc({}, "Loss keyword arguments (e.g. beta for smooth_l1, temperature for infonce).")
-    target_norm: str = _doc("auto", "Target normalisation override: auto, none, layernorm, patch_pixel.")
+    target_norm: str = _doc("auto", "Target norm override: auto or a key of methods.components.TARGET_NORMS.")
+
+
+# Keys that no longer do anything: accepted (and dropped) at their old default so that the configs stored in older
+# checkpoints still load; any other value is an error saying why the key went.
+RETIRED_KEYS = {
+    "method.head": ("auto", "each method's head is fixed by its target (pixels, teacher width, projection)"),
+}
 
 
 @dataclass(kw_only=True)
@@ -208,7 +214,6 @@ def validate(cfg: Config) -> Config:
     _check_choice("deepspeed.zero_stage", cfg.deepspeed.zero_stage, (0, 1, 2, 3))
     _check_choice("deepspeed.precision", cfg.deepspeed.precision, ("fp32", "bf16", "fp16"))
     _check_choice("run.device", cfg.run.device, ("auto", "cpu", "cuda"))
-    _check_choice("method.name", cfg.method.name, ("simmim", "maskdistill", "maskalign", "relaxmim"))
     _check_choice("model.pos_embed_init", cfg.model.pos_embed_init, ("timm", "sincos"))
     _check_choice("teacher.kind", cfg.teacher.kind, ("none", "open_clip", "timm"))
     _check_choice("eval.pool", cfg.eval.pool, ("cls", "mean"))
@@ -250,8 +255,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.cache_dir={cfg.data.cache_dir} exists and is not a folder; point it at a folder")
     if cfg.optim.lr <= 0 or cfg.optim.warmup_steps < 0:
         raise ConfigError("optim.lr must be positive and optim.warmup_steps >= 0")
-    if cfg.method.name != "simmim" and cfg.method.name != "relaxmim" and cfg.teacher.kind == "none":
-        raise ConfigError(f"method.name={cfg.method.name} needs a teacher: set teacher.kind to open_clip or timm")
+    from mimscale.methods import check_method_config  # the preset registry (lazy: methods import this module)
+
+    check_method_config(cfg)
     return cfg
 
 
@@ -294,6 +300,7 @@ def _build_section(name: str, values: dict, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     if not isinstance(values, dict):
         raise ConfigError(f"section '{name}'{where} must be a mapping of keys, got {type(values).__name__}")
+    values = _drop_retired(name, values, where)
     for key, value in values.items():
         if key not in hints:
             raise _unknown("key", f"{name}.{key}", sorted(hints), where)
@@ -303,6 +310,17 @@ def _build_section(name: str, values: dict, where: str) -> Any:
                 f"got {value!r} ({type(value).__name__})"
             )
     return cls(**{key: _coerce(value, hints[key]) for key, value in values.items()})
+
+
+def _drop_retired(section: str, values: dict, where: str) -> dict:
+    kept = {}
+    for key, value in values.items():
+        retired = RETIRED_KEYS.get(f"{section}.{key}")
+        if retired is None:
+            kept[key] = value
+        elif value != retired[0]:
+            raise ConfigError(f"{section}.{key}{where} was removed: {retired[1]}; delete the key")
+    return kept
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -21,166 +20,18 @@ import torch
 from torch import nn
 
 from mimscale.config import Config, ConfigError, load_config
+from mimscale.engine.deepspeed import DTYPES
+from mimscale.engine.flops import build_on_meta, image_flops
+from mimscale.methods.base import MIMMethod, count_params
 
 GIB = 2**30
 # CUDA context, NCCL/DeepSpeed communication buckets and allocator fragmentation: kept free on every card.
 RUNTIME_RESERVE_FRACTION = 0.10
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-RELAXMIM_PROJECTOR = (2048, 256)  # hidden and output width of the RelaxMIM projection MLP
+FROZEN_DTYPE = "bf16"  # the engine casts frozen teachers to bf16 on GPUs
 
 
-# ----------------------------------------------------------------------------------------------- models
-
-
-@dataclass
-class MetaModels:
-    """The student (mimscale's Student around the timm backbone), the frozen teacher and the head size, on meta."""
-
-    student: nn.Module
-    teacher: nn.Module | None
-    head_params: int
-    student_image_size: int
-    teacher_image_size: int
-    tokens: int  # patch tokens of the full image
-    student_tokens: int  # tokens the student's blocks actually process (fewer when visible-only)
-    visible_only: bool
-
-    def student_forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Forward the student as the method runs it: mask token on all tokens, or visible tokens only."""
-        if not self.visible_only:
-            side = images.shape[-1] // self.student.patch_size
-            mask = torch.zeros(images.shape[0], side, side, dtype=torch.bool, device=images.device)
-            return self.student(images, mask).tokens
-        # Student gathers the kept tokens by their mask indices (data-dependent: impossible on meta); the same
-        # hook point with the first K tokens costs the same memory and FLOPs.
-        backbone = self.student.backbone
-        keep = self.student_tokens
-        handle = backbone.patch_drop.register_forward_hook(lambda _module, _args, out: out[:, :keep])
-        try:
-            return backbone.forward_features(images)
-        finally:
-            handle.remove()
-
-    def target_forward(self, images: torch.Tensor) -> torch.Tensor:
-        """RelaxMIM's target: the student itself on the unmasked view."""
-        return self.student(images).tokens
-
-    def teacher_forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.teacher(images)
-
-
-def build_student(cfg: Config) -> nn.Module:
-    """The student exactly as training builds it (mimscale.models.students), on the meta device."""
-    from mimscale.models.students import build_student as build_training_student
-
-    with torch.device("meta"):
-        return build_training_student(cfg)
-
-
-def build_method_on_meta(cfg: Config) -> tuple[nn.Module, int, nn.Module | None] | None:
-    """(student, head params, frozen teacher) from the method exactly as training builds it, on the meta device.
-
-    Teachers are built at random init: the plan needs their shapes, never their weights. None when the preset
-    cannot be built yet (then the plan falls back to timm/open_clip directly and an estimated head).
-    """
-    from mimscale.methods import build_method
-
-    if cfg.teacher.kind != "none":
-        teacher = dataclasses.replace(cfg.teacher, random_init=True, pretrained="")
-        cfg = dataclasses.replace(cfg, teacher=teacher)
-    try:
-        with torch.device("meta"):
-            method = build_method(cfg)
-    except (ImportError, NotImplementedError, RuntimeError):
-        return None
-    frozen = method.frozen_modules()
-    return method.student, count_params(method) - count_params(method.student), frozen[0] if frozen else None
-
-
-def build_teacher(cfg: Config) -> tuple[nn.Module | None, int]:
-    """The teacher's visual tower on the meta device and its input size; (None, 0) for pixel targets."""
-    kind, name = cfg.teacher.kind, cfg.teacher.name
-    if kind == "none" or cfg.method.name == "relaxmim":
-        return None, 0
-    if not name:
-        raise ConfigError(f"teacher.kind={kind} needs teacher.name (e.g. ViT-B-16 for open_clip)")
-    try:
-        if kind == "open_clip":
-            import open_clip
-
-            with torch.device("meta"):
-                visual = open_clip.create_model(name, pretrained=None, device="meta", **cfg.teacher.model_args).visual
-            native = visual.image_size
-            native = native[0] if isinstance(native, (tuple, list)) else native
-        else:
-            import timm
-
-            with torch.device("meta"):
-                visual = timm.create_model(name, pretrained=False, num_classes=0, **cfg.teacher.model_args)
-            native = visual.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
-    except RuntimeError as err:
-        lister = "open_clip.list_models()" if kind == "open_clip" else "timm.list_models()"
-        raise ConfigError(f"teacher.name={name!r} is not a known {kind} model; pick one from {lister}") from err
-    return visual, cfg.teacher.image_size or int(native)
-
-
-def _teacher_width(teacher: nn.Module | None) -> int:
-    if teacher is None:
-        return 0
-    transformer = getattr(teacher, "transformer", None)
-    return int(getattr(transformer, "width", 0) or getattr(teacher, "num_features", 0) or teacher.embed_dim)
-
-
-def estimate_head_params(cfg: Config, student: nn.Module, teacher: nn.Module | None) -> int:
-    """Head size from the preset's head and the student/teacher widths (the heads are small next to the body)."""
-    width = int(student.num_features)
-    if cfg.method.name == "simmim":
-        out = student.out_stride**2 * 3  # pixels predicted per output token
-        return width * out + out
-    if cfg.method.name == "relaxmim":
-        hidden, out = RELAXMIM_PROJECTOR
-        return width * hidden + hidden + hidden * out + out
-    if cfg.method.name == "maskdistill":  # a linear map to the teacher's (projected) token width
-        out = int(getattr(teacher, "output_dim", 0) or _teacher_width(teacher))
-        return width * out + out
-    levels = len(cfg.teacher.layers)
-    adapters = levels * (width * _teacher_width(teacher) + _teacher_width(teacher))
-    return adapters + student.depth * levels  # Dynamic Alignment mixes every student level into every teacher level
-
-
-def build_meta_models(cfg: Config) -> MetaModels:
-    """Everything the plan needs, shaped exactly as the config would train it."""
-    built = build_method_on_meta(cfg)
-    if built is not None:  # the method's teacher resizes the batch to its own input size itself
-        student, head_params, teacher = built
-        teacher_size = cfg.data.image_size
-    else:
-        student = build_student(cfg)
-        teacher, teacher_size = build_teacher(cfg)
-        head_params = estimate_head_params(cfg, student, teacher)
-    tokens = (cfg.data.image_size // student.patch_size) ** 2
-    visible_only = cfg.method.name == "maskalign" and student.family == "vit"
-    student_tokens = tokens + student.num_prefix_tokens
-    if visible_only:
-        student_tokens = round(tokens * (1.0 - cfg.mask.ratio)) + student.num_prefix_tokens
-    return MetaModels(
-        student=student,
-        teacher=teacher,
-        head_params=head_params,
-        student_image_size=cfg.data.image_size,
-        teacher_image_size=teacher_size,
-        tokens=tokens,
-        student_tokens=student_tokens,
-        visible_only=visible_only,
-    )
-
-
-def count_params(module: nn.Module | None) -> int:
-    """Unique parameters (tied weights once), as DeepSpeed counts them."""
-    if module is None:
-        return 0
-    return sum({id(p): p.numel() for p in module.parameters()}.values())
+def dtype_bytes(precision: str) -> int:
+    return DTYPES[precision].itemsize
 
 
 def largest_layer_params(module: nn.Module) -> int:
@@ -228,12 +79,12 @@ def model_state_bytes(
     ranks in bench/bench_memory.py; DeepSpeed's estimate_zero3_model_states_mem_needs omits the bucket and the
     16-bit gradient partition, which it also holds at the step).
     """
-    if precision not in DTYPE_BYTES:
+    if precision not in DTYPES:
         raise ConfigError(f"deepspeed.precision={precision!r} is not valid; choose fp32, bf16 or fp16")
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_stage={stage} is not valid; choose 0, 1, 2 or 3")
     mixed = precision != "fp32"
-    width = DTYPE_BYTES[precision]
+    width = dtype_bytes(precision)
 
     def share(bytes_per_param: float, from_stage: int) -> float:
         return params * bytes_per_param / (gpus if stage >= from_stage else 1)
@@ -297,15 +148,6 @@ def _fused_attention_on_meta() -> Iterator[None]:
         functional.scaled_dot_product_attention = original
 
 
-def _checkpoint_units(model: nn.Module) -> list[nn.Module]:
-    """The blocks timm recomputes under set_grad_checkpointing: children of every ``blocks`` container."""
-    units = []
-    for name, module in model.named_modules():
-        if name.split(".")[-1] == "blocks" and isinstance(module, (nn.Sequential, nn.ModuleList)):
-            units.extend(module.children())
-    return units
-
-
 @dataclass
 class ActivationTrace:
     """Bytes autograd saves for backward during one forward, split by checkpointing unit."""
@@ -332,17 +174,16 @@ def _storage_key(tensor: torch.Tensor) -> int:
 
 
 def trace_saved_activations(
-    forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, model: nn.Module
+    forward: Callable[[torch.Tensor], object], images: torch.Tensor, model: nn.Module, units: list[nn.Module]
 ) -> ActivationTrace:
-    """Sum the unique storages autograd saves for backward, excluding parameters and buffers.
+    """Sum the unique storages autograd saves for backward, excluding ``model``'s parameters and buffers.
 
-    Each storage is counted once, charged to the checkpointing unit (block) that first saved it; a block's input
-    is what checkpointing keeps instead of the block's saved tensors.
+    Each storage is counted once, charged to the checkpointing unit (block) of ``units`` that first saved it; a
+    block's input is what checkpointing keeps instead of the block's saved tensors.
     """
     excluded = {_storage_key(t) for t in [*model.parameters(), *model.buffers()]}
     seen: set[int] = set()
     trace = ActivationTrace()
-    units = _checkpoint_units(model)
     current: list[int | None] = [None]
 
     def charge(key: int, nbytes: int) -> None:
@@ -381,72 +222,22 @@ def trace_saved_activations(
     return trace
 
 
-def trace_student_activations(models: MetaModels, precision: str) -> ActivationTrace:
-    """Per-sample saved bytes of the student in the training precision (meta device, batch 1)."""
-    student = models.student.to(TORCH_DTYPES[precision])
-    size = models.student_image_size
-    images = torch.empty(1, 3, size, size, device="meta", dtype=TORCH_DTYPES[precision])
+def trace_student_activations(method: MIMMethod, cfg: Config, precision: str) -> ActivationTrace:
+    """Per-sample saved bytes of the method's trained forwards in the training precision (meta device, batch 1)."""
+    dtype = DTYPES[precision]
+    method.student.to(dtype)
+    size = cfg.data.image_size
+    images = torch.empty(1, 3, size, size, device="meta", dtype=dtype)
+    trained = [forward.run for forward in method.counted_forwards(cfg.mask.ratio) if forward.trained]
     with _fused_attention_on_meta():
-        return trace_saved_activations(models.student_forward, images, student)
+        return trace_saved_activations(
+            lambda x: [run(x) for run in trained], images, method.student, method.student.arch.blocks
+        )
 
 
-def head_activation_bytes(models: MetaModels, precision: str, method: str) -> int:
-    """Per-sample bytes the head saves: its input tokens and its predictions kept for the loss.
-
-    MaskAlign's Dynamic Alignment also stacks every student block's output, which keeps them all alive even
-    with activation checkpointing.
-    """
-    student = models.student
-    width = int(student.num_features)
-    tokens = models.student_tokens if models.visible_only else (models.student_image_size // student.out_stride) ** 2
-    out_per_token = models.head_params // max(width + 1, 1)
-    elements = tokens * (width + out_per_token)
-    if method == "maskalign":
-        elements += student.depth * models.student_tokens * int(student.embed_dim)
-    return elements * DTYPE_BYTES[precision]
-
-
-# ----------------------------------------------------------------------------------------------- FLOPs
-
-
-@dataclass
-class FlopsPerImage:
-    """Matmul/conv FLOPs per training image (2 per multiply-add), split by where they are spent."""
-
-    student_forward: float
-    teacher_forward: float
-    target_forward: float  # RelaxMIM: the student's own no-grad forward on the unmasked view
-    checkpointing: bool
-
-    @property
-    def total(self) -> float:
-        """Student fwd+bwd (3x fwd) + recompute (1x fwd with checkpointing) + teacher/target forward."""
-        recompute = self.student_forward if self.checkpointing else 0.0
-        return 3 * self.student_forward + recompute + self.teacher_forward + self.target_forward
-
-
-def count_forward_flops(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> float:
-    """FLOPs of one forward, counted op by op by torch's FlopCounterMode (works on the meta device)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        forward(images)
-    return float(counter.get_total_flops())
-
-
-def image_flops(models: MetaModels, cfg: Config) -> FlopsPerImage:
-    """FLOPs per image for this config's student (visible-only aware), teacher and checkpointing."""
-    size = models.student_image_size
-    student = count_forward_flops(models.student_forward, torch.empty(1, 3, size, size, device="meta"))
-    teacher = 0.0
-    if models.teacher is not None:
-        side = models.teacher_image_size
-        teacher = count_forward_flops(models.teacher_forward, torch.empty(1, 3, side, side, device="meta"))
-    target = 0.0
-    if cfg.method.name == "relaxmim":
-        target = count_forward_flops(models.target_forward, torch.empty(1, 3, size, size, device="meta"))
-    return FlopsPerImage(student, teacher, target, cfg.deepspeed.activation_checkpointing)
+def head_activation_bytes(method: MIMMethod, cfg: Config, precision: str) -> int:
+    """Per-sample bytes the head saves for backward, as the method declares them."""
+    return method.head_activation_elements(cfg.data.image_size, cfg.mask.ratio) * dtype_bytes(precision)
 
 
 # ----------------------------------------------------------------------------------------------- the plan
@@ -476,8 +267,9 @@ class Plan:
     activation_bytes_per_sample_other_mode: float
     max_micro_batch: int
     flops_per_image: float
-    student_forward_flops: float
-    teacher_forward_flops: float  # RelaxMIM: its own no-grad target forward
+    student_forward_flops: float  # forwards with gradient
+    teacher_forward_flops: float  # no-grad forwards: frozen teachers, stop-grad targets
+    no_grad_forwards: list[str]
     mfu: float
     peak_tflops: float
     images_per_second_per_gpu: float
@@ -507,22 +299,24 @@ def make_plan(cfg: Config, *, gpus: int, gpu_memory_bytes: float, mfu: float = 0
     if not 0 < mfu <= 1:
         raise ConfigError(f"--mfu must be in (0, 1], got {mfu}")
     ds = cfg.deepspeed
-    models = build_meta_models(cfg)
-    trainable = count_params(models.student) + models.head_params
+    method = build_on_meta(cfg)
+    student_params = count_params(method.student)
+    head_params = count_params(method) - student_params
     states = model_state_bytes(
-        trainable,
+        student_params + head_params,
         stage=ds.zero_stage,
         precision=ds.precision,
         gpus=gpus,
-        largest_layer=max(largest_layer_params(models.student), models.head_params),
+        largest_layer=max(largest_layer_params(method.student), head_params),
         bucket_elements=reduce_bucket_elements(cfg, gpus),
         offload_optimizer=ds.offload_optimizer,
     )
-    teacher_params = count_params(models.teacher)
-    teacher_bytes = teacher_params * DTYPE_BYTES["bf16"]  # the engine casts frozen teachers to bf16 on GPUs
-    flops = image_flops(models, cfg)
-    trace = trace_student_activations(models, ds.precision)
-    head = head_activation_bytes(models, ds.precision, cfg.method.name)
+    frozen = method.frozen_modules()
+    teacher_params = sum(count_params(module) for module in frozen)
+    teacher_bytes = teacher_params * dtype_bytes(FROZEN_DTYPE)
+    flops = image_flops(method, cfg)
+    trace = trace_student_activations(method, cfg, ds.precision)
+    head = head_activation_bytes(method, cfg, ds.precision)
     per_sample = trace.peak(ds.activation_checkpointing) + head
     other = trace.peak(not ds.activation_checkpointing) + head
     reserve = RUNTIME_RESERVE_FRACTION * gpu_memory_bytes
@@ -530,18 +324,18 @@ def make_plan(cfg: Config, *, gpus: int, gpu_memory_bytes: float, mfu: float = 0
     per_gpu = mfu * peak_tflops * 1e12 / flops.total
     return Plan(
         student=cfg.model.student,
-        teacher=f"{cfg.teacher.kind}:{cfg.teacher.name}" if models.teacher is not None else "none",
+        teacher=f"{cfg.teacher.kind}:{cfg.teacher.name}" if frozen else "none",
         method=cfg.method.name,
         gpus=gpus,
         zero_stage=ds.zero_stage,
         precision=ds.precision,
         activation_checkpointing=ds.activation_checkpointing,
-        student_params=count_params(models.student),
-        head_params=models.head_params,
+        student_params=student_params,
+        head_params=head_params,
         teacher_params=teacher_params,
-        student_tokens=models.student_tokens,
+        student_tokens=method.student_tokens(cfg.data.image_size, cfg.mask.ratio),
         gpu_memory_bytes=gpu_memory_bytes,
-        model_states={k: v for k, v in asdict(states).items()},
+        model_states=asdict(states),
         model_state_bytes=states.total,
         teacher_bytes=float(teacher_bytes),
         reserve_bytes=reserve,
@@ -549,22 +343,24 @@ def make_plan(cfg: Config, *, gpus: int, gpu_memory_bytes: float, mfu: float = 0
         activation_bytes_per_sample_other_mode=float(other),
         max_micro_batch=batch,
         flops_per_image=flops.total,
-        student_forward_flops=flops.student_forward,
-        teacher_forward_flops=flops.teacher_forward + flops.target_forward,
+        student_forward_flops=flops.trained_forward,
+        teacher_forward_flops=flops.no_grad_forward,
+        no_grad_forwards=[f.name for f in method.counted_forwards(cfg.mask.ratio) if not f.trained],
         mfu=mfu,
         peak_tflops=peak_tflops,
         images_per_second_per_gpu=per_gpu,
         images_per_second=per_gpu * gpus,
-        notes=_advice(cfg, batch, models),
+        notes=_advice(cfg, batch, method),
     )
 
 
-def _advice(cfg: Config, batch: int, models: MetaModels) -> list[str]:
+def _advice(cfg: Config, batch: int, method: MIMMethod) -> list[str]:
     notes = []
-    if models.visible_only:
-        notes.append(f"visible-only student: {models.student_tokens} of {models.tokens} tokens (+ prefix) per image")
-    if cfg.method.name == "maskalign" and not models.visible_only:
-        notes.append("maskalign on a non-ViT student: planned with all tokens (Swin cannot drop tokens)")
+    if method.visible_only:
+        kept = method.student_tokens(cfg.data.image_size, cfg.mask.ratio)
+        notes.append(
+            f"visible-only student: {kept} of {method.grid_tokens(cfg.data.image_size)} tokens (+ prefix) per image"
+        )
     if batch == 0:
         fixes = []
         if cfg.deepspeed.zero_stage < 3:
@@ -629,7 +425,7 @@ def format_plan(plan: Plan) -> str:
             "FLOPs per image",
             f"{_human(plan.flops_per_image, 'FLOP')} (student fwd {_human(plan.student_forward_flops)}"
             f" x3{' +1 recompute' if plan.activation_checkpointing else ''}, "
-            f"{'target' if plan.method == 'relaxmim' else 'teacher'} fwd {_human(plan.teacher_forward_flops)})",
+            f"{' + '.join(plan.no_grad_forwards) or 'teacher'} fwd {_human(plan.teacher_forward_flops)})",
         ),
         (
             "ideal speed",

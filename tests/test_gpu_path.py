@@ -83,7 +83,6 @@ def test_compile_parts_trace_without_breaks_or_hitting_the_recompile_limit(
     import torch._dynamo as dynamo
     from torch._dynamo.utils import counters
 
-    from mimscale.engine.loop import compile_blocks
     from mimscale.methods import build_method
 
     cfg = _build_cfg(None, f"model.student={student}", f"model.student_args={args}", f"data.image_size={size}",
@@ -95,7 +94,7 @@ def test_compile_parts_trace_without_breaks_or_hitting_the_recompile_limit(
     blocks = method.student.arch.blocks
     dynamo.reset()
     counters.clear()
-    assert compile_blocks(method, backend="eager") == 2 * len(blocks)
+    assert method.compile_for_training(backend="eager") == 2 * len(blocks)
     image = torch.randn(2, 3, size, size)
     mask = torch.zeros(2, size // method.token_stride, size // method.token_stride, dtype=torch.bool)
     mask[:, ::2] = True
@@ -113,12 +112,11 @@ def test_compile_parts_trace_without_breaks_or_hitting_the_recompile_limit(
 
 
 def test_compile_leaves_the_student_eager_under_zero3():
-    from mimscale.engine.loop import compile_blocks
     from mimscale.methods import build_method
 
     method = build_method(_build_cfg("demo_maskdistill.yaml", "model.student_args.depth=2"))
     forwards = [part.forward for block in method.student.arch.blocks for part in (block.attn, block.mlp)]
-    assert compile_blocks(method, zero_stage=3, backend="eager") == len(method.frozen_modules()) == 1
+    assert method.compile_for_training(zero_stage=3, backend="eager") == len(method.frozen_modules()) == 1
     assert forwards == [part.forward for block in method.student.arch.blocks for part in (block.attn, block.mlp)]
 
 

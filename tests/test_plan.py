@@ -13,9 +13,8 @@ import torch
 from timm.layers import set_reentrant_ckpt, use_reentrant_ckpt
 
 from mimscale.config import ConfigError, load_config
+from mimscale.engine.flops import build_on_meta, image_flops
 from mimscale.plan import (
-    build_meta_models,
-    image_flops,
     make_plan,
     model_state_bytes,
     parse_memory,
@@ -82,7 +81,7 @@ def test_activation_estimate_matches_saved_tensors(checkpointing):
     from mimscale.models import students
 
     cfg = load_config(None, TINY_VIT)
-    trace = trace_student_activations(build_meta_models(cfg), "fp32")
+    trace = trace_student_activations(build_on_meta(cfg), cfg, "fp32")
     batch = 4
     torch.manual_seed(0)
     student = students.build_student(cfg)
@@ -105,11 +104,11 @@ def test_visible_only_flops_scale_with_keep_ratio():
     student = {}
     for keep in (0.25, 0.5, 0.75):
         cfg = load_config(None, base + [f"mask.ratio={1 - keep}", "mask.patch_size=8"])
-        student[keep] = image_flops(build_meta_models(cfg), cfg).student_forward
+        student[keep] = image_flops(build_on_meta(cfg), cfg).trained_forward
     assert student[0.25] / student[0.75] == pytest.approx(1 / 3, rel=0.15)
     assert student[0.5] / student[0.75] == pytest.approx(2 / 3, rel=0.15)
     full = load_config(None, TINY_VIT)
-    assert student[0.75] < image_flops(build_meta_models(full), full).student_forward
+    assert student[0.75] < image_flops(build_on_meta(full), full).trained_forward
 
 
 def test_billion_parameter_config_plans_in_seconds_and_zero3_scales():
@@ -190,9 +189,9 @@ def test_whole_method_activations_match_the_plan(config, overrides):
 
     cfg = load_config(Path(__file__).parents[1] / "configs" / config, overrides + ["deepspeed.precision=fp32"])
     checkpointing = cfg.deepspeed.activation_checkpointing
-    models = build_meta_models(cfg)
-    planned = trace_student_activations(models, "fp32").stored(checkpointing)
-    planned += head_activation_bytes(models, "fp32", cfg.method.name)
+    planned_method = build_on_meta(cfg)
+    planned = trace_student_activations(planned_method, cfg, "fp32").stored(checkpointing)
+    planned += head_activation_bytes(planned_method, cfg, "fp32")
     torch.manual_seed(0)
     method = build_method(cfg)
     method.set_grad_checkpointing(checkpointing)

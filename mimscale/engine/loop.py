@@ -22,6 +22,7 @@ from mimscale.engine import distributed, faults
 from mimscale.engine.deepspeed import DTYPES, gathered_own_parameters, initialize_engine, write_deepspeed_config
 from mimscale.engine.metrics import MetricAccumulator, StepLogger, memory_gib, peak_tflops, progress_wanted
 from mimscale.engine.optim import restore_adamw_implementation, warmup_cosine
+from mimscale.methods.base import COMPILE_ZERO3_NOTE
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: checkpointed after SIGTERM/SIGUSR1; the job script requeues on this code
 
@@ -100,7 +101,7 @@ def _build(cfg: Config, info: distributed.DistInfo, load_universal: bool):
     _cast_float_buffers(method, DTYPES[cfg.deepspeed.precision])
     configure_matmul_precision(info.device, cfg.deepspeed.precision)
     if cfg.model.compile:
-        compiled = compile_blocks(method, zero_stage=cfg.deepspeed.zero_stage)
+        compiled = method.compile_for_training(zero_stage=cfg.deepspeed.zero_stage)
         if info.is_main:
             print(f"model.compile: compiled {compiled} modules{COMPILE_ZERO3_NOTE * (cfg.deepspeed.zero_stage == 3)}")
     engine, scheduler, ds_config = initialize_engine(
@@ -108,39 +109,6 @@ def _build(cfg: Config, info: distributed.DistInfo, load_universal: bool):
     )
     torch.manual_seed(cfg.run.seed + 1 + info.rank)  # per-rank randomness (drop path) from here on
     return method, engine, scheduler, ds_config
-
-
-COMPILE_ZERO3_NOTE = (
-    " (teachers only: under ZeRO-3 DeepSpeed's parameter hooks, which torch.compile cannot trace, break every "
-    "student graph, so the student runs eagerly)"
-)
-
-
-def compile_blocks(method: torch.nn.Module, *, zero_stage: int = 0, backend: str = "inductor") -> int:
-    """torch.compile what compiles cleanly, in place; returns how many modules were compiled.
-
-    Student: each block's attention and MLP (``attn``/``mlp``), not the whole block. The blocks differ in
-    constants dynamo specialises on (each block's drop-path probability, Swin's shift mask), so whole blocks
-    need one graph each and ViT-B/Swin-B hit dynamo's recompile limit (8), after which the rest runs eagerly; the
-    attention and MLP code is the same in every block of a stage (ViT: 2 graphs in all, Swin-B: about 11). The
-    limit is raised to the number of compiled modules so no block ever falls back silently. Under ZeRO-3 the
-    student is left eager (see COMPILE_ZERO3_NOTE). Teachers (frozen, never partitioned): their whole forward.
-    Compiling ``forward`` (not the module) keeps parameter names, so checkpoints and export are unchanged, and
-    leaves module hooks (ZeRO gathering, level capture) outside the compiled graphs.
-    """
-    modules = [] if zero_stage == 3 else compiled_parts(method.student.arch.blocks)
-    modules += method.frozen_modules()
-    for module in modules:
-        module.forward = torch.compile(module.forward, backend=backend)
-    dynamo_config = torch._dynamo.config
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, len(modules) + 8)
-    return len(modules)
-
-
-def compiled_parts(blocks: list[torch.nn.Module]) -> list[torch.nn.Module]:
-    """The attention and MLP of every block (timm ViT, Swin, SwinV2 and BEiT blocks all name them so)."""
-    parts = [getattr(block, name, None) for block in blocks for name in ("attn", "mlp")]
-    return [part for part in parts if isinstance(part, torch.nn.Module)]
 
 
 def configure_matmul_precision(device: torch.device, precision: str) -> None:

@@ -1,4 +1,4 @@
-"""Method components: target normalisations and losses, each in a small registry a preset names.
+"""Method components: target normalisations and losses, one registry per kind (``TARGET_NORMS``, ``LOSSES``).
 
 Every loss is computed in fp32 whatever the training precision (EVA/MaskDistill practice: bf16 losses on
 whitened targets are too coarse), and reduces over the positions the method says (masked or visible).
@@ -6,7 +6,9 @@ whitened targets are too coarse), and reduces over the positions the method says
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,19 +36,29 @@ def no_target_norm(target: torch.Tensor) -> torch.Tensor:
     return target.float()
 
 
-TARGET_NORMS = ("none", "layernorm", "patch_pixel")
+@dataclass(frozen=True)
+class TargetNorm:
+    """A target normalisation and the targets it applies to (``pixels`` [B, C, H, W] and/or ``features`` [..., C])."""
+
+    build: Callable[[int], Callable[[torch.Tensor], torch.Tensor]]  # student patch size -> norm
+    targets: tuple[str, ...]
 
 
-def feature_target_norm(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Normalisation for feature targets [..., C]; ``patch_pixel`` only makes sense for pixel targets."""
-    if name == "layernorm":
-        return layernorm_target
-    if name == "none":
-        return no_target_norm
-    raise ConfigError(
-        f"method.target_norm={name!r} does not apply to feature targets; choose layernorm or none "
-        "(patch_pixel is for pixel targets, method.name=simmim)"
-    )
+TARGET_NORMS: dict[str, TargetNorm] = {
+    "none": TargetNorm(lambda patch: no_target_norm, ("pixels", "features")),
+    "layernorm": TargetNorm(lambda patch: layernorm_target, ("features",)),
+    "patch_pixel": TargetNorm(lambda patch: functools.partial(patch_pixel_target, patch=patch), ("pixels",)),
+}
+
+
+def build_target_norm(name: str, target: str, patch: int = 1) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The normalisation ``name`` (method.target_norm) for ``target`` (``pixels`` or ``features``)."""
+    fitting = [key for key, norm in TARGET_NORMS.items() if target in norm.targets]
+    if name not in fitting:
+        raise ConfigError(
+            f"method.target_norm={name!r} does not apply to {target} targets; choose auto or one of {', '.join(fitting)}"
+        )
+    return TARGET_NORMS[name].build(patch)
 
 
 # ------------------------------------------------------------------------------------------------- losses
@@ -104,24 +116,36 @@ def infonce_loss(query: torch.Tensor, key: torch.Tensor, temperature: float = 0.
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
 
 
-LOSSES = ("l1", "smooth_l1", "mse", "cosine", "infonce")
+@dataclass(frozen=True)
+class Loss:
+    """A loss by kind: ``regression`` (pred, target, weight) or ``contrastive`` (query, key), and its loss_args."""
+
+    build: Callable[..., Callable]  # **loss_args -> loss function
+    kind: str
+    args: tuple[str, ...] = ()
 
 
-def build_regression_loss(name: str, loss_args: dict) -> Callable:
-    """Regression loss by name; ``loss_args`` come from method.loss_args (e.g. beta for smooth_l1)."""
-    allowed = {"smooth_l1": {"beta"}}.get(name, set())
-    unknown = set(loss_args) - allowed
+def make_infonce(temperature: float = 0.2) -> Callable:
+    if temperature <= 0:
+        raise ConfigError(f"method.loss_args.temperature must be positive, got {temperature}")
+    return functools.partial(infonce_loss, temperature=temperature)
+
+
+LOSSES: dict[str, Loss] = {
+    "l1": Loss(lambda: l1_loss, "regression"),
+    "mse": Loss(lambda: mse_loss, "regression"),
+    "smooth_l1": Loss(lambda beta=1.0: make_smooth_l1(float(beta)), "regression", ("beta",)),
+    "cosine": Loss(lambda: cosine_loss, "regression"),
+    "infonce": Loss(lambda temperature=0.2: make_infonce(float(temperature)), "contrastive", ("temperature",)),
+}
+
+
+def build_loss(name: str, loss_args: dict, kind: str) -> Callable:
+    """Loss ``name`` (method.loss) of ``kind`` with ``loss_args`` (method.loss_args, e.g. beta for smooth_l1)."""
+    fitting = [key for key, loss in LOSSES.items() if loss.kind == kind]
+    if name not in fitting:
+        raise ConfigError(f"method.loss={name!r} is not a {kind} loss; choose auto or one of {', '.join(fitting)}")
+    unknown = set(loss_args) - set(LOSSES[name].args)
     if unknown:
         raise ConfigError(f"method.loss_args has keys {sorted(unknown)} that loss {name!r} does not take")
-    if name == "l1":
-        return l1_loss
-    if name == "mse":
-        return mse_loss
-    if name == "smooth_l1":
-        return make_smooth_l1(float(loss_args.get("beta", 1.0)))
-    if name == "cosine":
-        return cosine_loss
-    raise ConfigError(
-        f"method.loss={name!r} is not a regression loss; choose one of l1, smooth_l1, mse, cosine "
-        "(infonce is for method.name=relaxmim)"
-    )
+    return LOSSES[name].build(**loss_args)

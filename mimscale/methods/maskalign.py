@@ -14,7 +14,7 @@ import torch
 
 from mimscale.config import Config, ConfigError
 from mimscale.methods.base import MIMMethod
-from mimscale.methods.components import build_regression_loss, feature_target_norm
+from mimscale.methods.components import build_loss, build_target_norm
 from mimscale.models.heads import DynamicAlignHead
 from mimscale.models.students import Student, gather_tokens
 from mimscale.models.teachers import FrozenTeacher, build_teacher, resize_token_map
@@ -31,6 +31,8 @@ def attention_guided_mask(cls_attention: torch.Tensor, num_masked: int) -> torch
 
 
 class MaskAlign(MIMMethod):
+    visible_only = True
+
     def __init__(self, student: Student, head: DynamicAlignHead, mask_kind: str, teacher: FrozenTeacher, loss, norm):
         data_kind = "random_tokens" if mask_kind == "attention_guided" else mask_kind
         super().__init__(student, head, data_kind, teachers=(teacher,))
@@ -65,12 +67,16 @@ class MaskAlign(MIMMethod):
         loss = torch.stack(losses).mean()
         return {"loss": loss, "last_level_loss": losses[-1].detach(), "mask_ratio": mask.float().mean().detach()}
 
+    def head_activation_elements(self, image_size: int, mask_ratio: float) -> int:
+        """Dynamic Alignment stacks every student block's output, which keeps them all alive for backward (even
+        under activation checkpointing), besides the adapters' inputs and predictions."""
+        stacked = self.student.depth * self.student_tokens(image_size, mask_ratio) * self.student.embed_dim
+        return super().head_activation_elements(image_size, mask_ratio) + stacked
+
 
 def build_maskalign(cfg: Config, preset, student: Student) -> MaskAlign:
-    if student.family != "vit":
+    if not student.arch.can_drop_tokens:
         raise ConfigError("method.name=maskalign needs a ViT student (it drops masked tokens); pick a timm ViT")
-    if preset.head != "dynamic_align":
-        raise ConfigError(f"method.head={preset.head!r} is not valid for maskalign; use auto or dynamic_align")
     teacher = build_teacher(cfg.teacher, preset.teacher_output, cfg.data)
     head = DynamicAlignHead(
         student_dim=student.num_features,
@@ -79,5 +85,5 @@ def build_maskalign(cfg: Config, preset, student: Student) -> MaskAlign:
         teacher_levels=teacher.layers,
         teacher_depth=teacher.depth,
     )
-    loss = build_regression_loss(preset.loss, cfg.method.loss_args)
-    return MaskAlign(student, head, preset.mask_kind, teacher, loss, feature_target_norm(preset.target_norm))
+    loss = build_loss(preset.loss, cfg.method.loss_args, kind="regression")
+    return MaskAlign(student, head, preset.mask_kind, teacher, loss, build_target_norm(preset.target_norm, "features"))

@@ -7,7 +7,7 @@ from torch import nn
 
 from mimscale.config import Config, ConfigError
 from mimscale.methods.base import MIMMethod
-from mimscale.methods.components import build_regression_loss, feature_target_norm
+from mimscale.methods.components import build_loss, build_target_norm
 from mimscale.models.heads import TokenLinearHead
 from mimscale.models.students import Student
 from mimscale.models.teachers import FrozenTeacher, build_teacher, resize_token_map
@@ -40,13 +40,13 @@ class MaskDistill(MIMMethod):
 
 
 def build_maskdistill(cfg: Config, preset, student: Student) -> MaskDistill:
-    if student.family != "vit":
+    if not student.arch.is_vit_like:
         raise ConfigError("method.name=maskdistill needs a ViT student (token grid = patch grid); pick a timm ViT")
-    if preset.head not in ("linear", "token_linear"):
-        raise ConfigError(f"method.head={preset.head!r} is not valid for maskdistill; use auto or linear")
     teacher = build_teacher(cfg.teacher, preset.teacher_output, cfg.data)
     if len(teacher.layers) != 1:
         raise ConfigError("maskdistill distils one teacher block: set teacher.layers to one index (e.g. [-1])")
     head = TokenLinearHead(student.num_features, teacher.out_dim)
-    loss = build_regression_loss(preset.loss, cfg.method.loss_args)
-    return MaskDistill(student, head, preset.mask_kind, teacher, loss, feature_target_norm(preset.target_norm))
+    loss = build_loss(preset.loss, cfg.method.loss_args, kind="regression")
+    return MaskDistill(
+        student, head, preset.mask_kind, teacher, loss, build_target_norm(preset.target_norm, "features")
+    )

@@ -11,16 +11,16 @@ import torch
 import torch.nn.functional as F
 
 from mimscale.config import Config, ConfigError
-from mimscale.methods.base import MIMMethod
-from mimscale.methods.components import infonce_loss
+from mimscale.methods.base import CountedForward, MIMMethod
+from mimscale.methods.components import build_loss
 from mimscale.models.heads import ProjectionMLP
 from mimscale.models.students import Student, gather_tokens, keep_indices
 
 
 class RelaxMIM(MIMMethod):
-    def __init__(self, student: Student, head: ProjectionMLP, mask_kind: str, temperature: float):
+    def __init__(self, student: Student, head: ProjectionMLP, mask_kind: str, loss):
         super().__init__(student, head, mask_kind)
-        self.temperature = temperature
+        self.loss_fn = loss
 
     def forward(self, batch: dict) -> dict:
         image, mask = batch["image"], batch["mask"].bool()
@@ -30,22 +30,22 @@ class RelaxMIM(MIMMethod):
             keys = self.head(gather_tokens(full.flatten(1, -2), masked_index))
         tokens = self.student(image, mask).tokens.flatten(1, -2)
         queries = self.head(gather_tokens(tokens, masked_index))
-        loss = infonce_loss(queries, keys.detach(), temperature=self.temperature)
+        loss = self.loss_fn(queries, keys.detach())
         with torch.no_grad():
             hits = torch.einsum("gmd,gnd->gmn", queries.float(), F.normalize(keys.float(), dim=-1)).argmax(-1)
             accuracy = (hits == torch.arange(hits.shape[1], device=hits.device)).float().mean()
         return {"loss": loss, "match_accuracy": accuracy}
 
+    def counted_forwards(self, mask_ratio: float) -> list[CountedForward]:
+        """Besides the student's masked view: its own no-grad forward on the full view (the target)."""
+        target = CountedForward("target", self.student, lambda images: self.student(images).tokens, trained=False)
+        return [*super().counted_forwards(mask_ratio), target]
+
 
 def build_relaxmim(cfg: Config, preset, student: Student) -> RelaxMIM:
-    if student.family != "vit":
+    if not student.arch.is_vit_like:
         raise ConfigError("method.name=relaxmim needs a ViT student (token-level contrast); pick a timm ViT")
-    if preset.head != "mlp":
-        raise ConfigError(f"method.head={preset.head!r} is not valid for relaxmim; use auto or mlp")
-    if preset.loss != "infonce":
-        raise ConfigError(f"method.loss={preset.loss!r} is not valid for relaxmim; use auto or infonce")
-    unknown = set(cfg.method.loss_args) - {"temperature"}
-    if unknown:
-        raise ConfigError(f"method.loss_args has {sorted(unknown)}; relaxmim's infonce takes only temperature")
-    head = ProjectionMLP(student.num_features)
-    return RelaxMIM(student, head, preset.mask_kind, float(cfg.method.loss_args.get("temperature", 0.2)))
+    loss = build_loss(preset.loss, cfg.method.loss_args, kind="contrastive")
+    if preset.target_norm != "none":  # the target is the projector's output, never a normalised feature
+        raise ConfigError(f"method.target_norm={preset.target_norm!r} is not valid for relaxmim; use auto or none")
+    return RelaxMIM(student, ProjectionMLP(student.num_features), preset.mask_kind, loss)

@@ -99,12 +99,3 @@ class ProjectionMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
-
-
-HEADS = {
-    "linear": LinearPixelHead,
-    "pixelshuffle": PixelShuffleHead,
-    "token_linear": TokenLinearHead,
-    "dynamic_align": DynamicAlignHead,
-    "mlp": ProjectionMLP,
-}

@@ -125,6 +125,16 @@ class Student(nn.Module):
         keep = None if masked_count is None or mask is None else mask[0].numel() - masked_count
         return self._forward_vit(image, mask, visible_only, levels, keep)
 
+    def forward_kept_count(self, image: torch.Tensor, keep: int) -> StudentOutput:
+        """Visible-only forward that keeps the first ``keep`` patch tokens: what any ``keep``-token mask costs.
+
+        For planning on the meta device, where gathering tokens by a real mask's indices is impossible.
+        """
+        prefix = self.num_prefix_tokens
+        edit = (self.arch.drop_point, lambda module, args, out: out[:, : prefix + keep])
+        x = _run_capturing(self.arch, image, {}, [edit])["final"]
+        return StudentOutput(tokens=x[:, prefix:], prefix=x[:, :prefix] if prefix else None)
+
     def _forward_vit(
         self, image: torch.Tensor, mask: torch.Tensor | None, visible_only: bool, levels: Sequence[int], keep=None
     ) -> StudentOutput:
