@@ -21,7 +21,7 @@ from torch import nn
 
 from mimscale.config import Config, ConfigError, load_config
 from mimscale.engine.deepspeed import DTYPES
-from mimscale.engine.flops import build_on_meta, image_flops
+from mimscale.engine.flops import build_on_meta, image_flops, masked_tokens
 from mimscale.methods.base import MIMMethod, count_params
 
 GIB = 2**30
@@ -228,7 +228,7 @@ def trace_student_activations(method: MIMMethod, cfg: Config, precision: str) ->
     method.student.to(dtype)
     size = cfg.data.image_size
     images = torch.empty(1, 3, size, size, device="meta", dtype=dtype)
-    trained = [forward.run for forward in method.counted_forwards(cfg.mask.ratio) if forward.trained]
+    trained = [forward.run for forward in method.counted_forwards(masked_tokens(cfg, method)) if forward.trained]
     with _fused_attention_on_meta():
         return trace_saved_activations(
             lambda x: [run(x) for run in trained], images, method.student, method.student.arch.blocks
@@ -237,7 +237,7 @@ def trace_student_activations(method: MIMMethod, cfg: Config, precision: str) ->
 
 def head_activation_bytes(method: MIMMethod, cfg: Config, precision: str) -> int:
     """Per-sample bytes the head saves for backward, as the method declares them."""
-    return method.head_activation_elements(cfg.data.image_size, cfg.mask.ratio) * dtype_bytes(precision)
+    return method.head_activation_elements(cfg.data.image_size, masked_tokens(cfg, method)) * dtype_bytes(precision)
 
 
 # ----------------------------------------------------------------------------------------------- the plan
@@ -333,7 +333,7 @@ def make_plan(cfg: Config, *, gpus: int, gpu_memory_bytes: float, mfu: float = 0
         student_params=student_params,
         head_params=head_params,
         teacher_params=teacher_params,
-        student_tokens=method.student_tokens(cfg.data.image_size, cfg.mask.ratio),
+        student_tokens=method.student_tokens(cfg.data.image_size, masked_tokens(cfg, method)),
         gpu_memory_bytes=gpu_memory_bytes,
         model_states=asdict(states),
         model_state_bytes=states.total,
@@ -345,7 +345,7 @@ def make_plan(cfg: Config, *, gpus: int, gpu_memory_bytes: float, mfu: float = 0
         flops_per_image=flops.total,
         student_forward_flops=flops.trained_forward,
         teacher_forward_flops=flops.no_grad_forward,
-        no_grad_forwards=[f.name for f in method.counted_forwards(cfg.mask.ratio) if not f.trained],
+        no_grad_forwards=[f.name for f in method.counted_forwards(0) if not f.trained],
         mfu=mfu,
         peak_tflops=peak_tflops,
         images_per_second_per_gpu=per_gpu,
@@ -357,7 +357,7 @@ def make_plan(cfg: Config, *, gpus: int, gpu_memory_bytes: float, mfu: float = 0
 def _advice(cfg: Config, batch: int, method: MIMMethod) -> list[str]:
     notes = []
     if method.visible_only:
-        kept = method.student_tokens(cfg.data.image_size, cfg.mask.ratio)
+        kept = method.student_tokens(cfg.data.image_size, masked_tokens(cfg, method))
         notes.append(
             f"visible-only student: {kept} of {method.grid_tokens(cfg.data.image_size)} tokens (+ prefix) per image"
         )

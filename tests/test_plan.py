@@ -221,10 +221,26 @@ def test_whole_method_activations_match_the_plan(config, overrides):
     assert batch * planned == pytest.approx(sum(storages.values()), rel=0.15)
 
 
-def test_engine_flops_per_image_is_the_plans():
+def _vit_forward_flops(tokens: int, width: int, depth: int, patch_pixels: int, patches: int) -> int:
+    """A timm ViT forward by hand: patch embedding, then per block qkv, q@k and attn@v, proj, 4x MLP."""
+    block = 2 * tokens * width * 3 * width + 4 * tokens * tokens * width + 2 * tokens * width * width
+    block += 2 * tokens * width * 4 * width * 2
+    return 2 * patches * width * 3 * patch_pixels + depth * block
+
+
+@pytest.mark.parametrize(
+    "extra, forwards",
+    [
+        (["deepspeed.activation_checkpointing=true"], 4),  # fwd + bwd (2x) + recompute
+        (["method.name=relaxmim", "mask.patch_size=8"], 4),  # fwd + bwd (2x) + the no-grad full-view target
+    ],
+    ids=["simmim-checkpointed", "relaxmim-target"],
+)
+def test_flops_per_image_match_a_count_by_hand(extra, forwards):
     from mimscale.engine.flops import flops_per_image
 
-    cfg = load_config(None, TINY_VIT + ["deepspeed.activation_checkpointing=true"])
+    cfg = load_config(None, TINY_VIT + extra)  # ViT-Ti, 8-px patches, 64 px: 64 patches + class token, 4 blocks
+    by_hand = _vit_forward_flops(tokens=65, width=192, depth=4, patch_pixels=8 * 8, patches=64)
+    assert flops_per_image(cfg) == pytest.approx(forwards * by_hand, rel=1e-9)
     plan = make_plan(cfg, gpus=1, gpu_memory_bytes=parse_memory("80GB"))
-    assert flops_per_image(cfg) == pytest.approx(plan.flops_per_image)
-    assert plan.flops_per_image == pytest.approx(4 * plan.student_forward_flops)  # fwd + bwd (2x) + recompute
+    assert plan.student_forward_flops == pytest.approx(by_hand, rel=1e-9)

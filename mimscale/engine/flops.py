@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mimscale.config import Config
+from mimscale.data.masking import mask_generator_for
 from mimscale.methods import MIMMethod, build_method
 
 
@@ -53,11 +54,16 @@ class FlopsPerImage:
         return 3 * self.trained_forward + recompute + self.no_grad_forward
 
 
+def masked_tokens(cfg: Config, method: MIMMethod) -> int:
+    """Tokens the data's mask generator masks per image (exact for every generator)."""
+    return mask_generator_for(cfg, method).num_masked
+
+
 def image_flops(method: MIMMethod, cfg: Config) -> FlopsPerImage:
-    """FLOPs per image of every forward the method declares, at the config's image size and mask ratio."""
+    """FLOPs per image of every forward the method declares, at the config's image size and mask."""
     size = cfg.data.image_size
     flops = FlopsPerImage(0.0, 0.0, cfg.deepspeed.activation_checkpointing)
-    for forward in method.counted_forwards(cfg.mask.ratio):
+    for forward in method.counted_forwards(masked_tokens(cfg, method)):
         count = count_forward_flops(forward.run, torch.empty(1, 3, size, size, device="meta"))
         flops.by_forward[forward.name] = flops.by_forward.get(forward.name, 0.0) + count
         if forward.trained:

@@ -84,34 +84,35 @@ class MIMMethod(nn.Module):
         height, width = self.student.arch.grid(image_size)
         return height * width
 
-    def student_tokens(self, image_size: int, mask_ratio: float) -> int:
-        """Tokens the student's blocks process per image (prefix tokens included)."""
+    def student_tokens(self, image_size: int, masked: int) -> int:
+        """Tokens the student's blocks process per image with ``masked`` tokens masked (prefix tokens included)."""
         tokens = self.grid_tokens(image_size)
         if self.visible_only:
-            tokens = round(tokens * (1.0 - mask_ratio))
+            tokens -= masked
         return tokens + self.student.num_prefix_tokens
 
-    def student_cost_forward(self, images: torch.Tensor, mask_ratio: float) -> torch.Tensor:
-        """The student's training forward with the cost of a ``mask_ratio`` mask, runnable on the meta device."""
+    def student_cost_forward(self, images: torch.Tensor, masked: int) -> torch.Tensor:
+        """The student's training forward with ``masked`` tokens masked per image, runnable on the meta device."""
         if self.visible_only:
-            keep = self.student_tokens(images.shape[-1], mask_ratio) - self.student.num_prefix_tokens
+            keep = self.student_tokens(images.shape[-1], masked) - self.student.num_prefix_tokens
             return self.student.forward_kept_count(images, keep).tokens
         height, width = self.student.arch.grid(images.shape[-1])
         mask = torch.zeros(images.shape[0], height, width, dtype=torch.bool, device=images.device)
         return self.student(images, mask).tokens
 
-    def counted_forwards(self, mask_ratio: float) -> list[CountedForward]:
-        """The forwards one training image costs: the student (trained), then every frozen teacher."""
+    def counted_forwards(self, masked: int) -> list[CountedForward]:
+        """The forwards one training image (``masked`` tokens masked) costs: the student (trained), then every
+        frozen teacher."""
         student = CountedForward(
-            "student", self.student, lambda images: self.student_cost_forward(images, mask_ratio), trained=True
+            "student", self.student, lambda images: self.student_cost_forward(images, masked), trained=True
         )
         return [student, *(CountedForward("teacher", t, t, trained=False) for t in self.frozen_modules())]
 
-    def head_activation_elements(self, image_size: int, mask_ratio: float) -> int:
+    def head_activation_elements(self, image_size: int, masked: int) -> int:
         """Elements per image the head keeps for backward: its input tokens and its predictions (for the loss)."""
         width = self.student.num_features
         if self.visible_only:
-            tokens = self.student_tokens(image_size, mask_ratio)
+            tokens = self.student_tokens(image_size, masked)
         else:
             tokens = (image_size // self.student.out_stride) ** 2
         out_per_token = count_params(self.head) // max(width + 1, 1)

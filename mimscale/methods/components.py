@@ -38,21 +38,21 @@ def no_target_norm(target: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class TargetNorm:
-    """A target normalisation and the targets it applies to (``pixels`` [B, C, H, W] and/or ``features`` [..., C])."""
+    """A target normalisation and the targets it applies to (``pixel`` [B, C, H, W] and/or ``feature`` [..., C])."""
 
     build: Callable[[int], Callable[[torch.Tensor], torch.Tensor]]  # student patch size -> norm
     targets: tuple[str, ...]
 
 
 TARGET_NORMS: dict[str, TargetNorm] = {
-    "none": TargetNorm(lambda patch: no_target_norm, ("pixels", "features")),
-    "layernorm": TargetNorm(lambda patch: layernorm_target, ("features",)),
-    "patch_pixel": TargetNorm(lambda patch: functools.partial(patch_pixel_target, patch=patch), ("pixels",)),
+    "none": TargetNorm(lambda patch: no_target_norm, ("pixel", "feature")),
+    "layernorm": TargetNorm(lambda patch: layernorm_target, ("feature",)),
+    "patch_pixel": TargetNorm(lambda patch: functools.partial(patch_pixel_target, patch=patch), ("pixel",)),
 }
 
 
 def build_target_norm(name: str, target: str, patch: int = 1) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The normalisation ``name`` (method.target_norm) for ``target`` (``pixels`` or ``features``)."""
+    """The normalisation ``name`` (method.target_norm) for ``target`` (``pixel`` or ``feature``)."""
     fitting = [key for key, norm in TARGET_NORMS.items() if target in norm.targets]
     if name not in fitting:
         raise ConfigError(

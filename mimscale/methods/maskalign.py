@@ -67,11 +67,11 @@ class MaskAlign(MIMMethod):
         loss = torch.stack(losses).mean()
         return {"loss": loss, "last_level_loss": losses[-1].detach(), "mask_ratio": mask.float().mean().detach()}
 
-    def head_activation_elements(self, image_size: int, mask_ratio: float) -> int:
+    def head_activation_elements(self, image_size: int, masked: int) -> int:
         """Dynamic Alignment stacks every student block's output, which keeps them all alive for backward (even
         under activation checkpointing), besides the adapters' inputs and predictions."""
-        stacked = self.student.depth * self.student_tokens(image_size, mask_ratio) * self.student.embed_dim
-        return super().head_activation_elements(image_size, mask_ratio) + stacked
+        stacked = self.student.depth * self.student_tokens(image_size, masked) * self.student.embed_dim
+        return super().head_activation_elements(image_size, masked) + stacked
 
 
 def build_maskalign(cfg: Config, preset, student: Student) -> MaskAlign:
@@ -86,4 +86,4 @@ def build_maskalign(cfg: Config, preset, student: Student) -> MaskAlign:
         teacher_depth=teacher.depth,
     )
     loss = build_loss(preset.loss, cfg.method.loss_args, kind="regression")
-    return MaskAlign(student, head, preset.mask_kind, teacher, loss, build_target_norm(preset.target_norm, "features"))
+    return MaskAlign(student, head, preset.mask_kind, teacher, loss, build_target_norm(preset.target_norm, "feature"))

@@ -47,6 +47,4 @@ def build_maskdistill(cfg: Config, preset, student: Student) -> MaskDistill:
         raise ConfigError("maskdistill distils one teacher block: set teacher.layers to one index (e.g. [-1])")
     head = TokenLinearHead(student.num_features, teacher.out_dim)
     loss = build_loss(preset.loss, cfg.method.loss_args, kind="regression")
-    return MaskDistill(
-        student, head, preset.mask_kind, teacher, loss, build_target_norm(preset.target_norm, "features")
-    )
+    return MaskDistill(student, head, preset.mask_kind, teacher, loss, build_target_norm(preset.target_norm, "feature"))

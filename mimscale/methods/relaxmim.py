@@ -36,10 +36,10 @@ class RelaxMIM(MIMMethod):
             accuracy = (hits == torch.arange(hits.shape[1], device=hits.device)).float().mean()
         return {"loss": loss, "match_accuracy": accuracy}
 
-    def counted_forwards(self, mask_ratio: float) -> list[CountedForward]:
+    def counted_forwards(self, masked: int) -> list[CountedForward]:
         """Besides the student's masked view: its own no-grad forward on the full view (the target)."""
         target = CountedForward("target", self.student, lambda images: self.student(images).tokens, trained=False)
-        return [*super().counted_forwards(mask_ratio), target]
+        return [*super().counted_forwards(masked), target]
 
 
 def build_relaxmim(cfg: Config, preset, student: Student) -> RelaxMIM:

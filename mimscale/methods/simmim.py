@@ -40,5 +40,5 @@ def build_simmim(cfg: Config, preset, student: Student) -> SimMIM:
     else:
         head = LinearPixelHead(student.num_features, student.out_stride)
     loss = build_loss(preset.loss, cfg.method.loss_args, kind="regression")
-    norm = build_target_norm(preset.target_norm, "pixels", student.patch_size)
+    norm = build_target_norm(preset.target_norm, "pixel", student.patch_size)
     return SimMIM(student, head, preset.mask_kind, loss, norm)
