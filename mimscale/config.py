@@ -72,6 +72,12 @@ class DataConfig:
     mean: list[float] = _doc([0.485, 0.456, 0.406], "Per-channel normalisation mean.")
     std: list[float] = _doc([0.229, 0.224, 0.225], "Per-channel normalisation std.")
     pin_memory: bool = _doc(True, "Pin host memory for faster host-to-GPU copies (ignored on CPU).")
+    decode: str = _doc(
+        "worker",
+        "Where training JPEGs are decoded: worker (DataLoader workers, CPU) or device (workers read the bytes and "
+        "draw crop/flip/mask; the main process decodes in batches with nvJPEG, crops and resizes on the GPU; "
+        "same samples, randomness and resume; on a CPU-only machine it runs on the CPU).",
+    )
     cache_dir: str = _doc(
         "",
         "Node-local folder where remote shards (http(s)://, s3://, gs://, pipe:) are downloaded, shared by every "
@@ -217,6 +223,7 @@ def validate(cfg: Config) -> Config:
     _check_choice("model.pos_embed_init", cfg.model.pos_embed_init, ("timm", "sincos"))
     _check_choice("teacher.kind", cfg.teacher.kind, ("none", "open_clip", "timm"))
     _check_choice("eval.pool", cfg.eval.pool, ("cls", "mean"))
+    _check_choice("data.decode", cfg.data.decode, ("worker", "device"))
     positive = {
         "train.max_steps": cfg.train.max_steps,
         "train.log_every": cfg.train.log_every,

@@ -36,7 +36,8 @@ def _launch_two_ranks(*settings: str, timeout: int = 300) -> subprocess.Complete
 @pytest.mark.slow
 def test_zero3_in_run_knn_with_partitioned_pos_embed(tmp_path):
     """Persistence threshold 0 partitions every parameter, as ViT-B's 151k-element pos_embed is above the default
-    1e5: the in-run kNN calls forward_features directly and must still see the gathered pos_embed/cls_token."""
+    1e5: the in-run kNN calls forward_features directly and must still see the gathered pos_embed/cls_token.
+    The same run takes its images through data.decode=device."""
     run_dir = tmp_path / "run"
     result = _launch_two_ranks(
         "model.student_args.depth=2",
@@ -51,6 +52,7 @@ def test_zero3_in_run_knn_with_partitioned_pos_embed(tmp_path):
         "eval.knn_every=1",
         "eval.train_shards=shards/sample-val/*.tar",
         "eval.val_shards=shards/sample-val/*.tar",
+        "data.decode=device",  # the engine's batch handling decodes the JPEGs (on the CPU here)
         f"run.output_dir={run_dir}",
     )
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
@@ -71,7 +73,7 @@ def _build_cfg(config: str | None, *settings: str):
     ("student", "args", "size", "max_graphs"),
     [
         ("vit_tiny_patch16_224", "{patch_size: 8, depth: 12, embed_dim: 48, num_heads: 2}", 64, 2),
-        ("swin_tiny_patch4_window7_224", "{window_size: 4, embed_dim: 24, num_heads: [1,1,2,2]}", 128, 12),
+        ("swin_tiny_patch4_window7_224", "{window_size: 4, embed_dim: 24, depths: [2,2], num_heads: [1,2]}", 64, 6),
     ],
 )
 def test_compile_parts_trace_without_breaks_or_hitting_the_recompile_limit(

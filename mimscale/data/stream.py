@@ -22,9 +22,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mimscale.config import Config
+from mimscale.data.device_decode import DeferredCrop, DeferredRows
 from mimscale.data.images import BadImage
 from mimscale.data.shards import ShardError, ShardIndex, dataset_fingerprint, expand_shards, index_shards
-from mimscale.data.transforms import eval_transform, normalise_batch, train_crop, write_chw
+from mimscale.data.transforms import eval_transform, normalise_batch, train_crop, train_crop_or_defer, write_chw
 
 MAX_CONSECUTIVE_CORRUPT = 64
 STATE_VERSION = 1
@@ -161,6 +162,7 @@ class AugmentSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     uint8: bool = False  # hand uint8 pixels to the main process; the engine normalises on the device
+    decode: str = "worker"  # "device": JPEGs travel encoded, the main process decodes them (data/device_decode.py)
 
 
 class _TrainBatches(IterableDataset):
@@ -188,8 +190,9 @@ class _TrainBatches(IterableDataset):
             sample_id = order[(position + step) % len(order)]
             try:
                 payload = self.table.read(sample_id)
-                image, flip = train_crop(payload, size=spec.size, scale=spec.scale, ratio=spec.ratio,
-                                         hflip=spec.hflip, rng=rng)  # fmt: skip
+                crop = train_crop_or_defer if spec.decode == "device" else train_crop
+                image, flip = crop(payload, size=spec.size, scale=spec.scale, ratio=spec.ratio,
+                                   hflip=spec.hflip, rng=rng)  # fmt: skip
             except BadImage as err:
                 self._report(sample_id, err)
                 continue
@@ -209,10 +212,13 @@ class _TrainBatches(IterableDataset):
         size = self.spec.size
         images = torch.empty((self.batch_size, 3, size, size), dtype=torch.uint8)  # torch-owned: shares/pins as usual
         pixels = images.numpy()
-        masks, ids, labels, corrupt = [], [], [], 0
+        masks, ids, labels, corrupt, deferred = [], [], [], 0, DeferredRows()
         for row, pos in enumerate(range(first, first + self.batch_size)):
             image, flip, mask, sample_id, replaced = self._load(epoch, pos)
-            write_chw(pixels[row], image, flip)  # now, while the image is in cache; the flip rides on the copy
+            if isinstance(image, DeferredCrop):
+                deferred.add(row, image, flip)  # decoded, cropped and flipped in the main process
+            else:
+                write_chw(pixels[row], image, flip)  # now, while the image is in cache; the flip rides on the copy
             masks.append(mask)
             ids.append(sample_id)
             labels.append(int(self.table.label[sample_id]))
@@ -223,6 +229,7 @@ class _TrainBatches(IterableDataset):
             "label": torch.tensor(labels, dtype=torch.int64),
             "sample_id": torch.tensor(ids, dtype=torch.int64),
             "_corrupt": corrupt,
+            **(deferred.fields() if self.spec.decode == "device" else {}),
         }
 
     def __iter__(self):
@@ -248,7 +255,8 @@ class TrainStream:
         self.mask_generator = mask_generator
         self.spec = AugmentSpec(cfg.data.image_size, tuple(cfg.data.crop_scale), tuple(cfg.data.crop_ratio),
                                 cfg.data.hflip, tuple(cfg.data.mean), tuple(cfg.data.std),
-                                uint8=normalise_on_device)  # fmt: skip
+                                uint8=normalise_on_device or cfg.data.decode == "device",
+                                decode=cfg.data.decode)  # fmt: skip
         self.num_samples = len(table)
         if self.num_samples < self.global_batch:
             raise ShardError(

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from mimscale.data.device_decode import DeferredCrop, device_decodable
 from mimscale.data.images import BadImage, open_image, to_rgb
 
 
@@ -107,6 +108,28 @@ def train_crop(
     """
     pixels, box = _decode_for_box(payload, size, lambda w, h: sample_crop_box(w, h, tuple(scale), tuple(ratio), rng))
     return _resize_crop(pixels, box, size), bool(rng.random() < hflip)
+
+
+def train_crop_or_defer(
+    payload: bytes,
+    *,
+    size: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    hflip: float,
+    rng: np.random.Generator,
+) -> tuple[torch.Tensor | DeferredCrop, bool]:
+    """``data.decode: device``: like ``train_crop``, but a JPEG the GPU decoder takes is not decoded here.
+
+    Its crop box and flip are drawn from ``rng`` exactly as ``train_crop`` draws them (box from the header's size,
+    then flip), so the sample's randomness, and the mask drawn after, do not depend on where it is decoded; the
+    main process decodes, crops and resizes it (``mimscale.data.device_decode``). Other images: ``train_crop``.
+    """
+    dims = device_decodable(payload)
+    if dims is None:
+        return train_crop(payload, size=size, scale=scale, ratio=ratio, hflip=hflip, rng=rng)
+    box = sample_crop_box(dims[0], dims[1], tuple(scale), tuple(ratio), rng)
+    return DeferredCrop(payload, box), bool(rng.random() < hflip)
 
 
 def train_transform(

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from mimscale.config import Config, save_config
+from mimscale.data.device_decode import DeviceDecodedStream, DeviceDecoder
 from mimscale.data.transforms import normalise_on_device
 from mimscale.engine import checkpoint as ckpt
 from mimscale.engine import distributed, faults
@@ -164,6 +165,8 @@ def _train(cfg: Config, info: distributed.DistInfo, resume: str) -> dict:
         state=data_state,
         normalise_on_device=info.device.type == "cuda",  # 4x fewer bytes to copy; on CPU workers normalise
     )
+    if cfg.data.decode == "device":  # workers send JPEG bytes; decoded, cropped, resized here on the device
+        stream = DeviceDecodedStream(stream, DeviceDecoder(info.device, cfg.data.image_size))
     logger = StepLogger(
         output_dir,
         enabled=info.is_main,
