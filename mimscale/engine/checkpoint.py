@@ -230,3 +230,72 @@ def convert_to_universal(tag_dir: Path, workers: int = 2) -> Path:
         raise RuntimeError(f"converting {tag_dir} to a universal checkpoint failed:\n{tail}")
     tmp.replace(target)
     return target
+
+
+# ------------------------------------------------------------------ reading a checkpoint's weights (export, eval)
+
+ZERO0_MODEL_FILE = "mp_rank_00_model_states.pt"  # DeepSpeed's ZeRO-0 model (+ optimizer) file of rank 0
+
+
+def checkpoint_dir(path: Path, tag: str | None = None) -> Path:
+    """The complete checkpoint folder to read: ``tag`` inside a run/checkpoints folder, or the newest one."""
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint path {path} does not exist; give a run folder or a step_* folder")
+    if tag is None:
+        return resolve_checkpoint(path)
+    for root in (path, path / "checkpoints"):
+        if (root / tag).is_dir():
+            if not is_complete(root / tag):
+                raise FileNotFoundError(
+                    f"{root / tag} is incomplete ({MARKER} is missing): the run died while writing it; "
+                    "pick another --tag or leave it out for the newest complete checkpoint"
+                )
+            return root / tag
+    tags = [p.name for p in list_checkpoints(path / "checkpoints") or list_checkpoints(path)]
+    raise FileNotFoundError(f"no checkpoint {tag} under {path}; available: {', '.join(tags) or 'none'}")
+
+
+def load_fp32_state(tag_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(mimscale.json metadata, fp32 state dict of the whole trained method) from a checkpoint of any ZeRO stage.
+
+    The weights are the fp32 master weights: ZeRO 1-3 shards merged by DeepSpeed's zero_to_fp32, or at ZeRO-0
+    the optimizer's fp32 groups of a bf16/fp16 run; never the low-precision copy the forward pass used.
+    """
+    meta = read_meta(tag_dir)
+    if meta.get("zero_stage", 0) == 0:
+        return meta, _zero0_fp32_state(tag_dir)
+    import contextlib
+    import io
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # chatty
+        state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    return meta, {name: tensor.float() for name, tensor in state.items()}
+
+
+def _zero0_fp32_state(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """ZeRO-0: the module weights, replaced by the optimizer's fp32 masters when training ran in bf16/fp16."""
+    from mimscale.engine.optim import decay_split
+
+    saved = torch.load(tag_dir / ZERO0_MODEL_FILE, map_location="cpu", weights_only=False)
+    module: dict[str, torch.Tensor] = dict(saved["module"])
+    fp32_groups = (saved.get("optimizer") or {}).get("fp32_groups")
+    if all(t.dtype == torch.float32 for t in module.values()):
+        return dict(module)
+    if not fp32_groups:
+        print(
+            f"note: {tag_dir} holds no fp32 master weights; reading its low-precision weights as fp32", file=sys.stderr
+        )
+        return {name: tensor.float() for name, tensor in module.items()}
+    buffers = set(saved.get("buffer_names") or [])
+    groups = [g for g in decay_split((n, t) for n, t in module.items() if n not in buffers) if g]
+    if [len(g) for g in groups] != [len(g) for g in fp32_groups]:
+        raise ValueError(f"{tag_dir}: the fp32 optimizer groups do not match the module's parameters")
+    state = {name: tensor.float() for name, tensor in module.items()}
+    for names, masters in zip(groups, fp32_groups, strict=True):
+        for name, master in zip(names, masters, strict=True):
+            if tuple(master.shape) != tuple(module[name].shape):
+                raise ValueError(f"{tag_dir}: fp32 master of {name} has shape {tuple(master.shape)}")
+            state[name] = master.detach().float().clone()
+    return state

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -32,13 +33,25 @@ def wants_weight_decay(name: str, param: nn.Parameter) -> bool:
     return not any(keyword in name for keyword in NO_DECAY_KEYWORDS)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def decay_split(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[list[str], list[str]]:
+    """Parameter names in the optimizer's group order: (weight-decayed, not decayed), each in the given order.
+
+    The one definition of the group order: training builds its groups from it, and reading a ZeRO-0
+    checkpoint's fp32 masters (engine/checkpoint.py) maps the saved groups back to names with it.
+    """
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (decay if wants_weight_decay(name, param) else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    for name, param in named:
+        (decay if wants_weight_decay(name, param) else no_decay).append(name)
+    return decay, no_decay
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    params = {name: param for name, param in model.named_parameters() if param.requires_grad}
+    decay, no_decay = decay_split(params.items())
+    groups = [
+        {"params": [params[n] for n in decay], "weight_decay": weight_decay},
+        {"params": [params[n] for n in no_decay], "weight_decay": 0.0},
+    ]
     return [group for group in groups if group["params"]]
 
 

@@ -4,7 +4,7 @@
     OUT/config.json         architecture, num_classes=0, model_args (img_size, patch_size, ...), pretrained_cfg
 
 so that ``timm.create_model("local-dir:OUT", pretrained=True)`` rebuilds the pretrained backbone. The weights are
-the fp32 master weights (ZeRO 1-3 shards merged by DeepSpeed's zero_to_fp32; ZeRO-0 bf16 runs keep them in the
+the fp32 master weights (engine.checkpoint.load_fp32_state: ZeRO 1-3 shards merged, ZeRO-0 bf16 runs keep them in the
 optimizer's fp32 groups), never the bf16 copy the forward pass used.
 
 The same loaders serve the evaluation commands: ``load_backbone(spec)`` accepts an exported folder, a run or
@@ -14,10 +14,7 @@ checkpoint folder, or ``random:<config.yaml | run folder>`` (the same architectu
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +28,6 @@ from mimscale.models.students import Student, build_student
 
 STUDENT_PREFIX = "student."
 BACKBONE_PREFIX = "student.backbone."
-ZERO0_MODEL_FILE = "mp_rank_00_model_states.pt"
 
 
 @dataclass
@@ -45,76 +41,10 @@ class LoadedBackbone:
     source: str
 
 
-def find_tag_dir(path: str | Path, tag: str | None = None) -> Path:
-    """The checkpoint folder to read: ``tag`` inside a run/checkpoints folder, or the newest complete one."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint path {path} does not exist; give a run folder or a step_* folder")
-    if tag is None:
-        return ckpt.resolve_checkpoint(path)
-    for root in (path, path / "checkpoints"):
-        if (root / tag).is_dir():
-            tag_dir = root / tag
-            if not ckpt.is_complete(tag_dir):
-                raise FileNotFoundError(
-                    f"{tag_dir} is incomplete ({ckpt.MARKER} is missing): the run died while writing it; "
-                    "pick another --tag or leave it out for the newest complete checkpoint"
-                )
-            return tag_dir
-    tags = [p.name for p in ckpt.list_checkpoints(path / "checkpoints") or ckpt.list_checkpoints(path)]
-    raise FileNotFoundError(f"no checkpoint {tag} under {path}; available: {', '.join(tags) or 'none'}")
-
-
-def _zero0_fp32_state(tag_dir: Path) -> dict[str, torch.Tensor]:
-    """ZeRO-0: the module weights, replaced by the optimizer's fp32 masters when training ran in bf16/fp16."""
-    from mimscale.engine.optim import wants_weight_decay
-
-    saved = torch.load(tag_dir / ZERO0_MODEL_FILE, map_location="cpu", weights_only=False)
-    module: dict[str, torch.Tensor] = dict(saved["module"])
-    fp32_groups = (saved.get("optimizer") or {}).get("fp32_groups")
-    if all(t.dtype == torch.float32 for t in module.values()):
-        return dict(module)
-    if not fp32_groups:
-        print(
-            f"note: {tag_dir} holds no fp32 master weights; exporting its low-precision weights as fp32",
-            file=sys.stderr,
-        )
-        return {name: tensor.float() for name, tensor in module.items()}
-    buffers = set(saved.get("buffer_names") or [])
-    params = [name for name in module if name not in buffers]
-    # The engine's optimizer groups are (decay, no-decay) in named_parameters order; empty groups are dropped.
-    groups = [
-        [n for n in params if wants_weight_decay(n, module[n])],
-        [n for n in params if not wants_weight_decay(n, module[n])],
-    ]
-    groups = [group for group in groups if group]
-    if [len(g) for g in groups] != [len(g) for g in fp32_groups]:
-        raise ValueError(f"{tag_dir}: the fp32 optimizer groups do not match the module's parameters")
-    state = {name: tensor.float() for name, tensor in module.items()}
-    for names, masters in zip(groups, fp32_groups, strict=True):
-        for name, master in zip(names, masters, strict=True):
-            if tuple(master.shape) != tuple(module[name].shape):
-                raise ValueError(f"{tag_dir}: fp32 master of {name} has shape {tuple(master.shape)}")
-            state[name] = master.detach().float().clone()
-    return state
-
-
-def load_fp32_state(tag_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(mimscale.json metadata, fp32 state dict of the whole method: ``student.*`` and ``head.*``)."""
-    meta = ckpt.read_meta(tag_dir)
-    if meta.get("zero_stage", 0) == 0:
-        return meta, _zero0_fp32_state(tag_dir)
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # chatty
-        state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    return meta, {name: tensor.float() for name, tensor in state.items()}
-
-
 def load_student(path: str | Path, tag: str | None = None) -> tuple[Student, Config, dict, dict]:
     """Rebuild the trained student from a checkpoint: (student, config, metadata, full fp32 method state)."""
-    tag_dir = find_tag_dir(path, tag)
-    meta, state = load_fp32_state(tag_dir)
+    tag_dir = ckpt.checkpoint_dir(Path(path), tag)
+    meta, state = ckpt.load_fp32_state(tag_dir)
     cfg = from_dict(meta["config"])
     torch.manual_seed(cfg.run.seed)
     student = build_student(cfg)
