@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One node, all its GPUs: one process per GPU through the deepspeed launcher.
-#   CONFIG    config file (default configs/simmim_vit_base_224.yaml)
+#   CONFIG    config file (default configs/simmim_vit_base.yaml)
 #   NUM_GPUS  GPUs to use (default: all that nvidia-smi lists)
 #   MASTER_PORT rendezvous port (default 29500)
 # Extra arguments go to mimscale.train (e.g. --set data.shards=/data/in1k/train-{000000..001023}.tar).
@@ -12,4 +12,4 @@ if [ "$NUM_GPUS" -lt 1 ]; then
     exit 2
 fi
 exec deepspeed --num_gpus "$NUM_GPUS" --master_port "${MASTER_PORT:-29500}" \
-    --module mimscale.train --config "${CONFIG:-configs/simmim_vit_base_224.yaml}" "$@"
+    --module mimscale.train --config "${CONFIG:-configs/simmim_vit_base.yaml}" "$@"

@@ -39,9 +39,9 @@ def fill_single_process_env() -> None:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return
     if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:  # srun without a wrapper script
-        os.environ.setdefault("RANK", os.environ["SLURM_PROCID"])
-        os.environ.setdefault("WORLD_SIZE", os.environ["SLURM_NTASKS"])
-        os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+        from mimscale.engine.slurm import fill_rendezvous_env
+
+        fill_rendezvous_env()  # MASTER_ADDR/PORT from the node list and job id: no mpi4py discovery
         return
     os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

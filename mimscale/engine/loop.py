@@ -23,6 +23,7 @@ from mimscale.engine import distributed, faults
 from mimscale.engine.deepspeed import DTYPES, gathered_own_parameters, initialize_engine, write_deepspeed_config
 from mimscale.engine.metrics import MetricAccumulator, StepLogger, memory_gib, peak_tflops, progress_wanted
 from mimscale.engine.optim import restore_adamw_implementation, warmup_cosine
+from mimscale.engine.slurm import write_requeue_marker
 from mimscale.methods.base import COMPILE_ZERO3_NOTE
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: checkpointed after SIGTERM/SIGUSR1; the job script requeues on this code
@@ -476,6 +477,8 @@ def run_loop(engine, stream, cfg: Config, info, state: RunState, logger, root: P
         if state.step % cfg.checkpoint.every_steps == 0 or at_end or stop_signal:
             save(engine, stream, cfg, info, state, root, logger)
         if stop_signal:
+            if info.is_main:  # the checkpoint is complete and no rank has exited yet: the job script may requeue
+                write_requeue_marker(root / ckpt.tag_for_step(state.step))
             logger.text(f"stopped by signal {int(stop_signal)} at step {state.step} after checkpointing; requeue me")
             return EXIT_REQUEUE
         if state.step == cfg.train.stop_at_step:
