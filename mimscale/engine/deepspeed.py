@@ -85,10 +85,30 @@ def initialize_engine(
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     if cfg.deepspeed.zero_stage == 3:
         register_container_parameters(method)
+    declare_universal_checkpoint_info(method)
     engine, _, _, scheduler = deepspeed.initialize(
         model=method, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     return engine, scheduler, ds_config
+
+
+def declare_universal_checkpoint_info(model: nn.Module) -> None:
+    """Let DeepSpeed store ``universal_checkpoint_info`` in every checkpoint, as Megatron-DeepSpeed clients do.
+
+    DeepSpeed saves the module's UNIVERSAL_CHECKPOINT_INFO attribute with the model states; its plain converter
+    (``python -m deepspeed.checkpoint.ds_to_universal``) refuses ZeRO-1/2 checkpoints without it unless given
+    --inject_missing_state. We have no tensor or pipeline parallelism, so the info is just the format version.
+    """
+    from deepspeed.checkpoint.constants import (
+        UNIVERSAL_CHECKPOINT_INFO,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    )
+
+    if getattr(model, UNIVERSAL_CHECKPOINT_INFO, None) is None:
+        setattr(
+            model, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
+        )
 
 
 def register_container_parameters(model: nn.Module) -> list[str]:

@@ -61,26 +61,50 @@ def load_student(path: str | Path, tag: str | None = None) -> tuple[Student, Con
     return student.eval(), cfg, meta, state
 
 
+# Fields of timm's default pretrained_cfg that describe where the original weights came from or the resolution they
+# were evaluated at; an export is neither, so they are left out.
+PROVENANCE_FIELDS = (
+    "url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "tag", "custom_load", "license",
+    "description", "origin_url", "paper_name", "paper_ids", "notes", "label_offset", "label_names",
+    "label_descriptions", "test_input_size", "test_crop_pct", "test_pool_size", "min_input_size",
+)  # fmt: skip
+
+
+def default_pretrained_cfg(architecture: str) -> dict:
+    """timm's own default pretrained_cfg for the architecture (its default tag), provenance fields removed."""
+    from timm.models import get_pretrained_cfg
+
+    found = get_pretrained_cfg(architecture)
+    if found is None:
+        raise ValueError(
+            f"timm has no default config for {architecture!r}, so the export cannot say which module is its "
+            "classifier; use an architecture name from timm.list_models()"
+        )
+    return {key: value for key, value in found.to_dict().items() if key not in PROVENANCE_FIELDS}
+
+
 def timm_config(cfg: Config) -> dict:
-    """config.json for timm's local-dir loader: enough to rebuild the backbone exactly as training built it."""
+    """config.json for timm's local-dir loader: enough to rebuild the backbone exactly as training built it.
+
+    pretrained_cfg is timm's default for the architecture (``classifier``, ``first_conv``, crop and interpolation,
+    so that ``timm.create_model('local-dir:OUT', pretrained=True, num_classes=N)`` drops the absent head and
+    fine-tunes), with what training decided written over it: input size, normalisation, num_classes=0.
+    """
     model_args = {"img_size": cfg.data.image_size, **cfg.model.student_args}
     size = cfg.data.image_size
+    pretrained_cfg = default_pretrained_cfg(cfg.model.student)
+    default_size = pretrained_cfg.get("input_size", (3, size, size))[-1]
+    if pretrained_cfg.get("pool_size"):  # the final feature map scales with the input (Swin: size / 32)
+        pretrained_cfg["pool_size"] = [max(1, p * size // default_size) for p in pretrained_cfg["pool_size"]]
+    pretrained_cfg.update(
+        {"input_size": [3, size, size], "mean": list(cfg.data.mean), "std": list(cfg.data.std), "num_classes": 0}
+    )
     return {
         "architecture": cfg.model.student,
         "num_classes": 0,
         "num_features": None,
         "model_args": model_args,
-        "pretrained_cfg": {
-            "input_size": [3, size, size],
-            "fixed_input_size": True,
-            "interpolation": "bilinear",
-            "crop_pct": 0.875,
-            "crop_mode": "center",
-            "mean": list(cfg.data.mean),
-            "std": list(cfg.data.std),
-            "num_classes": 0,
-            "first_conv": "patch_embed.proj",
-        },
+        "pretrained_cfg": pretrained_cfg,
     }
 
 
@@ -95,14 +119,22 @@ def export_checkpoint(
     from safetensors.torch import save_file
 
     student, cfg, meta, state = load_student(path, tag)
+    source = {"checkpoint": meta["tag_dir"], "step": meta["step"], "method": cfg.method.name}
+    out_dir = write_export(student.backbone, cfg, out_dir, source)
+    if with_head:
+        save_file(_contiguous(state), str(out_dir / "mim_model.safetensors"), metadata={"format": "pt"})
+    return out_dir
+
+
+def write_export(backbone: nn.Module, cfg: Config, out_dir: str | Path, source: dict) -> Path:
+    """OUT/model.safetensors (the backbone's state) + OUT/config.json (timm_config plus ``mimscale`` provenance)."""
+    from safetensors.torch import save_file
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = timm_config(cfg)
-    config["num_features"] = int(student.num_features)
-    source = {"checkpoint": meta["tag_dir"], "step": meta["step"], "method": cfg.method.name}
-    save_file(_contiguous(student.backbone.state_dict()), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    if with_head:
-        save_file(_contiguous(state), str(out_dir / "mim_model.safetensors"), metadata={"format": "pt"})
+    config["num_features"] = int(backbone.num_features)
+    save_file(_contiguous(backbone.state_dict()), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     config["mimscale"] = source
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out_dir
