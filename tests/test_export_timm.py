@@ -66,7 +66,8 @@ def test_export_fine_tunes_in_plain_timm_with_new_head_and_size(family: str, tmp
         assert torch.equal(state[name], tensor), name
     size = cfg.data.image_size
     images = torch.randn(2, 3, size, size)
-    assert torch.allclose(model.forward_head(model.forward_features(images), pre_logits=True), backbone(images))
+    features = model.forward_head(model.forward_features(images), pre_logits=True)
+    assert torch.allclose(features, backbone(images), atol=1e-5)  # the student's Swin attention is the fused kernel
 
     # fine-tuning at another resolution: timm resamples the ViT position embedding / rebuilds the Swin windows
     bigger = timm.create_model(f"local-dir:{tmp_path}", pretrained=True, num_classes=7, img_size=2 * size).eval()
