@@ -20,8 +20,9 @@ from mimscale.cli import main as cli_main
 from mimscale.config import load_config
 from mimscale.data.create import CRASH_ENV, CreateOptions, create_shards
 from mimscale.data.images import decode_rgb, to_rgb
+from mimscale.data.index import IndexFileError, SetIndex
 from mimscale.data.masking import build_mask_generator
-from mimscale.data.shards import ShardError, expand_shards, index_shards, split_key
+from mimscale.data.shards import ShardError, expand_shards, index_shards, split_key, write_manifest, write_shard
 from mimscale.data.stream import build_train_loader, iter_eval_batches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -266,3 +267,116 @@ def test_create_refuses_a_folder_with_foreign_tars(tmp_path):
     with pytest.raises(ShardError, match="already contains .tar files"):
         create_shards(str(tmp_path / "src"), tmp_path / "out", CreateOptions())
     assert (tmp_path / "out/shard-00000.tar").read_bytes() == b"someone else's data"
+
+
+# ----------------------------------------------------------------------------------------------- the binary index
+
+
+def small_set(folder: Path, shards: int = 2, per_shard: int = 5) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for number in range(shards):
+        samples = []
+        for item in range(per_shard):
+            out = io.BytesIO()
+            Image.fromarray(np.roll(gradient(), item * 3 + number, axis=1)).save(out, format="JPEG")
+            samples.append((f"s{number}x{item:03d}", {"jpg": out.getvalue(), "cls": str(item).encode()}))
+        entries.append(write_shard(folder / f"part-{number:03d}.tar", samples))
+    write_manifest(folder, entries)
+    return folder
+
+
+def test_index_is_compact_matches_the_tars_and_manifest_keeps_per_shard_facts(tmp_path):
+    folder = small_set(tmp_path / "set", shards=3, per_shard=7)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["format"] == "mimscale-shards/2" and manifest["index"] == "samples.idx"
+    assert all(set(entry) == {"name", "samples", "bytes", "sha256"} for entry in manifest["shards"])
+    index = SetIndex(folder / "samples.idx")
+    assert index.names == ["part-000.tar", "part-001.tar", "part-002.tar"] and index.counts.tolist() == [7, 7, 7]
+    assert (folder / "samples.idx").stat().st_size == 64 + 3 * 24 + 38 + 2 + 21 * 12  # header, table, names, rows
+    for number, path in enumerate(expand_shards(str(folder))):
+        legacy = index_shards([path])[0]
+        rows = index.shard_rows(number)
+        assert (rows["block"] * 512).tolist() == legacy.offsets and rows["label"].tolist() == list(range(7))
+        with tarfile.open(path) as tar:
+            members = {m.name: m for m in tar}
+            assert [members[f"{key}.jpg"].offset_data for key in legacy.keys] == legacy.offsets
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda b: b[:-5], "truncated or padded"),
+        (lambda b: b"NOTANIDX" + b[8:], "wrong magic"),
+        (lambda b: b[:8] + (99).to_bytes(4, "little") + b[12:], "format version 99"),
+        (lambda b: b[:16] + (10**12).to_bytes(8, "little") + b[24:], "more than the file's"),
+        (lambda b: b[: 64 + 8] + (3).to_bytes(8, "little") + b[64 + 16 :], "add up to"),
+        (lambda b: b[: 64 + 48] + b"part-000.tar\npart-000.tar" + b[64 + 48 + 25 :], "distinct shard names"),
+        (lambda b: b[:-12] + (2**31).to_bytes(4, "little") + b[-8:], "point outside"),
+        (lambda b: b[:-4] + (-7).to_bytes(4, "little", signed=True), "labels below -1"),
+    ],
+)
+def test_hostile_index_files_are_refused_by_name(tmp_path, damage, message):
+    folder = small_set(tmp_path / "set")
+    path = folder / "samples.idx"
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(IndexFileError, match=message) as caught:
+        index = SetIndex(path)
+        [index.shard_rows(n) for n in range(len(index.names))]  # per-shard bounds are checked on first use
+    assert str(path) in str(caught.value) and "mimscale shards index" in str(caught.value)
+
+
+def test_damaged_or_foreign_index_is_rebuilt_and_training_reads_the_right_samples(tmp_path, capsys):
+    folder = small_set(tmp_path / "set", shards=2, per_shard=6)
+    os.mkfifo(tmp_path / "fifo.idx")
+    with pytest.raises(IndexFileError, match="not a regular file"):  # a FIFO must not block the reader
+        SetIndex(tmp_path / "fifo.idx")
+    (folder / "samples.idx").write_bytes(b"MIMSIDX\0" + bytes(100))
+    cfg = load_config(None, [f"data.shards={folder}", "data.batch_size=4", "data.image_size=32", "data.num_workers=0"])
+    stream = build_train_loader(cfg, rank=0, world_size=1, mask_generator=MASK)
+    assert "is unusable" in capsys.readouterr().err and SetIndex(folder / "samples.idx").counts.tolist() == [6, 6]
+    labels = [int(v) for _, batch in zip(range(3), stream, strict=False) for v in batch["label"].tolist()]
+    assert sorted(labels) == sorted(list(range(6)) * 2)
+
+
+def test_shards_index_cli_builds_a_foreign_folder_once_in_parallel_into_a_cache(tmp_path, capsys):
+    foreign = tmp_path / "laion"
+    foreign.mkdir()
+    for number in range(3):
+        write_img2dataset_shard(foreign / f"{number:05d}.tar", 4 + number)
+    cache = tmp_path / "cache"
+    assert cli_main(["shards", "index", str(foreign), "--cache", str(cache), "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "3 shards, 15 samples" in out and "B/sample" in out and not (foreign / "samples.idx").exists()
+    built = list((cache / "index").glob("laion-*.idx"))
+    assert len(built) == 1 and SetIndex(built[0]).counts.tolist() == [4, 5, 6]
+    stamp = built[0].stat().st_mtime_ns
+    cfg = load_config(None, [f"data.shards={foreign}", "data.batch_size=5", "data.image_size=32"])
+    cfg.data.__dict__["cache_dir"] = str(cache)  # data.cache_dir (remote shards) also holds indexes
+    stream = build_train_loader(cfg, rank=0, world_size=1, mask_generator=MASK)
+    assert stream.num_samples == 15 and built[0].stat().st_mtime_ns == stamp  # found, not rebuilt
+    (foreign / "00001.tar").write_bytes((foreign / "00001.tar").read_bytes()[:4096])  # a shard re-written
+    assert cli_main(["shards", "index", str(foreign), "--cache", str(cache)]) == 0
+    assert "changed since" in capsys.readouterr().err and SetIndex(built[0]).counts.tolist()[0::2] == [4, 6]
+
+
+def test_dotted_keys_follow_webdataset_and_are_reported_not_dropped_silently(tmp_path, capsys):
+    folder = small_set(tmp_path / "set", shards=1, per_shard=3)
+    out = io.BytesIO()
+    Image.fromarray(gradient()).save(out, format="JPEG")
+    with tarfile.open(folder / "dotted.tar", "w") as tar:
+        for name in ("img.0001.jpg", "img.0002.jpg", "other.v2.png"):
+            info = tarfile.TarInfo(name)
+            info.size = len(out.getvalue())
+            tar.addfile(info, io.BytesIO(out.getvalue()))
+    assert split_key("img.0001.jpg") == ("img", "0001.jpg")  # the key ends at the first dot of the file name
+    (folder / "manifest.json").unlink()
+    (folder / "samples.idx").unlink()
+    assert cli_main(["shards", "verify", str(folder)]) == 1
+    captured = capsys.readouterr()
+    assert "dotted.tar: no usable sample" in captured.out
+    assert "img.0001.jpg" in captured.err and "first dot" in captured.err
+    assert cli_main(["shards", "inspect", str(folder), "--sheet", ""]) == 1
+    captured = capsys.readouterr()
+    assert "2 unusable" in captured.out and "FAILED: 1 shard(s) hold no usable sample: dotted.tar" in captured.out
+    assert "img.0001.jpg" in captured.err

@@ -1,10 +1,10 @@
-"""Shard files on disk: pattern expansion, tar member index, atomic shard writing and the manifest.
+"""Shard files on disk: pattern expansion, atomic shard writing and the manifest.
 
 A shard set is a folder of WebDataset tar files (``<key>.jpg|png|webp``, ``<key>.cls``, optional ``<key>.json``;
-keys have no dots) plus an optional ``manifest.json``. The manifest records, per shard, its sample count, bytes,
-sha256 and a compact member index (image offsets and labels), so the training stream can read any sample by
-seeking instead of streaming whole tars. Shards written by other tools (img2dataset) work without a manifest:
-they are indexed on first use by reading tar headers only.
+a key ends at the first dot of the file name) plus ``manifest.json`` (per shard: name, samples, bytes, sha256)
+and ``samples.idx``, the binary per-sample index the training stream memory-maps (see data/index.py). Shards
+written by other tools (img2dataset) work without either: they are indexed once by `mimscale shards index` or
+on first use, by reading tar headers only.
 """
 
 from __future__ import annotations
@@ -15,16 +15,14 @@ import io
 import json
 import os
 import re
-import sys
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "mimscale-shards/1"
+MANIFEST_FORMAT = "mimscale-shards/2"  # /1 kept per-sample lists in the JSON
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
 LABEL_EXTS = ("cls", "label")
-TAR_END_SLACK = 20 * 512 + 1024  # end-of-archive blocks and record padding a complete tar may end with
 
 
 class ShardError(ValueError):
@@ -99,99 +97,39 @@ def split_key(member_name: str) -> tuple[str, str]:
 
 @dataclass
 class ShardIndex:
-    """Where each sample's image lives inside one tar file, and its label (-1 when the shard has none)."""
+    """One shard's samples as lists (for tools: create's re-sharding, inspect); training uses data/index.py."""
 
     name: str
     keys: list[str] = field(default_factory=list)
-    exts: list[str] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     bytes: int = 0
+    unusable: int = 0
 
     def __len__(self) -> int:
         return len(self.keys)
 
-    def to_json(self) -> dict:
-        return {
-            "keys": self.keys,
-            "exts": self.exts,
-            "offsets": self.offsets,
-            "sizes": self.sizes,
-            "labels": self.labels,
-        }
-
-    @classmethod
-    def from_json(cls, name: str, nbytes: int, data: dict) -> ShardIndex:
-        return cls(
-            name=name, bytes=nbytes, **{k: list(data[k]) for k in ("keys", "exts", "offsets", "sizes", "labels")}
-        )
-
-
-def _parse_label(raw: bytes) -> int:
-    text = raw.decode("utf-8", "replace").strip()
-    try:
-        return int(text)
-    except ValueError:
-        return -1
-
-
-def _warn(message: str, path: Path) -> None:
-    print(f"mimscale data: {message} (check with `mimscale shards verify {path.parent}`)", file=sys.stderr)
-
-
-def _scan_members(raw, tar, groups: dict[str, dict], order: list[str]) -> None:
-    for member in tar:
-        if not member.isfile():
-            continue
-        key, ext = split_key(member.name)
-        if key not in groups:
-            groups[key] = {}
-            order.append(key)
-        if ext in IMAGE_EXTS and "image" not in groups[key]:
-            groups[key]["image"] = (ext, member.offset_data, member.size)
-        elif ext in LABEL_EXTS and "label" not in groups[key]:
-            here = raw.tell()
-            raw.seek(member.offset_data)
-            groups[key]["label"] = _parse_label(raw.read(member.size))
-            raw.seek(here)
-
 
 def index_tar(path: str | Path) -> ShardIndex:
-    """Read tar headers (and the tiny label members) of one shard; image data is skipped by seeking.
+    """Read one shard's tar headers (image data is skipped by seeking); damage and unusable samples are warned.
 
-    Samples without an image member are ignored. A file that is not a tar is a ShardError naming it; a tar cut
-    short or corrupt in the middle keeps the samples before the damage, with a warning to run verify.
+    A file that is not a tar is a ShardError naming it; a tar cut short or corrupt in the middle keeps the
+    samples before the damage.
     """
-    path = Path(path)
-    groups: dict[str, dict] = {}
-    order: list[str] = []
-    try:
-        with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
-            nbytes = os.fstat(raw.fileno()).st_size
-            try:
-                _scan_members(raw, tar, groups, order)
-            except (tarfile.ReadError, EOFError) as err:
-                if not order:
-                    raise
-                _warn(f"shard {path} is damaged after {len(order)} samples ({err}); the rest is skipped", path)
-            end = tar.offset
-    except (tarfile.TarError, OSError, EOFError) as err:
-        raise ShardError(f"shard {path} is not a readable tar file ({err}); re-create or remove it") from err
-    if nbytes - end > TAR_END_SLACK:  # tarfile stops quietly at a corrupt header in the middle of a file
-        _warn(f"shard {path}: unreadable data after byte {end} of {nbytes}; the samples there are skipped", path)
-    index = ShardIndex(name=path.name, bytes=nbytes)
-    for key in order:
-        group = groups[key]
-        if "image" not in group or group["image"][1] + group["image"][2] > nbytes:
-            continue
-        ext, offset, size = group["image"]
-        index.keys.append(key)
-        index.exts.append(ext)
-        index.offsets.append(offset)
-        index.sizes.append(size)
-        index.labels.append(group.get("label", -1))
-    return index
+    from mimscale.data.index import BLOCK, report_scan, scan_tar
+
+    scan = scan_tar(path)
+    report_scan(scan, path)
+    return ShardIndex(
+        name=scan.name,
+        keys=scan.keys,
+        offsets=(scan.rows["block"].astype("int64") * BLOCK).tolist(),
+        sizes=scan.rows["size"].tolist(),
+        labels=scan.rows["label"].tolist(),
+        bytes=scan.bytes,
+        unusable=scan.unusable,
+    )
 
 
 def load_manifest(folder: str | Path) -> dict | None:
@@ -209,28 +147,15 @@ def load_manifest(folder: str | Path) -> dict | None:
 
 
 def index_shards(paths: list[Path]) -> list[ShardIndex]:
-    """Index every shard, using the manifest's cached index when it matches the file's size."""
-    manifests: dict[Path, dict] = {}
-    indexes = []
-    for path in paths:
-        folder = path.parent
-        if folder not in manifests:
-            manifest = load_manifest(folder) or {"shards": []}
-            manifests[folder] = {entry["name"]: entry for entry in manifest["shards"] if "name" in entry}
-        entry = manifests[folder].get(path.name)
-        size = path.stat().st_size
-        if entry and entry.get("bytes") == size and isinstance(entry.get("index"), dict):
-            indexes.append(ShardIndex.from_json(path.name, size, entry["index"]))
-        else:
-            indexes.append(index_tar(path))
-    return indexes
+    """Index every shard by scanning its headers (tools; the training stream memory-maps samples.idx instead)."""
+    return [index_tar(path) for path in paths]
 
 
-def dataset_fingerprint(indexes: list[ShardIndex]) -> str:
+def dataset_fingerprint(names: list[str], counts) -> str:
     """Identity of a shard set for resume checks: shard names and sample counts (not folder, so sets can move)."""
     digest = hashlib.sha256()
-    for index in indexes:
-        digest.update(f"{index.name}:{len(index)}\n".encode())
+    for name, count in zip(names, counts, strict=True):
+        digest.update(f"{name}:{int(count)}\n".encode())
     return digest.hexdigest()[:16]
 
 
@@ -285,42 +210,69 @@ def write_shard(path: str | Path, samples: list[tuple[str, dict[str, bytes]]]) -
 
 
 def shard_entry(path: str | Path, name: str | None = None) -> dict:
-    """Manifest entry for one tar: name, samples, bytes, sha256 and the member index."""
-    index = index_tar(path)
+    """Manifest entry for one tar: name, samples, bytes, sha256, plus its sample rows under "index".
+
+    The rows travel with the entry (JSON lists, e.g. through create's chunk markers) until write_manifest
+    moves them into the binary samples.idx; the manifest itself keeps per-shard facts only.
+    """
+    from mimscale.data.index import report_scan, scan_tar
+
+    scan = scan_tar(path)
+    report_scan(scan, path)
     return {
         "name": name or Path(path).name,
-        "samples": len(index),
-        "bytes": index.bytes,
+        "samples": len(scan.rows),
+        "bytes": scan.bytes,
         "sha256": file_sha256(path),
-        "index": index.to_json(),
+        "index": {
+            "blocks": scan.rows["block"].tolist(),
+            "sizes": scan.rows["size"].tolist(),
+            "labels": scan.rows["label"].tolist(),
+            "unusable": scan.unusable,
+        },
     }
+
+
+def _write_set_index(folder: Path, entries: list[dict]) -> None:
+    """samples.idx from the entries' rows; entries without rows (old create markers) are scanned from the tar."""
+    import numpy as np
+
+    from mimscale.data.index import INDEX_NAME, SAMPLE_DTYPE, ShardScan, scan_tar, write_index
+
+    def scans():
+        for entry in entries:
+            rows = entry.get("index")
+            if not isinstance(rows, dict):
+                yield scan_tar(folder / entry["name"])
+                continue
+            table = np.zeros(len(rows["blocks"]), SAMPLE_DTYPE)
+            table["block"], table["size"], table["label"] = rows["blocks"], rows["sizes"], rows["labels"]
+            yield ShardScan(entry["name"], entry["bytes"], table, unusable=int(rows.get("unusable", 0)))
+
+    write_index(folder / INDEX_NAME, scans(), [entry["name"] for entry in entries])
 
 
 def write_manifest(folder: str | Path, entries: list[dict], **extra) -> dict:
-    """Write ``manifest.json`` atomically with totals computed from the shard entries."""
+    """Write samples.idx, then ``manifest.json`` (per-shard facts and totals), both atomically."""
+    from mimscale.data.index import INDEX_NAME
+
     folder = Path(folder)
     entries = sorted(entries, key=lambda e: e["name"])
+    _write_set_index(folder, entries)
+    shards = [{key: value for key, value in entry.items() if key != "index"} for entry in entries]
     manifest = {
         "format": MANIFEST_FORMAT,
         "totals": {
-            "shards": len(entries),
-            "samples": sum(e["samples"] for e in entries),
-            "bytes": sum(e["bytes"] for e in entries),
+            "shards": len(shards),
+            "samples": sum(e["samples"] for e in shards),
+            "bytes": sum(e["bytes"] for e in shards),
         },
+        "index": INDEX_NAME,
         **extra,
-        "shards": entries,
+        "shards": shards,
     }
-    readable = {
-        **manifest,
-        "shards": [{**e, "index": f"\0index{n}"} if "index" in e else e for n, e in enumerate(entries)],
-    }
-    text = re.sub(  # one line per shard index keeps the manifest readable; one pass keeps it linear in size
-        r'"\\u0000index(\d+)"',  # a NUL cannot occur in real data, so the token cannot collide
-        lambda match: json.dumps(entries[int(match.group(1))]["index"], separators=(",", ":")),
-        json.dumps(readable, indent=1),
-    )
     tmp = folder / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(text + "\n")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
     os.replace(tmp, folder / MANIFEST_NAME)
     return manifest
 

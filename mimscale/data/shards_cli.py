@@ -1,4 +1,4 @@
-"""`mimscale shards create|verify|inspect`: build, check and look at WebDataset shard sets."""
+"""`mimscale shards create|index|verify|inspect`: build, index, check and look at WebDataset shard sets."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 from mimscale.data.images import BadImage, decode_rgb
@@ -19,7 +20,6 @@ from mimscale.data.shards import (
     ShardError,
     expand_shards,
     file_sha256,
-    index_shards,
     load_manifest,
     split_key,
 )
@@ -57,8 +57,11 @@ def _read_members(path: Path, problems: list[str]) -> int:
     return len(keys)
 
 
-def verify_shard(path: Path, entry: dict | None) -> tuple[int, list[str]]:
-    """Check one shard against its manifest entry (size, sha256, sample count) and decode every image."""
+def verify_shard(path: Path, entry: dict | None, index=None) -> tuple[int, list[str], list[str]]:
+    """Check one shard against its manifest entry (size, sha256, sample count) and its samples.idx rows, and
+    decode every image. Returns (samples, problems, notes); a shard without a usable sample is a problem."""
+    from mimscale.data.index import scan_tar
+
     problems: list[str] = []
     if entry is not None:
         size = path.stat().st_size
@@ -72,11 +75,51 @@ def verify_shard(path: Path, entry: dict | None) -> tuple[int, list[str]]:
     samples = _read_members(path, problems)
     if entry is not None and samples != entry.get("samples"):
         problems.append(f"{path.name}: {samples} readable samples, manifest says {entry.get('samples')}")
-    return samples, problems
+    try:
+        scan = scan_tar(path)
+    except ShardError as err:
+        return samples, problems + [str(err)], []
+    notes = []
+    if scan.unusable:
+        notes.append(f"{path.name}: {scan.unusable} sample(s) without an image member, skipped: "
+                     f"{', '.join(scan.unusable_examples)} (a WebDataset key ends at the first dot of the file "
+                     "name: rename img.0001.jpg to img_0001.jpg)")  # fmt: skip
+    if len(scan.rows) == 0:
+        problems.append(f"{path.name}: no usable sample (an image member per key: <key>.jpg|png|webp)")
+    if index is not None:
+        problems += _index_problems(index, scan)
+    return samples, problems, notes
+
+
+def _index_problems(index, scan) -> list[str]:
+    """Differences between samples.idx and a fresh scan of the tar."""
+    number = index.position.get(scan.name)
+    if number is None:
+        return [f"{scan.name}: missing from {index.path.name}; rebuild it with `mimscale shards index`"]
+    try:
+        rows = index.shard_rows(number)
+    except ShardError as err:
+        return [str(err)]
+    if int(index.shard_bytes[number]) != scan.bytes or not np.array_equal(rows, scan.rows):
+        return [f"{scan.name}: its rows in {index.path.name} differ from the tar (stale index); rebuild it with "
+                "`mimscale shards index`"]  # fmt: skip
+    return []
+
+
+def _folder_set_index(folder: Path, problems: list[str]):
+    from mimscale.data.index import INDEX_NAME, SetIndex
+
+    if not (folder / INDEX_NAME).is_file():
+        return None
+    try:
+        return SetIndex(folder / INDEX_NAME)
+    except ShardError as err:
+        problems.append(str(err))
+        return None
 
 
 def verify_folder(folder: Path) -> tuple[int, int, list[str]]:
-    """(shards, samples, problems) for a shard folder, with or without a manifest."""
+    """(shards, samples, problems) for a shard folder, with or without a manifest and samples.idx."""
     from tqdm import tqdm
 
     manifest = load_manifest(folder)
@@ -87,13 +130,17 @@ def verify_folder(folder: Path) -> tuple[int, int, list[str]]:
         problems += [f"{name}: not listed in {MANIFEST_NAME}" for name in on_disk if name not in entries]
     if not on_disk:
         problems.append(f"{folder}: no .tar shards found")
-    samples = 0
+    index = _folder_set_index(folder, problems)
+    samples, notes = 0, []
     for name, path in tqdm(on_disk.items(), desc="verify", unit="shard", disable=None, file=sys.stderr):
-        count, found = verify_shard(path, entries.get(name) if manifest else None)
+        count, found, noted = verify_shard(path, entries.get(name) if manifest else None, index)
         samples += count
         problems += found
+        notes += noted
     if manifest and not problems and samples != manifest.get("totals", {}).get("samples"):
         problems.append(f"total {samples} samples, manifest totals say {manifest['totals'].get('samples')}")
+    for note in notes[:MAX_LISTED_PROBLEMS]:
+        print(f"note: {note}", file=sys.stderr)
     leftovers = sorted(path.name for path in folder.glob("*.tar.tmp"))
     if leftovers:
         print(f"note: unfinished shards from a killed job: {', '.join(leftovers)}", file=sys.stderr)
@@ -115,6 +162,8 @@ def cmd_verify(args) -> int:
         print("fix: re-create the listed shards (mimscale shards create) or restore them from a copy")
         return 1
     checked = "size, sha256, counts and every image" if has_manifest else "every image (no manifest: counts discovered)"
+    if (folder / "samples.idx").is_file():
+        checked += ", samples.idx against the tars"
     print(f"OK: {folder}: {shards} shards, {samples} samples; checked {checked}")
     return 0
 
@@ -122,26 +171,23 @@ def cmd_verify(args) -> int:
 # ----------------------------------------------------------------------------------------------- inspect
 
 
-def contact_sheet(paths: list[Path], indexes, count: int, labels: list[str], thumb: int = 96) -> Image.Image:
+def contact_sheet(table, count: int, labels: list[str], thumb: int = 96) -> Image.Image:
     """A grid of ``count`` samples spread evenly over the set, each captioned with its label."""
-    flat = [(path, index, n) for path, index in zip(paths, indexes, strict=True) for n in range(len(index))]
-    picks = [flat[round(i * (len(flat) - 1) / max(1, count - 1))] for i in range(min(count, len(flat)))]
+    total = len(table)
+    picks = [round(i * (total - 1) / max(1, count - 1)) for i in range(min(count, total))]
     columns = math.ceil(math.sqrt(len(picks))) or 1
     rows = math.ceil(len(picks) / columns)
     sheet = Image.new("RGB", (columns * (thumb + 4), rows * (thumb + 18)), (32, 32, 32))
     draw = ImageDraw.Draw(sheet)
-    for number, (path, index, n) in enumerate(picks):
-        with open(path, "rb") as handle:
-            handle.seek(index.offsets[n])
-            payload = handle.read(index.sizes[n])
+    for number, sample_id in enumerate(picks):
         try:
-            image = decode_rgb(payload)
+            image = decode_rgb(table.read(sample_id))
             image.thumbnail((thumb, thumb))
         except BadImage:
             image = Image.new("RGB", (thumb, thumb), (160, 0, 0))
         x, y = (number % columns) * (thumb + 4) + 2, (number // columns) * (thumb + 18) + 2
         sheet.paste(image, (x + (thumb - image.width) // 2, y + (thumb - image.height) // 2))
-        label = index.labels[n]
+        label = table.label(sample_id)
         caption = labels[label] if 0 <= label < len(labels) else ("-" if label < 0 else str(label))
         draw.text((x, y + thumb + 2), f"{label}:{caption}"[:16], fill=(230, 230, 230))
     return sheet
@@ -154,21 +200,32 @@ def _class_names(folder: Path, manifest: dict | None) -> list[str]:
     return [str(name) for name in json.loads(path.read_text())] if path.is_file() else []
 
 
-def cmd_inspect(args) -> int:
-    folder = Path(args.out)
-    paths = expand_shards(str(folder), key="OUT")
-    manifest = load_manifest(folder)
-    indexes = index_shards(paths)
-    names = _class_names(folder, manifest)
-    total = sum(len(index) for index in indexes)
-    print(f"{folder}: {len(paths)} shards, {total} samples, {sum(i.bytes for i in indexes) / 1e6:.1f} MB"
-          f"{'' if manifest else ' (no manifest: counts discovered from the tars)'}")  # fmt: skip
-    for index in indexes:
-        print(f"  {index.name:<28} {len(index):>8} samples {index.bytes / 1e6:>9.2f} MB")
+def _label_histogram(table) -> dict[int, int]:
     histogram: dict[int, int] = {}
-    for index in indexes:
-        for label in index.labels:
-            histogram[label] = histogram.get(label, 0) + 1
+    for shard in range(len(table.locations)):
+        rows = table.indexes[table.set_of[shard]].shard_rows(int(table.number_in_set[shard]))
+        values, counts = np.unique(rows["label"], return_counts=True)
+        for label, n in zip(values.tolist(), counts.tolist(), strict=True):
+            histogram[label] = histogram.get(label, 0) + n
+    return histogram
+
+
+def cmd_inspect(args) -> int:
+    from mimscale.data.stream import load_table
+
+    folder = Path(args.out)
+    manifest = load_manifest(folder)
+    table = load_table(str(folder), "OUT", cache_dir=args.cache or None)
+    names = _class_names(folder, manifest)
+    sizes = [index.shard_bytes[n] for index, n in zip(
+        (table.indexes[i] for i in table.set_of), table.number_in_set, strict=True)]  # fmt: skip
+    unusable = [int(table.indexes[i].unusable[n]) for i, n in zip(table.set_of, table.number_in_set, strict=True)]
+    print(f"{folder}: {len(table.locations)} shards, {len(table)} samples, {sum(sizes) / 1e6:.1f} MB"
+          f"{'' if manifest else ' (no manifest: counts discovered from the tars)'}")  # fmt: skip
+    for location, count, nbytes, bad in zip(table.locations, table.counts, sizes, unusable, strict=True):
+        extra = f"  {bad} unusable (no image member)" if bad else ""
+        print(f"  {Path(location).name:<28} {count:>8} samples {nbytes / 1e6:>9.2f} MB{extra}")
+    histogram = _label_histogram(table)
     shown = ", ".join(
         f"{label}{'=' + names[label] if 0 <= label < len(names) else ''}: {n}" for label, n in sorted(histogram.items())
     )
@@ -181,8 +238,40 @@ def cmd_inspect(args) -> int:
         if manifest.get("command"):
             print(f"created by: {manifest['command']}")
     if args.sheet:
-        contact_sheet(paths, indexes, args.count, names).save(args.sheet)
-        print(f"contact sheet of {min(args.count, total)} samples: {args.sheet}")
+        contact_sheet(table, args.count, names).save(args.sheet)
+        print(f"contact sheet of {min(args.count, len(table))} samples: {args.sheet}")
+    empty = [Path(loc).name for loc, count in zip(table.locations, table.counts, strict=True) if count == 0]
+    if empty:
+        print(f"FAILED: {len(empty)} shard(s) hold no usable sample: {', '.join(empty[:10])} (an image member per "
+              "key is needed; a WebDataset key ends at the first dot of the file name)")  # fmt: skip
+        return 1
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- index
+
+
+def cmd_index(args) -> int:
+    """Build (or bring up to date) the samples.idx of shard folders once, in parallel, before training."""
+    import time
+
+    from mimscale.data.index import folder_index
+
+    paths = expand_shards(args.src, key="SRC")
+    folders: dict[str, list[str]] = {}
+    for path in paths:
+        folders.setdefault(str(path.parent), []).append(path.name)
+    for folder, names in folders.items():
+        start = time.perf_counter()
+        index = folder_index(folder, names, cache_dir=args.cache or None, workers=args.workers,
+                             prefer_cache=bool(args.cache))  # fmt: skip
+        elapsed = time.perf_counter() - start
+        size = index.path.stat().st_size
+        print(f"{folder}: {len(names)} shards, {index.num_samples} samples indexed in {elapsed:.1f} s -> "
+              f"{index.path} ({size / 1e6:.1f} MB, {size / max(1, index.num_samples):.1f} B/sample)")  # fmt: skip
+        skipped = int(index.unusable.sum())
+        if skipped:
+            print(f"  {skipped} sample(s) without an image member skipped (see the messages above)")
     return 0
 
 
@@ -215,7 +304,7 @@ def cmd_create(args) -> int:
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("shards", help="create, verify or inspect WebDataset shard sets")
+    parser = subparsers.add_parser("shards", help="create, index, verify or inspect WebDataset shard sets")
     commands = parser.add_subparsers(dest="shards_command", metavar="ACTION", required=True)
     create = commands.add_parser("create", help="image folder, CSV/TSV list or tar shards -> validated shards")
     create.add_argument("src", help="image folder (class sub-folders), .csv/.tsv of path[,label], or tar shards")
@@ -239,4 +328,10 @@ def register(subparsers) -> None:
     inspect.add_argument("out", help="shard folder")
     inspect.add_argument("--sheet", default="contact_sheet.png", help="PNG path for the contact sheet ('' = none)")
     inspect.add_argument("--count", type=int, default=16, help="samples on the contact sheet")
+    inspect.add_argument("--cache", default="", help="folder for the index of a read-only or remote shard set")
     inspect.set_defaults(func=cmd_inspect)
+    index = commands.add_parser("index", help="build samples.idx for a shard set (e.g. img2dataset output) once")
+    index.add_argument("src", help="shard folder, glob or brace pattern")
+    index.add_argument("--cache", default="", help="write the index into this folder instead of beside the shards")
+    index.add_argument("--workers", type=int, default=1, help="parallel processes scanning tars")
+    index.set_defaults(func=cmd_index)

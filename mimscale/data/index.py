@@ -1,0 +1,455 @@
+"""The per-sample index of a shard set: one compact binary file, memory-mapped by every rank and worker.
+
+manifest.json keeps per-shard facts only; where each sample's image lies inside its tar, and its label, live in
+``samples.idx`` beside the shards (or in a cache folder when the shard folder is read-only or remote):
+
+    header    64 bytes: magic b"MIMSIDX\\0", version u32, 0 u32, shards u64, samples u64, names bytes u64, 0...
+    shards    per shard: tar bytes u64, samples u64, unusable samples u64 (24 B)
+    names     shard file names, utf-8, joined by "\\n"
+    samples   (16-byte aligned) per sample: image data offset in 512-byte tar blocks u32, image bytes u32,
+              label i32 (-1 = none): 12 B per sample, in tar order, shard after shard
+
+Start-up reads the header and the shard table (O(shards)); the sample rows stay on disk and are paged in through
+the shared page cache only where a reader looks. The file is treated as hostile: sizes are checked against the
+header before anything is read, every count and name is validated, and each shard's rows are bounds-checked
+against the shard's size when the shard is first used.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import stat
+import struct
+import sys
+from collections.abc import Iterable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mimscale.data.shards import IMAGE_EXTS, LABEL_EXTS, ShardError, split_key
+
+INDEX_NAME = "samples.idx"
+MAGIC = b"MIMSIDX\0"
+VERSION = 1
+HEADER = struct.Struct("<8sIIQQQ24x")  # 64 bytes
+SHARD_DTYPE = np.dtype([("bytes", "<u8"), ("samples", "<u8"), ("unusable", "<u8")])
+SAMPLE_DTYPE = np.dtype([("block", "<u4"), ("size", "<u4"), ("label", "<i4")])
+BLOCK = 512
+MAX_NAME_BYTES = 4096
+MAX_LABEL_BYTES = 64
+LISTED_UNUSABLE = 3
+
+
+class IndexFileError(ShardError):
+    """An index file is damaged, foreign or stale; the message names it and how to rebuild it."""
+
+
+def _rebuild_hint(path: Path) -> str:
+    return f"delete {path} and rebuild it with `mimscale shards index <shard folder>`"
+
+
+# ----------------------------------------------------------------------------------------------- scanning tars
+
+
+@dataclass
+class ShardScan:
+    """What one pass over a tar's headers finds: usable samples (rows, keys), unusable ones, and damage."""
+
+    name: str
+    bytes: int
+    rows: np.ndarray
+    keys: list[str] = field(default_factory=list)
+    unusable: int = 0
+    unusable_examples: list[str] = field(default_factory=list)
+    damage: str = ""
+
+
+def _octal(field_bytes: bytes) -> int:
+    if field_bytes[:1] and field_bytes[0] & 0x80:  # GNU base-256 for sizes >= 8 GiB
+        return int.from_bytes(field_bytes[1:], "big")
+    text = field_bytes.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _header(block: bytes, offset: int) -> tuple[str, int, bytes]:
+    """(name, size, type flag) of a tar header block; ValueError on a bad checksum or garbage fields."""
+    stored = _octal(block[148:156])
+    if stored != sum(block[:148]) + 256 + sum(block[156:]):
+        raise ValueError(f"bad header checksum at byte {offset}")
+    name = block[:100].split(b"\0", 1)[0]
+    if block[257:262] == b"ustar" and block[345]:
+        name = block[345:500].split(b"\0", 1)[0] + b"/" + name
+    return name.decode("utf-8", "replace"), _octal(block[124:136]), block[156:157]
+
+
+def _pax_path(payload: bytes) -> str | None:
+    for record in payload.split(b"\n"):
+        _, _, item = record.partition(b" ")
+        if item.startswith(b"path="):
+            return item[5:].decode("utf-8", "replace")
+    return None
+
+
+def _parse_label(raw: bytes) -> int:
+    try:
+        value = int(raw.decode("utf-8", "replace").strip())
+    except ValueError:
+        return -1
+    return value if -1 <= value < 2**31 else -1
+
+
+def _walk_members(handle, nbytes: int, scan: ShardScan):
+    """Yield (name, data offset, size) of the regular file members; damage is recorded on ``scan``."""
+    offset, long_name = 0, None
+    while offset + BLOCK <= nbytes:
+        handle.seek(offset)
+        block = handle.read(BLOCK)
+        if len(block) < BLOCK or block == bytes(BLOCK):
+            return
+        try:
+            name, size, kind = _header(block, offset)
+        except ValueError as err:
+            scan.damage = str(err)
+            return
+        data = offset + BLOCK
+        offset = data + -(-size // BLOCK) * BLOCK
+        if data + size > nbytes:
+            scan.damage = f"member {name!r} is cut short at byte {nbytes}"
+            return
+        if kind in (b"L", b"x"):  # GNU long name / pax extended header for the next member
+            handle.seek(data)
+            payload = handle.read(min(size, MAX_NAME_BYTES * 4))
+            long_name = payload.split(b"\0", 1)[0].decode("utf-8", "replace") if kind == b"L" else _pax_path(payload)
+            continue
+        if kind in (b"0", b"\0", b"7"):
+            yield long_name or name, data, size
+        long_name = None
+    if offset != nbytes:  # no end-of-archive blocks, and the last member or header is incomplete
+        scan.damage = f"the file ends inside a member at byte {nbytes} (cut short?)"
+
+
+def scan_tar(path: str | Path) -> ShardScan:
+    """Index one tar by reading its headers (and the tiny label members); image bytes are skipped by seeking.
+
+    Members group into samples by key (WebDataset: the key ends at the first dot of the file name). A sample
+    without an image member is unusable (e.g. ``img.0001.jpg``, whose key is ``img`` and extension
+    ``0001.jpg``): counted, with a few names kept for the report. A tar damaged in the middle keeps the samples
+    before the damage. A file that is not a tar at all is a ShardError naming it.
+    """
+    path = Path(path)
+    groups: dict[str, list] = {}
+    try:
+        with open(path, "rb") as handle:
+            nbytes = os.fstat(handle.fileno()).st_size
+            scan = ShardScan(name=path.name, bytes=nbytes, rows=np.empty(0, SAMPLE_DTYPE))
+            for name, data, size in _walk_members(handle, nbytes, scan):
+                key, ext = split_key(name)
+                group = groups.setdefault(key, [-1, 0, -1, name])  # block, size, label, first member name
+                if ext in IMAGE_EXTS and group[0] < 0:
+                    group[0], group[1] = data // BLOCK, size
+                elif ext in LABEL_EXTS:
+                    handle.seek(data)
+                    group[2] = _parse_label(handle.read(min(size, MAX_LABEL_BYTES)))
+    except OSError as err:
+        raise ShardError(f"shard {path} is not readable ({err}); check the path and permissions") from err
+    if not groups and scan.damage:
+        raise ShardError(f"shard {path} is not a readable tar file ({scan.damage}); re-create or remove it")
+    usable = [(key, group) for key, group in groups.items() if group[0] >= 0 and group[1] > 0]
+    scan.unusable = len(groups) - len(usable)
+    scan.unusable_examples = [g[3] for g in groups.values() if g[0] < 0 or g[1] <= 0][:LISTED_UNUSABLE]
+    if any(group[0] >= 2**32 for _, group in usable):
+        raise ShardError(f"shard {path} is larger than 2 TiB; split it into smaller shards")
+    scan.keys = [key for key, _ in usable]
+    scan.rows = np.array([tuple(group[:3]) for _, group in usable], dtype=SAMPLE_DTYPE).reshape(-1)
+    return scan
+
+
+def report_scan(scan: ShardScan, where: str | Path) -> None:
+    """Warn (stderr) about damage and unusable samples in a freshly scanned shard."""
+    if scan.damage:
+        print(f"mimscale data: shard {where} is damaged after {len(scan.rows)} samples ({scan.damage}); "
+              f"the rest is skipped (check with `mimscale shards verify`)", file=sys.stderr)  # fmt: skip
+    if scan.unusable:
+        print(f"mimscale data: shard {where}: {scan.unusable} sample(s) without an image member are skipped, "
+              f"e.g. {', '.join(scan.unusable_examples)} (a WebDataset key ends at the first dot of the file "
+              "name: rename img.0001.jpg to img_0001.jpg)", file=sys.stderr)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- the file
+
+
+def _layout(num_shards: int, names_bytes: int) -> tuple[int, int]:
+    """(names offset, sample rows offset) for a file with these counts."""
+    names_at = HEADER.size + num_shards * SHARD_DTYPE.itemsize
+    return names_at, -(-(names_at + names_bytes) // 16) * 16
+
+
+class IndexWriter:
+    """Writes an index file shard by shard (O(shards) memory), atomically: ``.tmp``, fsync, rename."""
+
+    def __init__(self, path: str | Path, names: list[str]):
+        for name in names:
+            if not name or "\n" in name or "/" in name or "\0" in name:
+                raise ShardError(f"shard name {name!r} cannot be indexed (empty, or holds a newline or slash)")
+        self.path, self.names = Path(path), names
+        self.blob = "\n".join(names).encode()
+        self.table = np.zeros(len(names), SHARD_DTYPE)
+        self.tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        self.handle = open(self.tmp, "wb")
+        self.handle.seek(_layout(len(names), len(self.blob))[1])
+        self.count = 0
+
+    def add(self, number: int, nbytes: int, rows: np.ndarray, unusable: int = 0) -> None:
+        """Append shard ``number``'s rows; shards must be added in order."""
+        if number != self.count:
+            raise ValueError(f"shard {number} added out of order (expected {self.count})")
+        self.table[number] = (nbytes, len(rows), unusable)
+        self.handle.write(np.ascontiguousarray(rows, dtype=SAMPLE_DTYPE).tobytes())
+        self.count += 1
+
+    def close(self) -> Path:
+        if self.count != len(self.names):
+            raise ValueError(f"index closed after {self.count} of {len(self.names)} shards")
+        names_at, _ = _layout(len(self.names), len(self.blob))
+        total = int(self.table["samples"].sum())
+        self.handle.seek(0)
+        self.handle.write(HEADER.pack(MAGIC, VERSION, 0, len(self.names), total, len(self.blob)))
+        self.handle.write(self.table.tobytes())
+        self.handle.write(self.blob)
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self.handle.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+class SetIndex:
+    """An open, validated index file: shard names, sizes and counts in memory; sample rows memory-mapped."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._rows = None
+        self._checked: set[int] = set()
+        self._load_table()
+
+    def _fail(self, problem: str) -> IndexFileError:
+        return IndexFileError(f"index file {self.path} is unusable: {problem}; {_rebuild_hint(self.path)}")
+
+    def _load_table(self) -> None:
+        try:
+            if not stat.S_ISREG(os.stat(self.path).st_mode):  # before open: a FIFO would block it
+                raise self._fail("not a regular file")
+            with open(self.path, "rb") as handle:
+                info = os.fstat(handle.fileno())
+                header = handle.read(HEADER.size)
+                if len(header) < HEADER.size:
+                    raise self._fail(f"{info.st_size} bytes, shorter than its header")
+                magic, version, _, num_shards, num_samples, names_bytes = HEADER.unpack(header)
+                if magic != MAGIC:
+                    raise self._fail("not a mimscale index (wrong magic bytes)")
+                if version != VERSION:
+                    raise self._fail(f"format version {version}, this mimscale reads version {VERSION}")
+                if num_shards * SHARD_DTYPE.itemsize + names_bytes > info.st_size:
+                    raise self._fail(f"header claims {num_shards} shards and {names_bytes} name bytes, more than "
+                                     f"the file's {info.st_size} bytes")  # fmt: skip
+                names_at, self.rows_at = _layout(num_shards, names_bytes)
+                if self.rows_at + num_samples * SAMPLE_DTYPE.itemsize != info.st_size:
+                    raise self._fail(f"{info.st_size} bytes, but its header describes {num_shards} shards and "
+                                     f"{num_samples} samples (truncated or padded?)")  # fmt: skip
+                table = np.frombuffer(handle.read(num_shards * SHARD_DTYPE.itemsize), SHARD_DTYPE)
+                blob = handle.read(names_bytes)
+        except OSError as err:
+            raise IndexFileError(f"index file {self.path} is not readable ({err})") from err
+        try:
+            self.names = blob.decode("utf-8").split("\n") if num_shards else []
+        except UnicodeDecodeError as err:
+            raise self._fail("shard names are not utf-8") from err
+        if len(self.names) != num_shards or len(set(self.names)) != num_shards or not all(self.names):
+            raise self._fail(f"{len(self.names)} distinct shard names for {num_shards} shards")
+        self.shard_bytes = table["bytes"].astype(np.int64)
+        self.counts = table["samples"].astype(np.int64)
+        self.unusable = table["unusable"].astype(np.int64)
+        if (table["bytes"] >= 2**62).any() or (self.counts * BLOCK * 2 > self.shard_bytes).any():
+            raise self._fail("a shard claims more samples than its size can hold")
+        if int(self.counts.sum()) != num_samples:
+            raise self._fail(f"shard counts add up to {int(self.counts.sum())}, the header says {num_samples}")
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
+        self.position = {name: number for number, name in enumerate(self.names)}
+        self.num_samples = num_samples
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_rows"] = None  # each process maps the file itself: the pages stay shared, nothing is copied
+        state["position"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.position = {name: number for number, name in enumerate(self.names)}
+
+    @property
+    def rows(self) -> np.ndarray:
+        if self._rows is None:
+            if self.num_samples == 0:
+                self._rows = np.empty(0, SAMPLE_DTYPE)
+            else:
+                self._rows = np.memmap(self.path, SAMPLE_DTYPE, mode="r", offset=self.rows_at,
+                                       shape=(self.num_samples,))  # fmt: skip
+        return self._rows
+
+    def shard_rows(self, number: int) -> np.ndarray:
+        """Shard ``number``'s rows, bounds-checked against its size the first time they are used."""
+        rows = self.rows[self.starts[number] : self.starts[number + 1]]
+        if number not in self._checked:
+            ends = rows["block"].astype(np.int64) * BLOCK + rows["size"]
+            if len(rows) and (
+                rows["block"].min() < 1 or rows["size"].min() < 1 or ends.max() > self.shard_bytes[number]
+            ):
+                raise self._fail(f"shard {self.names[number]}'s sample offsets point outside its "
+                                 f"{self.shard_bytes[number]} bytes")  # fmt: skip
+            if len(rows) and (rows["label"].min() < -1):
+                raise self._fail(f"shard {self.names[number]} has labels below -1")
+            self._checked.add(number)
+        return rows
+
+
+def write_index(path: str | Path, scans: Iterable[ShardScan], names: list[str]) -> Path:
+    """Write an index file from shard scans given in ``names`` order."""
+    writer = IndexWriter(path, names)
+    try:
+        for number, scan in enumerate(scans):
+            writer.add(number, scan.bytes, scan.rows, scan.unusable)
+        return writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+# ----------------------------------------------------------------------------------------------- finding
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("MIMSCALE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mimscale"
+    )
+    return Path(base) / "index"
+
+
+def cache_path(folder: str, cache_dir: str | Path | None) -> Path:
+    """Where the index of a shard folder lives when it cannot live beside the shards."""
+    digest = hashlib.sha256(os.path.abspath(folder).encode() if "://" not in folder else folder.encode())
+    base = Path(cache_dir) / "index" if cache_dir else default_cache_dir()
+    return base / f"{Path(folder).name or 'root'}-{digest.hexdigest()[:16]}.idx"
+
+
+@contextmanager
+def _locked(target: Path):
+    """One index builder per folder on this node; the others wait, then find it built (a killed holder unlocks)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    folder = os.open(target.parent, os.O_RDONLY)  # the folder itself is the lock: no lock files left behind
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(folder)
+
+
+def _scan_many(paths: list[Path], workers: int) -> Iterable[ShardScan]:
+    if workers > 1 and len(paths) > 1:
+        import multiprocessing
+
+        context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+        with context.Pool(workers) as pool:
+            yield from pool.imap(scan_tar, paths, chunksize=max(1, min(64, len(paths) // (workers * 8))))
+    else:
+        yield from map(scan_tar, paths)
+
+
+def _progress(scans: Iterable[ShardScan], total: int, folder: str, paths: list[Path]) -> Iterable[ShardScan]:
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="shard", desc=f"index {folder}", disable=None, file=sys.stderr) as bar:
+        for scan, path in zip(scans, paths, strict=True):
+            report_scan(scan, path)
+            bar.update(1)
+            yield scan
+
+
+def build_folder_index(folder: str, names: list[str], target: Path, workers: int = 1,
+                       reuse: SetIndex | None = None) -> SetIndex:  # fmt: skip
+    """Scan the named shards of a local folder (reusing ``reuse``'s rows for shards whose size still matches)."""
+    paths = [Path(folder) / name for name in names]
+    if reuse is None:
+        scans = _progress(_scan_many(paths, workers), len(paths), folder, paths)
+        return SetIndex(write_index(target, scans, names))
+    fresh = [p for p in paths if not _matches(reuse, p)]
+    rescanned = {scan.name: scan for scan in _progress(_scan_many(fresh, workers), len(fresh), folder, fresh)}
+
+    def merged():
+        for path in paths:
+            if path.name in rescanned:
+                yield rescanned[path.name]
+            else:
+                number = reuse.position[path.name]
+                rows = np.array(reuse.shard_rows(number))
+                yield ShardScan(path.name, int(reuse.shard_bytes[number]), rows, unusable=int(reuse.unusable[number]))
+
+    return SetIndex(write_index(target, merged(), names))
+
+
+def _matches(index: SetIndex, path: Path) -> bool:
+    number = index.position.get(path.name)
+    if number is None:
+        return False
+    try:
+        return path.stat().st_size == index.shard_bytes[number]
+    except OSError:
+        return False
+
+
+def _open_if_valid(path: Path) -> SetIndex | None:
+    if not path.is_file():
+        return None
+    try:
+        return SetIndex(path)
+    except IndexFileError as err:
+        print(f"mimscale data: {err}; rebuilding it", file=sys.stderr)
+        return None
+
+
+def folder_index(folder: str, names: list[str], *, cache_dir: str | Path | None = None, workers: int = 1,
+                 build: bool = True, prefer_cache: bool = False) -> SetIndex:  # fmt: skip
+    """The index covering ``names`` in a local shard folder: beside the shards, else in the cache, else built.
+
+    An index that lacks some of the names, or whose recorded size of a shard differs from the file (a shard
+    re-written or cut short), is brought up to date by scanning only those shards. Built indexes go beside the
+    shards when the folder is writable (and ``prefer_cache`` is not set), else into the cache folder.
+    """
+    beside, cached = Path(folder) / INDEX_NAME, cache_path(folder, cache_dir)
+    for candidate in (beside, cached):
+        index = _open_if_valid(candidate)
+        if index is not None and all(name in index.position for name in names):
+            stale = [n for n in names if not _matches(index, Path(folder) / n)]
+            if not stale:
+                return index
+            print(f"mimscale data: {len(stale)} shard(s) of {folder} changed since {candidate} was written "
+                  f"(e.g. {stale[0]}); re-indexing them", file=sys.stderr)  # fmt: skip
+            break
+    if not build:
+        raise ShardError(f"{folder} has no index; run `mimscale shards index {folder}`")
+    target = beside if os.access(folder, os.W_OK) and not prefer_cache else cached
+    with _locked(target):
+        index = _open_if_valid(target)  # another rank may have built it while this one waited
+        if index is not None and all(n in index.position and _matches(index, Path(folder) / n) for n in names):
+            return index
+        known = sorted(set(names) | set(index.names if index else []))
+        known = [n for n in known if (Path(folder) / n).is_file()]
+        return build_folder_index(folder, known, target, workers, reuse=index)
