@@ -88,6 +88,14 @@ class DataConfig:
     )
     download_retries: int = _doc(5, "Retries of a failed shard download (exponential backoff) before the run stops.")
     download_timeout_s: float = _doc(60.0, "Network timeout of one shard request (connect and each read), seconds.")
+    streams: int = _doc(
+        0,
+        "Canonical data streams C: the order interleaves C streams of shards, and rank r of W reads only C/W of "
+        "them. Fixed when a run starts (0 = the world size then) and kept on resume; must divide the global batch.",
+    )
+    shuffle_window: int = _doc(
+        8, "Shards per shuffle window: samples are shuffled within windows of this many shards of a stream."
+    )
 
 
 @dataclass(kw_only=True)
@@ -260,6 +268,11 @@ def validate(cfg: Config) -> Config:
         )
     if cfg.data.cache_dir and os.path.exists(cfg.data.cache_dir) and not os.path.isdir(cfg.data.cache_dir):
         raise ConfigError(f"data.cache_dir={cfg.data.cache_dir} exists and is not a folder; point it at a folder")
+    if cfg.data.streams < 0 or cfg.data.shuffle_window < 1:
+        raise ConfigError(
+            f"data.streams must be >= 0 (0 = the world size) and data.shuffle_window >= 1, got "
+            f"{cfg.data.streams} and {cfg.data.shuffle_window}"
+        )
     if cfg.optim.lr <= 0 or cfg.optim.warmup_steps < 0:
         raise ConfigError("optim.lr must be positive and optim.warmup_steps >= 0")
     from mimscale.methods import check_method_config  # the preset registry (lazy: methods import this module)

@@ -1,4 +1,5 @@
-"""The resumable training stream on the committed sample shards and on tiny shard sets built here."""
+"""The resumable training stream on the committed sample shards and on tiny shard sets built here; its order
+(data/order.py) and the binary index it reads (data/index.py)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ from PIL import Image
 
 from mimscale.config import load_config
 from mimscale.data.masking import build_mask_generator
+from mimscale.data.order import EpochPlan, epoch_sequence
 from mimscale.data.shards import ShardError, expand_shards, write_manifest, write_shard
-from mimscale.data.stream import build_train_loader, epoch_order, iter_eval_batches
+from mimscale.data.stream import build_train_loader, iter_eval_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = str(ROOT / "shards/sample/*.tar")
 SAMPLE_COUNT = 384
+SAMPLE_SHARDS = [120, 104, 88, 72]
 MASK = build_mask_generator("random_tokens", image_size=32, token_stride=8, ratio=0.5, cell_size=32)
 
 
@@ -28,6 +31,13 @@ def make_cfg(shards: str = SAMPLE, batch_size: int = 8, workers: int = 0, seed: 
         [f"data.shards={shards}", f"data.batch_size={batch_size}", "data.image_size=32",
          f"data.num_workers={workers}", f"run.seed={seed}"],
     )  # fmt: skip
+
+
+def order(global_batch: int, streams: int, counts=SAMPLE_SHARDS, epoch: int = 0, window: int = 8) -> list[int]:
+    """One epoch's sample ids in global-batch order, as every rank must see them."""
+    return epoch_sequence(
+        counts, seed=0, epoch=epoch, streams=streams, window=window, global_batch=global_batch
+    ).tolist()
 
 
 def take(stream, count: int) -> list[dict]:
@@ -52,7 +62,7 @@ def test_batch_contract_shapes_dtypes_and_labels():
     assert ((batch["label"] >= 0) & (batch["label"] < 19)).all()
     # normalised with ImageNet statistics: roughly centred, clearly not in [0, 1]
     assert batch["image"].min() < -0.5 and batch["image"].max() > 1.0
-    assert batch["sample_id"].tolist() == epoch_order(0, 0, SAMPLE_COUNT)[:8].tolist()
+    assert batch["sample_id"].tolist() == order(8, streams=1)[:8]
     assert stream.state_dict()["consumed"] == 8 and stream.corrupt_count == 0
 
 
@@ -64,8 +74,8 @@ def test_two_ranks_two_workers_see_disjoint_samples_covering_the_epoch():
     seen = [torch.cat([b["sample_id"] for b in take(s, steps)]).tolist() for s in streams]
     assert not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == list(range(SAMPLE_COUNT))
-    order = epoch_order(0, 0, SAMPLE_COUNT)
-    assert seen[0][:8] == order[:8].tolist() and seen[1][:8] == order[8:16].tolist()
+    expected = order(16, streams=2)  # data.streams=0: one canonical stream per rank of the run's start
+    assert seen[0][:8] == expected[:8] and seen[1][:8] == expected[8:16]
     assert all(s.state_dict()["epoch"] == 0 and s.state_dict()["consumed"] == SAMPLE_COUNT for s in streams)
 
 
@@ -140,16 +150,15 @@ def test_corrupt_samples_are_replaced_counted_and_never_shift_positions(tmp_path
     entries = [write_shard(tmp_path / "a-000.tar", samples[:20]), write_shard(tmp_path / "a-001.tar", samples[20:])]
     write_manifest(tmp_path, entries)
     stream = build_train_loader(make_cfg(shards=str(tmp_path), batch_size=4), rank=0, world_size=1, mask_generator=MASK)
-    order = epoch_order(0, 0, 32).tolist()
+    planned = order(4, streams=1, counts=[20, 12])
     ids = torch.cat([b["sample_id"] for b in take(stream, 8)]).tolist()
     assert len(ids) == 32 and not set(ids) & bad
     assert stream.corrupt_count >= len(bad)
     for position, sample_id in enumerate(ids):
-        planned = order[position]
-        if planned not in bad:
-            assert sample_id == planned  # a replacement never shifts the samples after it
+        if planned[position] not in bad:
+            assert sample_id == planned[position]  # a replacement never shifts the samples after it
         else:
-            later = [s for s in order[position + 1 :] + order[:position] if s not in bad]
+            later = [s for s in planned[position + 1 :] + planned[:position] if s not in bad]
             assert sample_id == later[0]
     assert stream.state_dict()["corrupt_count"] == stream.corrupt_count
 
@@ -221,18 +230,68 @@ def test_stream_decodes_every_mode_to_rgb(tmp_path):
     assert torch.allclose(centre[4], torch.ones(3)) and torch.allclose(centre[5], torch.ones(3))  # white
 
 
-def test_epoch_order_is_a_lazy_permutation_keyed_by_seed_and_epoch():
-    from mimscale.data.stream import EpochOrder
+def test_epoch_order_is_a_lazy_permutation_keyed_by_seed_and_epoch_only():
+    from mimscale.data.order import KeyedPermutation
 
-    for size in (1, 2, 3, 257, 1000):
-        assert sorted(epoch_order(5, 2, size).tolist()) == list(range(size))
-    assert epoch_order(0, 0, 500).tolist() == epoch_order(0, 0, 500).tolist()
-    assert epoch_order(0, 0, 500).tolist() != epoch_order(0, 1, 500).tolist() != epoch_order(1, 0, 500).tolist()
-    huge = EpochOrder(0, 0, 400_000_000)  # no per-epoch array: O(1) memory per worker
+    counts = [50, 7, 33, 0, 61, 20, 9, 44]  # uneven, one empty shard
+    for streams in (1, 3, 4):
+        for window in (1, 2, 5):
+            plan = EpochPlan(counts, seed=5, epoch=2, streams=streams, window=window)
+            ids = [plan.sample(s, k) for s in range(streams) for k in range(plan.stream_length)]
+            assert len(set(ids)) == len(ids) == streams * (sum(counts) // streams) and max(ids) < sum(counts)
+    a = order(8, streams=2, window=2)
+    assert a == order(8, streams=2, window=2)  # recomputed anywhere (any rank, worker, process): the same
+    assert a != order(8, streams=2, window=2, epoch=1)
+    assert sorted(a) == sorted(order(8, streams=2, window=2, epoch=1)) == list(range(SAMPLE_COUNT))
+    assert a != epoch_sequence(SAMPLE_SHARDS, seed=1, epoch=0, streams=2, window=2, global_batch=8).tolist()
+    # the global batch only regroups the streams: each stream's sequence is the same for any global batch
+    plan = EpochPlan(SAMPLE_SHARDS, seed=0, epoch=0, streams=2, window=2)
+    assert order(16, streams=2, window=2)[:8] == [plan.sample(0, k) for k in range(8)]
+    assert order(4, streams=2, window=2)[:2] == [plan.sample(0, k) for k in range(2)]
+    huge = KeyedPermutation(400_000_000, (0, 0))  # no per-epoch array: O(1) memory per worker
     picks = [huge[p] for p in range(0, 400_000_000, 40_000_000)]
     assert len(set(picks)) == 10 and all(0 <= p < 400_000_000 for p in picks)
     with pytest.raises(IndexError):
         huge[400_000_000]
+
+
+def test_streams_read_few_shards_each_and_ranks_own_their_streams():
+    """With W dividing C each rank reads only its streams' shards; a window spans at most `window` shards."""
+    counts = [30] * 16
+    plan = EpochPlan(counts, seed=0, epoch=3, streams=4, window=2)
+    shard_of = np.repeat(np.arange(16), 30)
+    owned = [{int(shard_of[plan.sample(s, k)]) for k in range(plan.stream_length)} for s in range(4)]
+    assert all(len(shards) == 4 for shards in owned) and len(set.union(*owned)) == 16
+    for s in range(4):
+        for start in range(0, plan.stream_length, 60):  # windows of 2 shards = 60 samples here
+            window = {int(shard_of[plan.sample(s, k)]) for k in range(start, start + 60)}
+            assert len(window) == 2
+    next_epoch = EpochPlan(counts, seed=0, epoch=4, streams=4, window=2)
+    assert owned == [{int(shard_of[next_epoch.sample(s, k)]) for k in range(120)} for s in range(4)]  # caches stay warm
+    sequence = epoch_sequence(counts, seed=0, epoch=3, streams=4, window=2, global_batch=8)
+    rank_shards = [set(shard_of[sequence.reshape(-1, 2, 4)[:, r].ravel()].tolist()) for r in (0, 1)]
+    assert rank_shards[0] == owned[0] | owned[1] and rank_shards[1] == owned[2] | owned[3]
+
+
+def test_streams_and_window_are_fixed_for_a_run():
+    stopped = build_train_loader(make_cfg(batch_size=8), rank=0, world_size=2, mask_generator=MASK)
+    take(stopped, 2)
+    state = stopped.state_dict()
+    assert state["streams"] == 2 and state["shuffle_window"] == 8
+    cfg = make_cfg(batch_size=8)
+    cfg.data.streams = 4
+    with pytest.raises(ShardError, match=r"data.streams=2 .*data.streams=4"):
+        build_train_loader(cfg, rank=0, world_size=2, mask_generator=MASK, state=state)
+    cfg = make_cfg(batch_size=8)
+    cfg.data.shuffle_window = 3
+    with pytest.raises(ShardError, match="data.shuffle_window=8"):
+        build_train_loader(cfg, rank=0, world_size=2, mask_generator=MASK, state=state)
+    cfg = make_cfg(batch_size=6)
+    cfg.data.streams = 4
+    with pytest.raises(ShardError, match="not a multiple of data.streams=4"):
+        build_train_loader(cfg, rank=0, world_size=1, mask_generator=MASK)
+    with pytest.raises(ShardError, match="older mimscale"):
+        build_train_loader(make_cfg(), rank=0, world_size=1, mask_generator=MASK, state={**state, "version": 1})
 
 
 def test_several_sets_joined_with_double_colon():
@@ -241,13 +300,15 @@ def test_several_sets_joined_with_double_colon():
     assert stream.num_samples == SAMPLE_COUNT + 128
 
 
-def test_resume_with_another_global_batch_continues_from_the_consumed_position():
+def test_resume_with_another_global_batch_continues_every_stream_where_it_stopped():
     stopped = build_train_loader(make_cfg(batch_size=8), rank=0, world_size=2, mask_generator=MASK)
-    take(stopped, 3)  # 48 samples consumed
+    take(stopped, 3)  # 48 samples consumed: 24 of each of the 2 streams
     resumed = build_train_loader(make_cfg(batch_size=24), rank=0, world_size=1, mask_generator=MASK,
                                  state=stopped.state_dict())  # fmt: skip
     ids = torch.cat([b["sample_id"] for b in take(resumed, 2)]).tolist()
-    assert ids == epoch_order(0, 0, SAMPLE_COUNT)[48:96].tolist()
+    plan = EpochPlan(SAMPLE_SHARDS, seed=0, epoch=0, streams=2, window=8)
+    expected = [plan.sample(s, k) for start in (24, 36) for s in (0, 1) for k in range(start, start + 12)]
+    assert ids == expected
 
 
 def test_normalise_on_device_flag_hands_uint8_with_the_same_pixels():
@@ -265,3 +326,34 @@ def test_normalise_on_device_flag_hands_uint8_with_the_same_pixels():
         device = normalise_on_device(got["image"], cfg.data.mean, cfg.data.std, torch.float32)
         assert (device - expected["image"]).abs().max() <= 1e-6
     assert uint8.state_dict()["consumed"] == 3 * 8
+
+
+def test_start_up_memory_is_per_shard_not_per_sample(tmp_path):
+    """A 1M-sample set (1000 sparse tars + a real samples.idx): load + plan + lookups allocate O(shards) only."""
+    import os
+    import tracemalloc
+
+    from mimscale.data.index import SAMPLE_DTYPE, IndexWriter
+    from mimscale.data.stream import load_table
+
+    shards, per_shard = 1000, 1000
+    names = [f"{n:06d}.tar" for n in range(shards)]
+    rows = np.zeros(per_shard, SAMPLE_DTYPE)
+    rows["block"], rows["size"], rows["label"] = np.arange(per_shard) * 4 + 1, 700, np.arange(per_shard) % 10
+    writer = IndexWriter(tmp_path / "samples.idx", names)
+    for number, name in enumerate(names):
+        with open(tmp_path / name, "wb") as handle:
+            handle.truncate(per_shard * 4 * 512 + 1024)  # sparse: the right size, no disk used
+        writer.add(number, per_shard * 4 * 512 + 1024, rows)
+    writer.close()
+    tracemalloc.start()
+    table = load_table(str(tmp_path), "data.shards")
+    plan = EpochPlan(table.counts, seed=0, epoch=0, streams=8, window=8)
+    picked = [plan.sample(s, k) for s in range(8) for k in range(0, plan.stream_length, 9973)]
+    labels = [table.label(sample_id) for sample_id in picked]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(table) == shards * per_shard and len(set(picked)) == len(picked)
+    assert labels == [sample_id % per_shard % 10 for sample_id in picked]
+    assert peak < 1_500_000, f"{peak} bytes: something allocates per sample (8 MB would be one int64 per sample)"
+    assert os.path.getsize(tmp_path / "samples.idx") / len(table) < 12.1

@@ -1,21 +1,23 @@
-"""The resumable training stream: exact data position, independent of world size and worker count.
+"""The resumable training stream: exact data position, independent of world size and worker count, read locally.
 
-Every shard is indexed once (tar member offsets, cached in the manifest), so any sample can be read by
-seeking. The sample order of an epoch is a permutation of the global sample list derived only from
-(seed, epoch). Global micro-batch m of an epoch covers order positions [start + m*B*W, start + (m+1)*B*W), and
-rank r takes its r-th slice of B. Each DataLoader worker builds whole micro-batches (batch t goes to worker
-t % num_workers), so the DataLoader's round-robin hands them out in order. Crop, flip and mask randomness come
-from (seed, epoch, sample id). The state is therefore just {epoch, samples consumed in the epoch}: resuming
-with another world size but the same global batch continues the very same global order.
+Shards are indexed once (data/index.py: samples.idx, memory-mapped, O(shards) at start-up). The order of an
+epoch comes from data/order.py: a keyed shard permutation cut into C canonical streams (``data.streams``, fixed
+when the run starts), samples shuffled within windows of ``data.shuffle_window`` shards; it depends only on
+(seed, epoch, C, window, the shard set). Global micro-batch m takes g = G/C samples from each stream and rank r
+takes the r-th slice of B, so with W dividing C a rank reads only its own streams' shards, a window at a time.
+Each DataLoader worker builds whole micro-batches (batch t goes to worker t % num_workers), so the DataLoader's
+round-robin hands them out in order. Crop, flip and mask randomness come from (seed, epoch, sample id). The
+state is {epoch, samples consumed in the epoch, C, window}: a resume with another world size but the same
+global batch continues the very same order.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,132 +26,115 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from mimscale.config import Config
 from mimscale.data.device_decode import DeferredCrop, DeferredRows
 from mimscale.data.images import BadImage
-from mimscale.data.shards import ShardError, ShardIndex, dataset_fingerprint, expand_shards, index_shards
+from mimscale.data.index import BLOCK, SetIndex, folder_index
+from mimscale.data.order import EpochPlan, arrangement
+from mimscale.data.shards import ShardError, dataset_fingerprint, expand_shards
 from mimscale.data.transforms import eval_transform, normalise_batch, train_crop, train_crop_or_defer, write_chw
 
 MAX_CONSECUTIVE_CORRUPT = 64
-STATE_VERSION = 1
+MAX_OPEN_SHARDS = 64
+STATE_VERSION = 2
 
 
-class SampleTable:
-    """Flat arrays over all samples of a shard set: which shard, where in it, and the label."""
+def shard_path(location: str) -> str:
+    """A local file path for a shard location: the one place shard access goes through (local paths as is)."""
+    return location
 
-    def __init__(self, paths: list[Path], indexes: list[ShardIndex]):
-        self.paths = [str(path) for path in paths]
-        self.fingerprint = dataset_fingerprint(indexes)
-        self.shard = np.concatenate([np.full(len(ix), n, dtype=np.int32) for n, ix in enumerate(indexes)])
-        self.offset = np.concatenate([np.asarray(ix.offsets, dtype=np.int64) for ix in indexes])
-        self.size = np.concatenate([np.asarray(ix.sizes, dtype=np.int64) for ix in indexes])
-        self.label = np.concatenate([np.asarray(ix.labels, dtype=np.int64) for ix in indexes])
-        self.shard_keys = [ix.keys for ix in indexes]  # for error messages
-        self.shard_start = np.cumsum([0] + [len(ix) for ix in indexes])
+
+class ShardTable:
+    """A shard set as per-shard arrays (O(shards) memory); each shard's sample rows come from its index file."""
+
+    def __init__(self, locations: list[str], indexes: list[SetIndex], numbers: list[int]):
+        self.locations = locations
+        self.indexes = indexes
+        self.set_of = np.asarray([id_ for id_, _ in numbers], dtype=np.int32)
+        self.number_in_set = np.asarray([n for _, n in numbers], dtype=np.int64)
+        self.counts = np.asarray([indexes[i].counts[n] for i, n in numbers], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
+        self.fingerprint = dataset_fingerprint([os.path.basename(loc) for loc in locations], self.counts)
         self._handles: dict[int, object] = {}
 
     def __len__(self) -> int:
-        return len(self.offset)
+        return int(self.starts[-1])
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_handles"] = {}  # open files do not travel to workers
         return state
 
+    def locate(self, sample_id: int) -> tuple[int, np.void]:
+        """(shard number, the sample's index row: block, size, label)."""
+        shard = int(np.searchsorted(self.starts, sample_id, "right")) - 1
+        rows = self.indexes[self.set_of[shard]].shard_rows(int(self.number_in_set[shard]))
+        return shard, rows[sample_id - int(self.starts[shard])]
+
+    def label(self, sample_id: int) -> int:
+        return int(self.locate(sample_id)[1]["label"])
+
     def describe(self, sample_id: int) -> str:
-        shard = int(self.shard[sample_id])
-        key = self.shard_keys[shard][sample_id - int(self.shard_start[shard])]
-        return f"shard {self.paths[shard]} sample {key!r}"
+        shard, row = self.locate(sample_id)
+        where = f"shard {self.locations[shard]} sample #{sample_id - int(self.starts[shard])}"
+        try:  # the member's own tar header sits right before its data
+            handle = self._handle(shard)
+            handle.seek((int(row["block"]) - 1) * BLOCK)
+            name = handle.read(100).split(b"\0", 1)[0].decode("utf-8", "replace")
+            return f"{where} ({name})" if name else where
+        except (BadImage, OSError):
+            return where
+
+    def _handle(self, shard: int):
+        handle = self._handles.get(shard)
+        if handle is None:
+            if len(self._handles) >= MAX_OPEN_SHARDS:
+                self._handles.pop(next(iter(self._handles))).close()
+            try:
+                handle = self._handles[shard] = open(shard_path(self.locations[shard]), "rb")
+            except OSError as err:
+                raise BadImage("unreadable_shard", str(err)) from err
+        return handle
 
     def read(self, sample_id: int) -> bytes:
         """The encoded image bytes of one sample (BadImage if the shard is shorter than its index says)."""
-        shard = int(self.shard[sample_id])
-        handle = self._handles.get(shard)
-        if handle is None:
-            if len(self._handles) >= 64:
-                self._handles.pop(next(iter(self._handles))).close()
-            try:
-                handle = self._handles[shard] = open(self.paths[shard], "rb")
-            except OSError as err:
-                raise BadImage("unreadable_shard", str(err)) from err
-        handle.seek(int(self.offset[sample_id]))
-        payload = handle.read(int(self.size[sample_id]))
-        if len(payload) != self.size[sample_id]:
-            raise BadImage("truncated", f"{len(payload)} of {self.size[sample_id]} bytes")
+        shard, row = self.locate(sample_id)
+        size = int(row["size"])
+        handle = self._handle(shard)
+        handle.seek(int(row["block"]) * BLOCK)
+        payload = handle.read(size)
+        if len(payload) != size:
+            raise BadImage("truncated", f"{len(payload)} of {size} bytes")
         return payload
 
 
-def load_table(pattern: str, key: str) -> SampleTable:
+def load_table(pattern: str, key: str, *, cache_dir: str | None = None) -> ShardTable:
+    """The shard set of a pattern with its index: read from samples.idx (beside the shards or cached), or built."""
     paths = expand_shards(pattern, key=key)
-    table = SampleTable(paths, index_shards(paths))
+    folders: dict[str, list[str]] = {}
+    for path in paths:
+        folders.setdefault(str(path.parent), []).append(path.name)
+    sets = [folder_index(folder, names, cache_dir=cache_dir) for folder, names in folders.items()]
+    set_number = {folder: number for number, folder in enumerate(folders)}
+    numbers = [(set_number[str(p.parent)], sets[set_number[str(p.parent)]].position[p.name]) for p in paths]
+    table = ShardTable([str(p) for p in paths], sets, numbers)
     if len(table) == 0:
         raise ShardError(f"{key}={pattern!r}: the {len(paths)} shard(s) hold no image samples (.jpg/.png/.webp)")
     return table
 
 
-_MASK64 = (1 << 64) - 1
-
-
-def _mix64(value: int) -> int:
-    """splitmix64 finaliser: a cheap, well-mixing hash of a 64-bit integer."""
-    value = (value + 0x9E3779B97F4A7C15) & _MASK64
-    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return value ^ (value >> 31)
-
-
-class EpochOrder:
-    """The sample order of one epoch, a pseudo-random permutation of [0, N) keyed by (seed, epoch) only.
-
-    A 4-round Feistel network over the next even power of two with cycle-walking maps any position to its
-    sample in O(1) time and memory, so a 400M-sample epoch needs no 3 GB permutation array in every worker.
-    """
-
-    ROUNDS = 4
-
-    def __init__(self, seed: int, epoch: int, num_samples: int):
-        self.num_samples = num_samples
-        self.half_bits = max(1, (max(1, num_samples - 1).bit_length() + 1) // 2)
-        self.half_mask = (1 << self.half_bits) - 1
-        keys = np.random.default_rng([seed, epoch, 0x5EED]).integers(0, 1 << 62, self.ROUNDS)
-        self.keys = [int(key) for key in keys]
-
-    def _feistel(self, value: int) -> int:
-        left, right = value >> self.half_bits, value & self.half_mask
-        for key in self.keys:
-            left, right = right, left ^ (_mix64(key ^ right) & self.half_mask)
-        return (left << self.half_bits) | right
-
-    def __getitem__(self, position: int) -> int:
-        if not 0 <= position < self.num_samples:
-            raise IndexError(f"position {position} outside an epoch of {self.num_samples} samples")
-        value = self._feistel(position)
-        while value >= self.num_samples:  # cycle-walk back into [0, N); at most a few steps on average
-            value = self._feistel(value)
-        return value
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-
-def epoch_order(seed: int, epoch: int, num_samples: int) -> np.ndarray:
-    """The whole order of one epoch as an array (for tests and tools; the stream looks positions up lazily)."""
-    order = EpochOrder(seed, epoch, num_samples)
-    return np.fromiter((order[p] for p in range(num_samples)), dtype=np.int64, count=num_samples)
-
-
 @dataclass(frozen=True)
 class Schedule:
-    """Where global micro-batch t (counted from the resume point) lies: (epoch, first order position)."""
+    """Where global micro-batch t (counted from the resume point) lies: (epoch, first position in each stream)."""
 
-    num_samples: int
-    global_batch: int
+    stream_length: int
+    per_stream: int  # g = global batch / streams
     start_epoch: int
-    start_consumed: int
+    start_position: int
 
     def positions(self) -> Iterator[tuple[int, int]]:
-        epoch, position = self.start_epoch, self.start_consumed
+        epoch, position = self.start_epoch, self.start_position
         while True:
-            while position + self.global_batch <= self.num_samples:
+            while position + self.per_stream <= self.stream_length:
                 yield epoch, position
-                position += self.global_batch
+                position += self.per_stream
             epoch, position = epoch + 1, 0
 
 
@@ -168,26 +153,27 @@ class AugmentSpec:
 class _TrainBatches(IterableDataset):
     """Runs in each DataLoader worker: builds this rank's slice of every num_workers-th global micro-batch."""
 
-    def __init__(self, table: SampleTable, schedule: Schedule, spec: AugmentSpec, *, rank: int, batch_size: int,
-                 seed: int, mask_generator):  # fmt: skip
+    def __init__(self, table: ShardTable, schedule: Schedule, spec: AugmentSpec, *, rank: int, batch_size: int,
+                 seed: int, streams: int, window: int, mask_generator):  # fmt: skip
         self.table, self.schedule, self.spec = table, schedule, spec
         self.rank, self.batch_size, self.seed, self.mask_generator = rank, batch_size, seed, mask_generator
-        self._order_epoch, self._order = -1, None
+        self.streams, self.window = streams, window
+        self._plan: EpochPlan | None = None
         self._reported = 0
 
-    def _order_for(self, epoch: int) -> EpochOrder:
-        if epoch != self._order_epoch:
-            self._order_epoch, self._order = epoch, EpochOrder(self.seed, epoch, len(self.table))
-        return self._order
+    def _plan_for(self, epoch: int) -> EpochPlan:
+        if self._plan is None or self._plan.epoch != epoch:
+            self._plan = EpochPlan(self.table.counts, seed=self.seed, epoch=epoch, streams=self.streams,
+                                   window=self.window)  # fmt: skip
+        return self._plan
 
-    def _load(self, epoch: int, position: int) -> tuple[torch.Tensor, bool, np.ndarray, int, int]:
-        """(pixels, flip?, mask, sample id, replaced) at an order position; a corrupt sample gives way to the next."""
-        order = self._order_for(epoch)
-        planned = order[position]
-        rng = np.random.default_rng([self.seed, epoch, planned])
+    def _load(self, plan: EpochPlan, stream: int, position: int) -> tuple[torch.Tensor, bool, np.ndarray, int, int]:
+        """(pixels, flip?, mask, sample id, replaced) at a stream position; a corrupt sample gives way to the next."""
+        planned = plan.sample(stream, position)
+        rng = np.random.default_rng([self.seed, plan.epoch, planned])
         spec = self.spec
         for step in range(MAX_CONSECUTIVE_CORRUPT):
-            sample_id = order[(position + step) % len(order)]
+            sample_id = plan.sample(stream, (position + step) % plan.stream_length) if step else planned
             try:
                 payload = self.table.read(sample_id)
                 crop = train_crop_or_defer if spec.decode == "device" else train_crop
@@ -208,20 +194,23 @@ class _TrainBatches(IterableDataset):
         self._reported += 1
 
     def batch(self, epoch: int, position: int) -> dict:
-        first = position + self.rank * self.batch_size
+        """This rank's slice of the global micro-batch whose streams start at ``position``."""
+        plan = self._plan_for(epoch)
+        global_batch = self.schedule.per_stream * self.streams
         size = self.spec.size
         images = torch.empty((self.batch_size, 3, size, size), dtype=torch.uint8)  # torch-owned: shares/pins as usual
         pixels = images.numpy()
         masks, ids, labels, corrupt, deferred = [], [], [], 0, DeferredRows()
-        for row, pos in enumerate(range(first, first + self.batch_size)):
-            image, flip, mask, sample_id, replaced = self._load(epoch, pos)
+        for row in range(self.batch_size):
+            stream, offset = arrangement(self.rank * self.batch_size + row, global_batch, self.streams)
+            image, flip, mask, sample_id, replaced = self._load(plan, stream, position + offset)
             if isinstance(image, DeferredCrop):
                 deferred.add(row, image, flip)  # decoded, cropped and flipped in the main process
             else:
                 write_chw(pixels[row], image, flip)  # now, while the image is in cache; the flip rides on the copy
             masks.append(mask)
             ids.append(sample_id)
-            labels.append(int(self.table.label[sample_id]))
+            labels.append(self.table.label(sample_id))
             corrupt += replaced
         return {
             "image": images if self.spec.uint8 else normalise_batch(images, list(self.spec.mean), list(self.spec.std)),
@@ -244,13 +233,15 @@ class TrainStream:
     """Infinite iterable of this rank's micro-batches, with an exact, world-size-independent position.
 
     ``state_dict()`` is the position after the last batch handed to the caller (not what workers prefetched).
+    ``streams`` is C, fixed when the run starts (``data.streams``, or the world size then) and kept by resumes.
     """
 
-    def __init__(self, cfg: Config, table: SampleTable, *, rank: int, world_size: int, mask_generator,
-                 normalise_on_device: bool = False):  # fmt: skip
+    def __init__(self, cfg: Config, table: ShardTable, *, rank: int, world_size: int, mask_generator,
+                 streams: int, normalise_on_device: bool = False):  # fmt: skip
         self.table, self.rank, self.world_size = table, rank, world_size
         self.batch_size, self.seed = cfg.data.batch_size, cfg.run.seed
         self.global_batch = self.batch_size * world_size
+        self.streams, self.window = streams, cfg.data.shuffle_window
         self.num_workers, self.pin_memory = cfg.data.num_workers, cfg.data.pin_memory and torch.cuda.is_available()
         self.mask_generator = mask_generator
         self.spec = AugmentSpec(cfg.data.image_size, tuple(cfg.data.crop_scale), tuple(cfg.data.crop_ratio),
@@ -258,13 +249,26 @@ class TrainStream:
                                 uint8=normalise_on_device or cfg.data.decode == "device",
                                 decode=cfg.data.decode)  # fmt: skip
         self.num_samples = len(table)
-        if self.num_samples < self.global_batch:
+        if self.global_batch % streams:
+            raise ShardError(
+                f"the global batch (data.batch_size={self.batch_size} x world size {world_size} = "
+                f"{self.global_batch}) is not a multiple of data.streams={streams}; every global batch takes the "
+                "same number of samples from each stream: choose data.streams dividing the global batch"
+            )
+        self.stream_length = self.num_samples // streams
+        self.per_stream = self.global_batch // streams
+        if self.stream_length < self.per_stream:
             raise ShardError(
                 f"data.shards holds {self.num_samples} samples, fewer than one global batch "
                 f"(data.batch_size={self.batch_size} x world size {world_size}); lower data.batch_size or add data"
             )
-        self.steps_per_epoch = self.num_samples // self.global_batch
-        self.epoch, self.consumed, self.corrupt_count = 0, 0, 0
+        self.steps_per_epoch = self.stream_length // self.per_stream
+        self.epoch, self.position, self.corrupt_count = 0, 0, 0
+
+    @property
+    def consumed(self) -> int:
+        """Samples of the current epoch consumed so far (over all ranks)."""
+        return self.position * self.streams
 
     def state_dict(self) -> dict:
         return {
@@ -272,6 +276,8 @@ class TrainStream:
             "epoch": self.epoch,
             "consumed": self.consumed,
             "seed": self.seed,
+            "streams": self.streams,
+            "shuffle_window": self.window,
             "fingerprint": self.table.fingerprint,
             "num_samples": self.num_samples,
             "global_batch": self.global_batch,
@@ -279,43 +285,69 @@ class TrainStream:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a saved position; a state from other data or another seed is a clear error."""
-        missing = [key for key in ("epoch", "consumed", "seed", "fingerprint") if key not in state]
-        if missing:
-            raise ShardError(f"data state is missing {', '.join(missing)}; it was not written by TrainStream")
-        if state["fingerprint"] != self.table.fingerprint:
-            raise ShardError(
-                f"the checkpoint's data state belongs to another shard set (fingerprint {state['fingerprint']}, "
-                f"{state.get('num_samples', '?')} samples) than data.shards ({self.table.fingerprint}, "
-                f"{self.num_samples} samples); point data.shards at the original shards or start a new run"
-            )
-        if state["seed"] != self.seed:
-            raise ShardError(
-                f"the checkpoint's data order was drawn with run.seed={state['seed']} but run.seed={self.seed}; "
-                "resume with the original seed"
-            )
+        """Continue from a saved position; a state from other data, seed, streams or window is a clear error."""
+        check_resumable(state, fingerprint=self.table.fingerprint, num_samples=self.num_samples, seed=self.seed,
+                        streams=self.streams, window=self.window)  # fmt: skip
         epoch, consumed = int(state["epoch"]), int(state["consumed"])
-        if not 0 <= consumed <= self.num_samples:
-            raise ShardError(f"data state consumed={consumed} is outside the dataset's {self.num_samples} samples")
-        if consumed + self.global_batch > self.num_samples:
-            epoch, consumed = epoch + 1, 0  # the epoch's remaining samples do not fill a global batch
-        self.epoch, self.consumed = epoch, consumed
+        if not 0 <= consumed <= self.num_samples or consumed % self.streams:
+            raise ShardError(f"data state consumed={consumed} does not fit {self.streams} streams of this data set")
+        position = consumed // self.streams
+        if position + self.per_stream > self.stream_length:
+            epoch, position = epoch + 1, 0  # the epoch's remaining samples do not fill a global batch
+        self.epoch, self.position = epoch, position
         self.corrupt_count = int(state.get("corrupt_count", 0))
 
+    def _schedule(self) -> Schedule:
+        return Schedule(self.stream_length, self.per_stream, self.epoch, self.position)
+
     def _loader(self) -> DataLoader:
-        schedule = Schedule(self.num_samples, self.global_batch, self.epoch, self.consumed)
-        dataset = _TrainBatches(self.table, schedule, self.spec, rank=self.rank, batch_size=self.batch_size,
-                                seed=self.seed, mask_generator=self.mask_generator)  # fmt: skip
+        dataset = _TrainBatches(self.table, self._schedule(), self.spec, rank=self.rank, batch_size=self.batch_size,
+                                seed=self.seed, streams=self.streams, window=self.window,
+                                mask_generator=self.mask_generator)  # fmt: skip
         workers = self.num_workers
         return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
                           prefetch_factor=2 if workers else None, persistent_workers=False)  # fmt: skip
 
     def __iter__(self) -> Iterator[dict]:
-        positions = Schedule(self.num_samples, self.global_batch, self.epoch, self.consumed).positions()
-        for (epoch, position), batch in zip(positions, self._loader(), strict=False):
+        for (epoch, position), batch in zip(self._schedule().positions(), self._loader(), strict=False):
             self.corrupt_count += int(batch.pop("_corrupt"))
-            self.epoch, self.consumed = epoch, position + self.global_batch  # the position after this batch
+            self.epoch, self.position = epoch, position + self.per_stream  # the position after this batch
             yield batch
+
+
+def check_resumable(state: dict, *, fingerprint: str, num_samples: int, seed: int, streams: int, window: int) -> None:
+    """A saved data state must come from the same shards and the same order settings; else say which key differs."""
+    if int(state.get("version", 1)) < 2:
+        raise ShardError(
+            "the checkpoint's data state was written by an older mimscale whose data order (a global shuffle) this "
+            "version no longer produces; the exact data position cannot be continued: start a new run (or resume "
+            "with the mimscale version that wrote it)"
+        )
+    missing = [key for key in ("epoch", "consumed", "seed", "fingerprint", "streams") if key not in state]
+    if missing:
+        raise ShardError(f"data state is missing {', '.join(missing)}; it was not written by TrainStream")
+    if state["fingerprint"] != fingerprint:
+        raise ShardError(
+            f"the checkpoint's data state belongs to another shard set (fingerprint {state['fingerprint']}, "
+            f"{state.get('num_samples', '?')} samples) than data.shards ({fingerprint}, "
+            f"{num_samples} samples); point data.shards at the original shards or start a new run"
+        )
+    if state["seed"] != seed:
+        raise ShardError(
+            f"the checkpoint's data order was drawn with run.seed={state['seed']} but run.seed={seed}; "
+            "resume with the original seed"
+        )
+    if int(state["streams"]) != streams:
+        raise ShardError(
+            f"the checkpoint's data order uses data.streams={state['streams']} but this run asks for "
+            f"data.streams={streams}; the canonical streams are fixed when a run starts: set data.streams="
+            f"{state['streams']} (or 0, which takes the checkpoint's value)"
+        )
+    if int(state.get("shuffle_window", window)) != window:
+        raise ShardError(
+            f"the checkpoint's data order uses data.shuffle_window={state['shuffle_window']} but this run asks "
+            f"for {window}; resume with data.shuffle_window={state['shuffle_window']}"
+        )
 
 
 def build_train_loader(
@@ -335,15 +367,23 @@ def build_train_loader(
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
-    stream = TrainStream(cfg, load_table(cfg.data.shards, "data.shards"), rank=rank, world_size=world_size,
-                         mask_generator=mask_generator, normalise_on_device=normalise_on_device)  # fmt: skip
+    streams = cfg.data.streams or world_size  # a fresh run with data.streams=0: one stream per rank
+    if state and cfg.data.streams == 0 and "streams" in state:
+        streams = int(state["streams"])  # fixed at the run's start
+    table = load_table(cfg.data.shards, "data.shards", cache_dir=_cache_dir(cfg))
+    stream = TrainStream(cfg, table, rank=rank, world_size=world_size, mask_generator=mask_generator,
+                         streams=streams, normalise_on_device=normalise_on_device)  # fmt: skip
     if state:
         stream.load_state_dict(state)
     return stream
 
 
+def _cache_dir(cfg: Config) -> str | None:
+    return getattr(cfg.data, "cache_dir", "") or None
+
+
 class _EvalBatches(IterableDataset):
-    def __init__(self, table: SampleTable, *, image_size: int, batch_size: int, mean, std):
+    def __init__(self, table: ShardTable, *, image_size: int, batch_size: int, mean, std):
         self.table, self.image_size, self.batch_size, self.mean, self.std = table, image_size, batch_size, mean, std
 
     def batch(self, number: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -354,7 +394,7 @@ class _EvalBatches(IterableDataset):
             except BadImage as err:
                 print(f"mimscale data: skipping corrupt {self.table.describe(sample_id)} ({err})", file=sys.stderr)
                 continue
-            labels.append(int(self.table.label[sample_id]))
+            labels.append(self.table.label(sample_id))
         if not images:
             return torch.empty(0, 3, self.image_size, self.image_size), torch.empty(0, dtype=torch.int64)
         return normalise_batch(images, self.mean, self.std), torch.tensor(labels, dtype=torch.int64)
