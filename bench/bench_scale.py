@@ -1,0 +1,224 @@
+"""The data layer at scale: index size, rank start-up and memory on a synthetic N-sample shard set, and the
+shuffle quality of windowed streams on a class-sorted set.
+
+    nice -n 10 python bench/bench_scale.py scale --samples 10000000 --dir /tmp/scale [--keep]
+    python bench/bench_scale.py quality [--classes 100 --shards 1000 --per-shard 100 --global-batch 256]
+
+scale    writes N samples (a tiny real JPEG each, one of 16 encoded once, reused; 1000 per tar, no manifest: a
+         "foreign" folder as img2dataset leaves it), then measures
+           index     one-time `mimscale shards index DIR --workers 2` (a fresh process), and the index's bytes/sample
+           start-up  a fresh process (one rank) builds its stream table with the index present: wall time, and the
+                     private memory (USS from /proc/self/smaps_rollup) it adds; also after the epoch plan of C=64
+                     streams and after reading index rows for one window of every stream
+         The shard set is deleted afterwards unless --keep.
+quality  class mix per global batch when every shard holds one class (the worst case, a class-sorted set),
+         for several (streams, window) settings against a full shuffle: mean distinct classes per batch and the
+         total-variation distance between a batch's class histogram and the set's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+BLOCK = 512
+PER_SHARD = 1000
+
+
+# ----------------------------------------------------------------------------------------------- generator
+
+
+def tiny_jpegs(count: int = 16) -> list[bytes]:
+    """A few distinct real 8x8 JPEGs (under 512 bytes each: one tar block of data)."""
+    payloads = []
+    for number in range(count):
+        out = io.BytesIO()
+        pixels = np.random.default_rng(number).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(out, format="JPEG", quality=50, optimize=True)
+        payloads.append(out.getvalue())
+    assert all(len(p) <= BLOCK for p in payloads)
+    return payloads
+
+
+def _header(name: str, size: int) -> bytes:
+    block = bytearray(BLOCK)
+    block[0 : len(name)] = name.encode()
+    block[100:108] = b"0000444\0"
+    block[108:116] = block[116:124] = b"0000000\0"
+    block[124:136] = f"{size:011o}\0".encode()
+    block[136:148] = b"00000000000\0"
+    block[148:156] = b" " * 8
+    block[156:157] = b"0"
+    block[257:265] = b"ustar\x0000"
+    block[148:156] = f"{sum(block):06o}\0 ".encode()
+    return bytes(block)
+
+
+def write_tar(job: tuple[str, int, int]) -> int:
+    """One shard of ``count`` samples numbered from ``first``: ``<key>.jpg``, a 512-byte header + one data block."""
+    path, first, count = job
+    payloads = [p + bytes(BLOCK - len(p)) for p in tiny_jpegs()]
+    sizes = [len(p) for p in tiny_jpegs()]
+    parts = []
+    for number in range(first, first + count):
+        choice = number % len(payloads)
+        parts.append(_header(f"{number:010d}.jpg", sizes[choice]))
+        parts.append(payloads[choice])
+    parts.append(bytes(2 * BLOCK))
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as handle:
+        handle.write(b"".join(parts))
+    os.replace(tmp, path)
+    return count
+
+
+def generate(folder: Path, samples: int, workers: int = 2) -> float:
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs = [(str(folder / f"{n:06d}.tar"), n * PER_SHARD, min(PER_SHARD, samples - n * PER_SHARD))
+            for n in range(-(-samples // PER_SHARD))]  # fmt: skip
+    start = time.perf_counter()
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        for _ in pool.imap_unordered(write_tar, jobs, chunksize=16):
+            pass
+    return time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------------------------- measuring
+
+
+PROBE = r"""
+import json, sys, time
+def uss():
+    fields = {}
+    for line in open("/proc/self/smaps_rollup"):
+        parts = line.split()
+        if len(parts) >= 2 and parts[1].isdigit():
+            fields[parts[0].rstrip(":")] = int(parts[1]) * 1024
+    return fields["Private_Clean"] + fields["Private_Dirty"], fields["Rss"]
+import numpy as np
+from mimscale.data.order import EpochPlan
+from mimscale.data.stream import load_table
+base = uss()
+start = time.perf_counter()
+table = load_table(sys.argv[1], "data.shards")
+loaded = time.perf_counter() - start
+after_load = uss()
+plan = EpochPlan(table.counts, seed=0, epoch=0, streams=64, window=8)
+planned = time.perf_counter() - start
+after_plan = uss()
+for s in range(64):  # index rows of one whole window per stream: what readers touch first
+    for k in range(min(8 * 1000, plan.stream_length)):
+        table.label(plan.sample(s, k))
+after_window = uss()
+print(json.dumps({"samples": len(table), "load_s": loaded, "plan_s": planned,
+                  "uss": [after_load[0] - base[0], after_plan[0] - base[0], after_window[0] - base[0]],
+                  "rss": [after_load[1] - base[1], after_plan[1] - base[1], after_window[1] - base[1]]}))
+"""
+
+
+def run_probe(folder: Path) -> dict:
+    result = subprocess.run([sys.executable, "-c", PROBE, str(folder)], capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def drop_page_cache_of(folder: Path) -> None:
+    """Evict the set's files from the page cache where the OS lets us (posix_fadvise), so reads hit the disk."""
+    for path in folder.iterdir():
+        with open(path, "rb") as handle:
+            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def bench_scale(args) -> None:
+    folder = Path(args.dir) / f"synthetic-{args.samples}"
+    if not folder.exists():
+        print(f"generating {args.samples:,} samples in {folder} ...", flush=True)
+        print(f"  generated in {generate(folder, args.samples):.0f} s", flush=True)
+    size = sum(p.stat().st_size for p in folder.glob("*.tar"))
+    print(f"set: {args.samples:,} samples, {len(list(folder.glob('*.tar'))):,} tars, {size / 1e9:.2f} GB", flush=True)
+    (folder / "samples.idx").unlink(missing_ok=True)
+    drop_page_cache_of(folder)
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "mimscale.cli", "shards", "index", str(folder), "--workers", "2"],
+                   check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    index_s = time.perf_counter() - start
+    index_bytes = (folder / "samples.idx").stat().st_size
+    print(f"shards index --workers 2 (cold page cache): {index_s:.1f} s ({args.samples / index_s:,.0f} samples/s)")
+    print(f"index on disk: {index_bytes / 1e6:.1f} MB = {index_bytes / args.samples:.2f} B/sample")
+    for attempt in range(2):
+        probe = run_probe(folder)
+        uss, rss = probe["uss"], probe["rss"]
+        print(f"rank start-up #{attempt + 1}: table {probe['load_s']:.2f} s, + plan (C=64) {probe['plan_s']:.2f} s; "
+              f"private memory added: {uss[0] / 1e6:.1f} MB after load ({uss[0] / args.samples:.2f} B/sample), "
+              f"{uss[1] / 1e6:.1f} MB after plan ({uss[1] / args.samples:.2f} B/sample), {uss[2] / 1e6:.1f} MB "
+              f"after one window per stream; RSS added {rss[2] / 1e6:.1f} MB")  # fmt: skip
+    if not args.keep:
+        shutil.rmtree(folder)
+        print(f"deleted {folder}")
+
+
+# ----------------------------------------------------------------------------------------------- quality
+
+
+def class_mix(ids: np.ndarray, labels: np.ndarray, global_batch: int, classes: int) -> tuple[float, float]:
+    """(mean distinct classes per batch, mean total-variation distance to the uniform class mix)."""
+    batches = labels[ids[: len(ids) // global_batch * global_batch]].reshape(-1, global_batch)
+    distinct, distance = [], []
+    for batch in batches:
+        histogram = np.bincount(batch, minlength=classes) / global_batch
+        distinct.append(np.count_nonzero(histogram))
+        distance.append(0.5 * np.abs(histogram - 1.0 / classes).sum())
+    return float(np.mean(distinct)), float(np.mean(distance))
+
+
+def bench_quality(args) -> None:
+    from mimscale.data.order import KeyedPermutation, epoch_sequence
+
+    counts = np.full(args.shards, args.per_shard)
+    labels = np.repeat(np.arange(args.shards) * args.classes // args.shards, args.per_shard)  # class-sorted shards
+    total, batch = len(labels), args.global_batch
+    print(f"{args.shards} shards x {args.per_shard} samples, {args.classes} classes, each shard one class "
+          f"(class-sorted); global batch {batch}; means over one epoch")  # fmt: skip
+    print(f"{'order':<34} {'classes/batch':>14} {'TV to uniform':>14}")
+    full = KeyedPermutation(total, (0, 0))
+    ids = np.fromiter((full[p] for p in range(total)), dtype=np.int64, count=total)
+    print(f"{'full shuffle (global permutation)':<34} {class_mix(ids, labels, batch, args.classes)[0]:>14.1f} "
+          f"{class_mix(ids, labels, batch, args.classes)[1]:>14.3f}")  # fmt: skip
+    for streams in args.streams:
+        for window in args.windows:
+            ids = epoch_sequence(counts, seed=0, epoch=0, streams=streams, window=window, global_batch=batch)
+            distinct, distance = class_mix(ids, labels, batch, args.classes)
+            print(f"{f'streams C={streams}, window {window} shards':<34} {distinct:>14.1f} {distance:>14.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    scale = commands.add_parser("scale")
+    scale.add_argument("--samples", type=int, default=2_000_000)
+    scale.add_argument("--dir", default="/tmp/mimscale-scale")
+    scale.add_argument("--keep", action="store_true")
+    quality = commands.add_parser("quality")
+    quality.add_argument("--classes", type=int, default=100)
+    quality.add_argument("--shards", type=int, default=1000)
+    quality.add_argument("--per-shard", type=int, default=100)
+    quality.add_argument("--global-batch", type=int, default=256)
+    quality.add_argument("--streams", type=int, nargs="+", default=[1, 8, 64])
+    quality.add_argument("--windows", type=int, nargs="+", default=[1, 4, 16, 64])
+    args = parser.parse_args(argv)
+    bench_scale(args) if args.command == "scale" else bench_quality(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
