@@ -132,7 +132,7 @@ def resize_crop_on_device(pixels: torch.Tensor, box: tuple[int, int, int, int], 
     resized = F.interpolate(
         crop.unsqueeze(0).to(torch.float32), size=(size, size), mode="bilinear", antialias=True, align_corners=False
     )
-    return resized[0].round_().clamp_(0, 255).to(torch.uint8)
+    return resized[0].add_(0.5).clamp_(0, 255).to(torch.uint8)  # round half up (values >= 0), then truncate
 
 
 class DeviceDecoder:
