@@ -357,3 +357,36 @@ def test_start_up_memory_is_per_shard_not_per_sample(tmp_path):
     assert labels == [sample_id % per_shard % 10 for sample_id in picked]
     assert peak < 1_500_000, f"{peak} bytes: something allocates per sample (8 MB would be one int64 per sample)"
     assert os.path.getsize(tmp_path / "samples.idx") / len(table) < 12.1
+
+
+def test_remote_shards_stream_the_same_batches_through_the_node_cache_and_resume(tmp_path):
+    """Real HTTP server on 127.0.0.1: the published samples.idx is fetched once; without it the index is built."""
+    import shutil
+
+    from mimscale.data.http_serve import ShardServer
+
+    local = take(build_train_loader(make_cfg(batch_size=8), rank=0, world_size=1, mask_generator=MASK), 6)
+    with ShardServer(ROOT / "shards/sample") as server:
+        cfg = make_cfg(shards=server.url("sample-{000..003}.tar"), batch_size=8)
+        cfg.data.cache_dir, cfg.data.shuffle_window = str(tmp_path / "cache"), 8
+        stream = build_train_loader(cfg, rank=0, world_size=1, mask_generator=MASK)
+        first = take(stream, 3)
+        resumed = build_train_loader(cfg, rank=0, world_size=1, mask_generator=MASK, state=stream.state_dict())
+        rest = take(resumed, 3)
+    for expected, got in zip(local, first + rest, strict=True):
+        assert torch.equal(expected["sample_id"], got["sample_id"]) and torch.equal(expected["image"], got["image"])
+    assert len(list((tmp_path / "cache/shards").glob("*-sample-00?.tar"))) == 4  # whole shards, one download each
+    shutil.copytree(ROOT / "shards/sample", tmp_path / "bare")
+    (tmp_path / "bare/samples.idx").unlink()
+    with ShardServer(tmp_path / "bare") as server:  # nothing published: each shard downloaded once and indexed
+        cfg = make_cfg(shards=server.url("sample-{000..003}.tar"), batch_size=8)
+        cfg.data.cache_dir = str(tmp_path / "cache2")
+        cfg.data.shuffle_window = 1  # one shard per window: the table keeps this window and the next pinned
+        stream = build_train_loader(cfg, rank=0, world_size=1, mask_generator=MASK)
+        ids = torch.cat([b["sample_id"] for b in take(stream, 20)])
+        assert len(set(ids.tolist())) == 160 and len(stream_table_pins(stream)) <= 2
+    assert list((tmp_path / "cache2/index").glob("*.idx"))
+
+
+def stream_table_pins(stream) -> dict:
+    return stream.table._pinned

@@ -453,3 +453,40 @@ def folder_index(folder: str, names: list[str], *, cache_dir: str | Path | None 
         known = sorted(set(names) | set(index.names if index else []))
         known = [n for n in known if (Path(folder) / n).is_file()]
         return build_folder_index(folder, known, target, workers, reuse=index)
+
+
+def remote_folder_index(folder: str, names: list[str], cache, *, cache_dir: str | Path | None = None) -> SetIndex:
+    """The index of shards under a URL prefix: a samples.idx published beside them (downloaded once per node
+    through the shard cache), else one in the index cache, else built by downloading and scanning each shard
+    once (``mimscale shards index URL --cache DIR`` does that ahead of training)."""
+    from mimscale.data import remote
+
+    candidates = [cache_path(folder, cache_dir)]
+    try:
+        candidates.insert(0, cache.local_path(f"{folder}/{INDEX_NAME}"))  # pinned for the process's life
+    except remote.RemoteNotFound:
+        pass
+    for candidate in candidates:
+        index = _open_if_valid(candidate)
+        if index is not None and all(name in index.position for name in names):
+            return index
+    target = cache_path(folder, cache_dir)
+    with _locked(target):
+        index = _open_if_valid(target)
+        if index is not None and all(name in index.position for name in names):
+            return index
+        print(f"mimscale data: no {INDEX_NAME} for the {len(names)} shards under {folder}; downloading each once to "
+              f"index it into {target} (`mimscale shards index` does this ahead of training)", file=sys.stderr)  # fmt: skip
+
+        def scans():
+            for name in names:
+                location = f"{folder}/{name}"
+                try:
+                    scan = scan_tar(cache.local_path(location))
+                finally:
+                    cache.release(location)
+                scan.name = name
+                report_scan(scan, location)
+                yield scan
+
+        return SetIndex(write_index(target, scans(), names))

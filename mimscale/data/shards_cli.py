@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 import sys
 import tarfile
@@ -18,7 +19,6 @@ from mimscale.data.shards import (
     LABEL_EXTS,
     MANIFEST_NAME,
     ShardError,
-    expand_shards,
     file_sha256,
     load_manifest,
     split_key,
@@ -255,16 +255,22 @@ def cmd_index(args) -> int:
     """Build (or bring up to date) the samples.idx of shard folders once, in parallel, before training."""
     import time
 
-    from mimscale.data.index import folder_index
+    from mimscale.data import remote
+    from mimscale.data.index import folder_index, remote_folder_index
+    from mimscale.data.stream import _expand, _folder
 
-    paths = expand_shards(args.src, key="SRC")
     folders: dict[str, list[str]] = {}
-    for path in paths:
-        folders.setdefault(str(path.parent), []).append(path.name)
+    for location in _expand(args.src, "SRC"):
+        folders.setdefault(_folder(location), []).append(location.rsplit("/", 1)[-1])
     for folder, names in folders.items():
         start = time.perf_counter()
-        index = folder_index(folder, names, cache_dir=args.cache or None, workers=args.workers,
-                             prefer_cache=bool(args.cache))  # fmt: skip
+        if remote.is_local(folder or "."):
+            index = folder_index(folder, names, cache_dir=args.cache or None, workers=args.workers,
+                                 prefer_cache=bool(args.cache))  # fmt: skip
+        else:  # one download per shard into the node cache, then scanned; the index goes to the cache folder
+            base = remote.cache_dir_for(args.cache)  # as training finds it with data.cache_dir=--cache
+            cache = remote.ShardCache(os.path.join(base, "shards"), int(args.cache_limit_gb * 1e9))
+            index = remote_folder_index(folder, names, cache, cache_dir=base)
         elapsed = time.perf_counter() - start
         size = index.path.stat().st_size
         print(f"{folder}: {len(names)} shards, {index.num_samples} samples indexed in {elapsed:.1f} s -> "
@@ -331,7 +337,13 @@ def register(subparsers) -> None:
     inspect.add_argument("--cache", default="", help="folder for the index of a read-only or remote shard set")
     inspect.set_defaults(func=cmd_inspect)
     index = commands.add_parser("index", help="build samples.idx for a shard set (e.g. img2dataset output) once")
-    index.add_argument("src", help="shard folder, glob or brace pattern")
-    index.add_argument("--cache", default="", help="write the index into this folder instead of beside the shards")
-    index.add_argument("--workers", type=int, default=1, help="parallel processes scanning tars")
+    index.add_argument("src", help="shard folder, glob, brace pattern or URL pattern (https://host/x-{000..009}.tar)")
+    index.add_argument(
+        "--cache",
+        default="",
+        help="write the index into DIR/index (use data.cache_dir=DIR in training) "
+        "instead of beside the shards; URL sets always index into the cache",
+    )
+    index.add_argument("--workers", type=int, default=1, help="parallel processes scanning local tars")
+    index.add_argument("--cache-limit-gb", type=float, default=20.0, help="shard cache size while indexing URLs")
     index.set_defaults(func=cmd_index)

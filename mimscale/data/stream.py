@@ -24,9 +24,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mimscale.config import Config
+from mimscale.data import remote
 from mimscale.data.device_decode import DeferredCrop, DeferredRows
 from mimscale.data.images import BadImage
-from mimscale.data.index import BLOCK, SetIndex, folder_index
+from mimscale.data.index import BLOCK, SetIndex, folder_index, remote_folder_index
 from mimscale.data.order import EpochPlan, arrangement
 from mimscale.data.shards import ShardError, dataset_fingerprint, expand_shards
 from mimscale.data.transforms import eval_transform, normalise_batch, train_crop, train_crop_or_defer, write_chw
@@ -36,15 +37,14 @@ MAX_OPEN_SHARDS = 64
 STATE_VERSION = 2
 
 
-def shard_path(location: str) -> str:
-    """A local file path for a shard location: the one place shard access goes through (local paths as is)."""
-    return location
-
-
 class ShardTable:
-    """A shard set as per-shard arrays (O(shards) memory); each shard's sample rows come from its index file."""
+    """A shard set as per-shard arrays (O(shards) memory); each shard's sample rows come from its index file.
 
-    def __init__(self, locations: list[str], indexes: list[SetIndex], numbers: list[int]):
+    Remote shards are read through the node's ShardCache (data/remote.py): a shard is pinned while this process
+    reads it, ``prefetch`` fetches the next window's shards ahead, and ``release`` unpins the ones left behind.
+    """
+
+    def __init__(self, locations: list[str], indexes: list[SetIndex], numbers: list[tuple[int, int]], cache=None):
         self.locations = locations
         self.indexes = indexes
         self.set_of = np.asarray([id_ for id_, _ in numbers], dtype=np.int32)
@@ -52,15 +52,45 @@ class ShardTable:
         self.counts = np.asarray([indexes[i].counts[n] for i, n in numbers], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
         self.fingerprint = dataset_fingerprint([os.path.basename(loc) for loc in locations], self.counts)
+        self.cache = cache
         self._handles: dict[int, object] = {}
+        self._pinned: dict[int, str] = {}
+        if cache is not None:  # downloads are checked against the indexed size
+            for shard, location in enumerate(locations):
+                if not remote.is_local(location):
+                    cache.expect(location, int(self.shard_bytes(shard)))
+
+    def shard_bytes(self, shard: int) -> int:
+        return int(self.indexes[self.set_of[shard]].shard_bytes[self.number_in_set[shard]])
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_handles"] = {}  # open files do not travel to workers
+        state["_handles"], state["_pinned"] = {}, {}  # open files and pins do not travel to workers
         return state
+
+    def _local_path(self, shard: int) -> str:
+        """The one place shard access goes through: local paths as they are, remote ones via the node cache."""
+        location = self.locations[shard]
+        if self.cache is None or remote.is_local(location):
+            return location
+        if shard not in self._pinned:
+            self._pinned[shard] = str(self.cache.local_path(location))
+        return self._pinned[shard]
+
+    def prefetch(self, shards) -> None:
+        if self.cache is not None:
+            self.cache.prefetch(self.locations[int(shard)] for shard in shards)
+
+    def release_except(self, keep: set[int]) -> None:
+        """Close and unpin every shard this process holds except ``keep`` (the windows being read and the next)."""
+        for shard in [shard for shard in self._handles if shard not in keep]:
+            self._handles.pop(shard).close()
+        for shard in [shard for shard in self._pinned if shard not in keep]:
+            del self._pinned[shard]
+            self.cache.release(self.locations[shard])
 
     def locate(self, sample_id: int) -> tuple[int, np.void]:
         """(shard number, the sample's index row: block, size, label)."""
@@ -88,9 +118,17 @@ class ShardTable:
             if len(self._handles) >= MAX_OPEN_SHARDS:
                 self._handles.pop(next(iter(self._handles))).close()
             try:
-                handle = self._handles[shard] = open(shard_path(self.locations[shard]), "rb")
+                handle = open(self._local_path(shard), "rb")
             except OSError as err:
                 raise BadImage("unreadable_shard", str(err)) from err
+            size = os.fstat(handle.fileno()).st_size
+            if size != self.shard_bytes(shard):
+                handle.close()
+                raise ShardError(
+                    f"shard {self.locations[shard]} is {size} bytes but its index says {self.shard_bytes(shard)}: it "
+                    "changed after it was indexed; run `mimscale shards index` on its folder (or restore the shard)"
+                )
+            self._handles[shard] = handle
         return handle
 
     def read(self, sample_id: int) -> bytes:
@@ -105,18 +143,46 @@ class ShardTable:
         return payload
 
 
-def load_table(pattern: str, key: str, *, cache_dir: str | None = None) -> ShardTable:
-    """The shard set of a pattern with its index: read from samples.idx (beside the shards or cached), or built."""
-    paths = expand_shards(pattern, key=key)
+def _expand(pattern: str, key: str) -> list[str]:
+    """Shard locations: local paths (expand_shards), or URLs and file:// through data/remote.py."""
+    if not any(remote.is_url(part.strip()) for part in pattern.split("::")):
+        return [str(path) for path in expand_shards(pattern, key=key)]
+    try:
+        return remote.expand(pattern, key)
+    except remote.RemoteError as err:
+        raise ShardError(str(err)) from err
+
+
+def _folder(location: str) -> str:
+    return os.path.dirname(location) if remote.is_local(location) else location.rpartition("/")[0]
+
+
+def load_table(pattern: str, key: str, *, cache_dir: str | None = None, data_cfg=None) -> ShardTable:
+    """The shard set of a pattern with its index: samples.idx beside the shards or cached, else built once.
+
+    Remote sets get a node-local ShardCache (from ``data_cfg``'s data.cache_* keys, or the defaults).
+    """
+    locations = _expand(pattern, key)
     folders: dict[str, list[str]] = {}
-    for path in paths:
-        folders.setdefault(str(path.parent), []).append(path.name)
-    sets = [folder_index(folder, names, cache_dir=cache_dir) for folder, names in folders.items()]
+    for location in locations:
+        folders.setdefault(_folder(location), []).append(os.path.basename(location))
+    cache = None
+    if not all(remote.is_local(location) for location in locations):
+        cache = remote.ShardCache.from_config(data_cfg) if data_cfg is not None else remote.ShardCache(
+            os.path.join(remote.cache_dir_for(cache_dir or ""), "shards"), 20 * 10**9)  # fmt: skip
+        cache_dir = remote.cache_dir_for(cache_dir or "")  # indexes of remote sets: <cache_dir>/index
+    sets = [
+        folder_index(folder, names, cache_dir=cache_dir)
+        if remote.is_local(folder or ".")
+        else remote_folder_index(folder, names, cache, cache_dir=cache_dir)
+        for folder, names in folders.items()
+    ]
     set_number = {folder: number for number, folder in enumerate(folders)}
-    numbers = [(set_number[str(p.parent)], sets[set_number[str(p.parent)]].position[p.name]) for p in paths]
-    table = ShardTable([str(p) for p in paths], sets, numbers)
+    numbers = [(set_number[_folder(loc)], sets[set_number[_folder(loc)]].position[os.path.basename(loc)])
+               for loc in locations]  # fmt: skip
+    table = ShardTable(locations, sets, numbers, cache=cache)
     if len(table) == 0:
-        raise ShardError(f"{key}={pattern!r}: the {len(paths)} shard(s) hold no image samples (.jpg/.png/.webp)")
+        raise ShardError(f"{key}={pattern!r}: the {len(locations)} shard(s) hold no image samples (.jpg/.png/.webp)")
     return table
 
 
@@ -193,10 +259,26 @@ class _TrainBatches(IterableDataset):
             print(f"mimscale data: replacing corrupt {self.table.describe(sample_id)} ({err})", file=sys.stderr)
         self._reported += 1
 
+    def _follow_windows(self, plan: EpochPlan, position: int, global_batch: int) -> None:
+        """Remote shards: keep the windows this batch reads pinned, fetch the next ones, release the rest."""
+        first = arrangement(self.rank * self.batch_size, global_batch, self.streams)
+        last = arrangement((self.rank + 1) * self.batch_size - 1, global_batch, self.streams)
+        keep: set[int] = set()
+        for stream in range(first[0], last[0] + 1):
+            low = position + (first[1] if stream == first[0] else 0)
+            high = position + (last[1] if stream == last[0] else self.schedule.per_stream - 1)
+            windows = range(plan.window_of(stream, low), plan.window_of(stream, high) + 2)  # + the next window
+            for window in windows:
+                keep.update(int(shard) for shard in plan.window_shards(stream, window))
+            self.table.prefetch(plan.window_shards(stream, windows[-1]))
+        self.table.release_except(keep)
+
     def batch(self, epoch: int, position: int) -> dict:
         """This rank's slice of the global micro-batch whose streams start at ``position``."""
         plan = self._plan_for(epoch)
         global_batch = self.schedule.per_stream * self.streams
+        if self.table.cache is not None:
+            self._follow_windows(plan, position, global_batch)
         size = self.spec.size
         images = torch.empty((self.batch_size, 3, size, size), dtype=torch.uint8)  # torch-owned: shares/pins as usual
         pixels = images.numpy()
@@ -370,16 +452,12 @@ def build_train_loader(
     streams = cfg.data.streams or world_size  # a fresh run with data.streams=0: one stream per rank
     if state and cfg.data.streams == 0 and "streams" in state:
         streams = int(state["streams"])  # fixed at the run's start
-    table = load_table(cfg.data.shards, "data.shards", cache_dir=_cache_dir(cfg))
+    table = load_table(cfg.data.shards, "data.shards", cache_dir=cfg.data.cache_dir or None, data_cfg=cfg.data)
     stream = TrainStream(cfg, table, rank=rank, world_size=world_size, mask_generator=mask_generator,
                          streams=streams, normalise_on_device=normalise_on_device)  # fmt: skip
     if state:
         stream.load_state_dict(state)
     return stream
-
-
-def _cache_dir(cfg: Config) -> str | None:
-    return getattr(cfg.data, "cache_dir", "") or None
 
 
 class _EvalBatches(IterableDataset):
