@@ -130,3 +130,20 @@ def test_a_batch_with_an_undecodable_image_falls_back_per_image(mixed_shard):
     expected = torch.from_numpy(gray).permute(2, 0, 1).unsqueeze(0).float()
     expected = torch.nn.functional.interpolate(expected, size=(32, 32), mode="bilinear", antialias=True)[0]
     assert float((out[2].float() - expected.round().flip(-1)).abs().max()) <= 2  # cropped, resized, flipped
+
+
+def test_an_error_in_the_producer_thread_reaches_the_training_loop(mixed_shard, tmp_path):
+    """JPEGs whose header is fine but whose data are not: the worker defers them, the decode thread finds no
+    decodable image in the batch, and that error is raised where the loop asks for the batch, message intact."""
+    from mimscale.data.images import BadImage
+
+    _, payloads = mixed_shard
+    broken = payloads["rgb"][:200] + bytes(300) + payloads["rgb"][-2:]
+    with tarfile.open(tmp_path / "broken-000.tar", "w") as tar:
+        for number in range(8):
+            info = tarfile.TarInfo(f"broken{number}.jpg")
+            info.size = len(broken)
+            tar.addfile(info, io.BytesIO(broken))
+    wrapped = DeviceDecodedStream(_stream(str(tmp_path), "device", batch=4), DeviceDecoder("cpu", 64))
+    with pytest.raises(BadImage, match="no image of a 4-image batch could be decoded"):
+        next(iter(wrapped))

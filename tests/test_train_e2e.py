@@ -111,9 +111,19 @@ def scalars(run_dir: Path, name: str) -> dict[int, float]:
     return values
 
 
+# On CPU a resumed run ends with bit-identical weights, and that is what is tested. On CUDA, SDPA attention
+# backward, gather/index backward (visible-only students) and multinomial (attention-guided masks) use atomics and
+# are not bit-reproducible, so two *uninterrupted* runs already differ in the last bits: there the weights are
+# compared within this tolerance (6 bf16 steps), while the data order (sample-id checksums) stays exact everywhere.
+CUDA_RESUME_TOLERANCE = {"rtol": 1e-3, "atol": 1e-5}
+
+
 def assert_same_weights(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
-    different = [key for key in a if not torch.equal(a[key], b[key])]
+    if torch.cuda.is_available():
+        different = [key for key in a if not torch.allclose(a[key], b[key], **CUDA_RESUME_TOLERANCE)]
+    else:
+        different = [key for key in a if not torch.equal(a[key], b[key])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 

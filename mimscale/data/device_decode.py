@@ -20,12 +20,13 @@ torchcodec is not installed. Both are asked for ``mode=RGB`` (grayscale JPEGs co
 On CUDA the decode runs on a dedicated stream in a producer thread one batch ahead, synchronising that stream
 before each decode (nvJPEG's hardware path can write output memory before earlier work on the stream has
 finished with it: silent corruption reported on H100), and the consumer's stream waits on an event. Without a
-GPU the same code runs synchronously on the CPU (libjpeg-turbo), which is what the tests compare with the worker
+GPU the same code (thread included) runs on the CPU (libjpeg-turbo), which is what the tests compare with the worker
 path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import sys
 import threading
@@ -208,8 +209,9 @@ def _fill_bad_rows(images: torch.Tensor, bad: list[int]) -> None:
 
 
 class DeviceDecodedStream:
-    """Wraps a TrainStream: yields its batches with ``image`` decoded on the device, and a ``state_dict()`` that is
-    the stream's position after the last batch *handed out* (the producer thread reads one batch ahead)."""
+    """Wraps a TrainStream: yields its batches with ``image`` decoded on the device, one batch ahead in a producer
+    thread (on its own CUDA stream on a GPU), and a ``state_dict()`` that is the stream's position after the last
+    batch *handed out*, not after the one the thread already read, so a checkpoint never skips a batch."""
 
     def __init__(self, stream, decoder: DeviceDecoder, prefetch: int = 2):
         self.stream, self.decoder, self.prefetch = stream, decoder, prefetch
@@ -225,53 +227,74 @@ class DeviceDecodedStream:
     def _snapshot(self) -> tuple[dict, int]:
         return self.stream.state_dict(), int(getattr(self.stream, "corrupt_count", 0))
 
-    def __iter__(self) -> Iterator[dict]:
-        if self.decoder.device.type != "cuda":
-            for batch in self.stream:
-                decoded = self.decoder(batch)
-                self._state, self._corrupt = self._snapshot()
-                yield decoded
-            return
-        yield from self._iter_cuda()
-
-    def _iter_cuda(self) -> Iterator[dict]:
-        ready: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-        side_stream = torch.cuda.Stream(device=self.decoder.device)
-
-        def produce() -> None:
-            try:
-                with torch.cuda.device(self.decoder.device), torch.cuda.stream(side_stream):
-                    for batch in self.stream:
+    def _produce(self, first: tuple, source: Iterator[dict], ready: queue.Queue, stop: threading.Event,
+                 side_stream) -> None:  # fmt: skip
+        """Producer thread: decode batch after batch; hand (batch, ready event, stream state, corrupt) over."""
+        try:
+            (batch, snapshot), sentinel = first, object()
+            with _on_stream(side_stream):
+                while batch is not sentinel:
+                    if side_stream is not None:
                         side_stream.synchronize()  # nvJPEG may write before earlier work on this stream is done
-                        decoded = self.decoder(batch)
+                    decoded = self.decoder(batch)
+                    event = None
+                    if side_stream is not None:
                         event = torch.cuda.Event()
                         event.record(side_stream)
-                        item = (decoded, event, *self._snapshot())
-                        while not stop.is_set():
-                            try:
-                                ready.put(item, timeout=0.5)
-                                break
-                            except queue.Full:
-                                continue
-                        if stop.is_set():
-                            return
-            except BaseException as err:  # noqa: BLE001 - handed to the consumer, which re-raises it
-                ready.put((err, None, None, None))
+                    if not _put_until_stopped(ready, (decoded, event, *snapshot), stop):
+                        return
+                    batch = next(source, sentinel)
+                    snapshot = self._snapshot()
+            _put_until_stopped(ready, (StopIteration(), None, None, None), stop)
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            _put_until_stopped(ready, (err, None, None, None), stop)
 
-        thread = threading.Thread(target=produce, name="mimscale-device-decode", daemon=True)
+    def __iter__(self) -> Iterator[dict]:
+        cuda = self.decoder.device.type == "cuda"
+        side_stream = torch.cuda.Stream(device=self.decoder.device) if cuda else None
+        ready: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        source = iter(self.stream)
+        try:  # the first batch on this thread: DataLoader workers fork here, never from the producer thread
+            first = (next(source), self._snapshot())
+        except StopIteration:
+            return
+        thread = threading.Thread(target=self._produce, args=(first, source, ready, stop, side_stream), daemon=True,
+                                  name="mimscale-device-decode")  # fmt: skip
         thread.start()
         try:
             while True:
                 decoded, event, state, corrupt = ready.get()
+                if isinstance(decoded, StopIteration):
+                    return
                 if isinstance(decoded, BaseException):
                     raise decoded
-                consumer = torch.cuda.current_stream(self.decoder.device)
-                consumer.wait_event(event)
-                for value in decoded.values():
-                    if isinstance(value, torch.Tensor) and value.is_cuda:
-                        value.record_stream(consumer)  # the allocator must not reuse it while the step runs
+                if event is not None:
+                    consumer = torch.cuda.current_stream(self.decoder.device)
+                    consumer.wait_event(event)
+                    for value in decoded.values():
+                        if isinstance(value, torch.Tensor) and value.is_cuda:
+                            value.record_stream(consumer)  # the allocator must not reuse it while the step runs
                 self._state, self._corrupt = state, corrupt
                 yield decoded
         finally:
             stop.set()
+
+
+def _put_until_stopped(ready: queue.Queue, item, stop: threading.Event) -> bool:
+    while not stop.is_set():
+        try:
+            ready.put(item, timeout=0.2)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+@contextlib.contextmanager
+def _on_stream(side_stream) -> Iterator[None]:
+    if side_stream is None:
+        yield
+        return
+    with torch.cuda.device(side_stream.device), torch.cuda.stream(side_stream):
+        yield
