@@ -263,6 +263,10 @@ def _features_for(args: argparse.Namespace) -> tuple[tuple, tuple, int]:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    if args.protocol == "finetune":
+        from mimscale.eval.finetune import run_finetune
+
+        return run_finetune(args)
     torch.manual_seed(0)
     (train_feats, train_labels), (val_feats, val_labels), size = _features_for(args)
     result = {
@@ -297,8 +301,14 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("eval", help="kNN or linear-probe accuracy of frozen features")
-    parser.add_argument("protocol", choices=("knn", "linear"), help="knn (DINO weighted kNN) or linear (probe)")
+    from mimscale.eval.finetune import add_arguments as add_finetune_arguments
+
+    parser = subparsers.add_parser("eval", help="kNN / linear-probe accuracy of frozen features, or fine-tuning")
+    parser.add_argument(
+        "protocol",
+        choices=("knn", "linear", "finetune"),
+        help="knn (DINO weighted kNN), linear (probe) or finetune (end to end, layer-wise lr decay)",
+    )
     parser.add_argument(
         "--model", required=True, help="exported folder, run/checkpoint folder, or random:<config.yaml | run folder>"
     )
@@ -317,6 +327,9 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--k", type=int, default=20, help="kNN neighbours")
     parser.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature")
-    parser.add_argument("--epochs", type=int, default=100, help="linear-probe epochs per grid point")
+    parser.add_argument(
+        "--epochs", type=int, default=100, help="linear-probe epochs per grid point; finetune epochs without --steps"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of text")
+    add_finetune_arguments(parser)
     parser.set_defaults(func=run_eval)
