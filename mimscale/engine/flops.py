@@ -10,6 +10,7 @@ recomputed under activation checkpointing; no-grad forwards count once.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,12 +21,28 @@ from mimscale.data.masking import mask_generator_for
 from mimscale.methods import MIMMethod, build_method
 
 
+class _DropRandomInitNotice(logging.Filter):
+    """open_clip warns "No pretrained weights loaded ... initialized randomly" for the shape-only teacher."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
 def build_on_meta(cfg: Config) -> MIMMethod:
-    """The method the config trains, on the meta device; teachers at random init (only their shapes matter)."""
+    """The method the config trains, on the meta device; teachers at random init (only their shapes matter).
+
+    The random-init notice open_clip logs for such a teacher is dropped: during a real run with real teacher
+    weights it would tell the reader the opposite of what is happening.
+    """
     if cfg.teacher.kind != "none":
         cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, random_init=True, pretrained=""))
-    with torch.device("meta"):
-        return build_method(cfg)
+    notice_filter = _DropRandomInitNotice()
+    logging.getLogger().addFilter(notice_filter)  # open_clip logs through the root logger
+    try:
+        with torch.device("meta"):
+            return build_method(cfg)
+    finally:
+        logging.getLogger().removeFilter(notice_filter)
 
 
 def count_forward_flops(forward: Callable[[torch.Tensor], object], images: torch.Tensor) -> float:

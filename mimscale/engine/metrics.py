@@ -6,8 +6,12 @@ per-step synchronisation.
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -92,7 +96,12 @@ class StepLogger:
         self.enabled = enabled
         self.writer = None
         self.bar = None
+        self.redirect: OutputRedirect | None = None
+        self.clock = RunClock(start_step)
         if not enabled:
+            if progress:  # rank 0 draws a bar on the terminal this rank shares: keep its warnings off it
+                rank = os.environ.get("RANK", "x")
+                self.redirect = OutputRedirect(output_dir / "logs" / f"rank{rank}.log")
             return
         from torch.utils.tensorboard import SummaryWriter
 
@@ -101,8 +110,10 @@ class StepLogger:
             from tqdm import tqdm
 
             self.bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+            self.redirect = OutputRedirect(None, write=lambda text: self.bar.write(text.rstrip("\n"), file=sys.stderr))
 
     def advance(self) -> None:
+        self.clock.tick()
         if self.bar is not None:
             self.bar.update(1)
 
@@ -112,8 +123,8 @@ class StepLogger:
         line = format_step_line(step, max_steps, scalars)
         if self.bar is not None:
             self.bar.write(line)
-        else:
-            print(line, flush=True)
+        else:  # a log file: the bar's clock goes into the line
+            print(f"{line} | {self.clock.describe(step, max_steps)}", flush=True)
         for name, value in scalars.items():
             self.writer.add_scalar(name, value, step)
         self.writer.flush()
@@ -134,10 +145,95 @@ class StepLogger:
             print(message, flush=True)
 
     def close(self) -> None:
+        if self.redirect is not None:
+            self.redirect.restore()
         if self.bar is not None:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def format_duration(seconds: float) -> str:
+    """H:MM:SS (hours unbounded), or '?' when unknown."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
+class RunClock:
+    """Wall-clock time, elapsed time and ETA for log lines; the rate is measured from the first step on, so
+    start-up (engine, workers, the first batch) does not inflate the ETA."""
+
+    def __init__(self, start_step: int):
+        self.start = time.monotonic()
+        self.first_tick: tuple[int, float] | None = None
+        self.steps = start_step
+
+    def tick(self) -> None:
+        self.steps += 1
+        if self.first_tick is None:
+            self.first_tick = (self.steps, time.monotonic())
+
+    def describe(self, step: int, max_steps: int) -> str:
+        now = time.monotonic()
+        eta = float("nan")
+        if self.first_tick is not None and step > self.first_tick[0]:
+            per_step = (now - self.first_tick[1]) / (step - self.first_tick[0])
+            eta = per_step * (max_steps - step)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
+        return f"{stamp} | elapsed {format_duration(now - self.start)} | eta {format_duration(eta)}"
+
+
+class OutputRedirect:
+    """Send Python warnings and log records that would hit the terminal to ``path`` (or ``write``); undo on restore.
+
+    Ranks > 0 share rank 0's terminal; a warning they print would tear rank 0's progress bar, so while the bar is
+    shown their warnings and log records (DeepSpeed's included) go to ``<output_dir>/logs/rank<r>.log``. On rank 0
+    they are written above the bar instead of through it.
+    """
+
+    def __init__(self, path: Path | None, write=None):
+        self.file = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "a", buffering=1)  # noqa: SIM115 - closed in restore()
+            write = self.file.write
+        self.write = write
+        self.saved_showwarning = warnings.showwarning
+        warnings.showwarning = self._show
+        self.saved_streams: list[tuple[logging.StreamHandler, object]] = []
+        self.added_handler: logging.Handler | None = None
+        stream = _WriteStream(write)
+        for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+            for handler in getattr(logger, "handlers", []):
+                if type(handler) is logging.StreamHandler and handler.stream in (sys.stdout, sys.stderr):
+                    self.saved_streams.append((handler, handler.setStream(stream)))
+        if not logging.getLogger().handlers:  # else logging.warning() would add a stderr handler (basicConfig)
+            self.added_handler = logging.StreamHandler(stream)
+            logging.getLogger().addHandler(self.added_handler)
+
+    def _show(self, message, category, filename, lineno, file=None, line=None) -> None:
+        self.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    def restore(self) -> None:
+        warnings.showwarning = self.saved_showwarning
+        for handler, stream in self.saved_streams:
+            handler.setStream(stream)
+        if self.added_handler is not None:
+            logging.getLogger().removeHandler(self.added_handler)
+        if self.file is not None:
+            self.file.close()
+
+
+class _WriteStream:
+    """The file-like object a logging.StreamHandler needs, around a write function."""
+
+    def __init__(self, write):
+        self.write = write
+
+    def flush(self) -> None:
+        pass
 
 
 def format_step_line(step: int, max_steps: int, scalars: dict[str, float]) -> str:

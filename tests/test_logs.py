@@ -1,0 +1,73 @@
+"""Logs a person reads later: the batch-log step line, no misleading teacher notice, ranks > 0 off rank 0's bar."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from mimscale.config import load_config
+from mimscale.engine.metrics import StepLogger, format_duration
+
+REPO = Path(__file__).resolve().parents[1]
+SCALARS = {"train/loss": 0.5, "train/lr": 1e-3, "train/grad_norm": 0.1, "perf/images_per_sec": 10.0}
+
+
+def test_batch_log_step_line_has_wall_clock_elapsed_and_eta(tmp_path: Path, capsys) -> None:
+    logger = StepLogger(tmp_path, enabled=True, max_steps=20, start_step=10, progress=False)
+    for _ in range(3):  # steps 11-13 after a resume at step 10: the rate comes from steps 12-13
+        time.sleep(0.05)
+        logger.advance()
+    logger.log(13, 20, SCALARS)
+    logger.close()
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("step 13/20 | loss 0.5000")  # the fields scripts parse stay first
+    match = re.search(
+        r"\| (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) \| elapsed (\d+):(\d\d):(\d\d) \| eta (\d+):(\d\d):(\d\d)$", line
+    )
+    assert match, line
+    eta = int(match.group(5)) * 3600 + int(match.group(6)) * 60 + int(match.group(7))
+    assert eta <= 3  # 7 steps left at ~0.05-0.4 s each (generous for a loaded machine)
+    assert format_duration(3725.4) == "1:02:05" and format_duration(float("nan")) == "?"
+
+
+def test_other_ranks_warnings_go_to_their_log_file_while_rank0_shows_a_bar(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")
+    deepspeed_like = logging.getLogger("mimscale_test_rank_logger")  # a library logger with its own stdout handler
+    handler = logging.StreamHandler(sys.stdout)
+    deepspeed_like.addHandler(handler)
+    deepspeed_like.propagate = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            logger = StepLogger(tmp_path, enabled=False, max_steps=5, start_step=0, progress=True)
+            warnings.warn("rank one is unhappy", UserWarning, stacklevel=1)
+            deepspeed_like.warning("library says hello from rank one")
+            logger.close()
+            assert warnings.showwarning is not logger.redirect._show  # restored
+        deepspeed_like.warning("after close")
+    finally:
+        deepspeed_like.removeHandler(handler)
+    captured = capsys.readouterr()
+    assert "rank one is unhappy" not in captured.err + captured.out
+    assert "library says hello" not in captured.err + captured.out and "after close" in captured.out
+    text = (tmp_path / "logs" / "rank1.log").read_text()
+    assert "UserWarning: rank one is unhappy" in text and "library says hello from rank one" in text
+
+
+def test_meta_teacher_build_does_not_claim_random_weights(caplog) -> None:
+    from mimscale.engine.flops import build_on_meta
+
+    cfg = load_config(REPO / "configs" / "demo_maskdistill.yaml", [])
+    import open_clip
+
+    with caplog.at_level(logging.WARNING):
+        open_clip.create_model(cfg.teacher.name, pretrained=None, device="meta", **cfg.teacher.model_args)
+    assert "initialized randomly" in caplog.text  # what open_clip says on its own
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        method = build_on_meta(cfg)
+    assert method.frozen_modules() and "initialized randomly" not in caplog.text
