@@ -4,14 +4,13 @@ the ratio is measured under the same machine load.
 
     python bench/bench_engine.py [--config configs/demo_cpu.yaml] [--steps 10] [--rounds 5] [--set k=v ...]
 
-The engine side is mimscale.engine.loop.train_one_step on the DeepSpeed engine (single rank, gloo); "engine, no
+The engine side is mimscale.engine.loop.Trainer.train_step on the DeepSpeed engine (single rank, gloo); "engine, no
 NaN guard" is the same with train.nan_guard=false, which shows what the per-micro-batch loss check costs.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import itertools
 import statistics
 import time
@@ -62,15 +61,12 @@ def bare_loop(cfg, batches: list[dict]):
 
 
 def engine_loop(cfg, info, batches: list[dict]):
-    from mimscale.engine.loop import RunState, _build, train_one_step
-    from mimscale.engine.metrics import MetricAccumulator
+    from mimscale.engine.loop import Trainer
 
-    optional = {"load_universal": False} if "load_universal" in inspect.signature(_build).parameters else {}
-    _, engine, _, _ = _build(cfg, info, **optional)
-    state, accumulator, source = RunState(), MetricAccumulator(), itertools.cycle(batches)
+    trainer, source = Trainer(cfg, info), itertools.cycle(batches)
 
     def step() -> None:
-        train_one_step(engine, source, cfg, info, state, accumulator)
+        trainer.train_step(source)
 
     return step
 

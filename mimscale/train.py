@@ -32,10 +32,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from mimscale.engine.checkpoint import CheckpointWriteError
     from mimscale.engine.loop import TrainingError, train
+    from mimscale.eval.probe import in_run_knn
 
     cfg = load_config(args.config, args.overrides)
+    evaluators = [in_run_knn(cfg)] if cfg.eval.knn_every else []  # the engine never imports eval/ itself
     try:
-        summary = train(cfg, resume=args.resume)
+        summary = train(cfg, resume=args.resume, evaluators=evaluators)
     except (TrainingError, CheckpointWriteError) as err:
         print(f"mimscale: training stopped: {err}", file=sys.stderr)
         return 1

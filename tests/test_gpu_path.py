@@ -166,15 +166,14 @@ def test_host_syncs_per_micro_batch(monkeypatch, nan_guard, one_torch_thread):
 
     from mimscale.data.masking import mask_generator_for
     from mimscale.engine.distributed import init_distributed
-    from mimscale.engine.loop import RunState, _build, train_one_step
-    from mimscale.engine.metrics import MetricAccumulator
+    from mimscale.engine.loop import Trainer
 
     cfg = _build_cfg("demo_maskalign.yaml", "model.student_args.depth=2", "data.batch_size=4", "run.device=cpu",
                      "deepspeed.zero_stage=0", "deepspeed.precision=fp32", "train.grad_accum_steps=2",
                      f"train.nan_guard={str(nan_guard).lower()}")  # fmt: skip
     info = init_distributed("cpu")
-    method, engine, _, _ = _build(cfg, info, load_universal=False)
-    generator, rng = mask_generator_for(cfg, method), np.random.default_rng(0)
+    trainer = Trainer(cfg, info)
+    generator, rng = mask_generator_for(cfg, trainer.method), np.random.default_rng(0)
     size = cfg.data.image_size
 
     def batches():
@@ -185,11 +184,11 @@ def test_host_syncs_per_micro_batch(monkeypatch, nan_guard, one_torch_thread):
                 "sample_id": torch.arange(4),
             }
 
-    source, state, accumulator = batches(), RunState(), MetricAccumulator()
-    train_one_step(engine, source, cfg, info, state, accumulator)  # warm-up: constants made once
+    source = batches()
+    trainer.train_step(source)  # warm-up: constants made once
     counter = SyncCounter(monkeypatch)
-    train_one_step(engine, source, cfg, info, state, accumulator)
-    train_one_step(engine, source, cfg, info, state, accumulator)
+    trainer.train_step(source)
+    trainer.train_step(source)
     monkeypatch.undo()
     micro_batches = 2 * cfg.train.grad_accum_steps
     expected = ["tolist in agree_bad_loss_and_stop"] * micro_batches if nan_guard else []

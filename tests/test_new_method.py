@@ -3,8 +3,10 @@ trained by the real loop and exported without a change anywhere else in mimscale
 
 from __future__ import annotations
 
-import math
-import signal
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,25 +59,27 @@ OVERRIDES = [
 ]
 
 
-@pytest.fixture
-def registered(monkeypatch):
-    monkeypatch.setitem(PRESETS, "patch_feature_regression", TOY)
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # train() fills them in
-        monkeypatch.delenv(name, raising=False)
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
-    yield
-    for signum, handler in handlers.items():
-        signal.signal(signum, handler)
+# The training run is a real `mimscale train` process (no in-process process group left behind); it registers the
+# toy preset the same way a new method's file would be listed, then runs the unchanged CLI.
+TRAIN_WITH_TOY = """
+import sys
+sys.path.insert(0, {tests!r})
+import test_new_method
+from mimscale.cli import main
+from mimscale.methods import PRESETS
+PRESETS["patch_feature_regression"] = test_new_method.TOY
+sys.exit(main(sys.argv[1:]))
+"""
 
 
-@pytest.mark.usefixtures("registered", "one_torch_thread")
-def test_a_fifth_method_is_planned_trained_and_exported(tmp_path):
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_fifth_method_is_planned_trained_and_exported(tmp_path, monkeypatch):
     import timm
 
-    from mimscale.engine.loop import train
     from mimscale.eval.export import export_checkpoint, load_student
     from mimscale.plan import make_plan, parse_memory
 
+    monkeypatch.setitem(PRESETS, "patch_feature_regression", TOY)
     cfg = load_config(None, OVERRIDES)
     plan = make_plan(cfg, gpus=1, gpu_memory_bytes=parse_memory("80GB"))
     assert plan.no_grad_forwards == ["teacher"] and plan.teacher_params == WIDTH * 3 * 8 * 8 + WIDTH
@@ -83,19 +87,24 @@ def test_a_fifth_method_is_planned_trained_and_exported(tmp_path):
     assert plan.head_params == 192 * WIDTH + WIDTH and plan.max_micro_batch > 0
 
     run = tmp_path / "run"
-    train_cfg = load_config(
-        None,
-        OVERRIDES
-        + [f"run.output_dir={run}", f"data.shards={REPO / 'shards' / 'sample' / '*.tar'}", "data.num_workers=0"]
-        + ["data.batch_size=4", "train.max_steps=2", "train.log_every=1", "checkpoint.every_steps=2"]
-        + ["train.progress_bar=false", "optim.warmup_steps=1"],
+    sets = OVERRIDES + [f"run.output_dir={run}", f"data.shards={REPO / 'shards' / 'sample' / '*.tar'}"]
+    sets += ["data.num_workers=0", "data.batch_size=4", "train.max_steps=2", "train.log_every=1"]
+    sets += ["checkpoint.every_steps=2", "train.progress_bar=false", "optim.warmup_steps=1"]
+    (tmp_path / "toy.yaml").write_text("method:\n  name: patch_feature_regression\n")
+    command = [sys.executable, "-c", TRAIN_WITH_TOY.format(tests=str(Path(__file__).parent)), "train"]
+    command += ["--config", str(tmp_path / "toy.yaml")]
+    command += [arg for item in sets for arg in ("--set", item)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")  # PYTHONPATH kept: the tree under test
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert (
+        "step 2/2 | loss" in done.stdout
+        and json.loads((run / "checkpoints" / "step_00000002" / "mimscale.json").read_text())["step"] == 2
     )
-    summary = train(train_cfg)
-    assert summary["step"] == 2 and summary["exit_code"] == 0 and math.isfinite(summary["last_loss"])
 
     out = export_checkpoint(run, tmp_path / "export")
     exported = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     student, _, meta, _ = load_student(run)
-    assert meta["step"] == 2
+    assert meta["step"] == 2 and meta["config"]["method"]["name"] == "patch_feature_regression"
     for name, tensor in student.backbone.state_dict().items():
         assert torch.equal(exported.state_dict()[name], tensor), name

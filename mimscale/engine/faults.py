@@ -1,8 +1,8 @@
 """Fault injection for the failure tests: make one rank produce a NaN loss or stall, at a chosen step.
 
 Set MIMSCALE_INJECT_FAULT="<kind>:rank=<r>:step=<s>" with kind nan, hang, kill_in_save or slow_start (comma-separate
-several; slow_start delays joining the rendezvous by <s> seconds). Unset, the
-hooks cost one dictionary lookup per step. Real runs never set it; it exists so the tests can reproduce what
+several; slow_start delays joining the rendezvous by <s> seconds). Unset, the training step runs the engine's
+forward unwrapped (``with_step_faults``). Real runs never set it; it exists so the tests can reproduce what
 happens on clusters (a rank's loss going NaN, a rank stalling) with the real launcher.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -56,3 +57,20 @@ def maybe_slow_start(rank: int) -> None:
     for kind, fault_rank, seconds in FAULTS:
         if kind == "slow_start" and fault_rank == rank:
             time.sleep(seconds)
+
+
+def with_step_faults(
+    forward: Callable[[dict], dict], rank: int, next_step: Callable[[], int]
+) -> Callable[[dict], dict]:
+    """``forward`` itself unless a nan or hang fault is set (then the production loop never sees a fault check);
+    else a wrapper that stalls this rank before, or returns a NaN loss from, the forward of the chosen step."""
+    if not any(kind in ("nan", "hang") for kind, _, _ in FAULTS):
+        return forward
+
+    def forward_with_faults(batch: dict) -> dict:
+        step = next_step()
+        maybe_hang(rank, step)
+        outputs = forward(batch)
+        return {**outputs, "loss": maybe_corrupt_loss(outputs["loss"], rank, step)}
+
+    return forward_with_faults

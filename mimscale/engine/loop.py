@@ -1,6 +1,8 @@
 """The training loop: build, resume, then step / log / checkpoint until max_steps.
 
-The same function runs for `mimscale train` (one process) and under `deepspeed --module mimscale.train` (many).
+``train(cfg)`` runs for `mimscale train` (one process) and under `deepspeed --module mimscale.train` (many). A
+``Trainer`` (torchtitan's Trainer is the model) owns the run's state: the method and its DeepSpeed engine, the
+counters a checkpoint records, the step-line window and the stop request; the functions around it stay small.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ import math
 import os
 import signal
 import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,11 +26,14 @@ from mimscale.engine import checkpoint as ckpt
 from mimscale.engine import distributed, faults
 from mimscale.engine.deepspeed import DTYPES, gathered_own_parameters, initialize_engine, write_deepspeed_config
 from mimscale.engine.metrics import MetricAccumulator, StepLogger, memory_gib, peak_tflops, progress_wanted
-from mimscale.engine.optim import restore_adamw_implementation, warmup_cosine
+from mimscale.engine.optim import restore_adamw_implementation
 from mimscale.engine.slurm import write_requeue_marker
-from mimscale.methods.base import COMPILE_ZERO3_NOTE
+from mimscale.methods.base import COMPILE_ZERO3_NOTE, MIMMethod
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: checkpointed after SIGTERM/SIGUSR1; the job script requeues on this code
+HISTORY_LENGTH = 1000  # (step, loss) pairs of the most recent log steps kept in memory
+# An in-run evaluation: given the student backbone (gathered under ZeRO-3), returns scalars to log.
+Evaluator = Callable[[torch.nn.Module], dict[str, float]]
 
 
 class TrainingError(RuntimeError):
@@ -34,34 +41,26 @@ class TrainingError(RuntimeError):
 
 
 @dataclass
-class RunState:
-    """What the loop carries between steps, and what a checkpoint records besides the engine."""
+class Window:
+    """What the step line averages over since the last log step."""
 
-    step: int = 0
-    samples_seen: int = 0
-    skipped_micro_batches: int = 0
-    consecutive_bad: int = 0
-    stop_signal: int = 0  # set by the signal handler on this rank
-    stop_agreed: int = 0  # the largest signal any rank received, once the ranks have agreed on it
-    window_images: int = 0
-    window_data_wait: float = 0.0
-    grad_norm: float | None = None
-    flops_per_image: float | None = None  # from the planner, for TFLOP/s and MFU
-    peak_tflops: float | None = None
-    resumed_from: Path | None = None  # never pruned while this run lives: it is the fallback if a save fails
-    corrupt_samples: int = 0  # corrupt samples this rank's stream replaced so far
-    window_id_sum: int = 0  # sum of the sample ids this rank trained on since the last log (data-order fingerprint)
-    history: list = field(default_factory=list)
+    images: int = 0
+    data_wait: float = 0.0
+    id_sum: int = 0  # sum of the sample ids this rank trained on (data-order fingerprint)
+    start: float = field(default_factory=time.perf_counter)
 
 
-def train(cfg: Config, resume: str = "auto") -> dict:
-    """Run (or resume) training; returns a summary {step, last_loss, output_dir, exit_code}."""
+def train(cfg: Config, resume: str = "auto", evaluators: Sequence[Evaluator] = ()) -> dict:
+    """Run (or resume) training; returns a summary {step, last_loss, output_dir, exit_code}.
+
+    ``evaluators`` run every ``eval.knn_every`` steps and at the end (the entry point passes the kNN monitor).
+    """
     check_output_dir(Path(cfg.run.output_dir))
     device_kind = distributed.resolve_device_kind(cfg.run.device)
     faults.maybe_slow_start(int(os.environ.get("RANK", "0")))
     info = distributed.init_distributed(device_kind, timeout_s=cfg.run.startup_timeout_s)
     try:
-        summary = _train(cfg, info, resume)
+        summary = _train(cfg, info, resume, evaluators)
     except RuntimeError as err:  # gloo and NCCL report collective timeouts as (subclasses of) RuntimeError
         if not _is_collective_failure(err):
             raise
@@ -90,7 +89,8 @@ def check_output_dir(output_dir: Path) -> None:
         raise ValueError(f"run.output_dir={output_dir} is not writable ({err}); choose a writable folder") from err
 
 
-def _build(cfg: Config, info: distributed.DistInfo, load_universal: bool):
+def build_engine(cfg: Config, info: distributed.DistInfo, load_universal: bool = False) -> tuple:
+    """(method, DeepSpeed engine, lr scheduler, DeepSpeed JSON): identical initial weights on every rank."""
     from mimscale.methods import build_method
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
@@ -128,7 +128,7 @@ def _cast_float_buffers(module: torch.nn.Module, dtype: torch.dtype) -> None:
                 setattr(submodule, name, buffer.to(dtype))
 
 
-def _flops_per_image(cfg: Config, info) -> float | None:
+def _flops_per_image(cfg: Config, info: distributed.DistInfo) -> float | None:
     """For the MFU column, counted once on rank 0 from meta-device models; never fatal."""
     if not info.is_main:
         return None
@@ -141,28 +141,22 @@ def _flops_per_image(cfg: Config, info) -> float | None:
         return None
 
 
-def _train(cfg: Config, info: distributed.DistInfo, resume: str) -> dict:
+def _train(cfg: Config, info: distributed.DistInfo, resume: str, evaluators: Sequence[Evaluator]) -> dict:
     from mimscale.data.masking import mask_generator_for
     from mimscale.data.stream import build_train_loader
 
     output_dir = Path(cfg.run.output_dir)
-    root = output_dir / "checkpoints"
-    plan = plan_resume(cfg, root, resume, info)
-    method, engine, _, ds_config = _build(cfg, info, load_universal=bool(plan and plan.universal))
+    plan = plan_resume(cfg, output_dir / "checkpoints", resume, info)
+    trainer = Trainer(cfg, info, load_universal=bool(plan and plan.universal), evaluators=evaluators)
     if info.is_main:
         save_config(cfg, output_dir / "config.yaml")
-        write_deepspeed_config(ds_config, output_dir)
-    state = RunState(
-        flops_per_image=_flops_per_image(cfg, info),
-        peak_tflops=peak_tflops(info.device, cfg.deepspeed.precision, cfg.train.peak_tflops),
-    )
-    data_state = load_resume_plan(engine, plan, info, state) if plan else None
-    mask_generator = mask_generator_for(cfg, method)
+        write_deepspeed_config(trainer.ds_config, output_dir)
+    data_state = trainer.resume(plan) if plan else None
     stream = build_train_loader(
         cfg,
         rank=info.rank,
         world_size=info.world_size,
-        mask_generator=mask_generator,
+        mask_generator=mask_generator_for(cfg, trainer.method),
         state=data_state,
         normalise_on_device=info.device.type == "cuda",  # 4x fewer bytes to copy; on CPU workers normalise
     )
@@ -172,16 +166,16 @@ def _train(cfg: Config, info: distributed.DistInfo, resume: str) -> dict:
         output_dir,
         enabled=info.is_main,
         max_steps=cfg.train.max_steps,
-        start_step=state.step,
+        start_step=trainer.step,
         progress=progress_wanted(cfg.train.progress_bar),
     )
-    _install_stop_handlers(state)
+    trainer.install_stop_handlers()
     try:
-        exit_code = run_loop(engine, stream, cfg, info, state, logger, root)
+        exit_code = trainer.fit(stream, logger)
     finally:
         logger.close()
-    last_loss = state.history[-1][1] if state.history else float("nan")
-    return {"step": state.step, "last_loss": last_loss, "output_dir": str(output_dir), "exit_code": exit_code}
+    last_loss = trainer.history[-1][1] if trainer.history else float("nan")
+    return {"step": trainer.step, "last_loss": last_loss, "output_dir": str(output_dir), "exit_code": exit_code}
 
 
 @dataclass(frozen=True)
@@ -191,7 +185,7 @@ class ResumePlan:
     universal: bool  # load DeepSpeed's universal copy: the world size or ZeRO stage changed
 
 
-def plan_resume(cfg: Config, root: Path, resume: str, info) -> ResumePlan | None:
+def plan_resume(cfg: Config, root: Path, resume: str, info: distributed.DistInfo) -> ResumePlan | None:
     """Decide what to resume from ('auto', 'none' or a path) before the engine exists; convert if needed."""
     log = print if info.is_main else (lambda *_: None)
     if resume == "none":
@@ -219,7 +213,7 @@ def plan_resume(cfg: Config, root: Path, resume: str, info) -> ResumePlan | None
     return ResumePlan(tag_dir=tag_dir, meta=meta, universal=universal)
 
 
-def _convert_on_rank0(tag_dir: Path, info) -> None:
+def _convert_on_rank0(tag_dir: Path, info: distributed.DistInfo) -> None:
     error = ""
     if info.is_main:
         try:
@@ -228,28 +222,6 @@ def _convert_on_rank0(tag_dir: Path, info) -> None:
             error = str(err)
     if distributed.all_reduce_max(1.0 if error else 0.0)[0] > 0:
         raise RuntimeError(error or f"rank 0 could not convert {tag_dir} to a universal checkpoint (see its log)")
-
-
-def load_resume_plan(engine, plan: ResumePlan, info, state: RunState) -> dict:
-    """Load the planned checkpoint into the engine and the run state; returns the saved data position."""
-    meta = ckpt.load_checkpoint(engine, plan.tag_dir, info.rank, universal=plan.universal)
-    if engine.optimizer is not None:
-        restore_adamw_implementation(engine.optimizer, fused=info.device.type == "cuda")
-    state.resumed_from = plan.tag_dir
-    state.step = meta["step"]
-    state.samples_seen = meta["samples_seen"]
-    state.skipped_micro_batches = meta.get("skipped_micro_batches", 0)
-    if info.is_main:
-        print(f"resumed from {plan.tag_dir} at step {state.step} ({state.samples_seen} samples seen)", flush=True)
-    return meta["data_state"]
-
-
-def _install_stop_handlers(state: RunState) -> None:
-    def request_stop(signum, _frame):
-        state.stop_signal = signum
-
-    for signum in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(signum, request_stop)
 
 
 def _to_device(batch: dict, device: torch.device, dtype: torch.dtype, data_cfg) -> dict:
@@ -291,44 +263,6 @@ def agree_bad_loss_and_stop(loss: torch.Tensor, stop_signal: int) -> tuple[bool,
     return bad > 0, int(stop)
 
 
-def _next_batch(iterator, state: RunState):
-    start = time.perf_counter()
-    batch = next(iterator)
-    state.window_data_wait += time.perf_counter() - start
-    return batch
-
-
-def train_one_step(engine, iterator, cfg: Config, info, state: RunState, accumulator: MetricAccumulator) -> None:
-    """One optimizer step: grad_accum_steps good micro-batches (non-finite ones are skipped on every rank)."""
-    dtype = DTYPES[cfg.deepspeed.precision]
-    done = 0
-    while done < cfg.train.grad_accum_steps:
-        host_batch = _next_batch(iterator, state)
-        if "sample_id" in host_batch:  # numpy: a host read, never a device sync
-            state.window_id_sum += int(host_batch["sample_id"].numpy().sum())
-        batch = _to_device(host_batch, info.device, dtype, cfg.data)
-        faults.maybe_hang(info.rank, state.step + 1)
-        outputs = engine(batch)
-        distributed.report_progress(info.rank, state.step + 1, done)
-        loss = faults.maybe_corrupt_loss(outputs["loss"], info.rank, state.step + 1)
-        if cfg.train.nan_guard:  # one tiny collective per micro-batch: agree on "bad loss" and "stop signal"
-            bad, state.stop_agreed = agree_bad_loss_and_stop(loss, state.stop_signal)
-            if bad:
-                _skip_bad_micro_batch(cfg, info, state)
-                continue
-        state.consecutive_bad = 0
-        engine.backward(loss)
-        if done == cfg.train.grad_accum_steps - 1 and (state.step + 1) % cfg.train.log_every == 0:
-            state.grad_norm = _grad_norm_if_untracked(engine)
-        engine.step()
-        accumulator.add(outputs)
-        done += 1
-    state.step += 1
-    images = cfg.data.batch_size * cfg.train.grad_accum_steps * info.world_size
-    state.samples_seen += images
-    state.window_images += images
-
-
 def _grad_norm_if_untracked(engine) -> float | None:
     """DeepSpeed reports no grad norm for plain fp32 without ZeRO; compute it then (only on log steps)."""
     if engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() or engine.fp16_enabled():
@@ -337,150 +271,223 @@ def _grad_norm_if_untracked(engine) -> float | None:
     return float(torch.nn.utils.get_total_norm(grads)) if grads else None
 
 
-def _skip_bad_micro_batch(cfg: Config, info, state: RunState) -> None:
-    state.skipped_micro_batches += 1
-    state.consecutive_bad += 1
-    if info.is_main:
-        print(f"step {state.step + 1}: non-finite loss on some rank; micro-batch skipped on all ranks", flush=True)
-    if state.consecutive_bad >= cfg.train.max_bad_steps:
-        raise TrainingError(
-            f"the loss was NaN/Inf for {state.consecutive_bad} consecutive micro-batches at step {state.step + 1}; "
-            "resume from the last checkpoint with a lower optim.lr, deepspeed.precision=bf16 instead of fp16, "
-            "or a smaller optim.grad_clip (train.max_bad_steps sets this limit)"
+class Trainer:
+    """One rank's training run: the method in its DeepSpeed engine and everything the loop carries between steps.
+
+    ``step``, ``samples_seen`` and ``skipped_micro_batches`` are what a checkpoint records besides the engine;
+    ``window`` is what the next step line averages; ``stop_signal`` is set by SIGTERM/SIGUSR1 on this rank and
+    ``stop_agreed`` is the largest any rank received, once the ranks agreed on it.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        info: distributed.DistInfo,
+        *,
+        load_universal: bool = False,
+        evaluators: Sequence[Evaluator] = (),
+    ):
+        self.cfg, self.info = cfg, info
+        self.method: MIMMethod
+        self.method, self.engine, self.scheduler, self.ds_config = build_engine(cfg, info, load_universal)
+        self.dtype = DTYPES[cfg.deepspeed.precision]
+        self.root = Path(cfg.run.output_dir) / "checkpoints"
+        self.evaluators = list(evaluators)
+        # The engine's forward as is; wrapped only when the failure tests set MIMSCALE_INJECT_FAULT.
+        self.forward = faults.with_step_faults(self.engine, info.rank, lambda: self.step + 1)
+        self.step = 0
+        self.samples_seen = 0
+        self.skipped_micro_batches = 0
+        self.consecutive_bad = 0
+        self.stop_signal = 0
+        self.stop_agreed = 0
+        self.resumed_from: Path | None = None  # never pruned while this run lives: the fallback if a save fails
+        self.window = Window()
+        self.accumulator = MetricAccumulator()
+        self.grad_norm: float | None = None
+        self.lr = float("nan")  # the learning rate of the last optimizer step, as the scheduler set it
+        self.corrupt_samples = 0  # corrupt samples this rank's stream replaced so far
+        self.history: deque[tuple[int, float]] = deque(maxlen=HISTORY_LENGTH)
+        self.flops_per_image = _flops_per_image(cfg, info)  # for TFLOP/s and MFU
+        self.peak_tflops = peak_tflops(info.device, cfg.deepspeed.precision, cfg.train.peak_tflops)
+
+    # ------------------------------------------------------------------------------------------ resume, signals
+    def resume(self, plan: ResumePlan) -> dict:
+        """Load the planned checkpoint into the engine and the counters; returns the saved data position."""
+        meta = ckpt.load_checkpoint(self.engine, plan.tag_dir, self.info.rank, universal=plan.universal)
+        if self.engine.optimizer is not None:
+            restore_adamw_implementation(self.engine.optimizer, fused=self.info.device.type == "cuda")
+        self.resumed_from = plan.tag_dir
+        self.step = meta["step"]
+        self.samples_seen = meta["samples_seen"]
+        self.skipped_micro_batches = meta.get("skipped_micro_batches", 0)
+        if self.info.is_main:
+            print(f"resumed from {plan.tag_dir} at step {self.step} ({self.samples_seen} samples seen)", flush=True)
+        return meta["data_state"]
+
+    def install_stop_handlers(self) -> None:
+        def request_stop(signum, _frame):
+            self.stop_signal = signum
+
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, request_stop)
+
+    # ------------------------------------------------------------------------------------------ one step
+    def _next_batch(self, iterator: Iterator[dict]) -> dict:
+        start = time.perf_counter()
+        batch = next(iterator)
+        self.window.data_wait += time.perf_counter() - start
+        return batch
+
+    def train_step(self, iterator: Iterator[dict]) -> None:
+        """One optimizer step: grad_accum_steps good micro-batches (non-finite ones are skipped on every rank)."""
+        cfg, info = self.cfg, self.info
+        done = 0
+        while done < cfg.train.grad_accum_steps:
+            host_batch = self._next_batch(iterator)
+            if "sample_id" in host_batch:  # numpy: a host read, never a device sync
+                self.window.id_sum += int(host_batch["sample_id"].numpy().sum())
+            batch = _to_device(host_batch, info.device, self.dtype, cfg.data)
+            outputs = self.forward(batch)
+            distributed.report_progress(info.rank, self.step + 1, done)
+            loss = outputs["loss"]
+            if cfg.train.nan_guard:  # one tiny collective per micro-batch: agree on "bad loss" and "stop signal"
+                bad, self.stop_agreed = agree_bad_loss_and_stop(loss, self.stop_signal)
+                if bad:
+                    self._skip_bad_micro_batch()
+                    continue
+            self.consecutive_bad = 0
+            self.engine.backward(loss)
+            if done == cfg.train.grad_accum_steps - 1:
+                if (self.step + 1) % cfg.train.log_every == 0:
+                    self.grad_norm = _grad_norm_if_untracked(self.engine)
+                self.lr = float(self.scheduler.get_last_lr()[0])  # what engine.step() applies now
+            self.engine.step()
+            self.accumulator.add(outputs)
+            done += 1
+        self.step += 1
+        images = cfg.data.batch_size * cfg.train.grad_accum_steps * info.world_size
+        self.samples_seen += images
+        self.window.images += images
+
+    def _skip_bad_micro_batch(self) -> None:
+        self.skipped_micro_batches += 1
+        self.consecutive_bad += 1
+        if self.info.is_main:
+            print(f"step {self.step + 1}: non-finite loss on some rank; micro-batch skipped on all ranks", flush=True)
+        if self.consecutive_bad >= self.cfg.train.max_bad_steps:
+            raise TrainingError(
+                f"the loss was NaN/Inf for {self.consecutive_bad} consecutive micro-batches at step "
+                f"{self.step + 1}; resume from the last checkpoint with a lower optim.lr, deepspeed.precision=bf16 "
+                "instead of fp16, or a smaller optim.grad_clip (train.max_bad_steps sets this limit)"
+            )
+
+    # ------------------------------------------------------------------------------------------ log, eval, save
+    def log(self, logger: StepLogger) -> None:
+        """Reduce the window's metrics over the ranks and write the step line and TensorBoard scalars."""
+        elapsed = max(1e-9, time.perf_counter() - self.window.start)
+        means = distributed.all_reduce_mean(self.accumulator.pop_means())
+        id_sum = distributed.all_reduce_sum(float(self.window.id_sum))
+        corrupt = distributed.all_reduce_sum(float(self.corrupt_samples))
+        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self.grad_norm if grad_norm is None else grad_norm
+        per_rank = self.window.images / elapsed / self.info.world_size
+        scalars = {f"train/{name}": value for name, value in means.items()}
+        scalars.update(
+            {
+                "train/lr": self.lr,
+                "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "train/skipped_steps": float(self.skipped_micro_batches + getattr(self.engine, "skipped_steps", 0)),
+                "perf/images_per_sec": self.window.images / elapsed,
+                "perf/images_per_sec_per_rank": per_rank,
+                "perf/data_wait_frac": self.window.data_wait / elapsed,
+                "perf/memory_gib": memory_gib(self.info.device),
+                "train/samples_seen": float(self.samples_seen),
+                "data/sample_id_sum": id_sum,
+                "data/corrupt_samples": corrupt,
+            }
         )
+        if self.flops_per_image:
+            tflops = per_rank * self.flops_per_image / 1e12
+            scalars["perf/tflops_per_device"] = tflops
+            if self.peak_tflops:
+                # With activation checkpointing the FLOPs count the recompute: hardware-FLOPs utilisation, not MFU.
+                utilisation = "perf/hfu" if self.cfg.deepspeed.activation_checkpointing else "perf/mfu"
+                scalars[utilisation] = tflops / self.peak_tflops
+        self.history.append((self.step, scalars.get("train/loss", math.nan)))
+        self.window = Window()
+        logger.log(self.step, self.cfg.train.max_steps, scalars)
 
+    def evaluate(self, logger: StepLogger) -> None:
+        """Run the in-run evaluators on the student backbone (every rank: ZeRO-3 gathers its parameters)."""
+        start = time.perf_counter()
+        scalars: dict[str, float] = {}
+        with gathered_own_parameters(self.engine.module.student.backbone) as backbone:  # forward_features skips hooks
+            for evaluator in self.evaluators:
+                scalars.update(evaluator(backbone))
+        if self.info.is_main:
+            logger.log_scalars(self.step, scalars)
+            values = " | ".join(f"{name.split('/')[-1]} {100 * value:.2f}%" for name, value in scalars.items())
+            logger.text(f"eval step {self.step} | {values} ({time.perf_counter() - start:.1f}s)")
 
-def log_step(engine, cfg: Config, info, state: RunState, accumulator: MetricAccumulator, logger, window_start):
-    elapsed = max(1e-9, time.perf_counter() - window_start)
-    means = distributed.all_reduce_mean(accumulator.pop_means())
-    id_sum = distributed.all_reduce_sum(float(state.window_id_sum))
-    corrupt = distributed.all_reduce_sum(float(state.corrupt_samples))
-    grad_norm = engine.get_global_grad_norm()
-    grad_norm = state.grad_norm if grad_norm is None else grad_norm
-    scalars = {f"train/{name}": value for name, value in means.items()}
-    scalars.update(
-        {
-            "train/lr": warmup_cosine(
-                state.step - 1,
-                base_lr=cfg.optim.lr,
-                min_lr=cfg.optim.min_lr,
-                warmup_steps=cfg.optim.warmup_steps,
-                max_steps=cfg.train.max_steps,
-            ),
-            "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "train/skipped_steps": float(state.skipped_micro_batches + getattr(engine, "skipped_steps", 0)),
-            "perf/images_per_sec": state.window_images / elapsed,
-            "perf/images_per_sec_per_rank": state.window_images / elapsed / info.world_size,
-            "perf/data_wait_frac": state.window_data_wait / elapsed,
-            "perf/memory_gib": memory_gib(info.device),
-            "train/samples_seen": float(state.samples_seen),
-            "data/sample_id_sum": id_sum,
-            "data/corrupt_samples": corrupt,
+    def checkpoint_meta(self, stream) -> dict:
+        """What mimscale.json records besides DeepSpeed's shards."""
+        return {
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "skipped_micro_batches": self.skipped_micro_batches,
+            "world_size": self.info.world_size,
+            "zero_stage": self.cfg.deepspeed.zero_stage,
+            "precision": self.cfg.deepspeed.precision,
+            "data_state": stream.state_dict(),
+            "config": self.cfg.to_dict(),
+            "time": time.time(),
         }
-    )
-    if state.flops_per_image:
-        tflops = scalars["perf/images_per_sec_per_rank"] * state.flops_per_image / 1e12
-        scalars["perf/tflops_per_device"] = tflops
-        if state.peak_tflops:
-            # With activation checkpointing the FLOPs count the recompute: hardware-FLOPs utilisation, not MFU.
-            utilisation = "perf/hfu" if cfg.deepspeed.activation_checkpointing else "perf/mfu"
-            scalars[utilisation] = tflops / state.peak_tflops
-    state.history.append((state.step, scalars.get("train/loss", math.nan)))
-    state.window_images, state.window_data_wait, state.window_id_sum = 0, 0.0, 0
-    logger.log(state.step, cfg.train.max_steps, scalars)
 
+    def save(self, stream, logger: StepLogger) -> None:
+        cfg = self.cfg.checkpoint
+        tag_dir = ckpt.save_checkpoint(self.engine, self.root, self.step, self.checkpoint_meta(stream), self.info.rank)
+        if self.info.is_main:
+            removed = ckpt.prune_checkpoints(
+                self.root, keep_last=cfg.keep_last, keep_every=cfg.keep_every, protect=[tag_dir, self.resumed_from]
+            )
+            pruned = f" (pruned {', '.join(path.name for path in removed)})" if removed else ""
+            logger.text(f"saved checkpoint {tag_dir}{pruned}")
 
-def evaluate_knn(engine, cfg: Config, info, logger, step: int) -> None:
-    """In-run kNN top-1 of the student backbone on small labelled shards (every rank runs it: ZeRO-3 gathers)."""
-    from mimscale.data.stream import iter_eval_batches
-    from mimscale.eval.probe import knn_top1
-
-    dtype = DTYPES[cfg.deepspeed.precision]
-
-    def batches(pattern: str, key: str):
-        for images, labels in iter_eval_batches(
-            pattern,
-            image_size=cfg.data.image_size,
-            batch_size=cfg.data.batch_size,
-            mean=cfg.data.mean,
-            std=cfg.data.std,
-            key=key,
-        ):
-            yield images.to(info.device, dtype=dtype), labels
-
-    start = time.perf_counter()
-    with gathered_own_parameters(engine.module.student.backbone) as backbone:  # forward_features skips its hooks
-        top1 = knn_top1(
-            backbone,
-            batches(cfg.eval.train_shards, "eval.train_shards"),
-            batches(cfg.eval.val_shards, "eval.val_shards"),
-            k=cfg.eval.k,
-            temperature=cfg.eval.temperature,
-            pool=cfg.eval.pool,
-        )
-    if info.is_main:
-        logger.log_scalars(step, {"eval/knn_top1": top1})
-        logger.text(f"eval step {step} | knn_top1 {100 * top1:.2f}% ({time.perf_counter() - start:.1f}s)")
-
-
-def save(engine, stream, cfg: Config, info, state: RunState, root: Path, logger) -> None:
-    meta = {
-        "step": state.step,
-        "samples_seen": state.samples_seen,
-        "skipped_micro_batches": state.skipped_micro_batches,
-        "world_size": info.world_size,
-        "zero_stage": cfg.deepspeed.zero_stage,
-        "precision": cfg.deepspeed.precision,
-        "data_state": stream.state_dict(),
-        "config": cfg.to_dict(),
-        "time": time.time(),
-    }
-    tag_dir = ckpt.save_checkpoint(engine, root, state.step, meta, info.rank)
-    if info.is_main:
-        removed = ckpt.prune_checkpoints(
-            root,
-            keep_last=cfg.checkpoint.keep_last,
-            keep_every=cfg.checkpoint.keep_every,
-            protect=[tag_dir, state.resumed_from],
-        )
-        pruned = f" (pruned {', '.join(path.name for path in removed)})" if removed else ""
-        logger.text(f"saved checkpoint {tag_dir}{pruned}")
-
-
-def run_loop(engine, stream, cfg: Config, info, state: RunState, logger, root: Path) -> int:
-    """Step until max_steps (or stop_at_step, or a stop signal); returns the process exit code."""
-    if state.step >= cfg.train.max_steps:
-        logger.text(
-            f"nothing to do: the run is at step {state.step} and train.max_steps={cfg.train.max_steps}; "
-            "raise train.max_steps to train further, or set run.output_dir to a new folder for a fresh run"
-        )
+    # ------------------------------------------------------------------------------------------ the loop
+    def fit(self, stream, logger: StepLogger) -> int:
+        """Step until max_steps (or stop_at_step, or a stop signal); returns the process exit code."""
+        cfg = self.cfg
+        if self.step >= cfg.train.max_steps:
+            logger.text(
+                f"nothing to do: the run is at step {self.step} and train.max_steps={cfg.train.max_steps}; "
+                "raise train.max_steps to train further, or set run.output_dir to a new folder for a fresh run"
+            )
+            return 0
+        iterator = iter(stream)
+        self.window = Window()
+        first_step = self.step + 1
+        while self.step < cfg.train.max_steps:
+            self.train_step(iterator)
+            if self.step == first_step:  # start-up (workers spawned, first batch) is over on every rank
+                distributed.set_collective_timeout(cfg.run.collective_timeout_s)
+            logger.advance()
+            at_end = self.step in (cfg.train.max_steps, cfg.train.stop_at_step)
+            if self.step % cfg.train.log_every == 0 or at_end:
+                self.corrupt_samples = getattr(stream, "corrupt_count", 0)
+                self.log(logger)
+            if not cfg.train.nan_guard and self.step % cfg.train.log_every == 0:  # else agreed every micro-batch
+                self.stop_agreed = int(distributed.all_reduce_max(self.stop_signal)[0])
+            if self.evaluators and cfg.eval.knn_every and (self.step % cfg.eval.knn_every == 0 or at_end):
+                self.evaluate(logger)
+            stop_signal = self.stop_agreed
+            if self.step % cfg.checkpoint.every_steps == 0 or at_end or stop_signal:
+                self.save(stream, logger)
+            if stop_signal:
+                if self.info.is_main:  # the checkpoint is complete and no rank has exited yet: the job may requeue
+                    write_requeue_marker(self.root / ckpt.tag_for_step(self.step))
+                logger.text(f"stopped by signal {int(stop_signal)} at step {self.step} after checkpointing; requeue me")
+                return EXIT_REQUEUE
+            if self.step == cfg.train.stop_at_step:
+                break
         return 0
-    iterator = iter(stream)
-    accumulator = MetricAccumulator()
-    window_start = time.perf_counter()
-    first_step = state.step + 1
-    while state.step < cfg.train.max_steps:
-        train_one_step(engine, iterator, cfg, info, state, accumulator)
-        if state.step == first_step:  # start-up (workers spawned, first batch) is over on every rank
-            distributed.set_collective_timeout(cfg.run.collective_timeout_s)
-        logger.advance()
-        at_end = state.step == cfg.train.max_steps or state.step == cfg.train.stop_at_step
-        if state.step % cfg.train.log_every == 0 or at_end:
-            state.corrupt_samples = getattr(stream, "corrupt_count", 0)
-            log_step(engine, cfg, info, state, accumulator, logger, window_start)
-            window_start = time.perf_counter()
-        if not cfg.train.nan_guard and state.step % cfg.train.log_every == 0:  # else agreed every micro-batch
-            state.stop_agreed = int(distributed.all_reduce_max(state.stop_signal)[0])
-        if cfg.eval.knn_every and (state.step % cfg.eval.knn_every == 0 or at_end):
-            evaluate_knn(engine, cfg, info, logger, state.step)
-        stop_signal = state.stop_agreed
-        if state.step % cfg.checkpoint.every_steps == 0 or at_end or stop_signal:
-            save(engine, stream, cfg, info, state, root, logger)
-        if stop_signal:
-            if info.is_main:  # the checkpoint is complete and no rank has exited yet: the job script may requeue
-                write_requeue_marker(root / ckpt.tag_for_step(state.step))
-            logger.text(f"stopped by signal {int(stop_signal)} at step {state.step} after checkpointing; requeue me")
-            return EXIT_REQUEUE
-        if state.step == cfg.train.stop_at_step:
-            break
-    return 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -160,6 +160,31 @@ def knn_top1(
     train_feats, train_labels = extract_features(backbone, train_batches, pool=pool)
     val_feats, val_labels = extract_features(backbone, val_batches, pool=pool)
     return knn_accuracy(train_feats, train_labels, val_feats, val_labels, k=k, temperature=temperature)
+
+
+def in_run_knn(cfg) -> Callable[[nn.Module], dict[str, float]]:
+    """The in-run monitor (``eval.knn_every``) the entry point hands the engine: the student backbone's kNN top-1
+    on ``eval.train_shards`` / ``eval.val_shards`` as ``{"eval/knn_top1": top1}``."""
+    from mimscale.data.stream import iter_eval_batches
+
+    def batches(pattern: str, key: str) -> Batches:
+        data = cfg.data
+        return iter_eval_batches(
+            pattern, image_size=data.image_size, batch_size=data.batch_size, mean=data.mean, std=data.std, key=key
+        )
+
+    def evaluate(backbone: nn.Module) -> dict[str, float]:
+        top1 = knn_top1(
+            backbone,
+            batches(cfg.eval.train_shards, "eval.train_shards"),
+            batches(cfg.eval.val_shards, "eval.val_shards"),
+            k=cfg.eval.k,
+            temperature=cfg.eval.temperature,
+            pool=cfg.eval.pool,
+        )
+        return {"eval/knn_top1": top1}
+
+    return evaluate
 
 
 def _train_linear_grid(
