@@ -48,6 +48,7 @@ def build_patch_feature_regression(cfg: Config, preset: Preset, student: Student
     return PatchFeatureRegression(student, head, preset.mask_kind, projection, loss, norm)
 
 
+RANK_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 TOY = Preset(build_patch_feature_regression, loss="mse", target_norm="layernorm", mask_kind="random_tokens")
 OVERRIDES = [
     "method.name=patch_feature_regression",
@@ -95,6 +96,8 @@ def test_a_fifth_method_is_planned_trained_and_exported(tmp_path, monkeypatch):
     command += ["--config", str(tmp_path / "toy.yaml")]
     command += [arg for item in sets for arg in ("--set", item)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")  # PYTHONPATH kept: the tree under test
+    for name in RANK_ENV:  # left behind by in-process tests that initialised a process group
+        env.pop(name, None)
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert (
