@@ -5,7 +5,7 @@
 | simmim      | pixels             | none      | all + mask token     | linear/pshuf. | l1        | random_cells  |
 | maskdistill | CLIP last block    | layernorm | all + mask token     | linear        | smooth_l1 | blockwise     |
 | maskalign   | CLIP top-k blocks  | layernorm | visible tokens only  | dynamic_align | smooth_l1 | random_tokens |
-| relaxmim    | own full view (sg) | none      | all + mask token     | mlp           | infonce   | random_tokens |
+| relaxmim    | own patch content  | none      | all + mask token     | mlp           | infonce   | random_tokens |
 
 ``method.loss``, ``method.target_norm`` and ``mask.kind`` override the preset's choice, by name from the registries
 in ``methods/components.py`` (``LOSSES``, ``TARGET_NORMS``) and ``data/masking.py`` (``MASK_KINDS``); the builder

@@ -105,7 +105,7 @@ def cosine_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor |
 def infonce_loss(query: torch.Tensor, key: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
     """InfoNCE over groups: query [G, M, D] and key [G, M, D]; query i's positive is key i of its group.
 
-    The other M-1 keys of the same group are the negatives (RelaxMIM: the other masked tokens of the image).
+    The other M-1 keys of the same group are the negatives (RelaxMIM: one group, every masked patch of the batch).
     """
     if temperature <= 0:
         raise ConfigError(f"method.loss_args.temperature must be positive, got {temperature}")
