@@ -227,8 +227,10 @@ def test_relaxmim_target_is_stop_grad_and_accuracy_is_the_match_rate():
         method.zero_grad()
         mask = batch["mask"].bool()
         index = keep_indices(~mask)
-        keys = method.head(gather_tokens(method.student(batch["image"]).tokens, index))
-        queries = method.head(gather_tokens(method.student(batch["image"], mask).tokens, index))
+        # keys: each masked patch's own patch embedding (no position, no context); candidates: the whole batch
+        content = method.student.backbone.patch_embed(batch["image"])
+        keys = method.head(gather_tokens(content, index)).flatten(0, 1)[None]
+        queries = method.head(gather_tokens(method.student(batch["image"], mask).tokens, index)).flatten(0, 1)[None]
         infonce_loss(queries, keys.detach() if stop_grad else keys, temperature=0.2).backward()
         return queries, keys, {name: p.grad.clone() for name, p in params.items()}
 
