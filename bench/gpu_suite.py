@@ -18,7 +18,7 @@ time budget and the whole run a global one; the compiled rows come last because 
   zero3     one ZeRO-3 bf16 step (activation checkpointing) of the 1B MaskDistill preset, full width, 4 blocks
   compile-vit, compile-swin   the vit and swin rows with model.compile=true (attention + MLP of each block)
 
-Throughput rows time the real engine step (mimscale.engine.loop.train_one_step on the DeepSpeed engine, NaN
+Throughput rows time the real engine step (mimscale.engine.loop.Trainer.train_step on the DeepSpeed engine, NaN
 guard on) over pre-made uint8 batches, so they measure the model and engine, not the data stream. MFU = images/s
 x the planner's FLOPs per image / the device's dense bf16 peak (mimscale.engine.metrics); with activation
 checkpointing the FLOPs include the recompute, i.e. hardware-FLOPs utilisation. The table is printed and, with
@@ -150,30 +150,29 @@ def measure_training(suite: Suite, config: str, settings: list[str], *, steps: i
     """images/s, MFU, step time and peak memory of the real engine step on pre-made batches."""
     from mimscale.config import load_config
     from mimscale.engine.flops import flops_per_image
-    from mimscale.engine.loop import RunState, _build, train_one_step
-    from mimscale.engine.metrics import MetricAccumulator, peak_tflops
+    from mimscale.engine.loop import Trainer
+    from mimscale.engine.metrics import peak_tflops
 
     cfg = load_config(suite.configs(config), base_settings(suite) + settings)
     if suite.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(suite.device)
     with eager_compile_in_smoke(suite.smoke):
-        method, engine, _, _ = _build(cfg, suite.info, load_universal=False)
-    source = itertools.cycle(host_batches(cfg, method))
-    state, accumulator = RunState(), MetricAccumulator()
+        trainer = Trainer(cfg, suite.info)
+    source = itertools.cycle(host_batches(cfg, trainer.method))
     try:
         for _ in range(warmup):
-            train_one_step(engine, source, cfg, suite.info, state, accumulator)
+            trainer.train_step(source)
         synchronize(suite.device)
         start = time.perf_counter()
         done = 0
         while done < steps and (done < 2 or time.perf_counter() - start < 0.5 * (suite.deadline - time.time())):
-            train_one_step(engine, source, cfg, suite.info, state, accumulator)
+            trainer.train_step(source)
             done += 1
         synchronize(suite.device)
         elapsed = time.perf_counter() - start
-        loss = accumulator.pop_means().get("loss", float("nan"))
+        loss = trainer.accumulator.pop_means().get("loss", float("nan"))
     finally:
-        del engine, method
+        del trainer
         release_memory()
     images_per_s = done * cfg.data.batch_size / elapsed
     peak = peak_tflops(suite.device, "bf16", 0.0)
