@@ -278,3 +278,64 @@ def test_waiting_for_space_ends_when_a_pin_is_released(tmp_path, server):
     threading.Timer(0.5, cache.release, args=(first,)).start()
     assert sha(cache.local_path(second)) == sha(SAMPLE / NAMES[0]) and not cache.path_for(first).exists()
     cache.close()
+
+
+# ----------------------------------------------------------------------------------------------- the stream
+
+
+def stream_cfg(shards: str, cache_dir: Path, workers: int = 2, *extra: str):
+    from mimscale.config import load_config
+
+    return load_config(None, [f"data.shards={shards}", "data.batch_size=8", "data.image_size=32",
+                              f"data.num_workers={workers}", f"data.cache_dir={cache_dir}", "data.shuffle_window=2",
+                              *extra])  # fmt: skip
+
+
+def test_training_and_eval_streams_over_http_are_the_local_streams(tmp_path, server):
+    import itertools
+
+    import torch
+
+    from mimscale.data.masking import build_mask_generator
+    from mimscale.data.stream import build_train_loader, iter_eval_batches
+
+    mask = build_mask_generator("random_tokens", image_size=32, token_stride=8, ratio=0.5, cell_size=32)
+    local = build_train_loader(stream_cfg(str(SAMPLE / "*.tar"), tmp_path / "unused"), rank=1, world_size=2,
+                               mask_generator=mask)  # fmt: skip
+    expected = list(itertools.islice(iter(local), 14))
+    bare = tmp_path / "bare"  # a foreign folder: no manifest.json, no samples.idx
+    bare.mkdir()
+    for name in NAMES:
+        (bare / name).write_bytes((SAMPLE / name).read_bytes())
+    with ShardServer(bare) as bare_server:
+        for url, cache_dir in (
+            (server.url("sample-{000..003}.tar"), "published"),
+            (bare_server.url("sample-{000..003}.tar"), "bare"),
+        ):
+            remote_stream = build_train_loader(stream_cfg(url, tmp_path / cache_dir), rank=1, world_size=2,
+                                               mask_generator=mask)  # fmt: skip
+            assert remote_stream.table.fingerprint == local.table.fingerprint
+            got = list(itertools.islice(iter(remote_stream), 14))
+            for a, b in zip(expected, got, strict=True):
+                assert all(torch.equal(a[key], b[key]) for key in ("image", "mask", "label", "sample_id"))
+        assert all(bare_server.requests[name] == 1 for name in NAMES)  # downloaded once to index, then cached
+    fetched = [server.requests[name] for name in NAMES]  # rank 1 of 2 reads only its own stream's shards
+    assert max(fetched) == 1 and 0 < sum(fetched) < len(NAMES) and server.requests["samples.idx"] == 1
+    kwargs = {"image_size": 32, "batch_size": 50, "mean": [0.5] * 3, "std": [0.25] * 3, "num_workers": 2}
+    here = list(iter_eval_batches(str(SAMPLE), **kwargs))
+    there = list(iter_eval_batches(server.url("sample-{000..003}.tar"), data_cfg=stream_cfg("x", tmp_path / "ev").data,
+                                   **kwargs))  # fmt: skip
+    assert len(here) == len(there) and all(
+        torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(here, there, strict=True)
+    )
+    failing = stream_cfg(server.url("sample-{000..003}.tar"), tmp_path / "fail", 0, "data.download_retries=1")
+    stream = build_train_loader(failing, rank=0, world_size=1, mask_generator=mask)
+    for name in NAMES:
+        server.faults[name] = ["500"] * 4
+    with pytest.raises(RemoteError, match=r"could not read http://127.0.0.1:\d+/sample-00\d.tar: HTTP 500"):
+        next(iter(stream))
+    too_small = stream_cfg(server.url("sample-{000..003}.tar"), tmp_path / "small", 0, "data.cache_limit_gb=0.002")
+    with pytest.raises(
+        RemoteError, match=r"data.cache_limit_gb=0.002 is smaller than 2 windows of data.shuffle_window=2"
+    ):
+        build_train_loader(too_small, rank=0, world_size=1, mask_generator=mask)

@@ -364,3 +364,20 @@ def test_giant_preset_runs_a_zero3_step_on_two_cpu_ranks(tmp_path, preset):
     ds_config = (tmp_path / preset / "deepspeed_config.json").read_text()
     assert '"stage": 3' in ds_config and '"bf16": {\n    "enabled": true' in ds_config
     assert (tmp_path / preset / "checkpoints" / "step_00000001" / "mimscale.json").is_file()
+
+
+def test_remote_shards_resume_the_reference_exactly(reference, tmp_path):
+    """The reference's step-2 checkpoint resumed with its shards served over HTTP into a cold node cache:
+    bit-identical weights and the same per-step sample ids; the 2 ranks' workers fetched each shard once."""
+    from mimscale.data.http_serve import ShardServer
+
+    run_dir = tmp_path / "remote"
+    copy_checkpoint(reference, run_dir, 2)
+    with ShardServer(REPO / "shards" / "sample") as server:
+        remote = [f"data.shards={server.url('sample-{000..003}.tar')}", f"data.cache_dir={tmp_path / 'cache'}"]
+        resumed = ok(launch(2, *overrides(run_dir, *ZERO3_BF16, *remote)))
+        assert max(server.requests[f"sample-00{n}.tar"] for n in range(4)) == 1
+    assert "at step 2" in resumed.stdout
+    assert_same_weights(weights(reference, 6), weights(run_dir, 6))
+    expected = {step: value for step, value in scalars(reference, "data/sample_id_sum").items() if step > 2}
+    assert {step: value for step, value in scalars(run_dir, "data/sample_id_sum").items() if step > 2} == expected

@@ -27,6 +27,7 @@ import hashlib
 import http.client
 import importlib
 import io
+import json
 import os
 import random
 import re
@@ -399,6 +400,36 @@ def read_small(location: str, max_bytes: int, *, retries: int = 3, backoff_s: fl
     return with_retries(location, attempt, retries=retries, backoff_s=backoff_s)
 
 
+def download(location: str, dest: str | os.PathLike, max_bytes: int, *, retries: int = 3, backoff_s: float = 0.5,
+             timeout_s: float = 60.0) -> Path:  # fmt: skip
+    """Copy a (possibly large) file to ``dest`` atomically: bounded by max_bytes, retried, tmp + fsync + rename."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}{PART_MARK}{os.getpid()}-{threading.get_ident()}")
+
+    def attempt() -> None:
+        with open(tmp, "wb") as sink, open_location(location, timeout_s) as (reader, declared):
+            if declared is not None and declared > max_bytes:
+                raise RemoteError(f"{location} is {declared} bytes, more than the {max_bytes} allowed for it")
+            copy_bounded(reader, sink, location=location, declared=declared, bound=max_bytes)
+            sink.flush()
+            os.fsync(sink.fileno())
+
+    try:
+        with_retries(location, attempt, retries=retries, backoff_s=backoff_s)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(dest.parent)
+    return dest
+
+
+def folder_of(location: str) -> tuple[str, str]:
+    """(folder or URL prefix, file name) of a shard location."""
+    head, _, name = location.rpartition("/")
+    return head, name
+
+
 def sibling(location: str, name: str) -> str:
     """The location of file ``name`` in the same folder/prefix as ``location`` (e.g. its manifest.json)."""
     if scheme_of(location) == "pipe":
@@ -465,7 +496,7 @@ class ShardCache:
     """
 
     def __init__(self, cache_dir: str | os.PathLike, limit_bytes: int, *, retries: int = 5, backoff_s: float = 1.0,
-                 timeout_s: float = 60.0, prefetch_threads: int = 4, space_wait_s: float = 300.0):  # fmt: skip
+                 timeout_s: float = 60.0, prefetch_threads: int = 8, space_wait_s: float = 300.0):  # fmt: skip
         if not limit_bytes > 0:
             raise RemoteError(f"data.cache_limit_gb must be positive, got {limit_bytes / 1e9:g} GB")
         self._args = (str(cache_dir), int(limit_bytes))
@@ -521,15 +552,16 @@ class ShardCache:
         return _open_lock(self.dir / LOCK_DIR / name)
 
     def expect(self, location: str, nbytes: int | None = None, sha256: str | None = None) -> None:
-        """Record the manifest's size and sha256 of a shard; downloads are then checked against them."""
-        self._facts[location] = (nbytes, sha256)
+        """Record a shard's size and sha256 (index, manifest); downloads are then checked against what is known."""
+        known_bytes, known_sha = self._facts.get(location, (None, None))
+        self._facts[location] = (known_bytes if nbytes is None else nbytes, sha256 or known_sha)
 
     def check_window(self, nbytes: int, what: str = "one window of shards") -> None:
         """Refuse, up front, a limit that cannot hold what must be resident at once."""
         if nbytes > self.limit:
             raise RemoteError(
                 f"data.cache_limit_gb={self.limit / 1e9:g} is smaller than {what} ({nbytes / 1e9:.3f} GB); "
-                f"raise it to at least {2 * nbytes / 1e9:.3f} (the window plus the shards fetched ahead)"
+                f"raise it to at least {nbytes / 1e9:.3f}"
             )
 
     # ------------------------------------------------------------------------------------------- use
@@ -609,14 +641,10 @@ class ShardCache:
         final = self.path_for(location)
         fd = self._lock_fd(final.name)
         try:
-            while True:  # never block a prefetch thread behind a pin: poll instead
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if final.exists():
-                        return
-                    time.sleep(0.05)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return  # another process downloads it (or reads it): this thread moves on to the next shard
             if not final.exists():
                 self._download(location, wait_for_space=False)
         except RemoteError:
@@ -737,6 +765,41 @@ class ShardCache:
                     f"{used} of {self.limit} bytes; raise data.cache_limit_gb above {(used + needed) / 1e9:.3f}"
                 )
             time.sleep(0.2)
+
+
+MAX_MANIFEST_BYTES = 256 << 20
+
+
+def manifest_checksums(folder: str) -> dict[str, str]:
+    """{shard name: sha256} from a remote folder's manifest.json; {} when it has none (foreign sets, pipe:)."""
+    if scheme_of(folder) == "pipe":
+        return {}
+    try:
+        manifest = json.loads(read_small(f"{folder}/manifest.json", MAX_MANIFEST_BYTES))
+    except RemoteNotFound:
+        return {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RemoteError(f"{folder}/manifest.json is not valid JSON ({err}); fix or remove it") from err
+    shards = manifest.get("shards") if isinstance(manifest, dict) else None
+    return {
+        entry["name"]: entry["sha256"]
+        for entry in (shards if isinstance(shards, list) else [])
+        if isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("sha256"), str)
+    }
+
+
+def expect_checksums(cache: ShardCache, locations: Iterable[str]) -> None:
+    """Have the cache check every remote shard against the sha256 its folder's manifest records, when it does."""
+    folders: dict[str, list[str]] = {}
+    for location in locations:
+        if not is_local(location):
+            folder, name = folder_of(location)
+            folders.setdefault(folder, []).append(name)
+    for folder, names in folders.items():
+        checksums = manifest_checksums(folder)
+        for name in names:
+            if name in checksums:
+                cache.expect(f"{folder}/{name}", sha256=checksums[name])
 
 
 def cache_dir_for(configured: str) -> str:

@@ -181,6 +181,8 @@ def load_table(pattern: str, key: str, *, cache_dir: str | None = None, data_cfg
     numbers = [(set_number[_folder(loc)], sets[set_number[_folder(loc)]].position[os.path.basename(loc)])
                for loc in locations]  # fmt: skip
     table = ShardTable(locations, sets, numbers, cache=cache)
+    if cache is not None:
+        remote.expect_checksums(cache, locations)  # the manifest's sha256s, where a folder has a manifest
     if len(table) == 0:
         raise ShardError(f"{key}={pattern!r}: the {len(locations)} shard(s) hold no image samples (.jpg/.png/.webp)")
     return table
@@ -390,7 +392,19 @@ class TrainStream:
         return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
                           prefetch_factor=2 if workers else None, persistent_workers=False)  # fmt: skip
 
+    def _fetch_first_windows(self) -> None:
+        """Remote shards: fetch this rank's current and next windows from the main process while workers start."""
+        plan = EpochPlan(self.table.counts, seed=self.seed, epoch=self.epoch, streams=self.streams,
+                         window=self.window)  # fmt: skip
+        rows = (self.rank * self.batch_size, (self.rank + 1) * self.batch_size - 1)
+        first, last = (arrangement(row, self.global_batch, self.streams)[0] for row in rows)
+        for stream in range(first, last + 1):
+            window = plan.window_of(stream, min(self.position, self.stream_length - 1))
+            self.table.prefetch([*plan.window_shards(stream, window), *plan.window_shards(stream, window + 1)])
+
     def __iter__(self) -> Iterator[dict]:
+        if self.table.cache is not None:
+            self._fetch_first_windows()
         for (epoch, position), batch in zip(self._schedule().positions(), self._loader(), strict=False):
             self.corrupt_count += int(batch.pop("_corrupt"))
             self.epoch, self.position = epoch, position + self.per_stream  # the position after this batch
@@ -453,11 +467,23 @@ def build_train_loader(
     if state and cfg.data.streams == 0 and "streams" in state:
         streams = int(state["streams"])  # fixed at the run's start
     table = load_table(cfg.data.shards, "data.shards", cache_dir=cfg.data.cache_dir or None, data_cfg=cfg.data)
+    if table.cache is not None:
+        _check_cache_room(table, cfg, streams, world_size)
     stream = TrainStream(cfg, table, rank=rank, world_size=world_size, mask_generator=mask_generator,
                          streams=streams, normalise_on_device=normalise_on_device)  # fmt: skip
     if state:
         stream.load_state_dict(state)
     return stream
+
+
+def _check_cache_room(table: ShardTable, cfg: Config, streams: int, world_size: int) -> None:
+    """The node cache must hold, for every rank on the node, two windows (read + fetched ahead) of its streams."""
+    per_rank = -(-streams // world_size) if world_size <= streams else 2  # W not dividing C: parts of two streams
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    largest = max(table.shard_bytes(shard) for shard in range(len(table.locations)))
+    need = local_ranks * per_rank * 2 * min(cfg.data.shuffle_window, len(table.locations)) * largest
+    table.cache.check_window(need, f"2 windows of data.shuffle_window={cfg.data.shuffle_window} shards x {per_rank} "
+                                   f"stream(s) x {local_ranks} rank(s) on this node")  # fmt: skip
 
 
 class _EvalBatches(IterableDataset):
@@ -466,7 +492,12 @@ class _EvalBatches(IterableDataset):
 
     def batch(self, number: int) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = [], []
-        for sample_id in range(number * self.batch_size, min(len(self.table), (number + 1) * self.batch_size)):
+        ids = range(number * self.batch_size, min(len(self.table), (number + 1) * self.batch_size))
+        if self.table.cache is not None:  # remote: keep this batch's shards, fetch the next two, release the rest
+            first, last = (int(np.searchsorted(self.table.starts, i, "right")) - 1 for i in (ids[0], ids[-1]))
+            self.table.release_except(set(range(first, last + 1)))
+            self.table.prefetch(range(first, min(last + 3, len(self.table.locations))))
+        for sample_id in ids:
             try:
                 images.append(eval_transform(self.table.read(sample_id), size=self.image_size))
             except BadImage as err:
@@ -494,13 +525,15 @@ def iter_eval_batches(
     std: list[float],
     num_workers: int = 0,
     key: str = "eval shards",
+    data_cfg=None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(images float32 [B,3,S,S], labels int64 [B]) over every sample once, in a fixed, rank-agnostic order.
 
     Images are resized (shorter side S/0.875) and centre-cropped; the last batch may be short; corrupt
     samples are skipped with a message. ``key`` names the config key in errors (e.g. eval.val_shards).
+    Remote shards go through the node cache of ``data_cfg`` (a DataConfig; the defaults when None).
     """
-    table = load_table(pattern, key)
+    table = load_table(pattern, key, cache_dir=(data_cfg.cache_dir or None) if data_cfg else None, data_cfg=data_cfg)
     dataset = _EvalBatches(table, image_size=image_size, batch_size=batch_size, mean=list(mean), std=list(std))
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers)
     for images, labels in loader:

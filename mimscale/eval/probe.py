@@ -170,7 +170,13 @@ def in_run_knn(cfg) -> Callable[[nn.Module], dict[str, float]]:
     def batches(pattern: str, key: str) -> Batches:
         data = cfg.data
         return iter_eval_batches(
-            pattern, image_size=data.image_size, batch_size=data.batch_size, mean=data.mean, std=data.std, key=key
+            pattern,
+            image_size=data.image_size,
+            batch_size=data.batch_size,
+            mean=data.mean,
+            std=data.std,
+            key=key,
+            data_cfg=data,  # remote eval shards share the training run's node cache
         )
 
     def evaluate(backbone: nn.Module) -> dict[str, float]:
