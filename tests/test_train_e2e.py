@@ -338,6 +338,15 @@ GIANTS = {
         "teacher.pretrained=",
         TINY_OPEN_CLIP,
     ],
+    # SimMIM's BEiT-style ViT-B (timm Beit, shared relative position bias) at depth 2, under ZeRO-3 + bf16 with
+    # activation checkpointing (the preset itself runs ZeRO-1 at full size).
+    "simmim_vit_base": [
+        "model.student_args.depth=2",
+        "data.image_size=64",
+        "mask.patch_size=32",
+        "deepspeed.zero_stage=3",
+        "deepspeed.activation_checkpointing=true",
+    ],
     # SwinV2-G (width 512 -> 4096) with one block per stage at 96 px.
     "simmim_swinv2_giant_3b": ["model.student_args.depths=[1,1,1,1]", "data.image_size=96", "mask.patch_size=32"],
 }

@@ -39,25 +39,39 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(cross / denom) if denom > 0 else 0.0
 
 
-def _recompute_attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) [B, H, N, N] from a timm Attention module's input (what fused SDPA hides)."""
+def _recompute_attention(
+    attn: nn.Module, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + relative position biases) [B, H, N, N] from a timm attention module's input (what
+    fused SDPA hides): ViT ``Attention`` (q/k norms) or Beit's (separate q/v biases, per-block and shared biases)."""
     batch, tokens, _ = x.shape
-    qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, _ = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    q_bias = getattr(attn, "q_bias", None)
+    if q_bias is not None:  # Beit: qkv Linear without bias, q and v biases kept apart (k has none)
+        qkv = F.linear(x, attn.qkv.weight, torch.cat((q_bias, attn.k_bias, attn.v_bias)))
+    else:
+        qkv = attn.qkv(x)
+    q, k, _ = qkv.reshape(batch, tokens, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    logits = (q * attn.scale) @ k.transpose(-2, -1)
+    if getattr(attn, "relative_position_bias_table", None) is not None:
+        logits = logits + attn._get_rel_pos_bias()
+    if shared_rel_pos_bias is not None:
+        logits = logits + shared_rel_pos_bias
+    return logits.softmax(dim=-1)
 
 
 @torch.no_grad()
 def vit_attention_and_features(model: nn.Module, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per block: attention maps [B, H, N, N] and block outputs [B, N, C] of a timm ViT."""
+    """Per block: attention maps [B, H, N, N] and block outputs [B, N, C] of a timm ViT or Beit."""
     maps: list[torch.Tensor] = []
     outputs: list[torch.Tensor] = []
     blocks = Backbone(model).blocks
-    hooks = [
-        block.attn.register_forward_pre_hook(lambda m, args: maps.append(_recompute_attention(m, args[0])))
-        for block in blocks
-    ]
+
+    def record(module, args, kwargs):
+        maps.append(_recompute_attention(module, args[0], kwargs.get("shared_rel_pos_bias")))
+
+    hooks = [block.attn.register_forward_pre_hook(record, with_kwargs=True) for block in blocks]
     hooks += [block.register_forward_hook(lambda m, args, out: outputs.append(out)) for block in blocks]
     try:
         model.forward_features(images)

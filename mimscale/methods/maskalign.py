@@ -76,7 +76,10 @@ class MaskAlign(MIMMethod):
 
 def build_maskalign(cfg: Config, preset, student: Student) -> MaskAlign:
     if not student.arch.can_drop_tokens:
-        raise ConfigError("method.name=maskalign needs a ViT student (it drops masked tokens); pick a timm ViT")
+        raise ConfigError(
+            f"method.name=maskalign drops masked tokens, which {student.arch.name} students cannot (their relative "
+            "position biases or windows need the full grid); pick a timm ViT such as vit_base_patch16_224"
+        )
     teacher = build_teacher(cfg.teacher, preset.teacher_output, cfg.data)
     head = DynamicAlignHead(
         student_dim=student.num_features,

@@ -27,8 +27,8 @@ class Family:
     ``levels``: the attribute holding the per-depth units a "level" index picks (ViT blocks, Swin stages).
     ``drop_point``: the submodule after which masked tokens can be dropped (after the position embedding), or
     None when the blocks need the full grid (windows, relative position tables).
-    ``plain_attention``: every block's ``attn`` is timm's ``Attention`` (fused ``qkv`` Linear, ``q_norm``,
-    ``k_norm``), so its attention map can be recomputed from the module's input.
+    ``plain_attention``: every block's ``attn`` has a fused ``qkv`` Linear (timm's ViT ``Attention``, or Beit's with
+    its q/v biases and relative position biases), so its attention map can be recomputed from the module's input.
     """
 
     name: str
@@ -46,6 +46,17 @@ FAMILIES: tuple[Family, ...] = (
         layout="tokens",
         levels="blocks",
         drop_point="patch_drop",
+        plain_attention=True,
+    ),
+    Family(
+        # timm's Beit (BEiT, BEiT v2, the SimMIM / MaskDistill ViTs): no absolute position embedding when
+        # use_abs_pos_emb=False, relative position biases (per block or one shared table) over the full grid,
+        # so masked tokens cannot be dropped; its attention maps are recomputed with those biases.
+        name="beit",
+        requires=("patch_embed", "rel_pos_bias", "blocks", "norm", "cls_token"),
+        layout="tokens",
+        levels="blocks",
+        drop_point=None,
         plain_attention=True,
     ),
     Family(

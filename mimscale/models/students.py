@@ -84,6 +84,11 @@ class Student(nn.Module):
             self.arch = Backbone(backbone)
         except UnknownBackboneError as err:
             raise ConfigError(f"model.student: {err}") from err
+        if self.arch.is_vit_like and isinstance(self.arch.final_norm, nn.Identity):
+            raise ConfigError(
+                f"model.student={type(backbone).__name__} normalises only after pooling (fc_norm), so its tokens have "
+                "no final norm for the MIM head; set model.student_args.use_fc_norm: false (BEiT / SimMIM pretraining)"
+            )
         self.family = self.arch.kind
         self.patch_size = self.arch.patch
         self.out_stride = self.arch.out_stride
