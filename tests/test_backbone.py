@@ -21,7 +21,15 @@ TINY = {
     ),
     "beit": (
         "beit_base_patch16_224",
-        {"depth": 2, "embed_dim": 64, "num_heads": 2, "patch_size": 8, "img_size": 32, "use_abs_pos_emb": True},
+        {
+            "depth": 2,
+            "embed_dim": 64,
+            "num_heads": 2,
+            "patch_size": 8,
+            "img_size": 32,
+            "use_abs_pos_emb": True,
+            "use_fc_norm": False,
+        },  # a per-token final norm: what a MIM student needs (Student checks it)
     ),
 }
 # family, ViT-like, can drop tokens, patch, grid, depth, level widths, blocks, prefix tokens, out stride

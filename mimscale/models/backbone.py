@@ -67,14 +67,6 @@ FAMILIES: tuple[Family, ...] = (
         drop_point=None,
         plain_attention=False,
     ),
-    Family(
-        name="beit",  # timm's Beit (BEiT, BEiT v2): relative position biases need the full grid
-        requires=("patch_embed", "cls_token", "blocks", "rel_pos_bias", "norm"),
-        layout="tokens",
-        levels="blocks",
-        drop_point=None,
-        plain_attention=False,
-    ),
 )
 
 
