@@ -81,8 +81,7 @@ def test_export_fine_tunes_in_plain_timm_with_new_head_and_size(family: str, tmp
 @pytest.mark.slow
 def test_plain_ds_to_universal_converts_a_zero2_checkpoint_as_is(tmp_path: Path) -> None:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from tests.test_eval import TINY_VIT, train_run
+    from test_eval import TINY_VIT, train_run  # pytest puts tests/ on sys.path (no __init__.py)
 
     run = train_run(tmp_path / "run", TINY_VIT, 2, "bf16")
     tag_dir = run / "checkpoints" / "step_00000002"
