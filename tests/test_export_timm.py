@@ -33,10 +33,18 @@ FAMILIES = {
         "mask.patch_size=32",
         "model.pos_embed_init=timm",
     ],
+    "beit": [  # SimMIM's ViT as the presets build it: one shared relative position bias, no absolute embedding
+        "model.student=beit_base_patch16_224",
+        "model.student_args={patch_size: 8, depth: 2, embed_dim: 48, num_heads: 3, use_abs_pos_emb: false, "
+        "use_rel_pos_bias: false, use_shared_rel_pos_bias: true, init_values: 0.1, use_fc_norm: false}",
+        "data.image_size=32",
+        "model.pos_embed_init=timm",
+    ],
 }
 # timm's own default pretrained_cfg for each family: the head module and the stem
 EXPECTED = {"vit": ("head", "patch_embed.proj"), "swin": ("head.fc", "patch_embed.proj")}
 EXPECTED["swinv2"] = EXPECTED["swin"]
+EXPECTED["beit"] = EXPECTED["vit"]
 
 
 def _export(family: str, out: Path) -> tuple[torch.nn.Module, dict]:
