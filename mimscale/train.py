@@ -26,7 +26,17 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto (newest complete checkpoint in run.output_dir, the default), none, or a checkpoint path",
     )
+    add_trust_argument(parser)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def add_trust_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="load checkpoint pickles without the weights-only allowlist: only for checkpoints you wrote yourself "
+        "(files from anyone else can run code when loaded that way)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

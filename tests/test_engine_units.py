@@ -72,9 +72,10 @@ def test_deepspeed_config_derived_from_ours():
 def _fake_checkpoint(root, step, complete=True):
     tag_dir = root / ckpt.tag_for_step(step)
     tag_dir.mkdir(parents=True)
-    (tag_dir / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    torch.save({"module": {}}, tag_dir / "mp_rank_00_model_states.pt")
     if complete:
-        (tag_dir / ckpt.MARKER).write_text(json.dumps({"step": step}))
+        meta = {"step": step, "samples_seen": 0, "world_size": 1, "zero_stage": 0, "data_state": {}, "config": {}}
+        (tag_dir / ckpt.MARKER).write_text(json.dumps(meta))
     return tag_dir
 
 

@@ -217,6 +217,42 @@ def copy_checkpoint(source: Path, run_dir: Path, step: int) -> None:
     (run_dir / "checkpoints" / "latest").write_text(tag)
 
 
+def planted_pickle(marker: Path) -> bytes:
+    """What an attacker leaves in a checkpoint folder: a pickle that runs a shell command when unpickled."""
+    return b"cposix\nsystem\n(V" + f"touch {marker}".encode() + b"\ntR."
+
+
+def test_planted_pickles_are_refused_and_a_damaged_checkpoint_is_skipped(reference, tmp_path):
+    """Resume, export and eval refuse a checkpoint with a code-running pickle (naming the file) and run nothing;
+    a truncated rank file makes the 2-rank resume fall back to the previous checkpoint, which continues exactly."""
+    run_dir, marker = tmp_path / "hostile", tmp_path / "code-ran"
+    for step in (2, 4):
+        copy_checkpoint(reference, run_dir, step)
+    rng1 = run_dir / "checkpoints" / "step_00000004" / "rng_rank1.pt"
+    original = rng1.read_bytes()
+    rng1.write_bytes(planted_pickle(marker))
+    refused = train_single(*overrides(run_dir, *ZERO3_BF16, "data.batch_size=8"))
+    assert refused.returncode == 2 and "rng_rank1.pt" in refused.stderr and "--trust-checkpoint" in refused.stderr
+    model_file = run_dir / "checkpoints" / "step_00000002" / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    model_file.write_bytes(planted_pickle(marker))
+    cli = [sys.executable, "-m", "mimscale.cli"]
+    export = subprocess.run([*cli, "export", str(run_dir), str(tmp_path / "out"), "--tag", "step_00000002"],
+                            cwd=REPO, env=env_with(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert export.returncode == 2 and "zero_pp_rank_0_mp_rank_00_model_states.pt" in export.stderr
+    knn = [*cli, "eval", "knn", "--model", str(run_dir / "checkpoints" / "step_00000002"), "--train", "x", "--val", "y"]
+    evaluated = subprocess.run(knn, cwd=REPO, env=env_with(), capture_output=True, text=True, timeout=120)
+    assert evaluated.returncode != 0 and "model_states.pt" in evaluated.stderr and "refusing" in evaluated.stderr
+    assert not marker.exists()
+
+    copy_checkpoint(reference, run_dir / "fresh", 2)  # restore step 2, truncate rank 1's file of step 4
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000002")
+    (run_dir / "fresh" / "checkpoints" / "step_00000002").rename(run_dir / "checkpoints" / "step_00000002")
+    rng1.write_bytes(original[: len(original) // 2])
+    resumed = ok(launch(2, *overrides(run_dir, *ZERO3_BF16)))
+    assert "step_00000004 is damaged (rng_rank1.pt" in resumed.stdout and "at step 2" in resumed.stdout
+    assert_same_weights(weights(reference, 6), weights(run_dir, 6))
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_two_rank_checkpoint_resumes_on_one_rank_with_the_same_data(reference, tmp_path, stage):
     """Same global batch (2 x 4 -> 1 x 8): the data order continues exactly and the weights stay close."""

@@ -10,17 +10,28 @@ Layout (DeepSpeed writes the shards; we add the rest):
 A checkpoint is complete only once every rank has finished writing and rank 0 has written ``mimscale.json``
 (atomically, after a barrier); ``latest`` is updated after that. A kill at any moment therefore leaves either a
 complete new checkpoint or an incomplete folder that resume reports and skips, never a damaged previous one.
+
+Every file we (or DeepSpeed) load from a checkpoint is hostile until checked: ``mimscale.json`` records each
+file's size and sha256, resume verifies them (the ranks share the work and agree) and falls back to the newest
+checkpoint that verifies, and every ``.pt`` file is unpickled only with ``weights_only=True`` and the exact
+allowlist of classes DeepSpeed's states hold, before DeepSpeed touches it and while DeepSpeed loads it. A file
+that needs anything else is refused by name unless the user trusts the folder (``--trust-checkpoint`` or
+MIMSCALE_TRUST_CHECKPOINTS=1).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +42,8 @@ from mimscale.engine import distributed, faults
 MARKER = "mimscale.json"
 UNIVERSAL_DIR = "universal"  # DeepSpeed universal checkpoint of a tag, made when the world size changes
 TAG_PATTERN = re.compile(r"^step_(\d{8,})$")
+TRUST_ENV = "MIMSCALE_TRUST_CHECKPOINTS"  # "1": load checkpoint pickles without the allowlist (the user wrote them)
+META_KEYS = ("step", "samples_seen", "world_size", "zero_stage", "data_state", "config")
 
 
 def tag_for_step(step: int) -> str:
@@ -55,7 +68,14 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as tensors and ints only, so the file loads with ``weights_only=True``."""
+    _, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "torch": torch.get_rng_state(),
+    }  # fmt: skip
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -63,10 +83,190 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    saved = state["numpy"]
+    if isinstance(saved, dict):
+        keys = saved["keys"].numpy().astype(np.uint32)
+        np.random.set_state(("MT19937", keys, saved["pos"], saved["has_gauss"], saved["cached_gaussian"]))
+    else:  # written before rng files held only tensors: numpy's own tuple
+        np.random.set_state(saved)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file would need arbitrary code to load; refused unless the user trusts the folder."""
+
+
+class CheckpointDamagedError(ValueError):
+    """No usable checkpoint: files are missing, truncated, altered, or mimscale.json is unreadable."""
+
+
+def checkpoints_trusted() -> bool:
+    return os.environ.get(TRUST_ENV, "") == "1"
+
+
+def deepspeed_safe_globals() -> list:
+    """The classes (besides tensors and containers) that DeepSpeed 0.19's checkpoint states hold; nothing else."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def _legacy_rng_globals() -> list:
+    """numpy arrays in rng_rank*.pt files written before they held only tensors."""
+    from numpy._core.multiarray import _reconstruct
+
+    return [
+        np.ndarray,
+        np.dtype,
+        np.dtypes.UInt32DType,
+        _reconstruct,
+        (_reconstruct, "numpy.core.multiarray._reconstruct"),
+    ]
+
+
+def _allowlist_for(path: Path) -> list:
+    return deepspeed_safe_globals() + (_legacy_rng_globals() if path.name.startswith("rng_rank") else [])
+
+
+def _refusal(path: Path, err: Exception) -> str:
+    lines = [
+        line.strip() for line in str(err).splitlines() if any(w in line for w in ("Unsupported", "GLOBAL", "but got"))
+    ]
+    reason = lines[0] if lines else "not loadable with weights_only=True"
+    return (
+        f"refusing to load {path}: it is not a weights-only checkpoint file (it needs objects outside the allowlist "
+        f"of checkpoint contents, so loading it could run arbitrary code: {reason}). If you wrote this checkpoint yourself, pass --trust-checkpoint (or set "
+        f"{TRUST_ENV}=1); otherwise delete it"
+    )
+
+
+def load_file(path: Path, trusted: bool | None = None, mmap: bool = False):
+    """torch.load a checkpoint file: a regular file, ``weights_only=True`` with DeepSpeed's allowlist unless trusted.
+
+    Raises UnsafeCheckpointError naming the file when it would need anything else.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing or not a regular file")
+    if checkpoints_trusted() if trusted is None else trusted:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals(_allowlist_for(path)), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "Detected pickle protocol 4": a foreign pickle
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError as err:
+                if not (mmap and "mmap can only be used" in str(err)):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpointError(_refusal(path, err)) from err
+
+
+@contextlib.contextmanager
+def deepspeed_loads_weights_only(trusted: bool | None = None):
+    """While DeepSpeed loads (it calls ``torch.load(weights_only=False)``), force weights_only with our allowlist.
+
+    torch honours TORCH_FORCE_WEIGHTS_ONLY_LOAD over the caller's argument; files were checked beforehand, this
+    is the second line of defence (a file swapped after the check is still refused).
+    """
+    if checkpoints_trusted() if trusted is None else trusted:
+        yield
+        return
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(deepspeed_safe_globals() + _legacy_rng_globals()):
+            yield
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpointError(_refusal(Path("a checkpoint file"), err)) from err
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _data_files(tag_dir: Path) -> list[str]:
+    """Relative names of the files a checkpoint consists of (the marker and temporaries excluded)."""
+    names = []
+    for path in sorted(tag_dir.rglob("*")):
+        relative = path.relative_to(tag_dir).as_posix()
+        if path.is_dir() or path.name == MARKER or path.name.endswith(".tmp"):
+            continue
+        if relative.split("/")[0] in (UNIVERSAL_DIR, UNIVERSAL_DIR + ".tmp"):
+            continue
+        names.append(relative)
+    return names
+
+
+def _record_files(tag_dir: Path, rank: int, world_size: int) -> dict:
+    """{name: {size, sha256}} of every checkpoint file; the ranks hash disjoint shares (collective)."""
+    names = distributed.broadcast_object(_data_files(tag_dir) if rank == 0 else None)
+    mine = {name: {"size": (tag_dir / name).stat().st_size, "sha256": _sha256(tag_dir / name)}
+            for name in names[rank::world_size]}  # fmt: skip
+    records = {}
+    for share in distributed.all_gather_object(mine):
+        records.update(share)
+    return dict(sorted(records.items()))
+
+
+def _check_file(tag_dir: Path, name: str, expected: dict | None, trusted: bool) -> tuple[str, str] | None:
+    """('unsafe' | 'damaged', why) for one file, or None when it is fine."""
+    path = tag_dir / name
+    if not path.exists():
+        return "damaged", f"{name} is missing"
+    if path.is_symlink() or not path.is_file():
+        return "damaged", f"{name} is not a regular file"
+    if name.endswith(".pt") and not trusted:
+        try:
+            load_file(path, trusted=False, mmap=True)
+        except UnsafeCheckpointError as err:
+            return "unsafe", str(err)
+        except Exception as err:  # noqa: BLE001 - any reader error means the file is damaged
+            return "damaged", f"{name} cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+    if expected is None:
+        return None
+    size = path.stat().st_size
+    if size != expected["size"]:
+        return "damaged", f"{name} is {size} bytes, {expected['size']} were written (truncated or replaced)"
+    if _sha256(path) != expected["sha256"]:
+        return "damaged", f"{name} does not match the sha256 recorded when it was written (altered or corrupt)"
+    return None
+
+
+def verify_checkpoint(tag_dir: Path, rank: int = 0, world_size: int = 1, trusted: bool | None = None) -> list:
+    """Problems of a complete checkpoint as [(kind, message)], the same list on every rank (collective).
+
+    Every file recorded in mimscale.json is checked for size and sha256, and every ``.pt`` file (universal copies
+    included) must load with weights_only; the ranks split the files between them.
+    """
+    trusted = checkpoints_trusted() if trusted is None else trusted
+    try:
+        meta = read_meta(tag_dir)
+    except CheckpointDamagedError as err:
+        return [("damaged", str(err))]
+    expected = meta.get("files") or {}
+    names = None
+    if rank == 0:
+        present = [p.relative_to(tag_dir).as_posix() for p in sorted(tag_dir.rglob("*.pt")) if ".tmp" not in p.name]
+        names = sorted(set(expected) | set(present))
+    names = distributed.broadcast_object(names)
+    mine = [problem for name in names[rank::world_size] if (problem := _check_file(tag_dir, name, expected.get(name),
+                                                                                 trusted))]  # fmt: skip
+    return [problem for share in distributed.all_gather_object(mine) for problem in share]
 
 
 def is_complete(tag_dir: Path) -> bool:
@@ -81,33 +281,69 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(tags, key=lambda path: step_of(path.name))
 
 
-def find_resume_checkpoint(root: Path, log=print) -> Path | None:
-    """The newest complete checkpoint; newer incomplete ones are reported by name and skipped."""
+def find_resume_checkpoint(root: Path, log=print, rank: int = 0, world_size: int = 1) -> Path | None:
+    """The newest complete checkpoint whose files verify (collective); others are reported by name and skipped.
+
+    A file that would need arbitrary code to load stops everything (UnsafeCheckpointError): falling back past it
+    would hide an attack. No verifiable checkpoint among existing ones is an error, never a silent fresh start.
+    """
+    skipped = []
     for tag_dir in reversed(list_checkpoints(root)):
-        if is_complete(tag_dir):
+        if not is_complete(tag_dir):
+            log(f"checkpoint {tag_dir} is incomplete (no {MARKER}: the run died while writing it); skipping it")
+            continue
+        problems = verify_checkpoint(tag_dir, rank, world_size)
+        unsafe = [message for kind, message in problems if kind == "unsafe"]
+        if unsafe:
+            raise UnsafeCheckpointError(unsafe[0])
+        if not problems:
             return tag_dir
-        log(f"checkpoint {tag_dir} is incomplete (no {MARKER}: the run died while writing it); skipping it")
+        reasons = "; ".join(message for _, message in problems[:4])
+        log(f"checkpoint {tag_dir} is damaged ({reasons}); skipping it")
+        skipped.append(f"{tag_dir.name}: {reasons}")
+    if skipped:
+        raise CheckpointDamagedError(
+            f"no checkpoint in {root} verifies ({' | '.join(skipped)}); restore the files, or move the damaged "
+            "step_* folders away to start over, or set run.output_dir to a new folder"
+        )
     return None
 
 
-def resolve_checkpoint(path: Path, log=print) -> Path:
-    """A tag folder, a checkpoints/ folder or a run folder -> the newest complete tag folder in it."""
-    if is_complete(path):
+def resolve_checkpoint(path: Path, log=print, rank: int = 0, world_size: int = 1) -> Path:
+    """A tag folder, a checkpoints/ folder or a run folder -> the newest complete tag folder in it that verifies."""
+    if is_complete(path) or (path.is_dir() and TAG_PATTERN.match(path.name)):
+        if not is_complete(path):
+            raise FileNotFoundError(f"{path} is incomplete ({MARKER} is missing): the run died while writing it")
+        problems = verify_checkpoint(path, rank, world_size)
+        for kind, message in problems:
+            if kind == "unsafe":
+                raise UnsafeCheckpointError(message)
+        if problems:
+            reasons = "; ".join(message for _, message in problems[:4])
+            raise CheckpointDamagedError(f"checkpoint {path} is damaged: {reasons}; pick another checkpoint")
         return path
     for root in (path, path / "checkpoints"):
-        found = find_resume_checkpoint(root, log=log) if root.is_dir() else None
+        found = find_resume_checkpoint(root, log, rank, world_size) if root.is_dir() else None
         if found is not None:
             return found
-    if path.is_dir() and TAG_PATTERN.match(path.name):
-        raise FileNotFoundError(f"{path} is incomplete ({MARKER} is missing): the run died while writing it")
     raise FileNotFoundError(f"no complete mimscale checkpoint at {path} (give a run folder or a step_* folder)")
 
 
 def read_meta(tag_dir: Path) -> dict:
+    """mimscale.json of a checkpoint; CheckpointDamagedError naming the file if it is unreadable or incomplete."""
     marker = tag_dir / MARKER
     if not marker.is_file():
         raise FileNotFoundError(f"{tag_dir} is not a complete mimscale checkpoint ({MARKER} is missing)")
-    return json.loads(marker.read_text())
+    if marker.stat().st_size > 64 << 20:
+        raise CheckpointDamagedError(f"{marker} is {marker.stat().st_size} bytes, far too big for a checkpoint record")
+    try:
+        meta = json.loads(marker.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointDamagedError(f"{marker} is not valid JSON ({err}); the checkpoint record is damaged") from err
+    missing = [key for key in META_KEYS if key not in meta] if isinstance(meta, dict) else list(META_KEYS)
+    if missing:
+        raise CheckpointDamagedError(f"{marker} lacks {', '.join(missing)}; the checkpoint record is damaged")
+    return meta
 
 
 class CheckpointWriteError(RuntimeError):
@@ -136,6 +372,7 @@ def save_checkpoint(engine, root: Path, step: int, meta: dict, rank: int) -> Pat
             f"The previous complete checkpoint ({previous}) is intact; free disk space or point run.output_dir "
             "at a writable folder with room, then resume (--resume auto)"
         )
+    meta = {**meta, "files": _record_files(tag_dir, rank, distributed.world_size())}
     if rank == 0:
         try:
             write_atomic(tag_dir / MARKER, json.dumps(meta, indent=2, default=str))
@@ -159,22 +396,67 @@ def _write_shards(engine, root: Path, tag: str, meta: dict, rank: int) -> str:
     return ""
 
 
-def load_checkpoint(engine, tag_dir: Path, rank: int, universal: bool = False) -> dict:
+def load_checkpoint(engine, tag_dir: Path, rank: int, universal: bool = False, config: dict | None = None) -> dict:
     """Restore engine (weights, optimizer, scheduler) and this rank's RNG; returns the checkpoint's meta.
 
     ``universal`` loads the converted copy (the engine must have been built with checkpoint.load_universal).
+    The files must have been verified (verify_checkpoint); DeepSpeed's own loads run with weights_only forced.
+    ``config`` (this run's, as a dict) turns a model mismatch into an error naming the differing keys.
     """
     meta = read_meta(tag_dir)
     load_dir, tag = (tag_dir, UNIVERSAL_DIR) if universal else (tag_dir.parent, tag_dir.name)
-    load_path, _ = engine.load_checkpoint(
-        str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
+    try:
+        with deepspeed_loads_weights_only():
+            load_path, _ = engine.load_checkpoint(
+                str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+    except (RuntimeError, ValueError, KeyError, AssertionError, IndexError) as err:
+        if isinstance(err, UnsafeCheckpointError):
+            raise
+        diff = model_config_diff(meta.get("config", {}), config) if config is not None else []
+        if not diff:
+            raise
+        raise CheckpointMismatchError(
+            f"checkpoint {tag_dir} was trained with a different model; these config keys differ (saved -> now):\n"
+            + "\n".join(diff)
+            + "\nresume with the saved values, or set run.output_dir to a new folder for a new model"
+        ) from err
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}; check that its shards are all present")
     rng_path = tag_dir / f"rng_rank{rank}.pt"
-    if rng_path.is_file():  # absent when resuming on more ranks than were saved
-        set_rng_state(torch.load(rng_path, weights_only=False))
+    if rng_path.is_file():
+        set_rng_state(load_file(rng_path))
+    elif rank < meta["world_size"]:  # absent is expected only when resuming on more ranks than were saved
+        warnings.warn(
+            f"{rng_path} is missing: rank {rank} continues with fresh random states (dropout/drop-path), so the "
+            "run will not repeat an uninterrupted one exactly",
+            stacklevel=2,
+        )
     return meta
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint holds another model than this config builds; the message lists the differing keys."""
+
+
+MODEL_SECTIONS = ("model", "method", "teacher", "data.image_size")  # what shapes the trained parameters
+
+
+def config_diff(saved: dict, current: dict, only: tuple[str, ...] = ()) -> list[str]:
+    """Lines '  section.key: saved -> current' for every key that differs (restricted to ``only`` if given)."""
+    lines = []
+    for section, values in current.items():
+        for key, value in values.items():
+            if only and section not in only and f"{section}.{key}" not in only:
+                continue
+            before = (saved.get(section) or {}).get(key, "<absent>") if isinstance(saved, dict) else "<absent>"
+            if before != value:
+                lines.append(f"  {section}.{key}: {before!r} -> {value!r}")
+    return lines
+
+
+def model_config_diff(saved: dict, current: dict) -> list[str]:
+    return config_diff(saved, current, only=MODEL_SECTIONS)
 
 
 def prune_checkpoints(root: Path, *, keep_last: int, keep_every: int, protect=()) -> list[Path]:
@@ -198,6 +480,14 @@ def universal_dir(tag_dir: Path) -> Path:
     return tag_dir / UNIVERSAL_DIR
 
 
+# DeepSpeed's converter, with our allowlist registered: TORCH_FORCE_WEIGHTS_ONLY_LOAD makes its loads weights_only.
+_SAFE_CONVERTER = (
+    "import torch; from mimscale.engine.checkpoint import deepspeed_safe_globals; "
+    "torch.serialization.add_safe_globals(deepspeed_safe_globals()); "
+    "from deepspeed.checkpoint import ds_to_universal as c; c.main(c.parse_arguments())"
+)
+
+
 def convert_to_universal(tag_dir: Path, workers: int = 2) -> Path:
     """Turn a sharded ZeRO checkpoint into a DeepSpeed universal checkpoint (loadable on any number of ranks).
 
@@ -211,8 +501,8 @@ def convert_to_universal(tag_dir: Path, workers: int = 2) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     command = [
         sys.executable,
-        "-m",
-        "deepspeed.checkpoint.ds_to_universal",
+        "-c",
+        _SAFE_CONVERTER,
         "--input_folder",
         str(tag_dir),
         "--output_folder",
@@ -223,7 +513,8 @@ def convert_to_universal(tag_dir: Path, workers: int = 2) -> Path:
         "--num_merge_workers",
         str(max(1, workers // 2)),
     ]
-    result = subprocess.run(command, capture_output=True, text=True)
+    env = os.environ if checkpoints_trusted() else {**os.environ, "TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
@@ -250,7 +541,7 @@ def checkpoint_dir(path: Path, tag: str | None = None) -> Path:
                     f"{root / tag} is incomplete ({MARKER} is missing): the run died while writing it; "
                     "pick another --tag or leave it out for the newest complete checkpoint"
                 )
-            return root / tag
+            return resolve_checkpoint(root / tag)  # sizes, sha256s and weights-only loadability verified
     tags = [p.name for p in list_checkpoints(path / "checkpoints") or list_checkpoints(path)]
     raise FileNotFoundError(f"no checkpoint {tag} under {path}; available: {', '.join(tags) or 'none'}")
 
@@ -264,12 +555,12 @@ def load_fp32_state(tag_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     meta = read_meta(tag_dir)
     if meta.get("zero_stage", 0) == 0:
         return meta, _zero0_fp32_state(tag_dir)
-    import contextlib
     import io
 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # chatty
+    quiet = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())  # chatty
+    with quiet[0], quiet[1], deepspeed_loads_weights_only():
         state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     return meta, {name: tensor.float() for name, tensor in state.items()}
 
@@ -278,7 +569,7 @@ def _zero0_fp32_state(tag_dir: Path) -> dict[str, torch.Tensor]:
     """ZeRO-0: the module weights, replaced by the optimizer's fp32 masters when training ran in bf16/fp16."""
     from mimscale.engine.optim import decay_split
 
-    saved = torch.load(tag_dir / ZERO0_MODEL_FILE, map_location="cpu", weights_only=False)
+    saved = load_file(tag_dir / ZERO0_MODEL_FILE)
     module: dict[str, torch.Tensor] = dict(saved["module"])
     fp32_groups = (saved.get("optimizer") or {}).get("fp32_groups")
     if all(t.dtype == torch.float32 for t in module.values()):

@@ -7,41 +7,57 @@ from pathlib import Path
 
 from mimscale.config import Config, from_dict, load_config
 from mimscale.engine import checkpoint as ckpt
+from mimscale.train import add_trust_argument
 
 
 def config_diff(saved: dict, current: Config) -> list[str]:
     """Lines 'section.key: saved -> current' for every key that differs."""
-    now = current.to_dict()
-    lines = []
-    for section, values in now.items():
-        for key, value in values.items():
-            before = saved.get(section, {}).get(key, "<absent>")
-            if before != value:
-                lines.append(f"  {section}.{key}: {before!r} -> {value!r}")
-    return lines
+    return ckpt.config_diff(saved, current.to_dict())
+
+
+def _newest(path: Path) -> Path:
+    """The tag folder ``path`` names, or the newest one with a mimscale.json (verified or not: info reports it)."""
+    if ckpt.is_complete(path):
+        return path
+    for root in (path, path / "checkpoints"):
+        complete = [tag for tag in ckpt.list_checkpoints(root) if ckpt.is_complete(tag)]
+        if complete:
+            return complete[-1]
+    raise FileNotFoundError(f"no complete mimscale checkpoint at {path} (give a run folder or a step_* folder)")
 
 
 def info(args: argparse.Namespace) -> int:
-    tag_dir = ckpt.resolve_checkpoint(Path(args.path))
-    meta = ckpt.read_meta(tag_dir)
-    shards = sorted(p.name for p in tag_dir.iterdir() if p.suffix == ".pt")
-    size = sum(p.stat().st_size for p in tag_dir.rglob("*") if p.is_file())
+    """Show a checkpoint and verify it; exit 1 (after saying what is wrong) if it is damaged or unsafe."""
+    tag_dir = _newest(Path(args.path))
     print(f"checkpoint   {tag_dir}")
+    problems = ckpt.verify_checkpoint(tag_dir)
+    try:
+        meta = ckpt.read_meta(tag_dir)
+    except ckpt.CheckpointDamagedError as err:
+        print(f"DAMAGED      {err}")
+        return 1
+    files = meta.get("files")
+    size = sum(p.stat().st_size for p in tag_dir.rglob("*") if p.is_file())
     print(f"step         {meta['step']}")
     print(f"samples seen {meta['samples_seen']}")
     print(f"world size   {meta['world_size']}")
     print(f"ZeRO stage   {meta['zero_stage']}  precision {meta.get('precision', '?')}")
     print(f"data state   {meta.get('data_state')}")
-    print(f"files        {len(shards)} shard files, {size / 2**20:.1f} MiB")
+    print(f"files        {len(files) if files else '?'} recorded, {size / 2**20:.1f} MiB on disk")
     print(f"universal    {'yes' if ckpt.universal_dir(tag_dir).is_dir() else 'no'}")
-    saved_cfg = meta.get("config", {})
+    for kind, message in problems:
+        print(f"{kind.upper():<12} {message}")
+    if not problems:
+        hashes = "sizes and sha256 match" if files else "no hashes recorded (older checkpoint)"
+        print(f"integrity    ok: {hashes}; every .pt file loads weights-only")
+    saved_cfg = meta["config"]
     from_dict(saved_cfg)  # the stored config must still be a valid config for this version
     if args.config:
         diff = config_diff(saved_cfg, load_config(args.config, args.overrides))
         print(f"config diff against {args.config}:" if diff else f"config identical to {args.config}")
         if diff:
             print("\n".join(diff))
-    return 0
+    return 1 if problems else 0
 
 
 def convert(args: argparse.Namespace) -> int:
@@ -62,8 +78,10 @@ def register(subparsers) -> None:
     show.add_argument("path", help="run folder, its checkpoints/ folder or a step_* folder")
     show.add_argument("--config", help="compare the stored config with this YAML config")
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    add_trust_argument(show)
     show.set_defaults(func=info)
     conv = commands.add_parser("convert", help="DeepSpeed universal checkpoint (resume on another world size)")
     conv.add_argument("path", help="run folder, its checkpoints/ folder or a step_* folder")
     conv.add_argument("--workers", type=int, default=2, help="parallel extraction workers")
+    add_trust_argument(conv)
     conv.set_defaults(func=convert)

@@ -126,6 +126,34 @@ def all_reduce_max(*values: float) -> list[float]:
     return tensor.tolist()
 
 
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def broadcast_object(value):
+    """Rank 0's ``value`` on every rank (a picklable host object; our own values only, never file contents)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def all_gather_object(value) -> list:
+    """Every rank's ``value``, in rank order, on every rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
     """Average host floats over ranks in one collective (log steps only: the step line shows global means)."""
     import torch.distributed as dist

@@ -195,8 +195,9 @@ def plan_resume(cfg: Config, root: Path, resume: str, info: distributed.DistInfo
                 "that run, or set run.output_dir to a new folder for a fresh one"
             )
         return None
+    where = (root, log, info.rank, info.world_size)  # verifying files is collective: the ranks share the hashing
     tag_dir = (
-        ckpt.find_resume_checkpoint(root, log=log) if resume == "auto" else ckpt.resolve_checkpoint(Path(resume), log)
+        ckpt.find_resume_checkpoint(*where) if resume == "auto" else ckpt.resolve_checkpoint(Path(resume), *where[1:])
     )
     if tag_dir is None:
         return None
@@ -314,7 +315,9 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ resume, signals
     def resume(self, plan: ResumePlan) -> dict:
         """Load the planned checkpoint into the engine and the counters; returns the saved data position."""
-        meta = ckpt.load_checkpoint(self.engine, plan.tag_dir, self.info.rank, universal=plan.universal)
+        meta = ckpt.load_checkpoint(
+            self.engine, plan.tag_dir, self.info.rank, universal=plan.universal, config=self.cfg.to_dict()
+        )
         if self.engine.optimizer is not None:
             restore_adamw_implementation(self.engine.optimizer, fused=self.info.device.type == "cuda")
         self.resumed_from = plan.tag_dir

@@ -25,6 +25,7 @@ from torch import nn
 from mimscale.config import Config, from_dict, load_config
 from mimscale.engine import checkpoint as ckpt
 from mimscale.models.students import Student, build_student
+from mimscale.train import add_trust_argument
 
 STUDENT_PREFIX = "student."
 BACKBONE_PREFIX = "student.backbone."
@@ -195,4 +196,5 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--with-head", action="store_true", help="also write the whole MIM model (mim_model.safetensors)"
     )
+    add_trust_argument(parser)
     parser.set_defaults(func=run_export)
