@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["launch"]:  # `deepspeed`'s own arguments follow, unparsed (see mimscale.engine.launcher)
+        from mimscale.engine.launcher import main as launch
+
+        return launch(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -291,21 +291,55 @@ def test_nan_on_one_rank_is_skipped_on_all_ranks(tmp_path):
     assert scalars(run_dir, "train/skipped_steps")[3] == 1.0
 
 
-def test_sigterm_checkpoints_and_exits_with_the_requeue_code(tmp_path):
+def _processes_to_signal(target: str, launcher_pid: int) -> list:
+    """`mimscale launch` runs DeepSpeed's runner in-process; its child is the node launcher, whose children are the
+    ranks (each with its DataLoader workers)."""
+    import psutil
+
+    runner = psutil.Process(launcher_pid)
+    (node_launcher,) = runner.children()
+    return {"runner": [runner], "launch.py": [node_launcher], "ranks": node_launcher.children()}[target]
+
+
+def _wait_for_step(process: subprocess.Popen, lines: list[str], deadline: float) -> None:
+    for line in iter(process.stdout.readline, ""):
+        lines.append(line)
+        if line.startswith("step ") or time.time() > deadline:
+            return
+
+
+@pytest.mark.parametrize("target,signum", [("runner", signal.SIGUSR1), ("launch.py", signal.SIGTERM),
+                                           ("ranks", signal.SIGUSR1), ("group", signal.SIGTERM)])  # fmt: skip
+def test_preemption_signal_anywhere_checkpoints_once_and_exits_75(tmp_path, target, signum):
+    """A stop signal sent to the runner, the node launcher, the ranks or the whole process group (as scancel sends
+    it) ends in one complete checkpoint and exit 75 within a bounded time; DataLoader workers survive it. While
+    the run is alive a second run into the same folder is refused, naming the holder."""
     run_dir = tmp_path / "preempted"
-    command = [sys.executable, "-m", "mimscale.cli", "train", "--config", str(DEMO)]
-    command += overrides(run_dir, "train.max_steps=400", "checkpoint.every_steps=1000")
-    process = subprocess.Popen(command, cwd=REPO, env=env_with(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 180
-    for line in iter(process.stdout.readline, b""):
-        if line.split(b"/")[0].split() == [b"step", b"2"] or time.time() > deadline:
-            break
-    process.send_signal(signal.SIGTERM)
-    output = process.communicate(timeout=120)[0].decode()
-    assert process.returncode == 75, output[-3000:]
-    saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
-    assert len(saved) == 1 and (run_dir / "checkpoints" / saved[0] / "mimscale.json").is_file()
-    assert "stopped by signal" in output
+    command = [sys.executable, "-m", "mimscale.cli", "launch", *launcher_cmd(2)[1:]]
+    command += overrides(run_dir, "train.max_steps=400", "checkpoint.every_steps=1000", "train.log_every=1")
+    process = subprocess.Popen(command, cwd=REPO, env=env_with(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)  # fmt: skip
+    lines: list[str] = []
+    _wait_for_step(process, lines, deadline=time.time() + 240)
+    ranks = _processes_to_signal("ranks", process.pid)
+    if target == "group":
+        second = train_single(*overrides(run_dir))
+        assert second.returncode == 2 and "is in use by another run" in second.stderr, second.stderr[-2000:]
+        assert any(f"pid {rank.pid}," in second.stderr for rank in ranks) and socket.gethostname() in second.stderr
+        os.killpg(process.pid, signum)
+    else:
+        for victim in _processes_to_signal(target, process.pid):
+            victim.send_signal(signum)
+    sent = time.time()
+    output = "".join(lines) + process.communicate(timeout=180)[0]
+    assert process.returncode == 75, output[-4000:]
+    assert time.time() - sent < 120
+    assert f"stopped by signal {int(signum)}" in output and "DataLoader worker" not in output
+    saved = [path for path in (run_dir / "checkpoints").glob("step_*")]
+    assert len(saved) == 1 and (saved[0] / "mimscale.json").is_file()
+    import psutil
+
+    assert not [rank for rank in ranks if rank.is_running() and rank.status() != psutil.STATUS_ZOMBIE]
 
 
 def _limit_file_size(max_bytes: int):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -23,10 +22,11 @@ from mimscale.config import Config, save_config
 from mimscale.data.device_decode import DeviceDecodedStream, DeviceDecoder
 from mimscale.data.transforms import normalise_on_device
 from mimscale.engine import checkpoint as ckpt
-from mimscale.engine import distributed, faults
+from mimscale.engine import distributed, faults, preempt
 from mimscale.engine.deepspeed import DTYPES, gathered_own_parameters, initialize_engine, write_deepspeed_config
 from mimscale.engine.metrics import MetricAccumulator, StepLogger, memory_gib, peak_tflops, progress_wanted
 from mimscale.engine.optim import restore_adamw_implementation
+from mimscale.engine.runlock import lock_output_dir
 from mimscale.engine.slurm import write_requeue_marker
 from mimscale.methods.base import COMPILE_ZERO3_NOTE, MIMMethod
 
@@ -55,10 +55,12 @@ def train(cfg: Config, resume: str = "auto", evaluators: Sequence[Evaluator] = (
 
     ``evaluators`` run every ``eval.knn_every`` steps and at the end (the entry point passes the kNN monitor).
     """
+    preempt.install_stop_handlers()  # a stop signal during start-up is acted on at the first step
     check_output_dir(Path(cfg.run.output_dir))
     device_kind = distributed.resolve_device_kind(cfg.run.device)
     faults.maybe_slow_start(int(os.environ.get("RANK", "0")))
     info = distributed.init_distributed(device_kind, timeout_s=cfg.run.startup_timeout_s)
+    run_lock = lock_output_dir(Path(cfg.run.output_dir), info.rank)  # one run per folder; dies with the process
     try:
         summary = _train(cfg, info, resume, evaluators)
     except RuntimeError as err:  # gloo and NCCL report collective timeouts as (subclasses of) RuntimeError
@@ -70,6 +72,7 @@ def train(cfg: Config, resume: str = "auto", evaluators: Sequence[Evaluator] = (
             f"rank's log and node. Original error: {str(err).splitlines()[0]}"
         ) from err
     distributed.shutdown()
+    run_lock.release()
     return summary
 
 
@@ -329,16 +332,14 @@ class Trainer:
         return meta["data_state"]
 
     def install_stop_handlers(self) -> None:
-        def request_stop(signum, _frame):
-            self.stop_signal = signum
-
-        for signum in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(signum, request_stop)
+        self.stop_signal = preempt.stop_requested()
+        preempt.install_stop_handlers(lambda signum: setattr(self, "stop_signal", signum))
 
     # ------------------------------------------------------------------------------------------ one step
     def _next_batch(self, iterator: Iterator[dict]) -> dict:
         start = time.perf_counter()
-        batch = next(iterator)
+        with preempt.signals_kept_from_children():  # workers forked in here must not die on the scheduler's signal
+            batch = next(iterator)
         self.window.data_wait += time.perf_counter() - start
         return batch
 

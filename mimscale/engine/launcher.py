@@ -1,0 +1,81 @@
+"""`mimscale launch ARGS`: DeepSpeed's launcher (`deepspeed ARGS`, the same arguments) made safe to preempt.
+
+Bare `deepspeed` loses work when a scheduler signals it: the runner dies on SIGTERM/SIGUSR1 at once (its ranks
+train on, orphaned), and the per-node launcher (deepspeed.launcher.launch) answers SIGTERM by terminating every
+rank and killing it 30 s later, then exits 1. Here the runner runs in this process with handlers that forward
+SIGTERM/SIGUSR1 to the node launcher, and the node launcher is ours (mimscale.engine.node_launcher: DeepSpeed's,
+with the same signals forwarded to the ranks instead of killing them). Whether the signal reaches this process,
+the node launcher, the ranks or the whole process group, the ranks finish their step, write one complete
+checkpoint and exit 75, and so does this command. The ranks' requeue marker (MIMSCALE_REQUEUE_MARKER, set here to
+a private file when the job script did not set one) decides the exit code, whatever the launchers report.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+from mimscale.engine.preempt import STOP_SIGNALS
+from mimscale.engine.slurm import REQUEUE_MARKER_ENV
+
+EXIT_REQUEUE = 75
+NODE_LAUNCHER = "mimscale.engine.node_launcher"
+_DEEPSPEED_NODE_LAUNCHER = re.compile(r"\bdeepspeed\.launcher\.launch\b")
+
+
+def _node_launcher_subprocess(children: list) -> types.SimpleNamespace:
+    """The ``subprocess`` module as DeepSpeed's runner sees it: Popen starts our node launcher instead of its own."""
+
+    def popen(command, *args, **kwargs):
+        if isinstance(command, (list, tuple)):
+            command = [_DEEPSPEED_NODE_LAUNCHER.sub(NODE_LAUNCHER, str(part)) for part in command]
+        process = subprocess.Popen(command, *args, **kwargs)
+        children.append(process)
+        return process
+
+    namespace = types.SimpleNamespace(**{name: getattr(subprocess, name) for name in dir(subprocess)})
+    namespace.Popen = popen
+    return namespace
+
+
+def main(argv: list[str]) -> int:
+    """Run DeepSpeed's runner with ``argv``; returns 75 when the ranks checkpointed on a stop signal."""
+    from deepspeed.launcher import runner
+
+    marker = os.environ.get(REQUEUE_MARKER_ENV)
+    private = marker is None
+    if private:
+        marker = os.path.join(tempfile.mkdtemp(prefix="mimscale-launch-"), "requeue")
+        os.environ[REQUEUE_MARKER_ENV] = marker
+    children: list[subprocess.Popen] = []
+    runner.subprocess = _node_launcher_subprocess(children)
+
+    def forward(signum, _frame):
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, forward)
+    try:
+        runner.main(argv)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    if children and children[-1].returncode is not None and children[-1].returncode < 0:
+        code = 128 - children[-1].returncode  # the node launcher was killed: say so (the runner reports 0)
+    requeue = Path(marker).is_file()
+    if private:
+        Path(marker).unlink(missing_ok=True)
+        os.rmdir(os.path.dirname(marker))
+    return EXIT_REQUEUE if requeue else code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
