@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -223,8 +224,102 @@ def _check_choice(key: str, value: Any, choices: tuple) -> None:
         raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(map(str, choices))}")
 
 
+# ----------------------------------------------------------------------------- per-key value ranges
+# Every key is range-checked: numbers must be finite and, unless a rule below says otherwise, >= 0; lists have
+# their length and item ranges here. tests/test_config.py feeds every key out-of-range, wrong-length and
+# wrong-type values and expects a ConfigError naming the key, so a new key needs a rule only if >= 0 is wrong.
+Rule = typing.Callable[[Any], "str | None"]
+
+
+def _number(low: float = 0.0, high: float = math.inf, *, low_open: bool = False, high_open: bool = False) -> Rule:
+    def check(value):
+        if not math.isfinite(value):
+            return f"must be a finite number, got {value}"
+        if value < low or (low_open and value == low) or value > high or (high_open and value == high):
+            if high == math.inf:
+                return f"must be {'>' if low_open else '>='} {low:g}, got {value}"
+            left, right = "(" if low_open else "[", ")" if high_open else "]"
+            return f"must be in {left}{low:g}, {high:g}{right}, got {value}"
+        return None
+
+    return check
+
+
+def _items(length: int | None, item: Rule, *, ordered: bool = False) -> Rule:
+    def check(values):
+        if (length is not None and len(values) != length) or not values:
+            return f"must be a list of {length or 'at least 1'} values, got {values}"
+        for value in values:
+            if (problem := item(value)) is not None:
+                return f"item {value!r} {problem}"
+        if ordered and values != sorted(values):
+            return f"must be in increasing order (min, max), got {values}"
+        return None
+
+    return check
+
+
+def _non_empty(value: str) -> str | None:
+    return "must not be empty" if not value.strip() else None
+
+
+def _any_int(_value) -> None:
+    return None
+
+
+POSITIVE = _number(low_open=True)
+AT_LEAST_ONE = _number(1)
+RULES: dict[str, Rule] = {
+    "run.output_dir": _non_empty,
+    "run.seed": _number(0, 2**32 - 1),
+    "run.collective_timeout_s": POSITIVE,
+    "run.startup_timeout_s": POSITIVE,
+    "train.max_steps": AT_LEAST_ONE,
+    "train.log_every": AT_LEAST_ONE,
+    "train.grad_accum_steps": AT_LEAST_ONE,
+    "train.max_bad_steps": AT_LEAST_ONE,
+    "data.shards": _non_empty,
+    "data.batch_size": AT_LEAST_ONE,
+    "data.image_size": AT_LEAST_ONE,
+    "data.crop_scale": _items(2, _number(0, 1, low_open=True), ordered=True),
+    "data.crop_ratio": _items(2, POSITIVE, ordered=True),
+    "data.hflip": _number(0, 1),
+    "data.mean": _items(3, _number(0, 1)),  # of images scaled to [0, 1]
+    "data.std": _items(3, POSITIVE),
+    "data.cache_limit_gb": POSITIVE,
+    "data.download_timeout_s": POSITIVE,
+    "data.shuffle_window": AT_LEAST_ONE,
+    "model.student": _non_empty,
+    "model.drop_path_rate": _number(0, 1, high_open=True),
+    "teacher.layers": _items(None, _any_int),
+    "mask.ratio": _number(0, 1, low_open=True, high_open=True),
+    "mask.patch_size": AT_LEAST_ONE,
+    "optim.lr": POSITIVE,
+    "optim.betas": _items(2, _number(0, 1, high_open=True)),
+    "optim.eps": POSITIVE,
+    "checkpoint.every_steps": AT_LEAST_ONE,
+    "checkpoint.keep_last": AT_LEAST_ONE,
+    "eval.k": AT_LEAST_ONE,
+    "eval.temperature": POSITIVE,
+}
+
+
+def check_ranges(cfg: Config) -> None:
+    """Apply RULES (and the finite, >= 0 default for numbers) to every key; ConfigError names the first bad one."""
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for key in dataclasses.fields(values):
+            name, value = f"{section.name}.{key.name}", getattr(values, key.name)
+            rule = RULES.get(name)
+            if rule is None and isinstance(value, (int, float)) and not isinstance(value, bool):
+                rule = _number()
+            if rule is not None and (problem := rule(value)) is not None:
+                raise ConfigError(f"{name} {problem}")
+
+
 def validate(cfg: Config) -> Config:
-    """Cross-field checks that types alone cannot express."""
+    """Every key's range (check_ranges), then cross-field checks that types alone cannot express."""
+    check_ranges(cfg)
     _check_choice("deepspeed.zero_stage", cfg.deepspeed.zero_stage, (0, 1, 2, 3))
     _check_choice("deepspeed.precision", cfg.deepspeed.precision, ("fp32", "bf16", "fp16"))
     _check_choice("run.device", cfg.run.device, ("auto", "cpu", "cuda"))

@@ -1,0 +1,156 @@
+"""Reliability figures: for each fault, what was lost and how long recovery took, on the tiny CPU demo model.
+
+Every fault is real: `kill -9` of the whole launcher group, SIGTERM to the whole group (as scancel sends it),
+a truncated rank file in the newest checkpoint, a planted code-running pickle, a second run into a busy folder.
+"Lost" is training steps that must be redone; "recover" is from the restart command to the resumed run's first
+step line (or to the refusal). Prints a markdown table for bench/RESULTS.md.
+
+    PYTHONPATH=. python bench/bench_faults.py [--ranks 2] [--out /tmp/bench_faults]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["model.student_args.depth=2", "data.batch_size=4", "data.num_workers=1", "train.log_every=1",
+        "checkpoint.every_steps=4", "checkpoint.keep_last=3", "eval.knn_every=0", "train.max_steps=400"]  # fmt: skip
+
+
+def port() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+def command(ranks: int, run_dir: Path, *extra: str) -> list[str]:
+    sets = [arg for item in [*TINY, f"run.output_dir={run_dir}", *extra] for arg in ("--set", item)]
+    return [sys.executable, "-m", "mimscale.cli", "launch", "--num_gpus", str(ranks), "--master_port", port(),
+            "--module", "mimscale.train", "--config", str(REPO / "configs" / "demo_cpu.yaml"), *sets]  # fmt: skip
+
+
+def env() -> dict:
+    return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+
+
+def start(ranks: int, run_dir: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(command(ranks, run_dir, *extra), cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+
+
+def until_step(process: subprocess.Popen, step: int | None = None) -> tuple[int, float, str]:
+    """Read output until a step line (number >= step, or any); returns (step, time, output so far)."""
+    seen = []
+    for line in iter(process.stdout.readline, ""):
+        seen.append(line)
+        if line.startswith("step "):
+            number = int(line.split()[1].split("/")[0])
+            if step is None or number >= step:
+                return number, time.time(), "".join(seen)
+    raise RuntimeError("run ended before the step:\n" + "".join(seen)[-3000:])
+
+
+def newest_checkpoint(run_dir: Path) -> int:
+    done = [int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step_*") if (p / "mimscale.json").is_file()]
+    return max(done, default=0)
+
+
+def resume_and_time(ranks: int, run_dir: Path) -> tuple[int, float]:
+    """Restart; (step the resumed run continued from, seconds from the command to its first step line)."""
+    begin = time.time()
+    process = start(ranks, run_dir)
+    step, at, _ = until_step(process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    return step - 1, at - begin
+
+
+def kill_9(ranks: int, run_dir: Path) -> dict:
+    process = start(ranks, run_dir)
+    step, _, _ = until_step(process, 6)  # checkpoint at 4, killed at 6
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    resumed_at, seconds = resume_and_time(ranks, run_dir)
+    return {"fault": "kill -9 of the whole launcher group", "lost": f"{step - resumed_at} steps (since step "
+            f"{resumed_at})", "stop": "instant", "recover": seconds}  # fmt: skip
+
+
+def sigterm_group(ranks: int, run_dir: Path) -> dict:
+    process = start(ranks, run_dir)
+    step, _, _ = until_step(process, 6)
+    sent = time.time()
+    os.killpg(process.pid, signal.SIGTERM)
+    process.communicate()
+    stopped = time.time() - sent
+    assert process.returncode == 75, process.returncode
+    resumed_at, seconds = resume_and_time(ranks, run_dir)
+    lost = step - resumed_at if resumed_at < step else 0  # it saved the step it was on (or the next)
+    return {"fault": "SIGTERM to the whole process group (scancel)", "lost": f"{lost} steps (checkpointed step "
+            f"{resumed_at}, exit 75)", "stop": stopped, "recover": seconds}  # fmt: skip
+
+
+def truncated_rank_file(ranks: int, run_dir: Path) -> dict:
+    newest = newest_checkpoint(run_dir)
+    previous = sorted(int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step_*"))[-2]
+    victim = run_dir / "checkpoints" / f"step_{newest:08d}" / f"rng_rank{ranks - 1}.pt"
+    victim.write_bytes(victim.read_bytes()[:1000])
+    resumed_at, seconds = resume_and_time(ranks, run_dir)
+    assert resumed_at == previous, (resumed_at, previous)
+    return {"fault": f"truncated rng_rank{ranks - 1}.pt in the newest checkpoint", "lost": f"{newest - previous} "
+            f"steps (fell back to step {previous})", "stop": "-", "recover": seconds}  # fmt: skip
+
+
+def planted_pickle(ranks: int, run_dir: Path) -> dict:
+    marker = run_dir / "code-ran"
+    newest = newest_checkpoint(run_dir)
+    victim = run_dir / "checkpoints" / f"step_{newest:08d}" / "rng_rank0.pt"
+    victim.write_bytes(b"cposix\nsystem\n(V" + f"touch {marker}".encode() + b"\ntR.")
+    begin = time.time()
+    result = subprocess.run(command(ranks, run_dir), cwd=REPO, env=env(), capture_output=True, text=True)
+    assert result.returncode != 0 and "rng_rank0.pt" in result.stdout + result.stderr and not marker.exists()
+    return {"fault": "planted code-running pickle in rng_rank0.pt", "lost": "nothing; no code ran, refused by name",
+            "stop": "-", "recover": time.time() - begin}  # fmt: skip
+
+
+def busy_folder(ranks: int, run_dir: Path) -> dict:
+    shutil.rmtree(run_dir, ignore_errors=True)
+    process = start(ranks, run_dir)
+    until_step(process, 1)
+    begin = time.time()
+    second = subprocess.run(command(1, run_dir), cwd=REPO, env=env(), capture_output=True, text=True)
+    seconds = time.time() - begin
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert second.returncode != 0 and "in use by another run" in second.stdout + second.stderr
+    return {"fault": "second run into the same run.output_dir", "lost": "nothing; refused naming host/pid/start",
+            "stop": "-", "recover": seconds}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--out", default="/tmp/bench_faults")
+    args = parser.parse_args()
+    run_dir = Path(args.out) / "run"
+    shutil.rmtree(args.out, ignore_errors=True)
+    rows = [kill_9(args.ranks, run_dir), sigterm_group(args.ranks, run_dir), truncated_rank_file(args.ranks, run_dir),
+            planted_pickle(args.ranks, run_dir), busy_folder(args.ranks, run_dir)]  # fmt: skip
+    print(
+        f"| fault ({args.ranks} CPU ranks, mimscale launch) | what was lost | signal to exit | restart to first step / refusal |"
+    )
+    print("|---|---|---|---|")
+    for row in rows:
+        stop = row["stop"] if isinstance(row["stop"], str) else f"{row['stop']:.1f} s"
+        print(f"| {row['fault']} | {row['lost']} | {stop} | {row['recover']:.1f} s |")
+
+
+if __name__ == "__main__":
+    main()
