@@ -4,5 +4,5 @@
 # Extra arguments go to mimscale.train, e.g.: launch/cpu_demo.sh --set train.max_steps=50
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec deepspeed --num_gpus "${NUM_RANKS:-2}" --master_port "${MASTER_PORT:-29511}" \
+exec mimscale launch --num_gpus "${NUM_RANKS:-2}" --master_port "${MASTER_PORT:-29511}" \
     --module mimscale.train --config "${CONFIG:-configs/demo_cpu.yaml}" "$@"

@@ -55,7 +55,7 @@ def train(cfg: Config, resume: str = "auto", evaluators: Sequence[Evaluator] = (
 
     ``evaluators`` run every ``eval.knn_every`` steps and at the end (the entry point passes the kNN monitor).
     """
-    preempt.install_stop_handlers()  # a stop signal during start-up is acted on at the first step
+    preempt.install_stop_handlers(reset=True)  # a stop signal during start-up is acted on at the first step
     check_output_dir(Path(cfg.run.output_dir))
     device_kind = distributed.resolve_device_kind(cfg.run.device)
     faults.maybe_slow_start(int(os.environ.get("RANK", "0")))

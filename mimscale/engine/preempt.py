@@ -19,8 +19,13 @@ _WORKER_BLOCKED = {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT}
 _received = [0]  # the last stop signal this process received
 
 
-def install_stop_handlers(on_stop: Callable[[int], None] | None = None) -> None:
-    """Record SIGTERM/SIGUSR1 instead of dying (and call ``on_stop(signum)``); the loop agrees on it and saves."""
+def install_stop_handlers(on_stop: Callable[[int], None] | None = None, reset: bool = False) -> None:
+    """Record SIGTERM/SIGUSR1 instead of dying (and call ``on_stop(signum)``); the loop agrees on it and saves.
+
+    ``reset`` forgets a signal recorded by an earlier run in this process (in-process callers run train() twice).
+    """
+    if reset:
+        _received[0] = 0
 
     def request_stop(signum, _frame):
         _received[0] = signum
