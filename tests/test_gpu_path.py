@@ -171,6 +171,7 @@ def test_host_syncs_per_micro_batch(monkeypatch, nan_guard, one_torch_thread):
     cfg = _build_cfg("demo_maskalign.yaml", "model.student_args.depth=2", "data.batch_size=4", "run.device=cpu",
                      "deepspeed.zero_stage=0", "deepspeed.precision=fp32", "train.grad_accum_steps=2",
                      f"train.nan_guard={str(nan_guard).lower()}")  # fmt: skip
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # undone below, so later launcher tests on a GPU box use CUDA
     info = init_distributed("cpu")
     trainer = Trainer(cfg, info)
     generator, rng = mask_generator_for(cfg, trainer.method), np.random.default_rng(0)
