@@ -20,7 +20,7 @@ from mimscale.cli import main as cli_main
 from mimscale.config import load_config
 from mimscale.data.create import CRASH_ENV, CreateOptions, create_shards
 from mimscale.data.images import decode_rgb, to_rgb
-from mimscale.data.index import IndexFileError, SetIndex
+from mimscale.data.index import IndexFileError, SetIndex, scan_tar
 from mimscale.data.masking import build_mask_generator
 from mimscale.data.shards import ShardError, expand_shards, index_shards, split_key, write_manifest, write_shard
 from mimscale.data.stream import build_train_loader, iter_eval_batches
@@ -380,3 +380,50 @@ def test_dotted_keys_follow_webdataset_and_are_reported_not_dropped_silently(tmp
     captured = capsys.readouterr()
     assert "2 unusable" in captured.out and "FAILED: 1 shard(s) hold no usable sample: dotted.tar" in captured.out
     assert "img.0001.jpg" in captured.err
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_header_scanner_agrees_with_tarfile_on_long_names_links_and_folders(tmp_path, fmt):
+    out = io.BytesIO()
+    Image.fromarray(gradient()).save(out, format="JPEG")
+    long_folder = "a" * 60 + "/" + "b" * 70 if fmt == tarfile.USTAR_FORMAT else "d" * 150
+    path = tmp_path / "mixed.tar"
+    with tarfile.open(path, "w", format=fmt) as tar:
+        folder = tarfile.TarInfo("sub")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for number in range(4):
+            key = f"{long_folder}/k{number}" if number % 2 else f"k{number}"
+            for ext, payload in (("jpg", out.getvalue()), ("cls", str(number).encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                if fmt == tarfile.PAX_FORMAT:
+                    info.pax_headers = {"comment": "x" * 700}  # a bigger extended header block
+                tar.addfile(info, io.BytesIO(payload))
+        link = tarfile.TarInfo("k9.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "k0.jpg"
+        tar.addfile(link)
+    scan = scan_tar(path)
+    with tarfile.open(path) as tar:
+        expected = [m.offset_data for m in tar if m.name.endswith(".jpg") and m.isfile()]
+    assert (scan.rows["block"] * 512).tolist() == expected and scan.rows["label"].tolist() == [0, 1, 2, 3]
+    assert scan.keys[1] == f"{long_folder}/k1" and not scan.damage and scan.unusable == 0
+
+
+def test_ranks_starting_together_build_a_foreign_index_once(tmp_path):
+    foreign = tmp_path / "laion"
+    foreign.mkdir()
+    for number in range(6):
+        write_img2dataset_shard(foreign / f"{number:05d}.tar", 5)
+    code = (
+        "import sys; from mimscale.data.stream import load_table; "
+        f"t = load_table({str(foreign)!r}, 'data.shards'); print(len(t), t.fingerprint)"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    ranks = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(3)]  # fmt: skip
+    results = [rank.communicate(timeout=120) for rank in ranks]
+    assert all(rank.returncode == 0 for rank in ranks), results
+    assert len({out for out, _ in results}) == 1 and results[0][0].startswith("30 ")
+    assert sum(err.count(f"indexing {foreign} (6 shards)") for _, err in results) == 1  # one builder, two waited
+    assert sorted(p.name for p in foreign.iterdir() if not p.name.endswith(".tar")) == ["samples.idx"]

@@ -452,6 +452,8 @@ def folder_index(folder: str, names: list[str], *, cache_dir: str | Path | None 
             return index
         known = sorted(set(names) | set(index.names if index else []))
         known = [n for n in known if (Path(folder) / n).is_file()]
+        print(f"mimscale data: indexing {folder} ({len(known)} shards) into {target}, once; "
+              "`mimscale shards index` does this ahead of training", file=sys.stderr)  # fmt: skip
         return build_folder_index(folder, known, target, workers, reuse=index)
 
 
