@@ -15,3 +15,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_rank():
+    """In-process runs of init_distributed fill in the rendezvous variables for one process (and keep its store
+    listening on MASTER_PORT); put the variables back as they were, so later launcher subprocesses pick their own
+    port instead of inheriting a port this process still holds."""
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    saved = {name: os.environ.pop(name, None) for name in names}
+    yield
+    for name, value in saved.items():
+        os.environ.pop(name, None)
+        if value is not None:
+            os.environ[name] = value

@@ -157,7 +157,7 @@ class SyncCounter:
 
 
 @pytest.mark.parametrize("nan_guard", [True, False])
-def test_host_syncs_per_micro_batch(monkeypatch, nan_guard, one_torch_thread):
+def test_host_syncs_per_micro_batch(monkeypatch, nan_guard, one_torch_thread, one_rank):
     """MaskAlign (visible-only student, teacher normalisation, attention-guided masks), uint8 images normalised
     in the engine: after a warm-up step, mimscale's own code waits on the device once per micro-batch (the NaN
     guard's agreed flag) and never otherwise; with train.nan_guard=false, never."""

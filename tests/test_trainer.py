@@ -4,7 +4,6 @@ step calls the engine's forward directly (fault injection only wraps it when the
 from __future__ import annotations
 
 import itertools
-import os
 
 import numpy as np
 import pytest
@@ -14,18 +13,6 @@ from mimscale.config import load_config
 
 TINY = ["model.student_args.depth=1", "data.batch_size=2", "run.device=cpu", "optim.warmup_steps=2"]
 TINY += ["train.max_steps=5", "optim.lr=1e-3", "optim.min_lr=1e-5"]
-
-
-@pytest.fixture
-def one_rank():
-    """init_distributed fills in the rendezvous variables for one process; put them back as they were after."""
-    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    saved = {name: os.environ.pop(name, None) for name in names}
-    yield
-    for name, value in saved.items():
-        os.environ.pop(name, None)
-        if value is not None:
-            os.environ[name] = value
 
 
 @pytest.mark.usefixtures("one_rank", "one_torch_thread")
