@@ -107,7 +107,8 @@ class ModelConfig:
     pos_embed_init: str = _doc(
         "timm",
         "ViT position embedding init: timm (its learned, trunc-normal init) or sincos (2-D sin-cos as in MAE, still "
-        "learned): gives attention a spatial prior from step 0, which short runs need to become local.",
+        "learned): gives attention a spatial prior from step 0, which short runs need to become local; "
+        "sincos_frozen keeps that table fixed (MAE, MaskAlign).",
     )
     compile: bool = _doc(False, "torch.compile each student block and the teacher's forward (GPU runs; slow to start).")
 
@@ -323,7 +324,7 @@ def validate(cfg: Config) -> Config:
     _check_choice("deepspeed.zero_stage", cfg.deepspeed.zero_stage, (0, 1, 2, 3))
     _check_choice("deepspeed.precision", cfg.deepspeed.precision, ("fp32", "bf16", "fp16"))
     _check_choice("run.device", cfg.run.device, ("auto", "cpu", "cuda"))
-    _check_choice("model.pos_embed_init", cfg.model.pos_embed_init, ("timm", "sincos"))
+    _check_choice("model.pos_embed_init", cfg.model.pos_embed_init, ("timm", "sincos", "sincos_frozen"))
     _check_choice("teacher.kind", cfg.teacher.kind, ("none", "open_clip", "timm"))
     _check_choice("eval.pool", cfg.eval.pool, ("cls", "mean"))
     _check_choice("data.decode", cfg.data.decode, ("worker", "device"))

@@ -460,3 +460,40 @@ def test_remote_shards_resume_the_reference_exactly(reference, tmp_path):
     assert_same_weights(weights(reference, 6), weights(run_dir, 6))
     expected = {step: value for step, value in scalars(reference, "data/sample_id_sum").items() if step > 2}
     assert {step: value for step, value in scalars(run_dir, "data/sample_id_sum").items() if step > 2} == expected
+
+
+def test_frozen_sincos_table_survives_zero3_checkpoints_and_the_universal_resume(tmp_path):
+    """MaskAlign's preset keeps MAE's 2-D sin-cos table frozen: saved by 2 ZeRO-3 ranks, resumed on 1 rank through
+    the universal conversion, and still the table (bf16-rounded, as training held it) while the rest trained."""
+    from timm.layers import build_sincos2d_pos_embed
+
+    run_dir = tmp_path / "maskalign_frozen"
+    config = str(REPO / "configs" / "demo_maskalign.yaml")
+    settings = [
+        f"run.output_dir={run_dir}",
+        "run.device=cpu",
+        "data.batch_size=2",
+        "data.num_workers=0",
+        "train.log_every=1",
+        "train.max_steps=3",
+        "eval.knn_every=0",
+        "checkpoint.every_steps=2",
+        "model.pos_embed_init=sincos_frozen",
+        "model.student_args={patch_size: 8, depth: 2}",
+        *ZERO3_BF16,
+    ]
+    args = [arg for item in settings for arg in ("--set", item)]
+    first = launcher_cmd(2, *args, "--set", "train.stop_at_step=2")
+    first[first.index(str(DEMO))] = config
+    ok(subprocess.run(first, cwd=REPO, env=env_with(), capture_output=True, text=True, timeout=400))
+    resume = [sys.executable, "-m", "mimscale.cli", "train", "--config", config, *args, "--set", "data.batch_size=4"]
+    resumed = ok(subprocess.run(resume, cwd=REPO, env=env_with(), capture_output=True, text=True, timeout=400))
+    assert "universal checkpoint" in resumed.stdout and "at step 2" in resumed.stdout
+    table = build_sincos2d_pos_embed([8, 8], dim=192).to(torch.bfloat16).float()
+    before, after = weights(run_dir, 2), weights(run_dir, 3)
+    for state in (before, after):
+        pos_embed = state["student.backbone.pos_embed"].float()
+        assert torch.equal(pos_embed[0, 1:], table) and not pos_embed[0, 0].any()
+    assert not torch.equal(before["student.mask_token"], after["student.mask_token"]) or not torch.equal(
+        before["head.mixing"], after["head.mixing"]
+    )

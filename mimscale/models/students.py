@@ -225,8 +225,10 @@ def build_student(cfg: Config) -> Student:
             f"model.student={cfg.model.student!r} cannot be built with data.image_size={cfg.data.image_size} "
             f"and model.student_args={cfg.model.student_args}: {err}"
         ) from err
-    if cfg.model.pos_embed_init == "sincos":
+    if cfg.model.pos_embed_init in ("sincos", "sincos_frozen"):
         init_sincos_pos_embed(backbone, cfg.model.student)
+    if cfg.model.pos_embed_init == "sincos_frozen":  # MAE / MaskAlign: a fixed table, never optimised
+        backbone.pos_embed.requires_grad_(False)
     use_fused_window_attention(backbone)
     return Student(backbone)
 
