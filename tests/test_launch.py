@@ -70,6 +70,48 @@ def test_requeue_marker_only_when_the_job_script_asks(tmp_path: Path, monkeypatc
     assert marker.read_text().strip() == str(tmp_path / "step_00000003")
 
 
+FAKE_TRAINER = """#!/usr/bin/env bash
+# stands in for `python -m mimscale.train`: task 0 writes the marker (as after a complete checkpoint) and is slow
+# to exit; task 1 exits 75 first, so srun's --kill-on-bad-exit kills task 0 and srun returns 137
+[ -n "$FAIL" ] && [ "$SLURM_PROCID" = 1 ] && exit 1
+if [ "$SLURM_PROCID" = 0 ]; then
+    [ -z "$FAIL" ] && echo checkpoint > "$MIMSCALE_REQUEUE_MARKER"
+    sleep 60
+fi
+while [ -z "$FAIL" ] && [ ! -f "$MIMSCALE_REQUEUE_MARKER" ]; do sleep 0.05; done
+exit 75
+"""
+
+
+def test_sbatch_requeues_on_the_marker_whatever_srun_returns(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(FAKE_TRAINER)
+    (bin_dir / "python").chmod(0o755)
+    env = _base_env(tmp_path)
+    env.update(
+        PATH=f"{STANDIN}:{bin_dir}:{env['PATH']}",
+        SLURM_JOB_ID="77",
+        SLURM_JOB_NODELIST="localhost",
+        SLURM_NTASKS="2",
+        SLURM_SUBMIT_DIR=str(REPO),
+        MIMSCALE_REQUEUE_MARKER=str(tmp_path / "marker"),
+        SCONTROL_STANDIN_LOG=str(tmp_path / "scontrol.log"),
+    )
+    start = time.monotonic()
+    job = subprocess.run(["bash", "launch/slurm.sbatch"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - start < 30  # task 0 was killed, not waited for
+    assert job.returncode == 0, job.stdout + job.stderr
+    assert "srun: error: task 1: Exited with exit code 75" in job.stderr
+    assert "(srun exit 137); requeueing job 77" in job.stdout  # the status the old `status -eq 75` test missed
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 77\n"
+
+    env["FAIL"] = "1"  # a crash: no marker, no requeue, srun's status is the job's
+    job = subprocess.run(["bash", "launch/slurm.sbatch"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert job.returncode == 137 and "requeue" not in job.stdout
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 77\n"
+
+
 def _job_id_with_free_port() -> int:
     """A job id whose derived MASTER_PORT (20000 + id % 20000) is free right now."""
     for _ in range(100):
