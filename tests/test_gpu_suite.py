@@ -33,5 +33,5 @@ def test_gpu_suite_smoke_runs_every_section_and_writes_its_table(tmp_path):
     assert sum("model.compile" in row["what"] for row in rows) == 2
     text = results.read_text()
     assert "old table" not in text and "kept" in text and text.rstrip().endswith("tail")
-    assert text.count("| decode |") == 3 and "| zero3 |" in text
+    assert text.count("| decode |") >= 3 and "| zero3 |" in text  # worker, worker side, one row per decoder
     assert (tmp_path / "out" / "RESULTS.md").read_text() == text

@@ -144,6 +144,7 @@ class DeviceDecoder:
         self.backend = jpeg_backend() if backend == "auto" else backend
         self.failures = 0
         self._reported = 0
+        self._last_error = ""
 
     def decode_all(self, payloads: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """One batched call; if it fails, image by image (None where an image cannot be decoded)."""
@@ -151,14 +152,36 @@ class DeviceDecoder:
             return _decode_jpegs(payloads, self.device, self.backend)
         except Exception:  # noqa: BLE001 - one bad image fails the whole batched call
             pass
-        decoded: list[torch.Tensor | None] = []
-        for payload in payloads:
-            try:
-                decoded.append(_decode_jpegs([payload], self.device, self.backend)[0])
-            except Exception as err:  # noqa: BLE001 - decoders raise many types for corrupt data
-                decoded.append(None)
-                self._report(err)
+        decoded = [self._decode_one(payload) for payload in payloads]
+        if (
+            self.backend == "torchcodec"
+            and all(image is None for image in decoded)
+            and self._torchvision_works(payloads)
+        ):
+            return self.decode_all(payloads)
+        for image in decoded:
+            if image is None:
+                self._report(RuntimeError(self._last_error))
         return decoded
+
+    def _decode_one(self, payload: torch.Tensor) -> torch.Tensor | None:
+        try:
+            return _decode_jpegs([payload], self.device, self.backend)[0]
+        except Exception as err:  # noqa: BLE001 - decoders raise many types for corrupt data
+            self._last_error = f"{type(err).__name__}: {err}"
+            return None
+
+    def _torchvision_works(self, payloads: list[torch.Tensor]) -> bool:
+        """torchcodec imported but decodes nothing (e.g. built for another CUDA): switch to torchvision for good
+        if it decodes this batch."""
+        try:
+            _decode_jpegs(payloads, self.device, "torchvision")
+        except Exception:  # noqa: BLE001 - then the images themselves are bad: keep torchcodec
+            return False
+        print(f"mimscale data: torchcodec failed on a whole batch ({self._last_error}); decoding with torchvision "
+              "from now on", file=sys.stderr)  # fmt: skip
+        self.backend = "torchvision"
+        return True
 
     def _report(self, err: Exception) -> None:
         self.failures += 1
