@@ -267,3 +267,28 @@ def test_swin_window_attention_runs_fused_with_the_same_result(one_torch_thread)
     image = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(fused(image), eager(image), rtol=1e-4, atol=1e-5)
+
+
+def test_teacher_and_visible_only_student_compile_without_graph_breaks(one_torch_thread):
+    """MaskAlign: the frozen teacher's whole forward (normalisation constants, class-token attention) and the
+    visible-only student's attention/MLP trace as graphs, with none broken."""
+    import numpy as np
+    import torch
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    from mimscale.data.masking import mask_generator_for
+    from mimscale.methods import build_method
+
+    cfg = _build_cfg("demo_maskalign.yaml", "model.student_args.depth=2", "data.batch_size=4")
+    method = build_method(cfg)
+    dynamo.reset()
+    counters.clear()
+    assert method.compile_for_training(backend="eager") == 2 * 2 + 1
+    generator, rng = mask_generator_for(cfg, method), np.random.default_rng(0)
+    for _ in range(2):
+        masks = torch.from_numpy(np.stack([generator(rng) for _ in range(4)]))
+        method({"image": torch.randn(4, 3, 64, 64), "mask": masks})["loss"].backward()
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 3  # attention, MLP, teacher
+    dynamo.reset()
