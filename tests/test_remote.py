@@ -202,6 +202,18 @@ def test_eviction_respects_the_limit_and_never_evicts_a_shard_in_use(tmp_path, s
     cache.prefetch(urls[1:3])  # best effort: evicts only unpinned shards
     cache.close()
     assert pinned.exists() and cache.usage() <= limit
+    cache = ShardCache(tmp_path / "lru", limit)  # recency follows what is wanted: prefetching a cached shard keeps it
+    for url in urls[:3]:
+        cache.expect(url, sizes[url.rsplit("/", 1)[1]])
+    for url in urls[:2]:
+        cache.local_path(url)
+        cache.release(url)
+    os.utime(cache.path_for(urls[0]), (1, 1))
+    os.utime(cache.path_for(urls[1]), (2, 2))  # both stale, shard 0 the stalest
+    cache.prefetch([urls[0]])  # the order wants shard 0 next
+    cache.local_path(urls[2])  # room for it: shard 1 goes, not shard 0
+    assert cache.path_for(urls[0]).exists() and not cache.path_for(urls[1]).exists()
+    cache.close()
 
 
 def test_forked_worker_keeps_none_of_the_parents_locks(tmp_path, server):

@@ -619,19 +619,32 @@ class ShardCache:
             self._try_evict(self.path_for(location))
 
     def prefetch(self, locations: Iterable[str]) -> None:
-        """Start background downloads of shards needed soon (best effort; errors surface in local_path)."""
+        """Start background downloads of shards needed soon (best effort; errors surface in local_path).
+
+        Shards already cached are touched instead: least recently *wanted* shards are evicted first, so a shard
+        the order will read next is not evicted between now and the moment a reader pins it."""
         for location in locations:
             if is_local(location):
                 continue
             _check_scheme(location, "shard location")
+            if self._touch(self.path_for(location)):
+                continue  # cached: now marked as wanted soon, so eviction takes staler shards first
             with self._mutex:
-                if location in self._pins or location in self._pending or self.path_for(location).exists():
+                if location in self._pins or location in self._pending:
                     continue
                 if self._executor is None:
                     self._executor = ThreadPoolExecutor(self.prefetch_threads, thread_name_prefix="mimscale-prefetch")
                 future = self._executor.submit(self._prefetch_one, location)
                 self._pending[location] = future
             future.add_done_callback(lambda _f, loc=location: self._forget_pending(loc))
+
+    @staticmethod
+    def _touch(path: Path) -> bool:
+        try:
+            os.utime(path)
+            return True
+        except OSError:  # not cached (or evicted just now)
+            return False
 
     def _forget_pending(self, location: str) -> None:
         with self._mutex:
