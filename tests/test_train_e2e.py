@@ -159,6 +159,13 @@ def test_single_process_cli_logs_tensorboard_checkpoints_and_resumes(tmp_path):
         "step 6/6",
     ]
     assert sorted(scalars(run_dir, "train/loss")) == [1, 2, 3, 4, 5, 6]
+    (run_dir / "checkpoints" / "step_00000006" / "rng_rank0.pt").unlink()  # a warning, not damage
+    other_model = train_single(*overrides(run_dir, "train.max_steps=8", "model.student_args.depth=3"))
+    assert other_model.returncode == 2 and "rng_rank0.pt is missing" in other_model.stderr
+    assert (
+        "differ (saved -> now):\n  model.student_args: {'patch_size': 8, 'depth': 2} -> {'patch_size': 8, 'depth': 3}"
+        in (other_model.stderr)
+    ), other_model.stderr[-3000:]
 
 
 def test_zero3_bf16_stop_and_resume_is_bit_identical(reference, tmp_path):

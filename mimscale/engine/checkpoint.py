@@ -43,6 +43,7 @@ MARKER = "mimscale.json"
 UNIVERSAL_DIR = "universal"  # DeepSpeed universal checkpoint of a tag, made when the world size changes
 TAG_PATTERN = re.compile(r"^step_(\d{8,})$")
 TRUST_ENV = "MIMSCALE_TRUST_CHECKPOINTS"  # "1": load checkpoint pickles without the allowlist (the user wrote them)
+RNG_FILE = re.compile(r"^rng_rank\d+\.pt$")
 META_KEYS = ("step", "samples_seen", "world_size", "zero_stage", "data_state", "config")
 
 
@@ -226,8 +227,8 @@ def _record_files(tag_dir: Path, rank: int, world_size: int) -> dict:
 def _check_file(tag_dir: Path, name: str, expected: dict | None, trusted: bool) -> tuple[str, str] | None:
     """('unsafe' | 'damaged', why) for one file, or None when it is fine."""
     path = tag_dir / name
-    if not path.exists():
-        return "damaged", f"{name} is missing"
+    if not path.exists():  # a missing RNG file costs exactness only: load_checkpoint warns about it
+        return None if RNG_FILE.match(name) else ("damaged", f"{name} is missing")
     if path.is_symlink() or not path.is_file():
         return "damaged", f"{name} is not a regular file"
     if name.endswith(".pt") and not trusted:
@@ -404,6 +405,13 @@ def load_checkpoint(engine, tag_dir: Path, rank: int, universal: bool = False, c
     ``config`` (this run's, as a dict) turns a model mismatch into an error naming the differing keys.
     """
     meta = read_meta(tag_dir)
+    rng_path = tag_dir / f"rng_rank{rank}.pt"
+    if not rng_path.is_file() and rank < meta["world_size"]:  # absent is normal only on more ranks than saved
+        warnings.warn(
+            f"{rng_path} is missing: rank {rank} continues with fresh random states (dropout/drop-path), so the "
+            "run will not repeat an uninterrupted one exactly",
+            stacklevel=2,
+        )
     load_dir, tag = (tag_dir, UNIVERSAL_DIR) if universal else (tag_dir.parent, tag_dir.name)
     try:
         with deepspeed_loads_weights_only():
@@ -423,15 +431,8 @@ def load_checkpoint(engine, tag_dir: Path, rank: int, universal: bool = False, c
         ) from err
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}; check that its shards are all present")
-    rng_path = tag_dir / f"rng_rank{rank}.pt"
     if rng_path.is_file():
         set_rng_state(load_file(rng_path))
-    elif rank < meta["world_size"]:  # absent is expected only when resuming on more ranks than were saved
-        warnings.warn(
-            f"{rng_path} is missing: rank {rank} continues with fresh random states (dropout/drop-path), so the "
-            "run will not repeat an uninterrupted one exactly",
-            stacklevel=2,
-        )
     return meta
 
 
