@@ -35,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
+    subparsers.add_parser(  # handled in main() before parsing: everything after it is DeepSpeed's runner's
+        "launch",
+        help="the deepspeed launcher (same arguments), with SIGTERM/SIGUSR1 forwarded so the ranks checkpoint",
+        add_help=False,
+    )
     return parser
 
 
