@@ -123,17 +123,25 @@ def _decode_jpegs(payloads: list[torch.Tensor], device: torch.device, backend: s
     return list(decoded) if isinstance(decoded, (list, tuple)) else [decoded]
 
 
-def resize_crop_on_device(pixels: torch.Tensor, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
-    """uint8 [3, size, size] from a uint8 CHW image: crop (left, top, width, height), antialiased bilinear resize
-    in float32 (torch's uint8 kernel is CPU-only), rounded back to uint8."""
+def resize_crop_on_device(
+    pixels: torch.Tensor, box: tuple[int, int, int, int], size: int, out: torch.Tensor, flip: bool = False
+) -> None:
+    """Write into ``out`` (uint8 [3, size, size]) the crop (left, top, width, height) of a uint8 CHW image, resized
+    with antialiased bilinear in float32 (torch's uint8 kernel is CPU-only), rounded, mirrored if ``flip``.
+
+    Few kernels per image (the loop runs once per image of every batch): the +0.5 and the float-to-uint8 copy
+    (which truncates) round half up; no clamp is needed, as the triangle filter's weights are non-negative and
+    sum to one, so results stay within the input's 0..255.
+    """
     left, top, width, height = box
     crop = pixels[:, top : top + height, left : left + width]
     if tuple(crop.shape[-2:]) == (size, size):
-        return crop
+        out.copy_(crop.flip(-1) if flip else crop)
+        return
     resized = F.interpolate(
         crop.unsqueeze(0).to(torch.float32), size=(size, size), mode="bilinear", antialias=True, align_corners=False
-    )
-    return resized[0].add_(0.5).clamp_(0, 255).to(torch.uint8)  # round half up (values >= 0), then truncate
+    )[0].add_(0.5)
+    out.copy_(resized.flip(-1) if flip else resized)
 
 
 class DeviceDecoder:
@@ -208,8 +216,7 @@ class DeviceDecoder:
                     self._report(ValueError(f"crop box {box} outside the decoded {tuple(pixels.shape)}"))
                 bad.append(row)
                 continue
-            image = resize_crop_on_device(pixels, tuple(box), self.size)
-            images[row] = image.flip(-1) if flip else image
+            resize_crop_on_device(pixels, tuple(box), self.size, images[row], flip)
         _fill_bad_rows(images, bad)
         out["image"] = images
         return out
@@ -300,8 +307,9 @@ class DeviceDecodedStream:
                             value.record_stream(consumer)  # the allocator must not reuse it while the step runs
                 self._state, self._corrupt = state, corrupt
                 yield decoded
-        finally:
-            stop.set()
+        finally:  # the loop stopped (or the iterator was dropped): let the thread finish its batch and end, so it
+            stop.set()  # is never killed inside a decoder or the DataLoader at interpreter exit
+            thread.join(timeout=60)
 
 
 def _put_until_stopped(ready: queue.Queue, item, stop: threading.Event) -> bool:
