@@ -110,7 +110,11 @@ class ModelConfig:
         "learned): gives attention a spatial prior from step 0, which short runs need to become local; "
         "sincos_frozen keeps that table fixed (MAE, MaskAlign).",
     )
-    compile: bool = _doc(False, "torch.compile each student block and the teacher's forward (GPU runs; slow to start).")
+    compile: bool = _doc(
+        False,
+        "torch.compile each student block's attention and MLP and the teachers' forward (GPU runs; slow to start; "
+        "under ZeRO-3 only the teachers, as DeepSpeed's parameter hooks break the student's graphs).",
+    )
 
 
 @dataclass(kw_only=True)
