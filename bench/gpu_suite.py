@@ -303,16 +303,20 @@ def upscale_sample_photos(folder: Path, count: int) -> None:
         image.resize(target, Image.BICUBIC).save(folder / "photos" / f"{number:05d}.jpg", quality=90)
 
 
-def stream_batches(shards: str, size: int, decode: str, count: int) -> tuple[list[dict], float]:
-    """``count`` batches of 32 from the in-process stream (num_workers=0 = one worker core) and images/s."""
+def train_stream(shards: str, size: int, decode: str, workers: int = 0):
     from mimscale.config import load_config
     from mimscale.data.masking import build_mask_generator
     from mimscale.data.stream import build_train_loader
 
     cfg = load_config(None, [f"data.shards={shards}", "data.batch_size=32", f"data.image_size={size}",
-                             "data.num_workers=0", f"data.decode={decode}", "mask.patch_size=32"])  # fmt: skip
+                             f"data.num_workers={workers}", f"data.decode={decode}", "mask.patch_size=32"])  # fmt: skip
     mask = build_mask_generator("random_cells", image_size=size, token_stride=16, ratio=0.6, cell_size=32)
-    batches = iter(build_train_loader(cfg, rank=0, world_size=1, mask_generator=mask, normalise_on_device=True))
+    return build_train_loader(cfg, rank=0, world_size=1, mask_generator=mask, normalise_on_device=True)
+
+
+def stream_batches(shards: str, size: int, decode: str, count: int) -> tuple[list[dict], float]:
+    """``count`` batches of 32 from the in-process stream (num_workers=0 = one worker core) and images/s."""
+    batches = iter(train_stream(shards, size, decode))
     next(batches)  # indexing and first-batch costs are not timed
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -323,6 +327,35 @@ def stream_batches(shards: str, size: int, decode: str, count: int) -> tuple[lis
     finally:
         torch.set_num_threads(threads)
     return kept, count * 32 / elapsed
+
+
+def device_stream_row(suite: Suite, shards: str, size: int, reference: list[dict]) -> Row:
+    """The whole data.decode=device path as training runs it (workers, producer thread, side CUDA stream): its
+    batches must be the worker path's (same ids and masks; pixels within a few grey levels: nvJPEG's IDCT and
+    chroma upsampling are not libjpeg-turbo's), and its images/s with 4 workers."""
+    from mimscale.data.device_decode import DeviceDecodedStream, DeviceDecoder
+
+    workers = 1 if suite.smoke else 4
+    stream = DeviceDecodedStream(train_stream(shards, size, "device", workers), DeviceDecoder(suite.device, size))
+    batches = iter(stream)
+    got = [next(batches) for _ in reference]  # the first batches include worker start-up: not timed
+    count = 3 if suite.smoke else 24
+    synchronize(suite.device)
+    start = time.perf_counter()
+    for _ in range(count):
+        next(batches)
+    synchronize(suite.device)
+    rate = count * 32 / (time.perf_counter() - start)
+    batches.close()
+    same_ids = all(torch.equal(a["sample_id"], b["sample_id"]) and torch.equal(a["mask"], b["mask"].cpu())
+                   for a, b in zip(reference, got, strict=True))  # fmt: skip
+    pairs = zip(reference, got, strict=True)
+    diff = torch.cat([(a["image"].int() - b["image"].cpu().int()).abs().flatten() for a, b in pairs])
+    mean, worst = float(diff.float().mean()), int(diff.max())
+    verdict = "met" if same_ids and mean < 2.0 else "not met"
+    return Row("decode", f"data.decode=device end to end ({workers} workers, producer thread), vs the worker path",
+               f"{rate:,.0f} img/s; same ids/masks: {same_ids}; pixel diff mean {mean:.2f}, max {worst}",
+               "same samples, mean diff < 2 levels", verdict)  # fmt: skip
 
 
 def decoder_rate(suite: Suite, host: list[dict], size: int, backend: str) -> float:
@@ -348,7 +381,7 @@ def section_decode(suite: Suite) -> list[Row]:
 
     shards, size = jpeg_shards(suite)
     count = 3 if suite.smoke else 12
-    _, worker_rate = stream_batches(shards, size, "worker", count)
+    reference, worker_rate = stream_batches(shards, size, "worker", count)
     host, deferred_rate = stream_batches(shards, size, "device", count)
     if suite.device.type == "cuda":
         host = [{k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in host]
@@ -360,6 +393,13 @@ def section_decode(suite: Suite) -> list[Row]:
             f"{deferred_rate:,.0f} img/s ({deferred_rate / worker_rate:.1f}x the worker path)",
         ),  # fmt: skip
     ]
+    try:
+        rows.append(
+            device_stream_row(suite, shards, size, list(itertools.islice(train_stream(shards, size, "worker"), 3)))
+        )
+    except Exception as err:  # noqa: BLE001 - the decoder rows below still run
+        traceback.print_exc()
+        rows.append(failed_row("decode", "data.decode=device end to end", err))
     default = jpeg_backend()
     for backend in dict.fromkeys([default, "torchvision"]):  # the default first; torchvision for comparison
         try:
