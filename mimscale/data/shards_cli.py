@@ -264,7 +264,7 @@ def cmd_index(args) -> int:
         folders.setdefault(_folder(location), []).append(location.rsplit("/", 1)[-1])
     for folder, names in folders.items():
         start = time.perf_counter()
-        if remote.is_local(folder or "."):
+        if remote.is_local(folder):
             index = folder_index(folder, names, cache_dir=args.cache or None, workers=args.workers,
                                  prefer_cache=bool(args.cache))  # fmt: skip
         else:  # one download per shard into the node cache, then scanned; the index goes to the cache folder

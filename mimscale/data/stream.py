@@ -154,7 +154,8 @@ def _expand(pattern: str, key: str) -> list[str]:
 
 
 def _folder(location: str) -> str:
-    return os.path.dirname(location) if remote.is_local(location) else location.rpartition("/")[0]
+    """The folder (or URL prefix) whose samples.idx indexes a shard; '.' for a bare file name."""
+    return (os.path.dirname(location) or ".") if remote.is_local(location) else location.rpartition("/")[0]
 
 
 def load_table(pattern: str, key: str, *, cache_dir: str | None = None, data_cfg=None) -> ShardTable:
@@ -173,7 +174,7 @@ def load_table(pattern: str, key: str, *, cache_dir: str | None = None, data_cfg
         cache_dir = remote.cache_dir_for(cache_dir or "")  # indexes of remote sets: <cache_dir>/index
     sets = [
         folder_index(folder, names, cache_dir=cache_dir)
-        if remote.is_local(folder or ".")
+        if remote.is_local(folder)
         else remote_folder_index(folder, names, cache, cache_dir=cache_dir)
         for folder, names in folders.items()
     ]
