@@ -292,3 +292,20 @@ def test_teacher_and_visible_only_student_compile_without_graph_breaks(one_torch
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] == 3  # attention, MLP, teacher
     dynamo.reset()
+
+
+def test_tf32_only_for_fp32_runs_on_a_gpu():
+    import torch
+
+    from mimscale.engine.loop import configure_matmul_precision
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        configure_matmul_precision(torch.device("cpu"), "fp32")
+        configure_matmul_precision(torch.device("cuda"), "bf16")
+        assert torch.get_float32_matmul_precision() == "highest"
+        configure_matmul_precision(torch.device("cuda"), "fp32")  # sets the flag; needs no GPU to do so
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
