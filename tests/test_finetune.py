@@ -89,3 +89,6 @@ def test_finetune_cli_on_an_export_and_on_a_random_twin(tmp_path: Path, capsys, 
         cli_main(["eval", "finetune", "--model", str(tmp_path / "export"), "--set", "data.image_size=64", *common]) == 2
     )
     assert "--set only applies to random:<config> models" in capsys.readouterr().err
+    (tmp_path / "export" / "config.json").write_text('{"architecture": "vit_tiny_patch16_224"}')
+    assert cli_main(["eval", "finetune", "--model", str(tmp_path / "export"), *common]) == 2
+    assert "has no usable pretrained_cfg" in capsys.readouterr().err

@@ -70,8 +70,16 @@ def data_config(spec: str, overrides=()) -> dict:
     from mimscale.eval.export import random_init_config
 
     if is_export(spec):
-        pcfg = json.loads((Path(spec) / "config.json").read_text())["pretrained_cfg"]
-        return {"image_size": int(pcfg["input_size"][-1]), "mean": list(pcfg["mean"]), "std": list(pcfg["std"])}
+        path = Path(spec) / "config.json"
+        if path.stat().st_size > 1 << 20:
+            raise ValueError(f"{path} is over 1 MiB: not a timm config.json (re-export with `mimscale export`)")
+        try:
+            pcfg = json.loads(path.read_text())["pretrained_cfg"]
+            return {"image_size": int(pcfg["input_size"][-1]), "mean": list(pcfg["mean"]), "std": list(pcfg["std"])}
+        except (ValueError, KeyError, TypeError, IndexError) as err:
+            raise ValueError(
+                f"{path} has no usable pretrained_cfg ({err!r}); re-export with `mimscale export`"
+            ) from err
     if spec.startswith("random:"):
         cfg = random_init_config(spec[len("random:") :], overrides)
     else:
