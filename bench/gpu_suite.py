@@ -464,7 +464,7 @@ SECTIONS: list[tuple[str, float, Callable[[Suite], list[Row]]]] = [
     ("vit", 60, section_vit),
     ("swin", 60, section_swin),
     ("distill", 80, section_distill),
-    ("decode", 60, section_decode),
+    ("decode", 90, section_decode),
     ("planner", 30, section_planner),
     ("zero3", 70, section_zero3),
     ("compile-vit", 120, section_compile_vit),
