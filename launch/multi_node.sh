@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Several nodes through the deepspeed launcher and a hostfile (passwordless ssh between nodes, the same
-# repository path and Python environment on every node, shards on a shared filesystem).
+# Several nodes through the deepspeed launcher (`mimscale launch`: deepspeed's, with SIGTERM/SIGUSR1 forwarded so
+# the ranks checkpoint) and a hostfile (passwordless ssh between nodes, the same repository path and Python
+# environment on every node, shards on a shared filesystem).
 #   launch/multi_node.sh [TRAIN ARGS]                      e.g. --set data.shards=/data/in1k/train-{000000..001023}.tar
 #   launch/multi_node.sh [LAUNCHER FLAGS] -- [TRAIN ARGS]  flags before `--` go to the deepspeed launcher
 #                                                          (e.g. --no_ssh_check --master_addr 10.0.0.1 --include ...)
@@ -39,5 +40,5 @@ if [ "$(printf '%s\n' "$hosts" | wc -l)" -eq 1 ]; then
 fi
 MASTER_ADDR=${MASTER_ADDR:-$(printf '%s\n' "$hosts" | head -n 1)}
 # Launcher flags given by the caller come last, so they win over these defaults (argparse keeps the last value).
-exec deepspeed --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}" \
+exec mimscale launch --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}" \
     "${launcher_flags[@]}" --module mimscale.train --config "$CONFIG" "$@"
