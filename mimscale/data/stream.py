@@ -133,14 +133,18 @@ class ShardTable:
 
     def read(self, sample_id: int) -> bytes:
         """The encoded image bytes of one sample (BadImage if the shard is shorter than its index says)."""
+        return self.read_labelled(sample_id)[0]
+
+    def read_labelled(self, sample_id: int) -> tuple[bytes, int]:
+        """(encoded image bytes, label) of one sample, with one index lookup."""
         shard, row = self.locate(sample_id)
-        size = int(row["size"])
+        block, size, label = row.item()
         handle = self._handle(shard)
-        handle.seek(int(row["block"]) * BLOCK)
+        handle.seek(block * BLOCK)
         payload = handle.read(size)
         if len(payload) != size:
             raise BadImage("truncated", f"{len(payload)} of {size} bytes")
-        return payload
+        return payload, label
 
 
 def _expand(pattern: str, key: str) -> list[str]:
@@ -236,22 +240,23 @@ class _TrainBatches(IterableDataset):
                                    window=self.window)  # fmt: skip
         return self._plan
 
-    def _load(self, plan: EpochPlan, stream: int, position: int) -> tuple[torch.Tensor, bool, np.ndarray, int, int]:
-        """(pixels, flip?, mask, sample id, replaced) at a stream position; a corrupt sample gives way to the next."""
+    def _load(self, plan: EpochPlan, stream: int, position: int) -> tuple:
+        """(pixels, flip?, mask, sample id, label, replaced) at a stream position; a corrupt sample gives way to the
+        next one of the same stream."""
         planned = plan.sample(stream, position)
         rng = np.random.default_rng([self.seed, plan.epoch, planned])
         spec = self.spec
         for step in range(MAX_CONSECUTIVE_CORRUPT):
             sample_id = plan.sample(stream, (position + step) % plan.stream_length) if step else planned
             try:
-                payload = self.table.read(sample_id)
+                payload, label = self.table.read_labelled(sample_id)
                 crop = train_crop_or_defer if spec.decode == "device" else train_crop
                 image, flip = crop(payload, size=spec.size, scale=spec.scale, ratio=spec.ratio,
                                    hflip=spec.hflip, rng=rng)  # fmt: skip
             except BadImage as err:
                 self._report(sample_id, err)
                 continue
-            return image, flip, np.asarray(self.mask_generator(rng), dtype=bool), sample_id, step
+            return image, flip, np.asarray(self.mask_generator(rng), dtype=bool), sample_id, label, step
         raise ShardError(
             f"{MAX_CONSECUTIVE_CORRUPT} consecutive corrupt samples from {self.table.describe(planned)} on; "
             "run `mimscale shards verify` on the shard folder and re-create the broken shards"
@@ -288,14 +293,14 @@ class _TrainBatches(IterableDataset):
         masks, ids, labels, corrupt, deferred = [], [], [], 0, DeferredRows()
         for row in range(self.batch_size):
             stream, offset = arrangement(self.rank * self.batch_size + row, global_batch, self.streams)
-            image, flip, mask, sample_id, replaced = self._load(plan, stream, position + offset)
+            image, flip, mask, sample_id, label, replaced = self._load(plan, stream, position + offset)
             if isinstance(image, DeferredCrop):
                 deferred.add(row, image, flip)  # decoded, cropped and flipped in the main process
             else:
                 write_chw(pixels[row], image, flip)  # now, while the image is in cache; the flip rides on the copy
             masks.append(mask)
             ids.append(sample_id)
-            labels.append(self.table.label(sample_id))
+            labels.append(label)
             corrupt += replaced
         return {
             "image": images if self.spec.uint8 else normalise_batch(images, list(self.spec.mean), list(self.spec.std)),
@@ -500,11 +505,12 @@ class _EvalBatches(IterableDataset):
             self.table.prefetch(range(first, min(last + 3, len(self.table.locations))))
         for sample_id in ids:
             try:
-                images.append(eval_transform(self.table.read(sample_id), size=self.image_size))
+                payload, label = self.table.read_labelled(sample_id)
+                images.append(eval_transform(payload, size=self.image_size))
             except BadImage as err:
                 print(f"mimscale data: skipping corrupt {self.table.describe(sample_id)} ({err})", file=sys.stderr)
                 continue
-            labels.append(self.table.label(sample_id))
+            labels.append(label)
         if not images:
             return torch.empty(0, 3, self.image_size, self.image_size), torch.empty(0, dtype=torch.int64)
         return normalise_batch(images, self.mean, self.std), torch.tensor(labels, dtype=torch.int64)
