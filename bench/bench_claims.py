@@ -1,0 +1,248 @@
+"""The papers' claims at CPU scale (issue 11), on the digit shards, with our own commands.
+
+Sections (``--only`` picks some):
+
+* ``teacher``: a supervised ViT-Tiny (6 blocks, 4-px patches, 32 px) trained on the digits train shards with
+  labels, saved as a plain timm weights file (``teacher.pth``) and as an export folder. It is the teacher that
+  "knows something" for MaskDistill and the supervised model of the same architecture for Dark Secrets.
+* ``distill``: MaskDistill (that teacher via ``teacher.kind: timm``) vs SimMIM at equal steps, same student, several
+  seeds, each with its random-init twin; frozen-feature kNN and linear probe on digits (train -> val).
+* ``throughput``: MaskAlign vs MaskDistill images/s with the same student and the same teacher (one run each).
+* ``locality``: Dark Secrets: mean attention distance and head diversity per block of SimMIM vs the supervised model
+  vs random init, on held-out digits.
+
+    nice -n 10 python bench/bench_claims.py --steps 300 --seeds 0 1 --out runs/bench_claims
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from bench_quality import DEMO, SETUPS, score  # noqa: E402
+
+STUDENT = "vit_tiny_patch16_224"
+ARCH_ARGS = {"patch_size": 4, "depth": 6}
+DIGITS = ("shards/digits/train-*.tar", "shards/digits/val-000.tar")
+# MaskDistill on the digits setup: same student, data and schedule as SimMIM's digits setup, the teacher's final
+# normed tokens (whitened) as targets, block-wise masks.
+DISTILL = {
+    "method.name": "maskdistill",
+    "method.target_norm": "auto",
+    "mask.kind": "auto",
+    "mask.ratio": 0.4,
+    "teacher.kind": "timm",
+    "teacher.name": STUDENT,
+}
+
+
+def teacher_overrides(out: Path) -> list[str]:
+    args = json.dumps({"img_size": 32, **ARCH_ARGS})
+    return [f"teacher.pretrained={out / 'teacher.pth'}", f"teacher.model_args={args}"]
+
+
+def train_teacher(out: Path, epochs: int) -> dict:
+    """Supervised ViT-Tiny on the digits train shards (cross-entropy on the class token, AdamW, cosine)."""
+    import timm
+
+    from mimscale.config import load_config
+    from mimscale.data.stream import iter_eval_batches
+    from mimscale.eval.export import write_export
+
+    torch.manual_seed(0)
+    model = timm.create_model(STUDENT, img_size=32, num_classes=10, **ARCH_ARGS)
+    cfg = load_config(DEMO, ["data.image_size=32", f"model.student_args={json.dumps(ARCH_ARGS)}"])
+    batches = list(
+        iter_eval_batches(str(REPO / DIGITS[0]), image_size=32, batch_size=32, mean=cfg.data.mean, std=cfg.data.std)
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * len(batches))
+    start = time.time()
+    for _ in range(epochs):
+        for images, labels in batches:  # no augmentation: a small, quickly trained teacher
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    model.eval()
+    val = list(
+        iter_eval_batches(str(REPO / DIGITS[1]), image_size=32, batch_size=64, mean=cfg.data.mean, std=cfg.data.std)
+    )
+    with torch.no_grad():
+        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in val)
+    accuracy = correct / sum(len(y) for _, y in val)
+    torch.save(model.state_dict(), out / "teacher.pth")
+    model.reset_classifier(0)
+    write_export(model, cfg, out / "supervised", {"bench_claims": "supervised digits teacher"})
+    return {"val_top1": accuracy, "seconds": time.time() - start, "final_loss": float(loss)}
+
+
+def run_train(config: Path, overrides: list[str]) -> tuple[float, list[float]]:
+    """`mimscale train`; returns wall seconds and the img/s of every step line."""
+    cmd = [sys.executable, "-m", "mimscale.cli", "train", "--config", str(config)]
+    for item in overrides:
+        cmd += ["--set", item]
+    start = time.time()
+    result = subprocess.run(
+        cmd, cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, check=False
+    )
+    if result.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    rates = [float(m) for m in re.findall(r"img/s ([0-9.]+)", result.stdout)]
+    return time.time() - start, rates
+
+
+def pretrain(out: Path, method: str, seed: int, steps: int, teacher_dir: Path) -> Path:
+    run_dir = out / f"{method}_seed{seed}"
+    settings = {**SETUPS["digits"], **(DISTILL if method == "maskdistill" else {})}
+    overrides = [f"{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in settings.items()]
+    overrides += teacher_overrides(teacher_dir) if method == "maskdistill" else []
+    overrides += [
+        f"run.output_dir={run_dir}",
+        f"run.seed={seed}",
+        f"train.max_steps={steps}",
+        f"checkpoint.every_steps={steps}",
+        "eval.knn_every=0",
+        "data.num_workers=1",
+        "train.progress_bar=false",
+        f"train.log_every={max(1, steps // 10)}",
+    ]
+    seconds, _ = run_train(DEMO, overrides)
+    print(f"{method} seed {seed}: {steps} steps in {seconds:.0f} s", flush=True)
+    return run_dir
+
+
+def probe(spec: str) -> dict:
+    from mimscale.eval.export import load_backbone
+
+    return score(load_backbone(spec), *DIGITS, pool="mean")
+
+
+def distill(out: Path, steps: int, seeds: list[int]) -> dict:
+    rows: dict[str, list[dict]] = {}
+    for seed in seeds:
+        for method in ("simmim", "maskdistill"):
+            run_dir = pretrain(out, method, seed, steps, out)
+            rows.setdefault(f"{method} {steps} steps", []).append(probe(str(run_dir)))
+        rows.setdefault("random init", []).append(probe(f"random:{out / f'simmim_seed{seed}'}"))
+    rows["supervised teacher (labels)"] = [probe(str(out / "supervised"))]
+    return rows
+
+
+def throughput(out: Path, steps: int) -> dict:
+    """Images/s of MaskDistill and MaskAlign with the same ViT-Tiny student and the same supervised teacher."""
+    common = [f"{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in SETUPS["digits"].items()]
+    common += teacher_overrides(out) + ["teacher.kind=timm", f"teacher.name={STUDENT}", "eval.knn_every=0"]
+    common += ["data.num_workers=1", "train.progress_bar=false", "train.log_every=5", f"train.max_steps={steps}"]
+    common += ["checkpoint.every_steps=100000", "method.target_norm=auto", "data.batch_size=32"]
+    result = {}
+    for method, extra in {
+        "maskdistill": ["mask.kind=auto", "mask.ratio=0.4", "teacher.layers=[-1]"],
+        "maskalign": ["mask.kind=attention_guided", "mask.ratio=0.7", "teacher.layers=[-2, -1]"],
+    }.items():
+        overrides = [*common, *extra, f"method.name={method}", f"run.output_dir={out / f'speed_{method}'}"]
+        _, rates = run_train(DEMO, overrides)
+        result[method] = statistics.median(rates[1:]) if len(rates) > 1 else float("nan")  # first line: warm-up
+        print(f"{method}: {result[method]:.1f} img/s (step lines {rates})", flush=True)
+    result["ratio"] = result["maskalign"] / result["maskdistill"]
+    return result
+
+
+def locality(out: Path, seed: int) -> dict:
+    from mimscale.data.stream import iter_eval_batches
+    from mimscale.eval.analysis import analyze_model
+    from mimscale.eval.export import load_backbone
+
+    specs = {
+        "SimMIM": str(out / f"simmim_seed{seed}"),
+        "MaskDistill": str(out / f"maskdistill_seed{seed}"),
+        "supervised": str(out / "supervised"),
+        "random init": f"random:{out / f'simmim_seed{seed}'}",
+    }
+    result = {}
+    for name, spec in specs.items():
+        loaded = load_backbone(spec)
+        common = {"image_size": loaded.image_size, "batch_size": 32, "mean": loaded.mean, "std": loaded.std}
+        images, _ = next(iter(iter_eval_batches(str(REPO / DIGITS[1]), **common)))
+        torch.manual_seed(0)
+        analysis = analyze_model(loaded.model, images, pool="mean", ratios=(0.0,))
+        result[name] = {
+            "distance": [sum(h) / len(h) for h in analysis["attention_distance"]],
+            "diversity": analysis["head_diversity"],
+            "uniform": analysis["uniform_attention_distance"],
+        }
+    return result
+
+
+def print_tables(results: dict) -> None:
+    if "teacher" in results:
+        t = results["teacher"]
+        print(f"\nsupervised teacher: digits val top-1 {100 * t['val_top1']:.1f} % ({t['seconds']:.0f} s)")
+    if "distill" in results:
+        print("\n| model (digits, mean pooling) | kNN top-1 per seed | linear top-1 per seed | mean kNN / linear |")
+        print("|---|---|---|---|")
+        for name, rows in results["distill"].items():
+            knn = [100 * r["knn"] for r in rows]
+            lin = [100 * r["linear"] for r in rows]
+            print(
+                f"| {name} | {' / '.join(f'{v:.1f}' for v in knn)} | {' / '.join(f'{v:.1f}' for v in lin)} | "
+                f"{statistics.mean(knn):.1f} / {statistics.mean(lin):.1f} |"
+            )
+    if "throughput" in results:
+        r = results["throughput"]
+        print(f"\nimages/s: MaskDistill {r['maskdistill']:.1f}, MaskAlign {r['maskalign']:.1f}, ratio {r['ratio']:.2f}")
+    if "locality" in results:
+        loc = results["locality"]
+        depth = len(next(iter(loc.values()))["distance"])
+        for key, title in (("distance", "mean attention distance (px)"), ("diversity", "head diversity (JS, nats)")):
+            print(f"\n| {title} | " + " | ".join(f"b{i + 1}" for i in range(depth)) + " |")
+            print("|---|" + "---|" * depth)
+            for name, row in loc.items():
+                print(
+                    f"| {name} | "
+                    + " | ".join(f"{v:.3f}" if key == "diversity" else f"{v:.1f}" for v in row[key])
+                    + " |"
+                )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/bench_claims")
+    parser.add_argument("--steps", type=int, default=300, help="pretraining steps per run (distill)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--teacher-epochs", type=int, default=15)
+    parser.add_argument("--speed-steps", type=int, default=30)
+    parser.add_argument("--only", nargs="+", default=["teacher", "distill", "throughput", "locality"])
+    args = parser.parse_args()
+    out = (REPO / args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    saved = out / "claims.json"
+    results = json.loads(saved.read_text()) if saved.is_file() else {}
+    if "teacher" in args.only:
+        results["teacher"] = train_teacher(out, args.teacher_epochs)
+    if "distill" in args.only:
+        results["distill"] = distill(out, args.steps, args.seeds)
+    if "throughput" in args.only:
+        results["throughput"] = throughput(out, args.speed_steps)
+    if "locality" in args.only:
+        results["locality"] = locality(out, args.seeds[0])
+    saved.write_text(json.dumps(results, indent=2) + "\n")
+    print_tables(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
