@@ -72,6 +72,10 @@ def expand_shards(pattern: str, key: str = "data.shards") -> list[Path]:
             if not found:
                 missing.append(candidate)
         paths.extend(Path(p) for p in found if p.endswith(".tar"))
+    irregular = [str(path) for path in paths if not path.is_file()]  # a FIFO or device would block or never end
+    if irregular:
+        raise ShardError(f"{key}={pattern!r}: {irregular[0]} is not a regular file (a FIFO, device or broken link); "
+                         "remove it or point the pattern at real shard files")  # fmt: skip
     if missing and paths:
         shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
         raise ShardError(f"{key}={pattern!r}: {len(missing)} shard file(s) do not exist: {shown}")

@@ -1,0 +1,32 @@
+"""Found by using main as a new user and an attacker would (acceptance pass): hostile shard folders, indexes and
+configs, each with the real components (real tars, real index files, the real stream)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mimscale.data.shards import ShardError
+from mimscale.data.stream import load_table
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "shards/sample"
+
+
+@pytest.fixture
+def sample_copy(tmp_path) -> Path:
+    folder = tmp_path / "sample"
+    shutil.copytree(SAMPLE, folder)
+    return folder
+
+
+@pytest.mark.parametrize("make", ["fifo", "device_link"])
+def test_a_shard_that_is_not_a_regular_file_is_named(sample_copy, make):
+    shard = sample_copy / "sample-002.tar"
+    shard.unlink()
+    os.mkfifo(shard) if make == "fifo" else shard.symlink_to("/dev/zero")
+    with pytest.raises(ShardError, match=r"data\.shards.*sample-002\.tar is not a regular file"):
+        load_table(f"{sample_copy}/*.tar", "data.shards", cache_dir=str(sample_copy.parent / "cache"))
