@@ -49,7 +49,12 @@ def info(args: argparse.Namespace) -> int:
         print(f"{kind.upper():<12} {message}")
     if not problems:
         hashes = "sizes and sha256 match" if files else "no hashes recorded (older checkpoint)"
-        print(f"integrity    ok: {hashes}; every .pt file loads weights-only")
+        safety = (
+            "pickles not checked (--trust-checkpoint)"
+            if ckpt.checkpoints_trusted()
+            else "every .pt file loads weights-only"
+        )
+        print(f"integrity    ok: {hashes}; {safety}")
     saved_cfg = meta["config"]
     from_dict(saved_cfg)  # the stored config must still be a valid config for this version
     if args.config:
