@@ -214,10 +214,17 @@ def _data_files(tag_dir: Path) -> list[str]:
 
 
 def _record_files(tag_dir: Path, rank: int, world_size: int) -> dict:
-    """{name: {size, sha256}} of every checkpoint file; the ranks hash disjoint shares (collective)."""
+    """{name: {size, sha256}} of every checkpoint file; the ranks hash disjoint shares (collective).
+
+    A file that cannot be read is recorded as {error} (every rank then sees it), never raised on one rank alone.
+    """
     names = distributed.broadcast_object(_data_files(tag_dir) if rank == 0 else None)
-    mine = {name: {"size": (tag_dir / name).stat().st_size, "sha256": _sha256(tag_dir / name)}
-            for name in names[rank::world_size]}  # fmt: skip
+    mine = {}
+    for name in names[rank::world_size]:
+        try:
+            mine[name] = {"size": (tag_dir / name).stat().st_size, "sha256": _sha256(tag_dir / name)}
+        except OSError as err:
+            mine[name] = {"error": f"{type(err).__name__}: {err}"}
     records = {}
     for share in distributed.all_gather_object(mine):
         records.update(share)
@@ -374,7 +381,10 @@ def save_checkpoint(engine, root: Path, step: int, meta: dict, rank: int) -> Pat
             "at a writable folder with room, then resume (--resume auto)"
         )
     meta = {**meta, "files": _record_files(tag_dir, rank, distributed.world_size())}
-    if rank == 0:
+    unreadable = [f"{name} ({record['error']})" for name, record in meta["files"].items() if "error" in record]
+    if unreadable:
+        error = f"could not read back {unreadable[0]}"
+    if rank == 0 and not error:
         try:
             write_atomic(tag_dir / MARKER, json.dumps(meta, indent=2, default=str))
             write_atomic(root / "latest", tag)
