@@ -4,6 +4,7 @@ configs, each with the real components (real tars, real index files, the real st
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -30,3 +31,20 @@ def test_a_shard_that_is_not_a_regular_file_is_named(sample_copy, make):
     os.mkfifo(shard) if make == "fifo" else shard.symlink_to("/dev/zero")
     with pytest.raises(ShardError, match=r"data\.shards.*sample-002\.tar is not a regular file"):
         load_table(f"{sample_copy}/*.tar", "data.shards", cache_dir=str(sample_copy.parent / "cache"))
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (b"\xd1\x80\xff garbage", "is not valid JSON"),
+        (b'{"shards": [{"name": 1}, {"x": 2}], "totals": 5}', "lists a shard without a name"),
+        (b'{"shards": [], "totals": [1]}', "'totals' is not an object"),
+    ],
+)
+def test_a_hostile_manifest_is_named_by_verify_and_inspect(sample_copy, content, problem, capsys):
+    from mimscale.cli import main
+
+    (sample_copy / "manifest.json").write_bytes(content)
+    for command in ("verify", "inspect"):
+        assert main(["shards", command, str(sample_copy)]) == 2
+        assert re.search(rf"error: .*manifest\.json.*{problem}", capsys.readouterr().err)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "mimscale-shards/2"  # /1 kept per-sample lists in the JSON
+MAX_MANIFEST_BYTES = 256 << 20  # per-shard facts only: ~150 B per shard
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
 LABEL_EXTS = ("cls", "label")
 
@@ -142,11 +143,20 @@ def load_manifest(folder: str | Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        with open(path, "rb") as handle:  # bounded: a hostile or runaway file is refused, not read whole
+            raw = handle.read(MAX_MANIFEST_BYTES + 1)
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise ShardError(f"{path} is larger than {MAX_MANIFEST_BYTES >> 20} MiB; it was not written by mimscale")
+        manifest = json.loads(raw.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ShardError(f"{path} is not valid JSON ({err}); delete it or re-run `mimscale shards create`") from err
     if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
         raise ShardError(f"{path} has no 'shards' list; it was not written by mimscale (delete it to re-index)")
+    for entry in manifest["shards"]:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
+            raise ShardError(f"{path} lists a shard without a name ({str(entry)[:80]}); delete it to re-index")
+    if not isinstance(manifest.get("totals", {}), dict):
+        raise ShardError(f"{path}: 'totals' is not an object; delete it to re-index")
     return manifest
 
 
