@@ -81,6 +81,14 @@ def test_damaged_newest_checkpoint_falls_back_to_the_newest_that_verifies(tmp_pa
         ckpt.find_resume_checkpoint(root, log=messages.append)
 
 
+def test_a_file_record_pointing_outside_the_checkpoint_is_damage(tmp_path):
+    tag_dir = make_checkpoint(tmp_path / "checkpoints", 2)
+    meta = json.loads((tag_dir / ckpt.MARKER).read_text())
+    for files in ({"../../etc/passwd": {"size": 1, "sha256": "0" * 64}}, {"rng_rank0.pt": {"size": "1"}}, ["x"]):
+        (tag_dir / ckpt.MARKER).write_text(json.dumps({**meta, "files": files}))
+        assert [kind for kind, _ in ckpt.verify_checkpoint(tag_dir)] == ["damaged"]
+
+
 @pytest.mark.parametrize("record", ["{not json", "{}", "[1, 2]", "\udcff"])
 def test_unreadable_mimscale_json_is_named_in_train_and_ckpt_info(tmp_path, capsys, record):
     tag_dir = make_checkpoint(tmp_path / "checkpoints", 2)

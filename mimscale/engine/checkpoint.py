@@ -255,6 +255,21 @@ def _check_file(tag_dir: Path, name: str, expected: dict | None, trusted: bool) 
     return None
 
 
+def _well_formed_record(files) -> bool:
+    """mimscale.json is hostile too: names must stay inside the checkpoint, sizes be ints, hashes be hex strings."""
+    if not isinstance(files, dict):
+        return False
+    for name, record in files.items():
+        parts = Path(name).parts
+        if Path(name).is_absolute() or ".." in parts or not parts:
+            return False
+        if not isinstance(record, dict) or not isinstance(record.get("size"), int):
+            return False
+        if not (isinstance(record.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", record["sha256"])):
+            return False
+    return True
+
+
 def verify_checkpoint(tag_dir: Path, rank: int = 0, world_size: int = 1, trusted: bool | None = None) -> list:
     """Problems of a complete checkpoint as [(kind, message)], the same list on every rank (collective).
 
@@ -267,6 +282,8 @@ def verify_checkpoint(tag_dir: Path, rank: int = 0, world_size: int = 1, trusted
     except CheckpointDamagedError as err:
         return [("damaged", str(err))]
     expected = meta.get("files") or {}
+    if not _well_formed_record(expected):
+        return [("damaged", f"{tag_dir / MARKER} has a malformed file record (names, sizes or sha256s)")]
     names = None
     if rank == 0:
         present = [p.relative_to(tag_dir).as_posix() for p in sorted(tag_dir.rglob("*.pt")) if ".tmp" not in p.name]
