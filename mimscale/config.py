@@ -453,6 +453,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must be a mapping of sections, got {type(raw).__name__}")
+    _refuse_glued_colons(raw, f"config file {path}")
     base = raw.pop("base", None)
     if base is None:
         return raw
@@ -480,7 +481,23 @@ def parse_override(text: str) -> tuple[str, str, Any]:
         raise ConfigError(f"override '{text}': value is not valid YAML: {err}") from err
     if isinstance(value, str) and _looks_like_float(value):
         value = float(value)  # YAML 1.1 reads "1e-4" as a string
+    _refuse_glued_colons(value, f"override '{text}'")
     return section, key, value
+
+
+def _refuse_glued_colons(value: Any, where: str) -> None:
+    """YAML reads ``{depth:2}`` as the key 'depth:2' with no value, which timm then drops without a word."""
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            if isinstance(key, str) and ":" in key and inner is None:
+                name, _, rest = key.partition(":")
+                raise ConfigError(
+                    f"{where}: '{key}' reads as a key with no value; put a space after the colon ({name}: {rest})"
+                )
+            _refuse_glued_colons(inner, where)
+    elif isinstance(value, list):
+        for inner in value:
+            _refuse_glued_colons(inner, where)
 
 
 def _set_dotted(section: dict, key: str, value: Any) -> dict:

@@ -127,3 +127,14 @@ def test_every_key_refuses_wrong_type_out_of_range_and_wrong_length_by_name(sect
 def test_reported_bad_values_are_config_errors_naming_the_key(override):
     with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
         load_config(None, [override])
+
+
+def test_flow_mapping_without_a_space_after_the_colon_is_refused(tmp_path):
+    """`{patch_size:8,depth:2}` is YAML for two keys with null values; timm would drop them without a word."""
+    with pytest.raises(ConfigError, match=r"'depth:2' reads as a key with no value.*depth: 2"):
+        load_config(None, ["model.student_args={patch_size: 8, depth:2}"])
+    config = tmp_path / "glued.yaml"
+    config.write_text("model:\n  student_args: {depth:2}\n")
+    with pytest.raises(ConfigError, match=r"glued.yaml.*'depth:2'"):
+        load_config(config)
+    assert load_config(None, ["model.student_args={patch_size: 8, depth: 2}"]).model.student_args["depth"] == 2
