@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import sys
 import tarfile
 from pathlib import Path
 
@@ -20,12 +21,19 @@ import torch
 from PIL import Image
 
 from mimscale.config import load_config
-from mimscale.data.device_decode import DeferredCrop, DeferredRows, DeviceDecodedStream, DeviceDecoder, device_decodable
+from mimscale.data.device_decode import (
+    DeferredCrop,
+    DeferredRows,
+    DeviceDecodedStream,
+    DeviceDecoder,
+    device_decodable,
+    jpeg_backend,
+)
 from mimscale.data.masking import build_mask_generator
 from mimscale.data.stream import build_train_loader
 
 REPO = Path(__file__).resolve().parents[1]
-BACKENDS = ["torchvision"] + (["torchcodec"] if __import__("importlib").util.find_spec("torchcodec") else [])
+BACKENDS = ["torchvision"] + (["torchcodec"] if jpeg_backend() == "torchcodec" else [])
 
 
 def _stream(shards: str, decode: str, *, batch: int = 16, size: int = 64, workers: int = 0, state=None):
@@ -147,3 +155,16 @@ def test_an_error_in_the_producer_thread_reaches_the_training_loop(mixed_shard, 
     wrapped = DeviceDecodedStream(_stream(str(tmp_path), "device", batch=4), DeviceDecoder("cpu", 64))
     with pytest.raises(BadImage, match="no image of a 4-image batch could be decoded"):
         next(iter(wrapped))
+
+
+def test_a_torchcodec_without_image_decoders_falls_back_to_torchvision(tmp_path, monkeypatch):
+    """torchcodec 0.11 (the release paired with torch 2.11, a GPU image's torch) imports but has no decode_jpeg."""
+    package = tmp_path / "torchcodec" / "decoders"
+    package.mkdir(parents=True)
+    (tmp_path / "torchcodec" / "__init__.py").write_text("__version__ = '0.11.1+cpu'\n")
+    (package / "__init__.py").write_text("class VideoDecoder:  # 0.11's decoders: video and audio only\n    pass\n")
+    for name in [name for name in sys.modules if name.split(".")[0] == "torchcodec"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert jpeg_backend() == "torchvision"
+    assert DeviceDecoder(torch.device("cpu"), 32).backend == "torchvision"

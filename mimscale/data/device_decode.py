@@ -102,10 +102,10 @@ class DeferredRows:
 
 
 def jpeg_backend() -> str:
-    """torchcodec when installed (the maintained batched nvJPEG decoder), else torchvision."""
+    """torchcodec when installed with its image decoder (0.12+), else torchvision."""
     try:
-        import torchcodec.decoders  # noqa: F401
-    except Exception:  # noqa: BLE001 - missing, or built against another torch/CUDA: use torchvision's
+        from torchcodec.decoders import decode_jpeg  # noqa: F401 - 0.11 and older have no image decoders
+    except Exception:  # noqa: BLE001 - missing, too old, or built against another torch/CUDA: use torchvision's
         return "torchvision"
     return "torchcodec"
 

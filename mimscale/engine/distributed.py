@@ -91,7 +91,10 @@ def set_collective_timeout(timeout_s: float) -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.set_timeout(datetime.timedelta(seconds=timeout_s))
+        # dist.set_timeout is public only in recent torch; older ones (2.11 on the lent GPU machine) have the
+        # private c10d function it wraps
+        set_timeout = getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout
+        set_timeout(datetime.timedelta(seconds=timeout_s))
 
 
 def _unlink_shm_allreduce_buffer(rank: int) -> None:
