@@ -9,6 +9,8 @@
 #   deepspeed 0.19.8       sdist only on PyPI: built here (DS_BUILD_OPS=0) into a pure py3-none-any wheel; its
 #                          ops JIT-build there if ever needed (the suite uses none: torch's fused AdamW)
 #     hjson, pydantic + pydantic-core (cp312 manylinux) + annotated-types + typing-inspection
+#     typing-extensions    the image has one of unknown version; pydantic-core needs >= 4.14.1 (Sentinel), and an
+#                          older one would lose the whole suite at `import deepspeed`, so carry it (45 KB)
 #   open_clip_torch 3.3.0  CLIP teachers at random weights;  ftfy -> wcwidth
 #   webdataset 1.0.2       shards;  braceexpand
 #   timm 1.0.31            the image has a timm of unknown version; our wrappers touch its internals
@@ -23,6 +25,7 @@ PY=${PYTHON:-python3}
 DEST=.whl
 PINS=(
     hjson==3.1.0 pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 typing-inspection==0.4.2
+    typing-extensions==4.16.0
     open-clip-torch==3.3.0 ftfy==6.3.1 wcwidth==0.7.0
     webdataset==1.0.2 braceexpand==0.1.7
     timm==1.0.31
