@@ -6,6 +6,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,3 +51,19 @@ def test_a_hostile_manifest_is_named_by_verify_and_inspect(sample_copy, content,
     for command in ("verify", "inspect"):
         assert main(["shards", command, str(sample_copy)]) == 2
         assert re.search(rf"error: .*manifest\.json.*{problem}", capsys.readouterr().err)
+
+
+def test_a_worker_error_ends_the_process_although_workers_block_sigterm(sample_copy):
+    """Workers inherit blocked SIGTERM (engine/preempt.py); if they are still alive at exit, multiprocessing's
+    terminate() + join() waits on them forever: a run stopped by a data error (e.g. a shard server gone) hung."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen([sys.executable, str(ROOT / "tests/acceptance_worker_error.py"), str(sample_copy)],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)  # fmt: skip
+    try:
+        output, _ = process.communicate(timeout=180)  # ~4 s when it works; a hang is forever
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail("the process hung at exit after a DataLoader worker error")
+    assert process.returncode == 2, output
+    assert "error: IndexFileError" in output and "point outside" in output

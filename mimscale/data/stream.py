@@ -411,10 +411,16 @@ class TrainStream:
     def __iter__(self) -> Iterator[dict]:
         if self.table.cache is not None:
             self._fetch_first_windows()
-        for (epoch, position), batch in zip(self._schedule().positions(), self._loader(), strict=False):
-            self.corrupt_count += int(batch.pop("_corrupt"))
-            self.epoch, self.position = epoch, position + self.per_stream  # the position after this batch
-            yield batch
+        batches = iter(self._loader())
+        try:
+            for (epoch, position), batch in zip(self._schedule().positions(), batches, strict=False):
+                self.corrupt_count += int(batch.pop("_corrupt"))
+                self.epoch, self.position = epoch, position + self.per_stream  # the position after this batch
+                yield batch
+        finally:  # an error or close(): the workers block SIGTERM (engine/preempt.py), so end them here and now;
+            stop = getattr(batches, "_shutdown_workers", None)  # left to exit, multiprocessing's terminate() + join()
+            if stop is not None:  # would wait on them forever
+                stop()
 
 
 def check_resumable(state: dict, *, fingerprint: str, num_samples: int, seed: int, streams: int, window: int) -> None:
