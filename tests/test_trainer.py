@@ -39,3 +39,39 @@ def test_trainer_logs_the_schedulers_lr_and_keeps_a_bounded_history(tmp_path):
         assert trainer.step == step and trainer.lr == pytest.approx(schedule[step - 1])
         assert trainer.engine.optimizer.param_groups[0]["lr"] == pytest.approx(schedule[step])  # next one already
     assert trainer.history.maxlen == HISTORY_LENGTH and trainer.samples_seen == 8
+
+
+@pytest.mark.usefixtures("one_rank", "one_torch_thread")
+def test_fit_closes_the_batch_iterator_when_a_step_fails(tmp_path):
+    """A failing step (a forward, a collective) must still shut the stream's workers down: left suspended, the
+    iterator keeps them alive and exit-time cleanup can wait for them forever."""
+    from mimscale.engine.distributed import init_distributed
+    from mimscale.engine.loop import Trainer
+    from mimscale.engine.metrics import StepLogger
+
+    cfg = load_config(None, TINY + [f"run.output_dir={tmp_path}"])
+    trainer = Trainer(cfg, init_distributed("cpu"))
+    closed = []
+
+    def batches():
+        try:
+            while True:
+                yield {}
+        finally:
+            closed.append(True)
+
+    class Stream:
+        def __iter__(self):
+            self.iterator = batches()  # still referenced after the failure, as a real run's objects may be
+            return self.iterator
+
+    def failing_step(iterator):
+        next(iterator)
+        raise RuntimeError("collective failed")
+
+    trainer.train_step = failing_step
+    logger = StepLogger(tmp_path, enabled=False, max_steps=5, start_step=0, progress=False)
+    stream = Stream()
+    with pytest.raises(RuntimeError, match="collective failed"):
+        trainer.fit(stream, logger)
+    assert closed == [True]

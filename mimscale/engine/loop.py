@@ -469,6 +469,15 @@ class Trainer:
             )
             return 0
         iterator = iter(stream)
+        try:
+            return self._fit(stream, iterator, logger)
+        finally:  # shut the DataLoader workers down now: left to exit-time cleanup they can hang the process
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+
+    def _fit(self, stream, iterator, logger: StepLogger) -> int:
+        cfg = self.cfg
         self.window = Window()
         first_step = self.step + 1
         while self.step < cfg.train.max_steps:
