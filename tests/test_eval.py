@@ -152,6 +152,39 @@ def test_zero0_bf16_export_uses_fp32_masters(tmp_path: Path, capsys) -> None:
     )  # each image is its own neighbour
 
 
+def test_zero0_bf16_export_of_a_frozen_sincos_table(tmp_path: Path) -> None:
+    """The optimizer groups hold trainable parameters only: a requires_grad=False position table (MaskAlign's
+    sincos_frozen) is not among the fp32 masters; export maps the groups without it and writes the exact table."""
+    from mimscale.config import load_config
+    from mimscale.engine.checkpoint import load_fp32_state
+    from mimscale.models.students import build_student
+
+    run = train_run(tmp_path / "run", [*TINY_VIT, "model.pos_embed_init=sincos_frozen"], 0, "bf16")
+    tag_dir = run / "checkpoints" / "step_00000002"
+    meta = json.loads((tag_dir / "mimscale.json").read_text())
+    assert meta["frozen_params"] == ["student.backbone.pos_embed"]
+    out = tmp_path / "export"
+    assert cli_main(["export", str(run), str(out)]) == 0  # was "the fp32 optimizer groups do not match"
+
+    loaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    exact = build_student(load_config(DEMO, [*TINY_VIT, "model.pos_embed_init=sincos_frozen"])).backbone.pos_embed
+    saved = torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)
+    assert saved["module"]["student.backbone.pos_embed"].dtype == torch.bfloat16
+    assert torch.equal(loaded.pos_embed, exact.detach())  # the fixed table in fp32, not its bf16 copy
+    masters = [t for group in saved["optimizer"]["fp32_groups"] for t in group]
+    qkv = loaded.blocks[0].attn.qkv.weight
+    assert any(torch.equal(qkv, m) for m in masters) and not torch.equal(qkv, qkv.bfloat16().float())
+
+    # a checkpoint written before frozen_params was recorded: the config names the frozen table
+    legacy = {k: v for k, v in meta.items() if k != "frozen_params"}
+    (tag_dir / "mimscale.json").write_text(json.dumps(legacy))
+    _, state = load_fp32_state(tag_dir)
+    assert torch.equal(state["student.backbone.blocks.0.attn.qkv.weight"], qkv)
+    (tag_dir / "mimscale.json").write_text(json.dumps({**meta, "frozen_params": "student.backbone.pos_embed"}))
+    with pytest.raises(ValueError, match="frozen_params must be a list"):
+        load_fp32_state(tag_dir)
+
+
 def test_incomplete_checkpoint_is_a_clear_error(tmp_path: Path, capsys) -> None:
     (tmp_path / "checkpoints" / "step_00000004").mkdir(parents=True)
     assert cli_main(["export", str(tmp_path), str(tmp_path / "out")]) == 2

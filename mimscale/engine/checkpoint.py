@@ -397,6 +397,7 @@ def save_checkpoint(engine, root: Path, step: int, meta: dict, rank: int) -> Pat
             f"The previous complete checkpoint ({previous}) is intact; free disk space or point run.output_dir "
             "at a writable folder with room, then resume (--resume auto)"
         )
+    meta = {**meta, "frozen_params": frozen_param_names(engine.module)}
     meta = {**meta, "files": _record_files(tag_dir, rank, distributed.world_size())}
     unreadable = [f"{name} ({record['error']})" for name, record in meta["files"].items() if "error" in record]
     if unreadable:
@@ -582,7 +583,7 @@ def load_fp32_state(tag_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """
     meta = read_meta(tag_dir)
     if meta.get("zero_stage", 0) == 0:
-        return meta, _zero0_fp32_state(tag_dir)
+        return meta, _zero0_fp32_state(tag_dir, meta)
     import io
 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -593,8 +594,26 @@ def load_fp32_state(tag_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return meta, {name: tensor.float() for name, tensor in state.items()}
 
 
-def _zero0_fp32_state(tag_dir: Path) -> dict[str, torch.Tensor]:
-    """ZeRO-0: the module weights, replaced by the optimizer's fp32 masters when training ran in bf16/fp16."""
+def frozen_param_names(module: torch.nn.Module) -> list[str]:
+    """Parameters the optimizer never saw (requires_grad=False, e.g. a sincos_frozen position table)."""
+    return [name for name, param in module.named_parameters() if not param.requires_grad]
+
+
+def _frozen_in_checkpoint(meta: dict) -> set[str]:
+    """Frozen parameter names of a checkpoint: recorded at save, or (older checkpoints) implied by the config."""
+    recorded = meta.get("frozen_params")
+    if recorded is not None:
+        if not isinstance(recorded, list) or not all(isinstance(name, str) for name in recorded):
+            raise ValueError(f"{MARKER}: frozen_params must be a list of parameter names, got {recorded!r:.200}")
+        return set(recorded)
+    model_cfg = (meta.get("config") or {}).get("model") or {}
+    return {"student.backbone.pos_embed"} if model_cfg.get("pos_embed_init") == "sincos_frozen" else set()
+
+
+def _zero0_fp32_state(tag_dir: Path, meta: dict) -> dict[str, torch.Tensor]:
+    """ZeRO-0: the module weights, replaced by the optimizer's fp32 masters when training ran in bf16/fp16.
+
+    The optimizer groups hold the trainable parameters only; frozen ones keep their module value."""
     from mimscale.engine.optim import decay_split
 
     saved = load_file(tag_dir / ZERO0_MODEL_FILE)
@@ -607,10 +626,13 @@ def _zero0_fp32_state(tag_dir: Path) -> dict[str, torch.Tensor]:
             f"note: {tag_dir} holds no fp32 master weights; reading its low-precision weights as fp32", file=sys.stderr
         )
         return {name: tensor.float() for name, tensor in module.items()}
-    buffers = set(saved.get("buffer_names") or [])
-    groups = [g for g in decay_split((n, t) for n, t in module.items() if n not in buffers) if g]
+    untrained = set(saved.get("buffer_names") or []) | _frozen_in_checkpoint(meta)
+    groups = [g for g in decay_split((n, t) for n, t in module.items() if n not in untrained) if g]
     if [len(g) for g in groups] != [len(g) for g in fp32_groups]:
-        raise ValueError(f"{tag_dir}: the fp32 optimizer groups do not match the module's parameters")
+        raise ValueError(
+            f"{tag_dir}: the fp32 optimizer groups ({[len(g) for g in fp32_groups]} tensors) do not match the "
+            f"module's trainable parameters ({[len(g) for g in groups]}); was it written by another mimscale version?"
+        )
     state = {name: tensor.float() for name, tensor in module.items()}
     for names, masters in zip(groups, fp32_groups, strict=True):
         for name, master in zip(names, masters, strict=True):

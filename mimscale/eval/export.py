@@ -42,6 +42,22 @@ class LoadedBackbone:
     source: str
 
 
+def _exact_frozen_pos_embed(student: Student, student_state: dict, cfg: Config, tag_dir: Path) -> dict:
+    """A sincos_frozen table in exact fp32: the checkpoint holds it in the training precision (bf16 rounds it
+    by up to ~4e-3) since no optimizer keeps a master of a frozen parameter. Checked against the saved copy."""
+    name = "backbone.pos_embed"
+    if cfg.model.pos_embed_init != "sincos_frozen" or name not in student_state:
+        return {}
+    exact = student.backbone.pos_embed.detach().float()
+    saved = student_state[name]
+    if tuple(saved.shape) != tuple(exact.shape) or not torch.allclose(saved.float(), exact, atol=1e-2):
+        raise ValueError(
+            f"{tag_dir}: the saved position table is not the fixed sin-cos table model.pos_embed_init "
+            "=sincos_frozen promises; was it written by another mimscale version?"
+        )
+    return {name: exact.clone()}
+
+
 def load_student(path: str | Path, tag: str | None = None) -> tuple[Student, Config, dict, dict]:
     """Rebuild the trained student from a checkpoint: (student, config, metadata, full fp32 method state)."""
     tag_dir = ckpt.checkpoint_dir(Path(path), tag)
@@ -50,7 +66,8 @@ def load_student(path: str | Path, tag: str | None = None) -> tuple[Student, Con
     torch.manual_seed(cfg.run.seed)
     student = build_student(cfg)
     student_state = {k[len(STUDENT_PREFIX) :]: v for k, v in state.items() if k.startswith(STUDENT_PREFIX)}
-    missing, unexpected = student.load_state_dict(student_state, strict=False)
+    fixed_table = _exact_frozen_pos_embed(student, student_state, cfg, tag_dir)
+    missing, unexpected = student.load_state_dict({**student_state, **fixed_table}, strict=False)
     persistent = set(student.state_dict())
     missing = [k for k in missing if k in persistent]
     if missing or unexpected:
