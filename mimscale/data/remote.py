@@ -42,6 +42,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from braceexpand import braceexpand
+
 SCHEMES = ("file", "http", "https", "s3", "gs", "gcs", "pipe")
 OBJECT_STORE_PACKAGES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}
 CHUNK = 1 << 20
@@ -107,19 +109,8 @@ def file_url_path(url: str) -> str:
 
 
 def brace_expand(pattern: str) -> list[str]:
-    """Expand ``{000..009}`` ranges (zero padding kept) and ``{a,b}`` lists, left to right."""
-    match = re.search(r"\{([^{}]*)\}", pattern)
-    if not match:
-        return [pattern]
-    head, body, tail = pattern[: match.start()], match.group(1), pattern[match.end() :]
-    numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if numeric:
-        lo, hi = numeric.groups()
-        width = len(lo) if lo.startswith("0") else 0
-        choices = [str(value).zfill(width) for value in range(int(lo), int(hi) + 1)]
-    else:
-        choices = body.split(",")
-    return [expanded for choice in choices for expanded in brace_expand(head + choice + tail)]
+    """Expand ``{000..009}`` ranges (zero padding kept) and ``{a,b}`` lists, as WebDataset does (braceexpand)."""
+    return list(braceexpand(pattern))
 
 
 def expand(spec: str, key: str = "data.shards") -> list[str]:

@@ -19,6 +19,8 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mimscale.data.remote import brace_expand
+
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "mimscale-shards/2"  # /1 kept per-sample lists in the JSON
 MAX_MANIFEST_BYTES = 256 << 20  # per-shard facts only: ~150 B per shard
@@ -31,22 +33,6 @@ class ShardError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------- patterns
-
-
-def _brace_expand(pattern: str) -> list[str]:
-    """Expand ``{000..009}`` ranges (zero padding kept) and ``{a,b}`` lists, left to right."""
-    match = re.search(r"\{([^{}]*)\}", pattern)
-    if not match:
-        return [pattern]
-    head, body, tail = pattern[: match.start()], match.group(1), pattern[match.end() :]
-    numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if numeric:
-        lo, hi = numeric.groups()
-        width = len(lo) if lo.startswith("0") else 0
-        choices = [str(value).zfill(width) for value in range(int(lo), int(hi) + 1)]
-    else:
-        choices = body.split(",")
-    return [expanded for choice in choices for expanded in _brace_expand(head + choice + tail)]
 
 
 def expand_shards(pattern: str, key: str = "data.shards") -> list[Path]:
@@ -63,7 +49,7 @@ def expand_shards(pattern: str, key: str = "data.shards") -> list[Path]:
         raise ShardError(f"{key}={pattern!r}: remote URLs are not supported; copy or mount the shards locally")
     paths: list[Path] = []
     missing: list[str] = []
-    for candidate in _brace_expand(pattern):
+    for candidate in brace_expand(pattern):
         if os.path.isdir(candidate):
             found = sorted(glob.glob(os.path.join(candidate, "*.tar")))
         elif glob.has_magic(candidate):
