@@ -180,7 +180,11 @@ RELAX = {
 
 
 def few_image_shards(out: Path, count: int) -> Path:
-    """The first ``count`` images of the digits train shards as their own shard set (``mimscale shards create``)."""
+    """The first ``count`` images of the digits train shards as their own shard set (``mimscale shards create``).
+
+    Each image is written ``copies`` times (under its own key) so that one epoch fills at least one batch of 32:
+    every copy gets its own crop and mask, the many views of few images that the few-image claim is about.
+    """
     import tarfile
 
     target = out / f"digits_{count}"
@@ -195,7 +199,9 @@ def few_image_shards(out: Path, count: int) -> Path:
             key = image.name.rsplit(".", 1)[0]
             label = tar.extractfile(labels[key]).read().decode().strip()
             (folder / label).mkdir(parents=True, exist_ok=True)
-            (folder / label / image.name).write_bytes(tar.extractfile(image).read())
+            data = tar.extractfile(image).read()
+            for copy in range(-(-32 // count)):
+                (folder / label / f"{key}_{copy:02d}.png").write_bytes(data)
     cmd = [sys.executable, "-m", "mimscale.cli", "shards", "create", str(folder), str(target), "--format", "png"]
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     return target
