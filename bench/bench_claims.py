@@ -207,16 +207,17 @@ def few_image_shards(out: Path, count: int) -> Path:
     return target
 
 
-def relax(out: Path, counts: list[int], steps: int) -> dict:
+def relax(out: Path, counts: list[int], steps: int, seed: int = 0) -> dict:
     """RelaxMIM pretrained on 1 and 10 digit images vs random init: frozen features on the full digits train -> val."""
     rows = {}
     for count in counts:
         shards = few_image_shards(out, count)
-        run_dir = out / f"relaxmim_{count}img"
+        run_dir = out / f"relaxmim_{count}img" if seed == 0 else out / f"relaxmim_{count}img_seed{seed}"
         settings = {**SETUPS["digits"], **RELAX, "data.shards": f"{shards}/*.tar"}
         overrides = [f"{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in settings.items()]
         overrides += [
             f"run.output_dir={run_dir}",
+            f"run.seed={seed}",
             f"train.max_steps={steps}",
             f"checkpoint.every_steps={steps}",
             "eval.knn_every=0",
@@ -225,9 +226,10 @@ def relax(out: Path, counts: list[int], steps: int) -> dict:
             f"train.log_every={max(1, steps // 10)}",
         ]
         seconds, _ = run_train(DEMO, overrides)
-        print(f"relaxmim on {count} image(s): {steps} steps in {seconds:.0f} s", flush=True)
+        print(f"relaxmim seed {seed} on {count} image(s): {steps} steps in {seconds:.0f} s", flush=True)
         rows[f"RelaxMIM on {count} image(s), {steps} steps"] = [probe(str(run_dir))]
-    rows["random init"] = [probe(f"random:{out / f'relaxmim_{counts[0]}img'}")]
+        last_run = run_dir
+    rows["random init"] = [probe(f"random:{last_run}")]
     return rows
 
 
@@ -292,8 +294,8 @@ def print_tables(results: dict) -> None:
     if "teacher" in results:
         t = results["teacher"]
         print(f"\nsupervised teacher: digits val top-1 {100 * t['val_top1']:.1f} % ({t['seconds']:.0f} s)")
-    for section in ("distill", "relax"):
-        if section in results:
+    for section in results:
+        if section == "distill" or section.startswith("relax"):
             print_probe_table(results[section])
     if "throughput" in results:
         r = results["throughput"]
@@ -322,6 +324,7 @@ def main() -> int:
     parser.add_argument("--teacher-shift", type=int, default=4, help="random-shift augmentation of the teacher, px")
     parser.add_argument("--relax-images", type=int, nargs="+", default=[1, 10])
     parser.add_argument("--relax-steps", type=int, default=300)
+    parser.add_argument("--relax-seed", type=int, default=0)
     parser.add_argument("--only", nargs="+", default=["teacher", "distill", "throughput", "relax", "locality"])
     args = parser.parse_args()
     out = (REPO / args.out).resolve()
@@ -334,7 +337,8 @@ def main() -> int:
     if "distill" in args.only:
         results["distill"] = distill(out, args.steps, args.seeds)
     if "relax" in args.only:
-        results["relax"] = relax(out, args.relax_images, args.relax_steps)
+        key = "relax" if args.relax_seed == 0 else f"relax_seed{args.relax_seed}"
+        results[key] = relax(out, args.relax_images, args.relax_steps, args.relax_seed)
     if "throughput" in args.only:
         results["throughput"] = throughput(out, args.speed_steps)
     if "locality" in args.only:
