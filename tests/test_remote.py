@@ -178,6 +178,43 @@ def test_one_download_per_node_with_racing_processes(tmp_path):
         assert server.requests[NAMES[0]] == 1 and server.requests[NAMES[1]] == 1
 
 
+def test_a_reader_pinning_the_file_never_blocks_a_process_that_found_it_missing(tmp_path, server, monkeypatch):
+    """Two ranks start together: one sees no file, the other downloads it and pins it for its whole life (the
+    published index). The first must then find the file, not wait for an exclusive lock behind that pin (the old
+    code hung the 2-rank remote resume there). The other process is played by this test's own lock file handle."""
+    import fcntl
+
+    cache = cache_in(tmp_path)
+    url = server.url(NAMES[0])
+    final = cache.path_for(url)
+    other = os.open(cache.dir / remote.LOCK_DIR / final.name, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(other, fcntl.LOCK_SH)  # the other process checks too: the file is missing
+    outcome: list = []
+    finder = threading.Thread(target=lambda: outcome.append(cache.local_path(url)), daemon=True)
+    finder.start()
+    time.sleep(1.0)  # the finder has seen no file and now wants the exclusive lock, which the pin keeps from it
+    assert finder.is_alive() and not outcome
+    tmp = final.with_name(".placed")
+    tmp.write_bytes((SAMPLE / NAMES[0]).read_bytes())
+    os.replace(tmp, final)  # the other process's download lands; it keeps its shared lock (its pin)
+    finder.join(30)
+    assert outcome == [final] and not finder.is_alive(), "local_path waited behind a reader's pin"
+    assert server.requests[NAMES[0]] == 0 and sha(final) == sha(SAMPLE / NAMES[0])
+    cache.release(url)
+
+    monkeypatch.setattr(remote, "ORPHAN_WAIT_S", 0.5)
+    lost = cache.path_for(server.url(NAMES[1]))  # pinned elsewhere, then deleted from the cache by hand
+    orphan = os.open(cache.dir / remote.LOCK_DIR / lost.name, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(orphan, fcntl.LOCK_SH)
+    started = time.monotonic()
+    with pytest.raises(RemoteError, match=r"deleted from the shard cache while another process .* still uses it"):
+        cache.local_path(server.url(NAMES[1]))
+    assert time.monotonic() - started < 30 and server.requests[NAMES[1]] == 0
+    os.close(orphan)
+    os.close(other)
+    cache.close()
+
+
 def test_eviction_respects_the_limit_and_never_evicts_a_shard_in_use(tmp_path, server):
     sizes = {name: (SAMPLE / name).stat().st_size for name in NAMES}
     limit = sizes[NAMES[0]] + sizes[NAMES[1]] + 1  # room for two shards, never three

@@ -50,6 +50,7 @@ CHUNK = 1 << 20
 LOCK_DIR = ".locks"
 PART_MARK = ".part-"
 MAX_BACKOFF_S = 30.0
+ORPHAN_WAIT_S = 120.0  # a shard missing this long while others hold it shared was deleted by hand
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
@@ -150,21 +151,24 @@ def _expand_one(part: str, key: str) -> list[str]:
 
 
 def _expand_local(pattern: str, shown: str, key: str) -> list[str]:
+    """Local .tar files of one pattern: a file, a folder (its *.tar), a glob, each after brace expansion."""
     paths: list[str] = []
     missing: list[str] = []
     for candidate in brace_expand(pattern):
         if os.path.isdir(candidate):
-            found = sorted(glob.glob(os.path.join(glob.escape(candidate), "*.tar")))
+            found = glob.glob(os.path.join(glob.escape(candidate), "*.tar"))
         elif glob.has_magic(candidate):
-            found = sorted(p for p in glob.glob(candidate) if p.endswith(".tar"))
+            found = [path for path in glob.glob(candidate) if path.endswith(".tar")]
+        elif os.path.lexists(candidate):  # a broken link is named below, not reported as missing
+            found = [candidate] if candidate.endswith(".tar") else []
         else:
-            found = [candidate] if os.path.lexists(candidate) else []
-            if not found:
-                missing.append(candidate)
-        for path in found:
-            if not os.path.isfile(path):  # a FIFO or device named x.tar would hang or never end
-                raise RemoteError(f"{key}={shown!r}: {path} is not a regular file; remove it or narrow the pattern")
-        paths.extend(p for p in found if p.endswith(".tar"))
+            missing.append(candidate)
+            continue
+        irregular = [path for path in found if not os.path.isfile(path)]  # a FIFO or device would hang or never end
+        if irregular:
+            raise RemoteError(f"{key}={shown!r}: {irregular[0]} is not a regular file (a FIFO, device or broken "
+                              "link); remove it or point the pattern at real shard files")  # fmt: skip
+        paths.extend(found)
     if missing and paths:
         listed = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
         raise RemoteError(f"{key}={shown!r}: {len(missing)} shard file(s) do not exist: {listed}")
@@ -576,22 +580,49 @@ class ShardCache:
         return self.path_for(location)
 
     def _pin(self, location: str) -> int:
+        """Hold the shard's lock shared with the file present, downloading it first if nobody has.
+
+        Only the shared lock is ever waited for. The exclusive one is tried without waiting: a process that waited
+        for it after seeing no file would wait behind every reader that pins the file meanwhile (a rank pins the
+        published index for its whole life), which deadlocked two ranks starting together."""
         final = self.path_for(location)
         fd = self._lock_fd(final.name)
+        spun = 0.0  # seconds spent looking again while others held the lock shared and the file was missing
         try:
             while True:
-                fcntl.flock(fd, fcntl.LOCK_SH)  # waits while another process downloads or evicts it
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:  # another process downloads or evicts it: wait for that
+                    spun = 0.0
+                    fcntl.flock(fd, fcntl.LOCK_SH)
                 if final.exists():
                     os.utime(final)  # recency for eviction
                     return fd
                 fcntl.flock(fd, fcntl.LOCK_UN)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                if not final.exists():  # nobody fetched it while we waited: our turn
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:  # another process checks too, or just started the download: look again
+                    if spun > ORPHAN_WAIT_S:
+                        raise self._orphaned(final) from None
+                    pause = random.uniform(0.01, 0.05)
+                    time.sleep(pause)
+                    spun += pause
+                    continue
+                if not final.exists():  # nobody fetched it meanwhile: our turn
                     self._download(location, wait_for_space=True)
                 fcntl.flock(fd, fcntl.LOCK_UN)  # then pin it shared (the loop re-checks it is still there)
         except BaseException:
             _close_lock(fd)
             raise
+
+    @staticmethod
+    def _orphaned(final: Path) -> RemoteError:
+        """Readers pin only a file they see, so it stays missing under their shared locks for moments only, unless
+        someone deleted it from the cache by hand while a process of this node still had it pinned."""
+        return RemoteError(
+            f"{final} was deleted from the shard cache while another process of this node still uses it; stop the "
+            f"processes using {final.parent} (or choose another data.cache_dir) and start again"
+        )
 
     def release(self, location: str, *, drop: bool = False) -> None:
         """Done with a shard for now: unpin it (it may be evicted); ``drop`` evicts it at once if nobody uses it."""
