@@ -399,7 +399,8 @@ class TrainStream:
                           prefetch_factor=2 if workers else None, persistent_workers=False)  # fmt: skip
 
     def _fetch_first_windows(self) -> None:
-        """Remote shards: fetch this rank's current and next windows from the main process while workers start."""
+        """Remote shards: fetch this rank's current and next windows from the main process while workers start (after
+        they forked: a fork while a download thread runs could copy a held lock into the worker)."""
         plan = EpochPlan(self.table.counts, seed=self.seed, epoch=self.epoch, streams=self.streams,
                          window=self.window)  # fmt: skip
         rows = (self.rank * self.batch_size, (self.rank + 1) * self.batch_size - 1)
@@ -409,9 +410,9 @@ class TrainStream:
             self.table.prefetch([*plan.window_shards(stream, window), *plan.window_shards(stream, window + 1)])
 
     def __iter__(self) -> Iterator[dict]:
+        batches = iter(self._loader())  # forks the workers before this process starts any download thread
         if self.table.cache is not None:
             self._fetch_first_windows()
-        batches = iter(self._loader())
         try:
             for (epoch, position), batch in zip(self._schedule().positions(), batches, strict=False):
                 self.corrupt_count += int(batch.pop("_corrupt"))
