@@ -77,15 +77,27 @@ def launcher_cmd(ranks: int, *args: str) -> list[str]:
     ]
 
 
-def launch(ranks: int, *args: str, env=None, timeout=240) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        launcher_cmd(ranks, *args), cwd=REPO, env=env or env_with(), capture_output=True, text=True, timeout=timeout
-    )
+def run_capped(command: list[str], *, env=None, timeout: float = 400) -> subprocess.CompletedProcess:
+    """Run a command in its own session; past ``timeout`` kill the whole tree (launcher, ranks, workers, so nothing
+    lingers to load the next test) and fail with what it printed, so a hang shows where it stopped."""
+    process = subprocess.Popen(command, cwd=REPO, env=env or env_with(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{' '.join(command[:6])} ... still ran after {timeout} s\n{stdout[-4000:]}\n{stderr[-4000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
-def train_single(*args: str, env=None, timeout=240) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "mimscale.cli", "train", "--config", str(DEMO), *args]
-    return subprocess.run(command, cwd=REPO, env=env or env_with(), capture_output=True, text=True, timeout=timeout)
+def launch(ranks: int, *args: str, env=None, timeout=400) -> subprocess.CompletedProcess:
+    return run_capped(launcher_cmd(ranks, *args), env=env, timeout=timeout)
+
+
+def train_single(*args: str, env=None, timeout=400) -> subprocess.CompletedProcess:
+    return run_capped([sys.executable, "-m", "mimscale.cli", "train", "--config", str(DEMO), *args], env=env,
+                      timeout=timeout)  # fmt: skip
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -445,7 +457,7 @@ def test_giant_preset_runs_a_zero3_step_on_two_cpu_ranks(tmp_path, preset):
     ]
     command = launcher_cmd(2, *(arg for item in settings for arg in ("--set", item)))
     command[command.index(str(DEMO))] = str(REPO / "configs" / f"{preset}.yaml")
-    result = ok(subprocess.run(command, cwd=REPO, env=env_with(), capture_output=True, text=True, timeout=400))
+    result = ok(run_capped(command))
     assert "step 1/1 | loss " in result.stdout
     ds_config = (tmp_path / preset / "deepspeed_config.json").read_text()
     assert '"stage": 3' in ds_config and '"bf16": {\n    "enabled": true' in ds_config
@@ -492,9 +504,9 @@ def test_frozen_sincos_table_survives_zero3_checkpoints_and_the_universal_resume
     args = [arg for item in settings for arg in ("--set", item)]
     first = launcher_cmd(2, *args, "--set", "train.stop_at_step=2")
     first[first.index(str(DEMO))] = config
-    ok(subprocess.run(first, cwd=REPO, env=env_with(), capture_output=True, text=True, timeout=400))
+    ok(run_capped(first))
     resume = [sys.executable, "-m", "mimscale.cli", "train", "--config", config, *args, "--set", "data.batch_size=4"]
-    resumed = ok(subprocess.run(resume, cwd=REPO, env=env_with(), capture_output=True, text=True, timeout=400))
+    resumed = ok(run_capped(resume))
     assert "universal checkpoint" in resumed.stdout and "at step 2" in resumed.stdout
     table = build_sincos2d_pos_embed([8, 8], dim=192).to(torch.bfloat16).float()
     before, after = weights(run_dir, 2), weights(run_dir, 3)
