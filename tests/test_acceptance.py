@@ -27,13 +27,16 @@ def sample_copy(tmp_path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("make", ["fifo", "device_link"])
+@pytest.mark.parametrize("make", ["fifo", "device_link", "broken_link"])
 def test_a_shard_that_is_not_a_regular_file_is_named(sample_copy, make):
     shard = sample_copy / "sample-002.tar"
     shard.unlink()
-    os.mkfifo(shard) if make == "fifo" else shard.symlink_to("/dev/zero")
-    with pytest.raises(ShardError, match=r"data\.shards.*sample-002\.tar is not a regular file"):
-        load_table(f"{sample_copy}/*.tar", "data.shards", cache_dir=str(sample_copy.parent / "cache"))
+    targets = {"device_link": "/dev/zero", "broken_link": str(sample_copy / "moved-away.tar")}
+    os.mkfifo(shard) if make == "fifo" else shard.symlink_to(targets[make])
+    problem = r"sample-002\.tar is not a regular file \(a FIFO, device or broken link\)"
+    for pattern in (f"{sample_copy}/*.tar", str(sample_copy), f"{sample_copy}/sample-{{000..003}}.tar"):
+        with pytest.raises(ShardError, match=rf"data\.shards.*{problem}"):
+            load_table(pattern, "data.shards", cache_dir=str(sample_copy.parent / "cache"))
 
 
 @pytest.mark.parametrize(

@@ -9,17 +9,15 @@ on first use, by reading tar headers only.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import io
 import json
 import os
-import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mimscale.data.remote import brace_expand
+from mimscale.data import remote
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "mimscale-shards/2"  # /1 kept per-sample lists in the JSON
@@ -36,42 +34,16 @@ class ShardError(ValueError):
 
 
 def expand_shards(pattern: str, key: str = "data.shards") -> list[Path]:
-    """Resolve a path, folder, glob or brace pattern (or several joined by ``::``) to existing tar files.
-
-    ``key`` names the config key in errors so the user knows what to change.
+    """Local tar files of a path, folder, glob or brace pattern (or several joined by ``::``), for callers that read
+    only local files. The expansion is ``remote.expand``'s, the one that also takes URLs, so both agree on every
+    pattern and every refusal. ``key`` names the config key in errors so the user knows what to change.
     """
-    if not pattern or not pattern.strip():
-        raise ShardError(f"{key} is empty; set it to a shard path, glob or brace pattern (e.g. shards/sample/*.tar)")
-    if "::" in pattern:  # several sets, WebDataset style: a/*.tar::b/{000..009}.tar
-        parts = [expand_shards(part, key) for part in pattern.split("::") if part.strip()]
-        return list(dict.fromkeys(path for part in parts for path in part))
-    if re.match(r"^[a-z][a-z0-9+]*://|^pipe:", pattern):
-        raise ShardError(f"{key}={pattern!r}: remote URLs are not supported; copy or mount the shards locally")
-    paths: list[Path] = []
-    missing: list[str] = []
-    for candidate in brace_expand(pattern):
-        if os.path.isdir(candidate):
-            found = sorted(glob.glob(os.path.join(candidate, "*.tar")))
-        elif glob.has_magic(candidate):
-            found = sorted(glob.glob(candidate))
-        else:
-            found = [candidate] if os.path.isfile(candidate) else []
-            if not found:
-                missing.append(candidate)
-        paths.extend(Path(p) for p in found if p.endswith(".tar"))
-    irregular = [str(path) for path in paths if not path.is_file()]  # a FIFO or device would block or never end
-    if irregular:
-        raise ShardError(f"{key}={pattern!r}: {irregular[0]} is not a regular file (a FIFO, device or broken link); "
-                         "remove it or point the pattern at real shard files")  # fmt: skip
-    if missing and paths:
-        shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
-        raise ShardError(f"{key}={pattern!r}: {len(missing)} shard file(s) do not exist: {shown}")
-    if not paths:
-        raise ShardError(
-            f"{key}={pattern!r} matches no .tar shard files (cwd {os.getcwd()}); "
-            "check the path, or build shards with `mimscale shards create SRC OUT`"
-        )
-    return sorted(set(paths), key=lambda p: (str(p.parent), p.name))
+    if pattern and any(remote.is_url(part) for part in pattern.split("::") if part.strip()):
+        raise ShardError(f"{key}={pattern!r}: remote URLs are not supported here; copy or mount the shards locally")
+    try:
+        return [Path(path) for path in remote.expand(pattern, key)]
+    except remote.RemoteError as err:
+        raise ShardError(str(err)) from err
 
 
 # ----------------------------------------------------------------------------------------------- index
