@@ -39,6 +39,20 @@ def test_a_shard_that_is_not_a_regular_file_is_named(sample_copy, make):
             load_table(pattern, "data.shards", cache_dir=str(sample_copy.parent / "cache"))
 
 
+@pytest.mark.parametrize("make", ["folder", "fifo"])
+def test_an_index_path_that_is_not_a_regular_file_is_left_alone(sample_copy, make, capsys):
+    """A folder or FIFO named samples.idx is neither read (a FIFO would block) nor replaced: the index is built in
+    the cache instead, and the stream reads every sample."""
+    index = sample_copy / "samples.idx"
+    index.unlink()
+    index.mkdir() if make == "folder" else os.mkfifo(index)
+    table = load_table(f"{sample_copy}/*.tar", "data.shards", cache_dir=str(sample_copy.parent / "cache"))
+    assert sum(table.counts) == sum(load_table(f"{SAMPLE}/*.tar", "data.shards").counts)
+    assert (index.is_dir() if make == "folder" else index.is_fifo()) and not list(sample_copy.glob("samples.idx.*"))
+    assert "samples.idx is not a regular file" in capsys.readouterr().err
+    assert list((sample_copy.parent / "cache" / "index").glob("*.idx"))
+
+
 @pytest.mark.parametrize(
     "content, problem",
     [

@@ -445,7 +445,12 @@ def folder_index(folder: str, names: list[str], *, cache_dir: str | Path | None 
             break
     if not build:
         raise ShardError(f"{folder} has no index; run `mimscale shards index {folder}`")
-    target = beside if os.access(folder, os.W_OK) and not prefer_cache else cached
+    in_folder = os.access(folder, os.W_OK) and not prefer_cache
+    if in_folder and os.path.lexists(beside) and not beside.is_file():
+        print(f"mimscale data: {beside} is not a regular file (a folder, FIFO or broken link), so it is neither "
+              f"read nor replaced; the index goes to {cached}", file=sys.stderr)  # fmt: skip
+        in_folder = False
+    target = beside if in_folder else cached
     with _locked(target):
         index = _open_if_valid(target)  # another rank may have built it while this one waited
         if index is not None and all(n in index.position and _matches(index, Path(folder) / n) for n in names):
