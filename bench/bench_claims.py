@@ -296,11 +296,11 @@ def print_tables(results: dict) -> None:
     if "throughput" in results:
         r = results["throughput"]
         print(f"\nimages/s: MaskDistill {r['maskdistill']:.1f}, MaskAlign {r['maskalign']:.1f}, ratio {r['ratio']:.2f}")
-    if "locality" in results:
-        loc = results["locality"]
+    for section in (name for name in results if name.startswith("locality")):
+        loc = results[section]
         depth = len(next(iter(loc.values()))["distance"])
         for key, title in (("distance", "mean attention distance (px)"), ("diversity", "head diversity (JS, nats)")):
-            print(f"\n| {title} | " + " | ".join(f"b{i + 1}" for i in range(depth)) + " |")
+            print(f"\n| {title}, {section} | " + " | ".join(f"b{i + 1}" for i in range(depth)) + " |")
             print("|---|" + "---|" * depth)
             for name, row in loc.items():
                 print(
@@ -337,8 +337,9 @@ def main() -> int:
         results[key] = relax(out, args.relax_images, args.relax_steps, args.relax_seed)
     if "throughput" in args.only:
         results["throughput"] = throughput(out, args.speed_steps)
-    if "locality" in args.only:
-        results["locality"] = locality(out, args.seeds[0])
+    if "locality" in args.only:  # one section per seed: "locality" (seed 0), "locality_seed1", ...
+        for seed in args.seeds:
+            results["locality" if seed == 0 else f"locality_seed{seed}"] = locality(out, seed)
     saved.write_text(json.dumps(results, indent=2) + "\n")
     print_tables(results)
     return 0
