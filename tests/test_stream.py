@@ -16,7 +16,7 @@ from mimscale.config import load_config
 from mimscale.data.masking import build_mask_generator
 from mimscale.data.order import EpochPlan, epoch_sequence
 from mimscale.data.shards import ShardError, expand_shards, write_manifest, write_shard
-from mimscale.data.stream import build_train_loader, iter_eval_batches
+from mimscale.data.stream import build_train_loader, iter_eval_batches, load_table
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = str(ROOT / "shards/sample/*.tar")
@@ -334,7 +334,6 @@ def test_start_up_memory_is_per_shard_not_per_sample(tmp_path):
     import tracemalloc
 
     from mimscale.data.index import SAMPLE_DTYPE, IndexWriter
-    from mimscale.data.stream import load_table
 
     shards, per_shard = 1000, 1000
     names = [f"{n:06d}.tar" for n in range(shards)]
@@ -386,6 +385,27 @@ def test_remote_shards_stream_the_same_batches_through_the_node_cache_and_resume
         ids = torch.cat([b["sample_id"] for b in take(stream, 20)])
         assert len(set(ids.tolist())) == 160 and len(stream_table_pins(stream)) <= 2
     assert list((tmp_path / "cache2/index").glob("*.idx"))
+
+
+def test_a_published_index_lacking_shards_is_completed_with_only_those_downloaded(tmp_path, capsys):
+    """A samples.idx published for 3 of the 4 shards: only the 4th is downloaded to complete it, the others' rows
+    are kept, and the completed index equals the local one."""
+    import shutil
+
+    from mimscale.data.http_serve import ShardServer
+    from mimscale.data.index import build_folder_index
+
+    names = [f"sample-00{n}.tar" for n in range(4)]
+    shutil.copytree(ROOT / "shards/sample", tmp_path / "partial")
+    build_folder_index(str(tmp_path / "partial"), names[:3], tmp_path / "partial/samples.idx")
+    local = load_table(str(ROOT / "shards/sample/*.tar"), "data.shards")
+    with ShardServer(tmp_path / "partial") as server:
+        table = load_table(server.url("sample-{000..003}.tar"), "data.shards", cache_dir=str(tmp_path / "cache"))
+        assert [server.requests[name] for name in names] == [0, 0, 0, 1]
+    assert "covers 3 of the 4 shards" in capsys.readouterr().err
+    assert list(table.counts) == list(local.counts) and len(table) == len(local)
+    for sample_id in range(0, len(local), 7):
+        assert table.locate(sample_id)[1].item() == local.locate(sample_id)[1].item()
 
 
 def stream_table_pins(stream) -> dict:

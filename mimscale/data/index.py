@@ -23,7 +23,7 @@ import os
 import stat
 import struct
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -398,9 +398,7 @@ def build_folder_index(folder: str, names: list[str], target: Path, workers: int
             if path.name in rescanned:
                 yield rescanned[path.name]
             else:
-                number = reuse.position[path.name]
-                rows = np.array(reuse.shard_rows(number))
-                yield ShardScan(path.name, int(reuse.shard_bytes[number]), rows, unusable=int(reuse.unusable[number]))
+                yield from _kept_scans(reuse, [path.name])
 
     return SetIndex(write_index(target, merged(), names))
 
@@ -465,7 +463,8 @@ def folder_index(folder: str, names: list[str], *, cache_dir: str | Path | None 
 def remote_folder_index(folder: str, names: list[str], cache, *, cache_dir: str | Path | None = None) -> SetIndex:
     """The index of shards under a URL prefix: a samples.idx published beside them (downloaded once per node
     through the shard cache), else one in the index cache, else built by downloading and scanning each shard
-    once (``mimscale shards index URL --cache DIR`` does that ahead of training)."""
+    once (``mimscale shards index URL --cache DIR`` does that ahead of training). When the index found lacks
+    some shards, only those are downloaded to complete it; its rows for the others are kept."""
     from mimscale.data import remote
 
     candidates = [cache_path(folder, cache_dir)]
@@ -473,20 +472,27 @@ def remote_folder_index(folder: str, names: list[str], cache, *, cache_dir: str 
         candidates.insert(0, cache.local_path(f"{folder}/{INDEX_NAME}"))  # pinned for the process's life
     except remote.RemoteNotFound:
         pass
+    partial = None
     for candidate in candidates:
         index = _open_if_valid(candidate)
         if index is not None and all(name in index.position for name in names):
             return index
+        partial = partial or index
     target = cache_path(folder, cache_dir)
     with _locked(target):
-        index = _open_if_valid(target)
-        if index is not None and all(name in index.position for name in names):
+        index = _open_if_valid(target) or partial  # another rank may have completed it while this one waited
+        missing = [name for name in names if index is None or name not in index.position]
+        if not missing:
             return index
-        print(f"mimscale data: no {INDEX_NAME} for the {len(names)} shards under {folder}; downloading each once to "
-              f"index it into {target} (`mimscale shards index` does this ahead of training)", file=sys.stderr)  # fmt: skip
+        found = f"{index.path} covers {len(names) - len(missing)} of the {len(names)} shards" if index else "no index"
+        print(f"mimscale data: {found} under {folder}; downloading the {len(missing)} others once to index them "
+              f"into {target} (`mimscale shards index` does this ahead of training)", file=sys.stderr)  # fmt: skip
 
         def scans():
             for name in names:
+                if name not in missing:
+                    yield from _kept_scans(index, [name])
+                    continue
                 location = f"{folder}/{name}"
                 try:
                     scan = scan_tar(cache.local_path(location))
@@ -497,3 +503,11 @@ def remote_folder_index(folder: str, names: list[str], cache, *, cache_dir: str 
                 yield scan
 
         return SetIndex(write_index(target, scans(), names))
+
+
+def _kept_scans(index: SetIndex, names: list[str]) -> Iterator[ShardScan]:
+    """An index's rows for some of its shards, as scans to write into another index."""
+    for name in names:
+        number = index.position[name]
+        rows = np.array(index.shard_rows(number))
+        yield ShardScan(name, int(index.shard_bytes[number]), rows, unusable=int(index.unusable[number]))
