@@ -35,12 +35,12 @@ def _free_port() -> int:
 
 
 def fill_single_process_env() -> None:
-    """Make a launcher-less run look like rank 0 of a world of 1."""
+    """Make a launcher-less run look like rank 0 of a world of 1 (or a task of ``srun``'s step)."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return
-    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:  # srun without a wrapper script
-        from mimscale.engine.slurm import fill_rendezvous_env
+    from mimscale.engine.slurm import fill_rendezvous_env, started_by_srun
 
+    if started_by_srun():  # srun without a wrapper script
         fill_rendezvous_env()  # MASTER_ADDR/PORT from the node list and job id: no mpi4py discovery
         return
     os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})

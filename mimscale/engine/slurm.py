@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import sys
 from pathlib import Path
 
 REQUEUE_MARKER_ENV = "MIMSCALE_REQUEUE_MARKER"
@@ -75,10 +76,25 @@ def expand_hostlist(hostlist: str) -> list[str]:
     return hosts
 
 
+def started_by_srun(environ=os.environ) -> bool:
+    """True in a task that ``srun`` started. A job script itself (the batch step) also has SLURM_PROCID=0 and the
+    job's SLURM_NTASKS, but no SLURM_STEP_ID: a plain ``mimscale train`` there is one process, and says so when
+    the job asked for more tasks (taking SLURM_NTASKS as the world size would wait for ranks nobody starts)."""
+    if "SLURM_PROCID" not in environ or "SLURM_NTASKS" not in environ:
+        return False
+    if "SLURM_STEP_ID" in environ:
+        return True
+    if environ["SLURM_NTASKS"] != "1":
+        print(f"mimscale: this is a SLURM job script (SLURM_NTASKS={environ['SLURM_NTASKS']}, no srun step), so "
+              "training runs as one process; start it with `srun` (see launch/slurm.sbatch) or `mimscale launch` "
+              "to use the job's tasks", file=sys.stderr)  # fmt: skip
+    return False
+
+
 def fill_rendezvous_env(environ=os.environ) -> None:
     """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from srun's variables; values already set are kept."""
     environ.setdefault("RANK", environ["SLURM_PROCID"])
-    environ.setdefault("WORLD_SIZE", environ["SLURM_NTASKS"])
+    environ.setdefault("WORLD_SIZE", environ.get("SLURM_STEP_NUM_TASKS") or environ["SLURM_NTASKS"])
     environ.setdefault("LOCAL_RANK", environ.get("SLURM_LOCALID", "0"))
     if "MASTER_ADDR" not in environ:
         nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST")
