@@ -408,5 +408,36 @@ def test_a_published_index_lacking_shards_is_completed_with_only_those_downloade
         assert table.locate(sample_id)[1].item() == local.locate(sample_id)[1].item()
 
 
+def test_the_next_epochs_first_shard_is_fetched_during_the_last_window(tmp_path):
+    """Remote shards, one shard per window and a cache that holds two shards: while a stream reads the last window
+    of an epoch, the next epoch's first shard (a new shard order) is downloaded ahead, not on demand."""
+    import os
+    import time
+
+    from mimscale.data.http_serve import ShardServer
+
+    names = [f"sample-00{n}.tar" for n in range(4)]
+    sizes = [(ROOT / "shards/sample" / name).stat().st_size for name in names]
+
+    def plan(seed: int, epoch: int) -> list[int]:
+        return [int(s) for s in EpochPlan(SAMPLE_SHARDS, seed=seed, epoch=epoch, streams=1, window=1).streams[0].shard]
+
+    # a seed whose next-epoch first shard is neither of the two shards cached at the end of epoch 0
+    seed = next(seed for seed in range(50) if plan(seed, 1)[0] not in plan(seed, 0)[-2:])
+    upcoming = names[plan(seed, 1)[0]]
+    with ShardServer(ROOT / "shards/sample") as server:
+        cfg = make_cfg(shards=server.url("sample-{000..003}.tar"), batch_size=8, seed=seed)
+        cfg.data.cache_dir, cfg.data.shuffle_window, cfg.data.streams = str(tmp_path / "cache"), 1, 1
+        cfg.data.cache_limit_gb = (2 * max(sizes) + 16384) / 1e9  # two shards and the index, never three
+        stream = build_train_loader(cfg, rank=0, world_size=1, mask_generator=MASK)
+        batches = take(stream, sum(SAMPLE_SHARDS) // 8)  # exactly epoch 0
+        assert len(batches) == 48
+        cached = stream.table.cache.path_for(server.url(upcoming))  # read in epoch 0, evicted since (2 fit)
+        deadline = time.monotonic() + 60
+        while not cached.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert cached.exists(), f"{upcoming} was not fetched ahead: {sorted(os.listdir(cached.parent))}"
+
+
 def stream_table_pins(stream) -> dict:
     return stream.table._pinned

@@ -232,13 +232,24 @@ class _TrainBatches(IterableDataset):
         self.rank, self.batch_size, self.seed, self.mask_generator = rank, batch_size, seed, mask_generator
         self.streams, self.window = streams, window
         self._plan: EpochPlan | None = None
+        self._upcoming: EpochPlan | None = None  # the next epoch's, once its first window is fetched ahead
         self._reported = 0
 
     def _plan_for(self, epoch: int) -> EpochPlan:
         if self._plan is None or self._plan.epoch != epoch:
-            self._plan = EpochPlan(self.table.counts, seed=self.seed, epoch=epoch, streams=self.streams,
-                                   window=self.window)  # fmt: skip
+            if self._upcoming is not None and self._upcoming.epoch == epoch:
+                self._plan, self._upcoming = self._upcoming, None
+            else:
+                self._plan = EpochPlan(self.table.counts, seed=self.seed, epoch=epoch, streams=self.streams,
+                                       window=self.window)  # fmt: skip
         return self._plan
+
+    def _first_window_of_next_epoch(self, epoch: int, stream: int) -> np.ndarray:
+        """The shards a stream reads first in the next epoch (fetched ahead while this epoch's last window runs)."""
+        if self._upcoming is None or self._upcoming.epoch != epoch + 1:
+            self._upcoming = EpochPlan(self.table.counts, seed=self.seed, epoch=epoch + 1, streams=self.streams,
+                                       window=self.window)  # fmt: skip
+        return self._upcoming.window_shards(stream, 0)
 
     def _load(self, plan: EpochPlan, stream: int, position: int) -> tuple:
         """(pixels, flip?, mask, sample id, label, replaced) at a stream position; a corrupt sample gives way to the
@@ -278,7 +289,8 @@ class _TrainBatches(IterableDataset):
             windows = range(plan.window_of(stream, low), plan.window_of(stream, high) + 2)  # + the next window
             for window in windows:
                 keep.update(int(shard) for shard in plan.window_shards(stream, window))
-            self.table.prefetch(plan.window_shards(stream, windows[-1]))
+            ahead = plan.window_shards(stream, windows[-1])
+            self.table.prefetch(ahead if len(ahead) else self._first_window_of_next_epoch(plan.epoch, stream))
         self.table.release_except(keep)
 
     def batch(self, epoch: int, position: int) -> dict:
