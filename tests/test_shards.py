@@ -360,6 +360,25 @@ def test_shards_index_cli_builds_a_foreign_folder_once_in_parallel_into_a_cache(
     assert "changed since" in capsys.readouterr().err and SetIndex(built[0]).counts.tolist()[0::2] == [4, 6]
 
 
+def test_shards_index_cli_downloads_a_url_set_several_at_a_time(tmp_path, capsys):
+    """`mimscale shards index URL` on a set with no published index: each shard downloaded once, 4 at a time (the
+    server holds each request 0.3 s, so they overlap), and the index equals the one built from the files."""
+    from mimscale.data.http_serve import ShardServer
+
+    folder = tmp_path / "bare"
+    shutil.copytree(ROOT / "shards/sample", folder)
+    (folder / "samples.idx").unlink()
+    with ShardServer(folder, latency_s=0.3) as server:
+        spec = server.url("sample-{000..003}.tar")
+        assert cli_main(["shards", "index", spec, "--cache", str(tmp_path / "cache"), "--workers", "4"]) == 0
+        assert server.peak_active >= 2 and all(server.requests[f"sample-00{n}.tar"] == 1 for n in range(4))
+    assert "4 at a time" in capsys.readouterr().err
+    built = SetIndex(next((tmp_path / "cache" / "index").glob("*.idx")))
+    local = SetIndex(ROOT / "shards/sample" / "samples.idx")
+    assert built.names == local.names and built.counts.tolist() == local.counts.tolist()
+    assert all(np.array_equal(built.shard_rows(n), local.shard_rows(n)) for n in range(4))
+
+
 def test_dotted_keys_follow_webdataset_and_are_reported_not_dropped_silently(tmp_path, capsys):
     folder = small_set(tmp_path / "set", shards=1, per_shard=3)
     out = io.BytesIO()

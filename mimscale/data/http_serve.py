@@ -31,6 +31,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         owner = self.server.owner
+        with owner.lock:
+            owner.active += 1
+            owner.peak_active = max(owner.peak_active, owner.active)
+        try:
+            self._answer(owner)
+        finally:
+            with owner.lock:
+                owner.active -= 1
+
+    def _answer(self, owner: ShardServer) -> None:
         name = unquote(urlsplit(self.path).path).lstrip("/")
         path = (owner.root / name).resolve()
         with owner.lock:
@@ -75,6 +85,7 @@ class ShardServer:
         self.root = Path(root).resolve()
         self.latency_s = latency_s
         self.requests: Counter = Counter()
+        self.active = self.peak_active = 0  # requests being answered now, and the most at once so far
         self.faults: dict[str, list[str]] = {}
         self.lock = threading.Lock()
         self.hanging, self.release = threading.Event(), threading.Event()

@@ -42,6 +42,7 @@ BLOCK = 512
 MAX_NAME_BYTES = 4096
 MAX_LABEL_BYTES = 64
 LISTED_UNUSABLE = 3
+REMOTE_SCAN_THREADS = 8  # shards downloaded and scanned at once when a remote set has no index (network-bound)
 
 
 class IndexFileError(ShardError):
@@ -460,11 +461,12 @@ def folder_index(folder: str, names: list[str], *, cache_dir: str | Path | None 
         return build_folder_index(folder, known, target, workers, reuse=index)
 
 
-def remote_folder_index(folder: str, names: list[str], cache, *, cache_dir: str | Path | None = None) -> SetIndex:
+def remote_folder_index(folder: str, names: list[str], cache, *, cache_dir: str | Path | None = None,
+                        workers: int = REMOTE_SCAN_THREADS) -> SetIndex:  # fmt: skip
     """The index of shards under a URL prefix: a samples.idx published beside them (downloaded once per node
     through the shard cache), else one in the index cache, else built by downloading and scanning each shard
-    once (``mimscale shards index URL --cache DIR`` does that ahead of training). When the index found lacks
-    some shards, only those are downloaded to complete it; its rows for the others are kept."""
+    once, ``workers`` at a time (``mimscale shards index URL --cache DIR`` does that ahead of training). When the
+    index found lacks some shards, only those are downloaded to complete it; its rows for the others are kept."""
     from mimscale.data import remote
 
     candidates = [cache_path(folder, cache_dir)]
@@ -485,24 +487,51 @@ def remote_folder_index(folder: str, names: list[str], cache, *, cache_dir: str 
         if not missing:
             return index
         found = f"{index.path} covers {len(names) - len(missing)} of the {len(names)} shards" if index else "no index"
-        print(f"mimscale data: {found} under {folder}; downloading the {len(missing)} others once to index them "
-              f"into {target} (`mimscale shards index` does this ahead of training)", file=sys.stderr)  # fmt: skip
+        print(f"mimscale data: {found} under {folder}; downloading the {len(missing)} others once ({workers} at a "
+              f"time) to index them into {target} (`mimscale shards index` does this ahead of training)",
+              file=sys.stderr)  # fmt: skip
+        fresh = _remote_scans(folder, missing, cache, workers)
+        absent = set(missing)
 
         def scans():
             for name in names:
-                if name not in missing:
-                    yield from _kept_scans(index, [name])
-                    continue
-                location = f"{folder}/{name}"
-                try:
-                    scan = scan_tar(cache.local_path(location))
-                finally:
-                    cache.release(location)
-                scan.name = name
-                report_scan(scan, location)
-                yield scan
+                yield next(fresh) if name in absent else next(_kept_scans(index, [name]))
 
-        return SetIndex(write_index(target, scans(), names))
+        try:
+            return SetIndex(write_index(target, scans(), names))
+        finally:
+            fresh.close()  # stops the downloads still queued if writing failed
+
+
+def _remote_scans(folder: str, names: list[str], cache, workers: int) -> Iterator[ShardScan]:
+    """Scans of remote shards in ``names`` order; up to ``workers`` download and scan at once (network-bound),
+    with at most twice that many finished scans waiting for their turn."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+    from itertools import islice
+
+    def scan_one(name: str) -> ShardScan:
+        location = f"{folder}/{name}"
+        try:
+            scan = scan_tar(cache.local_path(location))
+        finally:
+            cache.release(location)
+        scan.name = name
+        return scan
+
+    queue = iter(names)
+    pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="mimscale-index")
+    try:
+        pending = deque(pool.submit(scan_one, name) for name in islice(queue, 2 * max(1, workers)))
+        while pending:
+            scan = pending.popleft().result()
+            upcoming = next(queue, None)
+            if upcoming is not None:
+                pending.append(pool.submit(scan_one, upcoming))
+            report_scan(scan, f"{folder}/{scan.name}")
+            yield scan
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _kept_scans(index: SetIndex, names: list[str]) -> Iterator[ShardScan]:

@@ -256,7 +256,7 @@ def cmd_index(args) -> int:
     import time
 
     from mimscale.data import remote
-    from mimscale.data.index import folder_index, remote_folder_index
+    from mimscale.data.index import REMOTE_SCAN_THREADS, folder_index, remote_folder_index
     from mimscale.data.stream import _expand, _folder
 
     folders: dict[str, list[str]] = {}
@@ -265,12 +265,13 @@ def cmd_index(args) -> int:
     for folder, names in folders.items():
         start = time.perf_counter()
         if remote.is_local(folder):
-            index = folder_index(folder, names, cache_dir=args.cache or None, workers=args.workers,
+            index = folder_index(folder, names, cache_dir=args.cache or None, workers=args.workers or 1,
                                  prefer_cache=bool(args.cache))  # fmt: skip
         else:  # one download per shard into the node cache, then scanned; the index goes to the cache folder
             base = remote.cache_dir_for(args.cache)  # as training finds it with data.cache_dir=--cache
             cache = remote.ShardCache(os.path.join(base, "shards"), int(args.cache_limit_gb * 1e9))
-            index = remote_folder_index(folder, names, cache, cache_dir=base)
+            index = remote_folder_index(folder, names, cache, cache_dir=base,
+                                        workers=args.workers or REMOTE_SCAN_THREADS)  # fmt: skip
         elapsed = time.perf_counter() - start
         size = index.path.stat().st_size
         print(f"{folder}: {len(names)} shards, {index.num_samples} samples indexed in {elapsed:.1f} s -> "
@@ -344,6 +345,8 @@ def register(subparsers) -> None:
         help="write the index into DIR/index (use data.cache_dir=DIR in training) "
         "instead of beside the shards; URL sets always index into the cache",
     )
-    index.add_argument("--workers", type=int, default=1, help="parallel processes scanning local tars")
+    index.add_argument("--workers", type=int, default=0,
+                       help="parallel processes scanning local tars (default 1), or downloads at once for URL sets "
+                            "(default 8)")  # fmt: skip
     index.add_argument("--cache-limit-gb", type=float, default=20.0, help="shard cache size while indexing URLs")
     index.set_defaults(func=cmd_index)
