@@ -62,27 +62,33 @@ def test_bare_srun_environment_gives_the_rendezvous() -> None:
         fill_rendezvous_env({**env, "SLURM_JOB_NODELIST": "n1", "SLURM_JOB_ID": ""})
 
 
-def test_a_job_script_without_srun_trains_as_one_process(monkeypatch, capsys) -> None:
+def test_a_job_script_without_srun_trains_as_one_process(capsys) -> None:
     """The batch step has SLURM_PROCID=0 and the job's SLURM_NTASKS but no SLURM_STEP_ID: a plain `mimscale train`
     there is a world of 1 (taking SLURM_NTASKS=4 would wait for 3 ranks nobody starts), and it says how to use the
     4 tasks; a task srun started (SLURM_STEP_ID set) joins the step's world."""
     from mimscale.engine.distributed import fill_single_process_env
 
-    for name in [key for key in os.environ if key.startswith(("SLURM_", "MASTER_"))] + ["RANK", "WORLD_SIZE"]:
-        monkeypatch.delenv(name, raising=False)
-    batch = {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "9",
-             "SLURM_JOB_NODELIST": "gpu[01-02]"}  # fmt: skip
-    for name, value in batch.items():
-        monkeypatch.setenv(name, value)
-    fill_single_process_env()
-    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"]) == ("0", "1", "127.0.0.1")
-    assert "SLURM_NTASKS=4, no srun step" in capsys.readouterr().err
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("SLURM_STEP_ID", "0")
-    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")  # `srun -n 2` inside a 4-task job: the step's world is 2
-    fill_single_process_env()
-    assert (os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("2", "gpu01", "20009")
+    saved = dict(os.environ)
+    try:
+        for name in [key for key in os.environ if key.startswith(("SLURM_", "MASTER_"))] + ["RANK", "WORLD_SIZE"]:
+            os.environ.pop(name, None)
+        os.environ.update(SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NTASKS="4", SLURM_JOB_ID="9",
+                          SLURM_JOB_NODELIST="gpu[01-02]")  # fmt: skip
+        fill_single_process_env()
+        assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"]) == ("0", "1", "127.0.0.1")
+        assert "SLURM_NTASKS=4, no srun step" in capsys.readouterr().err
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            del os.environ[name]
+        os.environ.update(SLURM_STEP_ID="0", SLURM_STEP_NUM_TASKS="2")  # `srun -n 2` in a 4-task job: a world of 2
+        fill_single_process_env()
+        assert (os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == (
+            "2",
+            "gpu01",
+            "20009",
+        )
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def test_requeue_marker_only_when_the_job_script_asks(tmp_path: Path, monkeypatch) -> None:
