@@ -388,3 +388,32 @@ def test_training_and_eval_streams_over_http_are_the_local_streams(tmp_path, ser
         RemoteError, match=r"data.cache_limit_gb=0.002 is smaller than 2 windows of data.shuffle_window=2"
     ):
         build_train_loader(too_small, rank=0, world_size=1, mask_generator=mask)
+
+
+def test_a_run_whose_shards_are_cached_resumes_while_the_server_is_down(tmp_path, capsys):
+    """Every shard (and the published index) in the node cache: a resume needs the server for nothing, its
+    manifest.json included (the copy saved at the last read stands in, with a message), and continues exactly.
+    A cold cache still fails, naming the URL."""
+    import itertools
+
+    import torch
+
+    from mimscale.data.masking import build_mask_generator
+    from mimscale.data.stream import build_train_loader
+
+    mask = build_mask_generator("random_tokens", image_size=32, token_stride=8, ratio=0.5, cell_size=32)
+    with ShardServer(SAMPLE) as gone:
+        cfg = stream_cfg(gone.url("sample-{000..003}.tar"), tmp_path / "cache", 0, "data.download_retries=1")
+        stream = build_train_loader(cfg, rank=0, world_size=1, mask_generator=mask)
+        batches = iter(stream)
+        assert len(list(itertools.islice(batches, 48))) == 48  # one epoch: every shard read, so every shard cached
+        state = stream.state_dict()
+        expected = list(itertools.islice(batches, 3))
+    resumed = build_train_loader(cfg, rank=0, world_size=1, mask_generator=mask, state=state)
+    assert "using the copy of http://127.0.0.1" in capsys.readouterr().err
+    got = list(itertools.islice(iter(resumed), 3))
+    for a, b in zip(expected, got, strict=True):
+        assert all(torch.equal(a[key], b[key]) for key in ("image", "mask", "label", "sample_id"))
+    cold = stream_cfg(cfg.data.shards, tmp_path / "cold", 0, "data.download_retries=1")
+    with pytest.raises(RemoteError, match=r"could not read http://127.0.0.1:\d+/"):
+        build_train_loader(cold, rank=0, world_size=1, mask_generator=mask)

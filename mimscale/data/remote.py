@@ -32,6 +32,7 @@ import os
 import random
 import re
 import stat
+import sys
 import threading
 import time
 import urllib.error
@@ -48,6 +49,7 @@ SCHEMES = ("file", "http", "https", "s3", "gs", "gcs", "pipe")
 OBJECT_STORE_PACKAGES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}
 CHUNK = 1 << 20
 LOCK_DIR = ".locks"
+MANIFEST_DIR = ".manifests"  # the last manifest.json read from each remote folder
 PART_MARK = ".part-"
 MAX_BACKOFF_S = 30.0
 ORPHAN_WAIT_S = 120.0  # a shard missing this long while others hold it shared was deleted by hand
@@ -805,14 +807,30 @@ class ShardCache:
 MAX_MANIFEST_BYTES = 256 << 20
 
 
-def manifest_checksums(folder: str) -> dict[str, str]:
-    """{shard name: sha256} from a remote folder's manifest.json; {} when it has none (foreign sets, pipe:)."""
+def manifest_checksums(folder: str, keep_in: Path | None = None) -> dict[str, str]:
+    """{shard name: sha256} from a remote folder's manifest.json; {} when it has none (foreign sets, pipe:).
+
+    With ``keep_in`` (the node's shard cache) each read is saved there, and a saved copy stands in when the folder
+    cannot be reached: a run whose shards are all cached resumes while the store is down."""
     if scheme_of(folder) == "pipe":
         return {}
+    saved = keep_in / f"{hashlib.sha256(folder.encode()).hexdigest()[:16]}-manifest.json" if keep_in else None
     try:
-        manifest = json.loads(read_small(f"{folder}/manifest.json", MAX_MANIFEST_BYTES))
+        raw = read_small(f"{folder}/manifest.json", MAX_MANIFEST_BYTES)
     except RemoteNotFound:
         return {}
+    except RemoteError as err:
+        if saved is None or not saved.is_file():
+            raise
+        print(f"mimscale data: {err}; using the copy of {folder}/manifest.json this node saved at {saved}",
+              file=sys.stderr)  # fmt: skip
+        with open_regular(saved) as handle:
+            raw = handle.read(MAX_MANIFEST_BYTES + 1)
+    else:
+        if saved is not None:
+            _save_copy(saved, raw)
+    try:
+        manifest = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RemoteError(f"{folder}/manifest.json is not valid JSON ({err}); fix or remove it") from err
     shards = manifest.get("shards") if isinstance(manifest, dict) else None
@@ -823,6 +841,17 @@ def manifest_checksums(folder: str) -> dict[str, str]:
     }
 
 
+def _save_copy(path: Path, data: bytes) -> None:
+    """Best effort (a read-only cache only loses the fallback): write to a private temporary file, then rename."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}")
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    with contextlib.suppress(OSError):
+        tmp.unlink(missing_ok=True)
+
+
 def expect_checksums(cache: ShardCache, locations: Iterable[str]) -> None:
     """Have the cache check every remote shard against the sha256 its folder's manifest records, when it does."""
     folders: dict[str, list[str]] = {}
@@ -831,7 +860,7 @@ def expect_checksums(cache: ShardCache, locations: Iterable[str]) -> None:
             folder, name = folder_of(location)
             folders.setdefault(folder, []).append(name)
     for folder, names in folders.items():
-        checksums = manifest_checksums(folder)
+        checksums = manifest_checksums(folder, keep_in=cache.dir / MANIFEST_DIR)
         for name in names:
             if name in checksums:
                 cache.expect(f"{folder}/{name}", sha256=checksums[name])
