@@ -417,3 +417,32 @@ def test_a_run_whose_shards_are_cached_resumes_while_the_server_is_down(tmp_path
     cold = stream_cfg(cfg.data.shards, tmp_path / "cold", 0, "data.download_retries=1")
     with pytest.raises(RemoteError, match=r"could not read http://127.0.0.1:\d+/"):
         build_train_loader(cold, rank=0, world_size=1, mask_generator=mask)
+
+
+def test_cache_accounting_survives_files_renamed_and_deleted_while_it_lists_them(tmp_path):
+    """Other threads and processes rename part files and evict shards at any moment: the space accounting (run
+    before every download) must not fail on a file that vanished between listing and stat (it raised
+    FileNotFoundError under 4 concurrent S3 downloads)."""
+    cache = cache_in(tmp_path)
+    stop = threading.Event()
+
+    def churn(tag: str):
+        number = 0
+        while not stop.is_set():
+            part = cache.dir / f".{tag}-{number % 8}.tar{remote.PART_MARK}churn"
+            part.write_bytes(b"x" * 512)
+            os.replace(part, cache.dir / f"{tag}-{number % 8}.tar")
+            (cache.dir / f"{tag}-{(number + 4) % 8}.tar").unlink(missing_ok=True)
+            number += 1
+
+    churners = [threading.Thread(target=churn, args=(tag,), daemon=True) for tag in ("a", "b")]
+    for thread in churners:
+        thread.start()
+    try:
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            assert 0 <= cache.usage() <= 2 * 10 * 512
+    finally:
+        stop.set()
+        for thread in churners:
+            thread.join(10)

@@ -750,9 +750,12 @@ class ShardCache:
         used, finished = 0, []
         with os.scandir(self.dir) as entries:
             for entry in entries:
-                if not entry.is_file(follow_symlinks=False):
+                try:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    info = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:  # a download renamed its part file, or an eviction, since the listing
                     continue
-                info = entry.stat(follow_symlinks=False)
                 used += info.st_size
                 if not entry.name.startswith("."):
                     finished.append((info.st_mtime, info.st_size, Path(entry.path)))
