@@ -12,6 +12,9 @@ fetched again every epoch as they would be at scale. Timing starts before the lo
 first window, worker start-up all count). Prints img/s for both, the ratio remote/local (target >= 0.9), and the
 most requests the server saw for one shard (= --epochs when each epoch fetches each shard once per node, shared
 by the workers). Best of --repeats, alternating local and remote.
+
+With ``--index 1 8`` it instead times the one-time index of the same set served without samples.idx (every shard
+downloaded and scanned, as the first start or ``mimscale shards index URL`` does), with 1 and 8 downloads at once.
 """
 
 from __future__ import annotations
@@ -49,6 +52,35 @@ def run_stream(shards: str, args, cache_dir: str) -> tuple[float, int]:
     return time.perf_counter() - start, images
 
 
+def time_index(server: ShardServer, names: list[str], cache_dir: Path, workers: int) -> float:
+    """Seconds to index the served set from a cold cache with ``workers`` downloads at once."""
+    from mimscale.data import remote
+    from mimscale.data.index import remote_folder_index
+
+    cache = remote.ShardCache(cache_dir / "shards", 10**11)
+    start = time.perf_counter()
+    index = remote_folder_index(server.url().rstrip("/"), names, cache, cache_dir=cache_dir, workers=workers)
+    seconds = time.perf_counter() - start
+    assert index.num_samples > 0 and all(server.requests[name] == 1 for name in names)
+    return seconds
+
+
+def compare_index(root: Path, names: list[str], args) -> None:
+    bare = root / "bare"
+    bare.mkdir()
+    for name in names:
+        (bare / name).hardlink_to(root / "shards" / name)
+    with ShardServer(bare, latency_s=args.latency_ms / 1000) as server:
+        times = {}
+        for workers in args.index:
+            server.requests.clear()
+            times[workers] = time_index(server, names, root / f"index-cache-{workers}", workers)
+            print(f"  index with {workers} download(s) at once: {times[workers]:6.2f} s")
+    base = times[args.index[0]]
+    for workers, seconds in times.items():
+        print(f"index {workers:>2} at once: {seconds:6.2f} s, {base / seconds:.2f}x of {args.index[0]} at once")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shards", type=int, default=32)
@@ -61,6 +93,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--index", type=int, nargs="+", help="time the one-time index with these downloads at once")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -71,6 +104,9 @@ def main() -> None:
         print(f"{len(names)} shards x {args.samples} samples ({size_mb:.1f} MB), latency {args.latency_ms:g} ms, "
               f"{args.workers} workers, batch {args.batch}, crop {args.size}, {args.epochs} epochs, window "
               f"{args.window}, cache {args.cache_mb:g} MB")  # fmt: skip
+        if args.index:
+            compare_index(root, names, args)
+            return
         pattern = f"shard-{{00000..{len(names) - 1:05d}}}.tar"
         local, remote, requests = [], [], []
         with ShardServer(root / "shards", latency_s=args.latency_ms / 1000) as server:
