@@ -54,10 +54,10 @@ def run_stream(shards: str, args, cache_dir: str) -> tuple[float, int]:
 
 def time_index(server: ShardServer, names: list[str], cache_dir: Path, workers: int) -> float:
     """Seconds to index the served set from a cold cache with ``workers`` downloads at once."""
-    from mimscale.data import remote
+    from mimscale.data import shard_cache
     from mimscale.data.index import remote_folder_index
 
-    cache = remote.ShardCache(cache_dir / "shards", 10**11)
+    cache = shard_cache.ShardCache(cache_dir / "shards", 10**11)
     start = time.perf_counter()
     index = remote_folder_index(server.url().rstrip("/"), names, cache, cache_dir=cache_dir, workers=workers)
     seconds = time.perf_counter() - start

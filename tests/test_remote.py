@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from mimscale.data import remote
+from mimscale.data import remote, shard_cache
 from mimscale.data.http_serve import ShardServer
-from mimscale.data.remote import RemoteError, RemoteNotFound, ShardCache
+from mimscale.data.remote import RemoteError, RemoteNotFound
+from mimscale.data.shard_cache import ShardCache
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "shards/sample"
@@ -140,7 +141,7 @@ def test_killed_download_leaves_no_partial_file_and_no_stuck_lock(tmp_path, serv
     nobody ever sees the half file, and its leftover is cleaned."""
     url = server.url(NAMES[0])
     server.faults[NAMES[0]] = ["hang"]
-    code = (f"from mimscale.data.remote import ShardCache; import hashlib; "
+    code = (f"from mimscale.data.shard_cache import ShardCache; import hashlib; "
             f"p = ShardCache({str(tmp_path / 'cache')!r}, 10**9, backoff_s=0.01).local_path({url!r}); "
             f"print(hashlib.sha256(p.read_bytes()).hexdigest())")  # fmt: skip
     first = run_python(code)
@@ -163,7 +164,7 @@ def test_one_download_per_node_with_racing_processes(tmp_path):
     go = tmp_path / "go"
     with ShardServer(SAMPLE, latency_s=0.3) as server:
         urls = [server.url(NAMES[0]), server.url(NAMES[1])]
-        code = (f"import os, time, hashlib; from mimscale.data.remote import ShardCache\n"
+        code = (f"import os, time, hashlib; from mimscale.data.shard_cache import ShardCache\n"
                 f"c = ShardCache({str(tmp_path / 'cache')!r}, 10**9)\n"
                 f"while not os.path.exists({str(go)!r}): time.sleep(0.01)\n"
                 f"c.prefetch({urls!r})\n"
@@ -187,7 +188,7 @@ def test_a_reader_pinning_the_file_never_blocks_a_process_that_found_it_missing(
     cache = cache_in(tmp_path)
     url = server.url(NAMES[0])
     final = cache.path_for(url)
-    other = os.open(cache.dir / remote.LOCK_DIR / final.name, os.O_RDWR | os.O_CREAT)
+    other = os.open(cache.dir / shard_cache.LOCK_DIR / final.name, os.O_RDWR | os.O_CREAT)
     fcntl.flock(other, fcntl.LOCK_SH)  # the other process checks too: the file is missing
     outcome: list = []
     finder = threading.Thread(target=lambda: outcome.append(cache.local_path(url)), daemon=True)
@@ -202,9 +203,9 @@ def test_a_reader_pinning_the_file_never_blocks_a_process_that_found_it_missing(
     assert server.requests[NAMES[0]] == 0 and sha(final) == sha(SAMPLE / NAMES[0])
     cache.release(url)
 
-    monkeypatch.setattr(remote, "ORPHAN_WAIT_S", 0.5)
+    monkeypatch.setattr(shard_cache, "ORPHAN_WAIT_S", 0.5)
     lost = cache.path_for(server.url(NAMES[1]))  # pinned elsewhere, then deleted from the cache by hand
-    orphan = os.open(cache.dir / remote.LOCK_DIR / lost.name, os.O_RDWR | os.O_CREAT)
+    orphan = os.open(cache.dir / shard_cache.LOCK_DIR / lost.name, os.O_RDWR | os.O_CREAT)
     fcntl.flock(orphan, fcntl.LOCK_SH)
     started = time.monotonic()
     with pytest.raises(RemoteError, match=r"deleted from the shard cache while another process .* still uses it"):

@@ -17,7 +17,7 @@ moto_server = pytest.importorskip("moto.server")
 
 from mimscale.cli import main as cli_main  # noqa: E402 - after the skips
 from mimscale.config import load_config  # noqa: E402
-from mimscale.data import remote  # noqa: E402
+from mimscale.data import remote, shard_cache  # noqa: E402
 from mimscale.data.index import SetIndex  # noqa: E402
 from mimscale.data.masking import build_mask_generator  # noqa: E402
 from mimscale.data.stream import build_train_loader, iter_eval_batches  # noqa: E402
@@ -67,7 +67,7 @@ def test_s3_patterns_list_prefixes_and_globs_and_name_what_is_missing(bucket, tm
     ]
     with pytest.raises(remote.RemoteError, match=r"s3://nobucket/x/' matches no .tar shards; check the bucket"):
         remote.expand("s3://nobucket/x/")
-    cache = remote.ShardCache(tmp_path / "cache", 10**9, backoff_s=0.01)
+    cache = shard_cache.ShardCache(tmp_path / "cache", 10**9, backoff_s=0.01)
     with pytest.raises(remote.RemoteNotFound, match=r"s3://shards/sample/nope.tar does not exist"):
         cache.local_path("s3://shards/sample/nope.tar")
     checksums = remote.manifest_checksums("s3://shards/sample")

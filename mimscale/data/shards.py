@@ -134,19 +134,6 @@ def dataset_fingerprint(names: list[str], counts) -> str:
 # ----------------------------------------------------------------------------------------------- writing
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -177,7 +164,7 @@ def write_shard(path: str | Path, samples: list[tuple[str, dict[str, bytes]]]) -
         os.fsync(handle.fileno())
     entry = shard_entry(tmp, name=path.name)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    remote.fsync_dir(path.parent)
     return entry
 
 

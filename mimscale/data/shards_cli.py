@@ -255,7 +255,7 @@ def cmd_index(args) -> int:
     """Build (or bring up to date) the samples.idx of shard folders once, in parallel, before training."""
     import time
 
-    from mimscale.data import remote
+    from mimscale.data import remote, shard_cache
     from mimscale.data.index import REMOTE_SCAN_THREADS, folder_index, remote_folder_index
     from mimscale.data.stream import _expand, _folder
 
@@ -268,8 +268,8 @@ def cmd_index(args) -> int:
             index = folder_index(folder, names, cache_dir=args.cache or None, workers=args.workers or 1,
                                  prefer_cache=bool(args.cache))  # fmt: skip
         else:  # one download per shard into the node cache, then scanned; the index goes to the cache folder
-            base = remote.cache_dir_for(args.cache)  # as training finds it with data.cache_dir=--cache
-            cache = remote.ShardCache(os.path.join(base, "shards"), int(args.cache_limit_gb * 1e9))
+            base = shard_cache.cache_dir_for(args.cache)  # as training finds it with data.cache_dir=--cache
+            cache = shard_cache.ShardCache(os.path.join(base, "shards"), int(args.cache_limit_gb * 1e9))
             index = remote_folder_index(folder, names, cache, cache_dir=base,
                                         workers=args.workers or REMOTE_SCAN_THREADS)  # fmt: skip
         elapsed = time.perf_counter() - start

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mimscale.config import Config
-from mimscale.data import remote
+from mimscale.data import remote, shard_cache
 from mimscale.data.device_decode import DeferredCrop, DeferredRows
 from mimscale.data.images import BadImage
 from mimscale.data.index import BLOCK, SetIndex, folder_index, remote_folder_index
@@ -40,7 +40,7 @@ STATE_VERSION = 2
 class ShardTable:
     """A shard set as per-shard arrays (O(shards) memory); each shard's sample rows come from its index file.
 
-    Remote shards are read through the node's ShardCache (data/remote.py): a shard is pinned while this process
+    Remote shards are read through the node's ShardCache (data/shard_cache.py): a shard is pinned while this process
     reads it, ``prefetch`` fetches the next window's shards ahead, and ``release`` unpins the ones left behind.
     """
 
@@ -173,9 +173,9 @@ def load_table(pattern: str, key: str, *, cache_dir: str | None = None, data_cfg
         folders.setdefault(_folder(location), []).append(os.path.basename(location))
     cache = None
     if not all(remote.is_local(location) for location in locations):
-        cache = remote.ShardCache.from_config(data_cfg) if data_cfg is not None else remote.ShardCache(
-            os.path.join(remote.cache_dir_for(cache_dir or ""), "shards"), 20 * 10**9)  # fmt: skip
-        cache_dir = remote.cache_dir_for(cache_dir or "")  # indexes of remote sets: <cache_dir>/index
+        cache = shard_cache.ShardCache.from_config(data_cfg) if data_cfg is not None else shard_cache.ShardCache(
+            os.path.join(shard_cache.cache_dir_for(cache_dir or ""), "shards"), 20 * 10**9)  # fmt: skip
+        cache_dir = shard_cache.cache_dir_for(cache_dir or "")  # indexes of remote sets: <cache_dir>/index
     sets = [
         folder_index(folder, names, cache_dir=cache_dir)
         if remote.is_local(folder)
@@ -187,7 +187,7 @@ def load_table(pattern: str, key: str, *, cache_dir: str | None = None, data_cfg
                for loc in locations]  # fmt: skip
     table = ShardTable(locations, sets, numbers, cache=cache)
     if cache is not None:
-        remote.expect_checksums(cache, locations)  # the manifest's sha256s, where a folder has a manifest
+        shard_cache.expect_checksums(cache, locations)  # the manifest's sha256s, where a folder has a manifest
     if len(table) == 0:
         raise ShardError(f"{key}={pattern!r}: the {len(locations)} shard(s) hold no image samples (.jpg/.png/.webp)")
     return table
