@@ -12,6 +12,7 @@ import torch
 
 from mimscale.cli import main as cli_main
 from mimscale.engine import checkpoint as ckpt
+from mimscale.engine import safe_load
 
 
 class _RunsCode:
@@ -40,23 +41,23 @@ def make_checkpoint(root, step: int):
 
 
 def test_planted_pickles_are_refused_by_name_and_never_run(tmp_path, monkeypatch):
-    monkeypatch.delenv(ckpt.TRUST_ENV, raising=False)
+    monkeypatch.delenv(safe_load.TRUST_ENV, raising=False)
     marker = tmp_path / "code-ran"
     tag_dir = make_checkpoint(tmp_path / "checkpoints", 2)
     plant(tag_dir / "rng_rank0.pt", marker)
-    with pytest.raises(ckpt.UnsafeCheckpointError, match="rng_rank0.pt.*--trust-checkpoint"):
+    with pytest.raises(safe_load.UnsafeCheckpointError, match="rng_rank0.pt.*--trust-checkpoint"):
         ckpt.find_resume_checkpoint(tmp_path / "checkpoints", log=lambda *_: None)
     plant(tag_dir / "mp_rank_00_model_states.pt", marker)
     problems = ckpt.verify_checkpoint(tag_dir)
     assert sorted(kind for kind, _ in problems) == ["unsafe", "unsafe"]  # refused, never merely "damaged"
-    with pytest.raises(ckpt.UnsafeCheckpointError, match="mp_rank_00_model_states.pt"):
-        ckpt.load_file(tag_dir / "mp_rank_00_model_states.pt")
-    with pytest.raises(ckpt.UnsafeCheckpointError), ckpt.deepspeed_loads_weights_only():
+    with pytest.raises(safe_load.UnsafeCheckpointError, match="mp_rank_00_model_states.pt"):
+        safe_load.load_file(tag_dir / "mp_rank_00_model_states.pt")
+    with pytest.raises(safe_load.UnsafeCheckpointError), safe_load.deepspeed_loads_weights_only():
         torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)  # as DeepSpeed calls it
     assert cli_main(["ckpt", "info", str(tmp_path)]) == 1
     assert not marker.exists()
     with pytest.raises(RuntimeError, match="magic number"):  # the explicit trust flag is the only way through
-        ckpt.load_file(tag_dir / "rng_rank0.pt", trusted=True)
+        safe_load.load_file(tag_dir / "rng_rank0.pt", trusted=True)
     assert marker.exists()  # ... and then the planted code runs: what the check prevents
 
 
@@ -109,7 +110,7 @@ def test_rng_files_hold_only_tensors_and_old_numpy_ones_still_load(tmp_path):
     expected = (random.random(), np.random.rand(), torch.rand(1))
     for name in ("rng_rank0.pt", "rng_rank1.pt"):
         random.seed(0), np.random.seed(0), torch.manual_seed(0)
-        ckpt.set_rng_state(ckpt.load_file(tmp_path / name))
+        ckpt.set_rng_state(safe_load.load_file(tmp_path / name))
         assert (random.random(), np.random.rand(), torch.rand(1)) == expected
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from mimscale.config import Config, from_dict, load_config
 from mimscale.engine import checkpoint as ckpt
+from mimscale.engine import safe_load
 from mimscale.train import add_trust_argument
 
 
@@ -51,7 +52,7 @@ def info(args: argparse.Namespace) -> int:
         hashes = "sizes and sha256 match" if files else "no hashes recorded (older checkpoint)"
         safety = (
             "pickles not checked (--trust-checkpoint)"
-            if ckpt.checkpoints_trusted()
+            if safe_load.checkpoints_trusted()
             else "every .pt file loads weights-only"
         )
         print(f"integrity    ok: {hashes}; {safety}")

@@ -1,0 +1,110 @@
+"""Unpickling checkpoint files without running their code: ``weights_only=True`` with the exact allowlist of
+classes DeepSpeed's states hold, unless the user trusts the folder (``--trust-checkpoint`` or
+MIMSCALE_TRUST_CHECKPOINTS=1). Used before DeepSpeed touches a checkpoint and while it loads one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TRUST_ENV = "MIMSCALE_TRUST_CHECKPOINTS"  # "1": load checkpoint pickles without the allowlist (the user wrote them)
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file would need arbitrary code to load; refused unless the user trusts the folder."""
+
+
+def checkpoints_trusted() -> bool:
+    return os.environ.get(TRUST_ENV, "") == "1"
+
+
+def deepspeed_safe_globals() -> list:
+    """The classes (besides tensors and containers) that DeepSpeed 0.19's checkpoint states hold; nothing else."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def _legacy_rng_globals() -> list:
+    """numpy arrays in rng_rank*.pt files written before they held only tensors."""
+    from numpy._core.multiarray import _reconstruct
+
+    return [
+        np.ndarray,
+        np.dtype,
+        np.dtypes.UInt32DType,
+        _reconstruct,
+        (_reconstruct, "numpy.core.multiarray._reconstruct"),
+    ]
+
+
+def _allowlist_for(path: Path) -> list:
+    return deepspeed_safe_globals() + (_legacy_rng_globals() if path.name.startswith("rng_rank") else [])
+
+
+def _refusal(path: Path, err: Exception) -> str:
+    lines = [
+        line.strip() for line in str(err).splitlines() if any(w in line for w in ("Unsupported", "GLOBAL", "but got"))
+    ]
+    reason = lines[0] if lines else "not loadable with weights_only=True"
+    return (
+        f"refusing to load {path}: it is not a weights-only checkpoint file (it needs objects outside the allowlist "
+        f"of checkpoint contents, so loading it could run arbitrary code: {reason}). If you wrote this checkpoint yourself, pass --trust-checkpoint (or set "
+        f"{TRUST_ENV}=1); otherwise delete it"
+    )
+
+
+def load_file(path: Path, trusted: bool | None = None, mmap: bool = False):
+    """torch.load a checkpoint file: a regular file, ``weights_only=True`` with DeepSpeed's allowlist unless trusted.
+
+    Raises UnsafeCheckpointError naming the file when it would need anything else.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing or not a regular file")
+    if checkpoints_trusted() if trusted is None else trusted:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals(_allowlist_for(path)), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "Detected pickle protocol 4": a foreign pickle
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError as err:
+                if not (mmap and "mmap can only be used" in str(err)):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpointError(_refusal(path, err)) from err
+
+
+@contextlib.contextmanager
+def deepspeed_loads_weights_only(trusted: bool | None = None):
+    """While DeepSpeed loads (it calls ``torch.load(weights_only=False)``), force weights_only with our allowlist.
+
+    torch honours TORCH_FORCE_WEIGHTS_ONLY_LOAD over the caller's argument; files were checked beforehand, this
+    is the second line of defence (a file swapped after the check is still refused).
+    """
+    if checkpoints_trusted() if trusted is None else trusted:
+        yield
+        return
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(deepspeed_safe_globals() + _legacy_rng_globals()):
+            yield
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpointError(_refusal(Path("a checkpoint file"), err)) from err
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
