@@ -101,9 +101,11 @@ def test_training_and_eval_streams_from_s3_are_the_local_streams(bucket, tmp_pat
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(here, there, strict=True))
 
 
-def test_shards_index_cli_indexes_an_s3_prefix_like_the_local_files(bucket, tmp_path, capsys):
+def test_shards_index_and_verify_cli_on_an_s3_prefix(bucket, tmp_path, capsys):
     assert cli_main(["shards", "index", "s3://shards/bare/", "--cache", str(tmp_path / "cache")]) == 0
     assert "4 shards, 384 samples" in capsys.readouterr().out
+    assert cli_main(["shards", "verify", "s3://shards/sample/", "--cache", str(tmp_path / "cache")]) == 0
+    assert "OK: s3://shards/sample/: 4 shards, 384 samples; checked size, sha256" in capsys.readouterr().out
     built = SetIndex(next((tmp_path / "cache" / "index").glob("*.idx")))
     local = SetIndex(SAMPLE / "samples.idx")
     assert built.names == local.names

@@ -379,6 +379,36 @@ def test_shards_index_cli_downloads_a_url_set_several_at_a_time(tmp_path, capsys
     assert all(np.array_equal(built.shard_rows(n), local.shard_rows(n)) for n in range(4))
 
 
+def test_verify_and_inspect_read_shards_behind_urls(tmp_path, capsys):
+    """`shards verify` and `shards inspect` on a URL pattern: each shard downloaded once into the node cache (as it
+    is, so that damage is reported, not refused), checked against the served manifest and samples.idx; a flipped
+    byte in one served shard fails verify naming that shard."""
+    from mimscale.data.http_serve import ShardServer
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(ROOT / "shards/sample", damaged)
+    raw = bytearray((damaged / "sample-001.tar").read_bytes())
+    raw[5000] ^= 0xFF
+    (damaged / "sample-001.tar").write_bytes(bytes(raw))
+    cache = ["--cache", str(tmp_path / "cache")]
+    with ShardServer(ROOT / "shards/sample") as good, ShardServer(damaged) as bad:
+        assert cli_main(["shards", "verify", good.url("sample-{000..003}.tar"), *cache]) == 0
+        out = capsys.readouterr().out
+        assert "OK: http://127.0.0.1" in out and "4 shards, 384 samples; checked size, sha256" in out
+        assert cli_main(["shards", "verify", bad.url("sample-{000..003}.tar"), *cache]) == 1
+        out = capsys.readouterr().out
+        assert "FAILED: 1 problem(s)" in out and "sample-001.tar: sha256" in out and "differs from manifest" in out
+        assert all(good.requests[f"sample-00{n}.tar"] == 1 for n in range(4))
+        sheet = tmp_path / "sheet.png"
+        assert cli_main(["shards", "inspect", good.url("sample-{000..003}.tar"), *cache, "--sheet", str(sheet)]) == 0
+        out = capsys.readouterr().out
+        assert "4 shards, 384 samples" in out and "0=astronaut: 21" in out and sheet.stat().st_size > 0
+        with ShardServer(tmp_path / "nothing-here", latency_s=0.0) as empty:
+            (tmp_path / "nothing-here").mkdir()
+            assert cli_main(["shards", "verify", empty.url("x-{0..1}.tar"), *cache]) == 1
+            assert "x-0.tar: " in capsys.readouterr().out
+
+
 def test_dotted_keys_follow_webdataset_and_are_reported_not_dropped_silently(tmp_path, capsys):
     folder = small_set(tmp_path / "set", shards=1, per_shard=3)
     out = io.BytesIO()

@@ -103,18 +103,35 @@ def load_manifest(folder: str | Path) -> dict | None:
     try:
         with open(path, "rb") as handle:  # bounded: a hostile or runaway file is refused, not read whole
             raw = handle.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as err:
+        raise ShardError(f"{path} cannot be read ({err})") from err
+    return parse_manifest(raw, str(path))
+
+
+def load_remote_manifest(folder: str) -> dict | None:
+    """The manifest.json beside remote shards (a bounded, retried read), or None when the folder has none."""
+    try:
+        raw = remote.read_small(f"{folder}/{MANIFEST_NAME}", MAX_MANIFEST_BYTES)
+    except remote.RemoteNotFound:
+        return None
+    return parse_manifest(raw, f"{folder}/{MANIFEST_NAME}")
+
+
+def parse_manifest(raw: bytes, shown: str) -> dict:
+    """A manifest's bytes, checked as hostile input: JSON within the size bound, a 'shards' list of named entries."""
+    try:
         if len(raw) > MAX_MANIFEST_BYTES:
-            raise ShardError(f"{path} is larger than {MAX_MANIFEST_BYTES >> 20} MiB; it was not written by mimscale")
+            raise ShardError(f"{shown} is larger than {MAX_MANIFEST_BYTES >> 20} MiB; it was not written by mimscale")
         manifest = json.loads(raw.decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ShardError(f"{path} is not valid JSON ({err}); delete it or re-run `mimscale shards create`") from err
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ShardError(f"{shown} is not valid JSON ({err}); delete it or re-run `mimscale shards create`") from err
     if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
-        raise ShardError(f"{path} has no 'shards' list; it was not written by mimscale (delete it to re-index)")
+        raise ShardError(f"{shown} has no 'shards' list; it was not written by mimscale (delete it to re-index)")
     for entry in manifest["shards"]:
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
-            raise ShardError(f"{path} lists a shard without a name ({str(entry)[:80]}); delete it to re-index")
+            raise ShardError(f"{shown} lists a shard without a name ({str(entry)[:80]}); delete it to re-index")
     if not isinstance(manifest.get("totals", {}), dict):
-        raise ShardError(f"{path}: 'totals' is not an object; delete it to re-index")
+        raise ShardError(f"{shown}: 'totals' is not an object; delete it to re-index")
     return manifest
 
 

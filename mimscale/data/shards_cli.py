@@ -30,7 +30,7 @@ MAX_LISTED_PROBLEMS = 50
 # ----------------------------------------------------------------------------------------------- verify
 
 
-def _read_members(path: Path, problems: list[str]) -> int:
+def _read_members(path: Path, problems: list[str], name: str) -> int:
     """Read and decode every member; returns the number of samples with an image. Problems are appended."""
     keys: set[str] = set()
     try:
@@ -45,47 +45,48 @@ def _read_members(path: Path, problems: list[str]) -> int:
                         decode_rgb(data, exif=False)
                         keys.add(key)
                     except BadImage as err:
-                        problems.append(f"{path.name}: member {member.name}: corrupt image ({err})")
+                        problems.append(f"{name}: member {member.name}: corrupt image ({err})")
                 elif ext in LABEL_EXTS and not data.decode("utf-8", "replace").strip().lstrip("-").isdigit():
-                    problems.append(f"{path.name}: member {member.name}: label is not an integer: {data[:20]!r}")
+                    problems.append(f"{name}: member {member.name}: label is not an integer: {data[:20]!r}")
             end = tar.offset
             raw.seek(end)
             if raw.read().strip(b"\0"):
-                problems.append(f"{path.name}: unreadable data after byte {end} (corrupt member header?)")
+                problems.append(f"{name}: unreadable data after byte {end} (corrupt member header?)")
     except (tarfile.TarError, OSError, EOFError) as err:
-        problems.append(f"{path.name}: truncated or corrupt tar ({type(err).__name__}: {err})")
+        problems.append(f"{name}: truncated or corrupt tar ({type(err).__name__}: {err})")
     return len(keys)
 
 
-def verify_shard(path: Path, entry: dict | None, index=None) -> tuple[int, list[str], list[str]]:
+def verify_shard(path: Path, entry: dict | None, index=None, name: str = "") -> tuple[int, list[str], list[str]]:
     """Check one shard against its manifest entry (size, sha256, sample count) and its samples.idx rows, and
-    decode every image. Returns (samples, problems, notes); a shard without a usable sample is a problem."""
+    decode every image. Returns (samples, problems, notes); a shard without a usable sample is a problem.
+    ``name`` is the shard's name in the set when the file is a cached copy under another name."""
     from mimscale.data.index import scan_tar
 
+    name = name or path.name
     problems: list[str] = []
     if entry is not None:
         size = path.stat().st_size
         if size != entry.get("bytes"):
-            problems.append(f"{path.name}: size {size} bytes, manifest says {entry.get('bytes')} (truncated?)")
+            problems.append(f"{name}: size {size} bytes, manifest says {entry.get('bytes')} (truncated?)")
         digest = file_sha256(path)
         if digest != entry.get("sha256"):
-            problems.append(
-                f"{path.name}: sha256 {digest[:12]}... differs from manifest {entry.get('sha256', '')[:12]}..."
-            )
-    samples = _read_members(path, problems)
+            problems.append(f"{name}: sha256 {digest[:12]}... differs from manifest {entry.get('sha256', '')[:12]}...")
+    samples = _read_members(path, problems, name)
     if entry is not None and samples != entry.get("samples"):
-        problems.append(f"{path.name}: {samples} readable samples, manifest says {entry.get('samples')}")
+        problems.append(f"{name}: {samples} readable samples, manifest says {entry.get('samples')}")
     try:
         scan = scan_tar(path)
     except ShardError as err:
         return samples, problems + [str(err)], []
+    scan.name = name
     notes = []
     if scan.unusable:
-        notes.append(f"{path.name}: {scan.unusable} sample(s) without an image member, skipped: "
+        notes.append(f"{name}: {scan.unusable} sample(s) without an image member, skipped: "
                      f"{', '.join(scan.unusable_examples)} (a WebDataset key ends at the first dot of the file "
                      "name: rename img.0001.jpg to img_0001.jpg)")  # fmt: skip
     if len(scan.rows) == 0:
-        problems.append(f"{path.name}: no usable sample (an image member per key: <key>.jpg|png|webp)")
+        problems.append(f"{name}: no usable sample (an image member per key: <key>.jpg|png|webp)")
     if index is not None:
         problems += _index_problems(index, scan)
     return samples, problems, notes
@@ -147,14 +148,85 @@ def verify_folder(folder: Path) -> tuple[int, int, list[str]]:
     return len(on_disk), samples, problems
 
 
+def _remote_spec(spec: str) -> bool:
+    """A shard spec read through the node cache (URLs other than file://)."""
+    from mimscale.data import remote
+
+    return remote.is_url(spec) and remote.scheme_of(spec.split("::")[0].strip()) != "file"
+
+
+def _remote_set_index(folder: str, cache, problems: list[str]):
+    """The samples.idx published beside remote shards, or None when there is none."""
+    from mimscale.data import remote
+    from mimscale.data.index import INDEX_NAME, SetIndex
+
+    try:
+        return SetIndex(cache.local_path(f"{folder}/{INDEX_NAME}"))
+    except remote.RemoteNotFound:
+        return None
+    except ShardError as err:
+        problems.append(str(err))
+        return None
+
+
+def verify_remote(spec: str, cache) -> tuple[int, int, list[str], bool]:
+    """(shards, samples, problems, manifest found) for shards behind URLs: each one downloaded into ``cache`` as it
+    is (not checked on the way, so that a damaged copy is reported rather than refused), verified, then dropped."""
+    from tqdm import tqdm
+
+    from mimscale.data import remote
+    from mimscale.data.shards import load_remote_manifest
+
+    folders: dict[str, list[str]] = {}
+    for location in remote.expand(spec, "OUT"):
+        folder, name = remote.folder_of(location)
+        folders.setdefault(folder, []).append(name)
+    shards, samples, problems, notes, manifests = 0, 0, [], [], 0
+    for folder, names in folders.items():
+        manifest = load_remote_manifest(folder)
+        manifests += manifest is not None
+        entries = {entry["name"]: entry for entry in manifest["shards"]} if manifest else {}
+        problems += [
+            f"{name}: not listed in {folder}/{MANIFEST_NAME}" for name in names if manifest and name not in entries
+        ]
+        index = _remote_set_index(folder, cache, problems)
+        for name in tqdm(names, desc="verify", unit="shard", disable=None, file=sys.stderr):
+            location = f"{folder}/{name}"
+            try:
+                path = cache.local_path(location)
+            except remote.RemoteError as err:
+                problems.append(f"{name}: {err}")
+                continue
+            try:
+                count, found, noted = verify_shard(path, entries.get(name), index, name=name)
+            finally:
+                cache.release(location, drop=True)  # read once: leave the space to the next shard
+            shards, samples, problems, notes = shards + 1, samples + count, problems + found, notes + noted
+    for note in notes[:MAX_LISTED_PROBLEMS]:
+        print(f"note: {note}", file=sys.stderr)
+    return shards, samples, problems, manifests == len(folders)
+
+
 def cmd_verify(args) -> int:
-    folder = Path(args.out)
-    if not folder.is_dir():
-        raise ShardError(f"{folder} is not a folder; pass the shard folder (the OUT of `mimscale shards create`)")
-    shards, samples, problems = verify_folder(folder)
-    has_manifest = (folder / MANIFEST_NAME).is_file()
+    if _remote_spec(args.out):
+        from mimscale.data import shard_cache
+
+        base = shard_cache.cache_dir_for(args.cache)
+        cache = shard_cache.ShardCache(os.path.join(base, "shards"), int(args.cache_limit_gb * 1e9))
+        try:
+            shards, samples, problems, has_manifest = verify_remote(args.out, cache)
+        finally:
+            cache.close()
+        where = args.out
+    else:
+        folder = Path(args.out)
+        if not folder.is_dir():
+            raise ShardError(f"{folder} is not a folder; pass the shard folder (the OUT of `mimscale shards create`) "
+                             "or a URL pattern")  # fmt: skip
+        shards, samples, problems = verify_folder(folder)
+        has_manifest, where = (folder / MANIFEST_NAME).is_file(), str(folder)
     if problems:
-        print(f"FAILED: {len(problems)} problem(s) in {folder} ({shards} shards, {samples} readable samples):")
+        print(f"FAILED: {len(problems)} problem(s) in {where} ({shards} shards, {samples} readable samples):")
         for line in problems[:MAX_LISTED_PROBLEMS]:
             print(f"  {line}")
         if len(problems) > MAX_LISTED_PROBLEMS:
@@ -162,9 +234,9 @@ def cmd_verify(args) -> int:
         print("fix: re-create the listed shards (mimscale shards create) or restore them from a copy")
         return 1
     checked = "size, sha256, counts and every image" if has_manifest else "every image (no manifest: counts discovered)"
-    if (folder / "samples.idx").is_file():
+    if not _remote_spec(args.out) and (Path(args.out) / "samples.idx").is_file():
         checked += ", samples.idx against the tars"
-    print(f"OK: {folder}: {shards} shards, {samples} samples; checked {checked}")
+    print(f"OK: {where}: {shards} shards, {samples} samples; checked {checked}")
     return 0
 
 
@@ -193,11 +265,20 @@ def contact_sheet(table, count: int, labels: list[str], thumb: int = 96) -> Imag
     return sheet
 
 
-def _class_names(folder: Path, manifest: dict | None) -> list[str]:
+def _class_names(folder: str, manifest: dict | None) -> list[str]:
+    """Class names from the manifest, else from a classes.json beside the shards (local or remote)."""
+    from mimscale.data import remote
+
     if manifest and manifest.get("classes"):
         return [str(name) for name in manifest["classes"]]
-    path = folder / "classes.json"
-    return [str(name) for name in json.loads(path.read_text())] if path.is_file() else []
+    location = f"{folder}/classes.json"
+    if remote.is_local(folder) and not Path(location).is_file():
+        return []
+    try:
+        names = json.loads(remote.read_small(location, 16 << 20, retries=1))
+    except (remote.RemoteError, UnicodeDecodeError, json.JSONDecodeError):  # none, or not a list of names
+        return []
+    return [str(name) for name in names] if isinstance(names, list) else []
 
 
 def _label_histogram(table) -> dict[int, int]:
@@ -211,12 +292,19 @@ def _label_histogram(table) -> dict[int, int]:
 
 
 def cmd_inspect(args) -> int:
+    from mimscale.data import remote
+    from mimscale.data.shards import load_remote_manifest
     from mimscale.data.stream import load_table
 
-    folder = Path(args.out)
-    manifest = load_manifest(folder)
-    table = load_table(str(folder), "OUT", cache_dir=args.cache or None)
-    names = _class_names(folder, manifest)
+    folder = args.out
+    table = load_table(folder, "OUT", cache_dir=args.cache or None)
+    if _remote_spec(folder):
+        first = remote.folder_of(table.locations[0])[0]
+        manifest = load_remote_manifest(first)
+    else:
+        first = str(Path(table.locations[0]).parent)
+        manifest = load_manifest(first)
+    names = _class_names(first, manifest)
     sizes = [index.shard_bytes[n] for index, n in zip(
         (table.indexes[i] for i in table.set_of), table.number_in_set, strict=True)]  # fmt: skip
     unusable = [int(table.indexes[i].unusable[n]) for i, n in zip(table.set_of, table.number_in_set, strict=True)]
@@ -329,10 +417,12 @@ def register(subparsers) -> None:
     create.add_argument("--prefix", default="shard-", help="shard file name prefix")
     create.set_defaults(func=cmd_create, record_argv=True)
     verify = commands.add_parser("verify", help="re-read everything against manifest.json; exit 1 on problems")
-    verify.add_argument("out", help="shard folder")
+    verify.add_argument("out", help="shard folder, or a URL pattern (each shard is downloaded once, then dropped)")
+    verify.add_argument("--cache", default="", help="node cache folder for URL sets (as data.cache_dir)")
+    verify.add_argument("--cache-limit-gb", type=float, default=20.0, help="shard cache size while verifying URLs")
     verify.set_defaults(func=cmd_verify)
     inspect = commands.add_parser("inspect", help="counts, labels, sizes and a PNG contact sheet")
-    inspect.add_argument("out", help="shard folder")
+    inspect.add_argument("out", help="shard folder, pattern or URL pattern")
     inspect.add_argument("--sheet", default="contact_sheet.png", help="PNG path for the contact sheet ('' = none)")
     inspect.add_argument("--count", type=int, default=16, help="samples on the contact sheet")
     inspect.add_argument("--cache", default="", help="folder for the index of a read-only or remote shard set")
