@@ -33,7 +33,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-from bench_quality import DEMO, SETUPS, score  # noqa: E402
+from bench_quality import DEMO, SETUPS, run_overrides, score  # noqa: E402
 
 STUDENT = "vit_tiny_patch16_224"
 ARCH_ARGS = {"patch_size": 4, "depth": 6}
@@ -129,26 +129,12 @@ def run_train(config: Path, overrides: list[str]) -> tuple[float, list[float]]:
     return time.time() - start, rates
 
 
-def run_overrides(run_dir: Path, seed: int, steps: int) -> list[str]:
-    """The settings every pretraining run of this bench shares: its folder, seed, length, one final checkpoint."""
-    return [
-        f"run.output_dir={run_dir}",
-        f"run.seed={seed}",
-        f"train.max_steps={steps}",
-        f"checkpoint.every_steps={steps}",
-        "eval.knn_every=0",
-        "data.num_workers=1",
-        "train.progress_bar=false",
-        f"train.log_every={max(1, steps // 10)}",
-    ]
-
-
 def pretrain(out: Path, method: str, seed: int, steps: int, teacher_dir: Path) -> Path:
     run_dir = out / f"{method}_seed{seed}"
     settings = {**SETUPS["digits"], **(DISTILL if method == "maskdistill" else {})}
     overrides = [f"{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in settings.items()]
     overrides += teacher_overrides(teacher_dir) if method == "maskdistill" else []
-    overrides += run_overrides(run_dir, seed, steps)
+    overrides += run_overrides(run_dir, steps, seed)
     seconds, _ = run_train(DEMO, overrides)
     print(f"{method} seed {seed}: {steps} steps in {seconds:.0f} s", flush=True)
     return run_dir
@@ -220,7 +206,7 @@ def relax(out: Path, counts: list[int], steps: int, seed: int = 0) -> dict:
         run_dir = out / f"relaxmim_{count}img" if seed == 0 else out / f"relaxmim_{count}img_seed{seed}"
         settings = {**SETUPS["digits"], **RELAX, "data.shards": f"{shards}/*.tar"}
         overrides = [f"{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in settings.items()]
-        overrides += run_overrides(run_dir, seed, steps)
+        overrides += run_overrides(run_dir, steps, seed)
         seconds, _ = run_train(DEMO, overrides)
         print(f"relaxmim seed {seed} on {count} image(s): {steps} steps in {seconds:.0f} s", flush=True)
         rows[f"RelaxMIM on {count} image(s), {steps} steps"] = [probe(str(run_dir))]

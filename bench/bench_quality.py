@@ -56,20 +56,27 @@ EVAL_SETS = {
 }
 
 
+def run_overrides(run_dir: Path, steps: int, seed: int | None = None) -> list[str]:
+    """The settings every pretraining run of the benches shares: its folder, length, one final checkpoint (and
+    its seed, when given; else the config's)."""
+    return [
+        f"run.output_dir={run_dir}",
+        *([f"run.seed={seed}"] if seed is not None else []),
+        f"train.max_steps={steps}",
+        f"checkpoint.every_steps={steps}",
+        "eval.knn_every=0",
+        "data.num_workers=1",
+        "train.progress_bar=false",
+        f"train.log_every={max(1, steps // 10)}",
+    ]
+
+
 def pretrain(out: Path, steps: int, setup: str, extra: list[str]) -> float:
     """Run `mimscale train` on the demo config + setup; returns wall seconds (resumes if the run already exists)."""
     overrides = (
         [f"{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in SETUPS[setup].items()]
         + extra
-        + [
-            f"run.output_dir={out}",
-            f"train.max_steps={steps}",
-            f"checkpoint.every_steps={steps}",
-            "eval.knn_every=0",
-            "data.num_workers=1",
-            "train.progress_bar=false",
-            f"train.log_every={max(1, steps // 10)}",
-        ]
+        + run_overrides(out, steps)
     )
     cmd = [sys.executable, "-m", "mimscale.cli", "train", "--config", str(DEMO)]
     for item in overrides:
