@@ -235,20 +235,21 @@ class _TrainBatches(IterableDataset):
         self._upcoming: EpochPlan | None = None  # the next epoch's, once its first window is fetched ahead
         self._reported = 0
 
+    def _new_plan(self, epoch: int) -> EpochPlan:
+        return EpochPlan(self.table.counts, seed=self.seed, epoch=epoch, streams=self.streams, window=self.window)
+
     def _plan_for(self, epoch: int) -> EpochPlan:
         if self._plan is None or self._plan.epoch != epoch:
             if self._upcoming is not None and self._upcoming.epoch == epoch:
                 self._plan, self._upcoming = self._upcoming, None
             else:
-                self._plan = EpochPlan(self.table.counts, seed=self.seed, epoch=epoch, streams=self.streams,
-                                       window=self.window)  # fmt: skip
+                self._plan = self._new_plan(epoch)
         return self._plan
 
     def _first_window_of_next_epoch(self, epoch: int, stream: int) -> np.ndarray:
         """The shards a stream reads first in the next epoch (fetched ahead while this epoch's last window runs)."""
         if self._upcoming is None or self._upcoming.epoch != epoch + 1:
-            self._upcoming = EpochPlan(self.table.counts, seed=self.seed, epoch=epoch + 1, streams=self.streams,
-                                       window=self.window)  # fmt: skip
+            self._upcoming = self._new_plan(epoch + 1)
         return self._upcoming.window_shards(stream, 0)
 
     def _load(self, plan: EpochPlan, stream: int, position: int) -> tuple:
