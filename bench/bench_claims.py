@@ -73,9 +73,9 @@ def train_teacher(out: Path, epochs: int, max_shift: int) -> dict:
     import timm
 
     from mimscale.config import load_config
-    from mimscale.data.stream import iter_eval_batches
     from mimscale.eval.export import write_export
     from mimscale.models.students import init_sincos_pos_embed
+    from mimscale.pipeline.stream import iter_eval_batches
 
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
@@ -235,9 +235,9 @@ def throughput(out: Path, steps: int) -> dict:
 
 
 def locality(out: Path, seed: int) -> dict:
-    from mimscale.data.stream import iter_eval_batches
     from mimscale.eval.analysis import analyze_model
     from mimscale.eval.export import load_backbone
+    from mimscale.pipeline.stream import iter_eval_batches
 
     specs = {
         "SimMIM": str(out / f"simmim_seed{seed}"),

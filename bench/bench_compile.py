@@ -26,9 +26,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     from mimscale.config import load_config
-    from mimscale.data.masking import mask_generator_for
     from mimscale.engine.optim import build_optimizer
     from mimscale.methods import build_method
+    from mimscale.pipeline.masking import mask_generator_for
 
     cfg = load_config(args.config, args.set)
 

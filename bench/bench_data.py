@@ -35,10 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "shards"))
 from build_samples import load_photos  # noqa: E402
 
 from mimscale.config import load_config  # noqa: E402
-from mimscale.data.create import CreateOptions, create_shards  # noqa: E402
-from mimscale.data.masking import build_mask_generator  # noqa: E402
-from mimscale.data.shards import expand_shards, index_shards  # noqa: E402
-from mimscale.data.stream import build_train_loader  # noqa: E402
+from mimscale.pipeline.masking import build_mask_generator  # noqa: E402
+from mimscale.pipeline.stream import build_train_loader  # noqa: E402
+from mimscale.shards.create import CreateOptions, create_shards  # noqa: E402
+from mimscale.shards.format import expand_shards, index_shards  # noqa: E402
 
 
 def make_jpeg_folder(folder: Path, count: int) -> None:
@@ -105,7 +105,7 @@ def bench_stream(
 
 def bench_decode_only(payloads: list[bytes], repeats: int) -> float:
     """The stream's own decoder with nothing after it: what a full-size decode alone costs."""
-    from mimscale.data.transforms import _jpeg_tensor
+    from mimscale.pipeline.transforms import _jpeg_tensor
 
     def run():
         for payload in payloads:

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def fixed_batches(cfg, method, count: int) -> list[dict]:
     """Random images and real masks from the method's mask generator, made once and reused by every loop."""
-    from mimscale.data.masking import mask_generator_for
+    from mimscale.pipeline.masking import mask_generator_for
 
     generator = mask_generator_for(cfg, method)
     rng = np.random.default_rng(0)

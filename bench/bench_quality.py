@@ -88,8 +88,8 @@ def pretrain(out: Path, steps: int, setup: str, extra: list[str]) -> float:
 
 def score(loaded, train: str, val: str, *, pool: str, layer: int | None = None) -> dict:
     """kNN (DINO, k=20, T=0.07) and linear-probe top-1 of ``loaded``'s frozen features, train shards -> val shards."""
-    from mimscale.data.stream import iter_eval_batches
     from mimscale.eval.probe import extract_features, knn_accuracy, linear_probe
+    from mimscale.pipeline.stream import iter_eval_batches
 
     common = {"image_size": loaded.image_size, "batch_size": 64, "mean": loaded.mean, "std": loaded.std}
     features = {"pool": pool, "layer": layer}
@@ -108,9 +108,9 @@ def score(loaded, train: str, val: str, *, pool: str, layer: int | None = None) 
 
 def evaluate(spec: str, pool: str, attention_images: str) -> dict:
     """kNN and linear-probe top-1 on every eval set (``pool`` features), mean attention distance per block."""
-    from mimscale.data.stream import iter_eval_batches
     from mimscale.eval.analysis import analyze_model
     from mimscale.eval.export import load_backbone
+    from mimscale.pipeline.stream import iter_eval_batches
 
     loaded = load_backbone(spec)
     scores = {name: score(loaded, train, val, pool=pool) for name, (train, val) in EVAL_SETS.items()}

@@ -4,7 +4,7 @@
                                  [--epochs 2] [--window 4] [--cache-mb 40]
 
 Builds ImageNet-like JPEG shards (about 500x375, quality 90, from scikit-image's photos) in a temporary folder,
-serves them with mimscale.data.http_serve (a threaded server on 127.0.0.1 that sleeps --latency-ms before
+serves them with tests/http_serve.py (a threaded server on 127.0.0.1 that sleeps --latency-ms before
 answering each request), then runs the same training stream (build_train_loader, one rank, --workers DataLoader
 workers, --epochs epochs) twice per repeat: over the local files, and over http:// URLs with data.cache_dir a
 fresh, empty folder (cold cache) limited to --cache-mb, less than the shard set, so shards are evicted and
@@ -26,14 +26,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the fault-injecting test server
 
 from bench_data import make_jpeg_folder  # noqa: E402
+from http_serve import ShardServer  # noqa: E402
 
 from mimscale.config import load_config  # noqa: E402
-from mimscale.data.create import CreateOptions, create_shards  # noqa: E402
-from mimscale.data.http_serve import ShardServer  # noqa: E402
-from mimscale.data.masking import build_mask_generator  # noqa: E402
-from mimscale.data.stream import build_train_loader  # noqa: E402
+from mimscale.pipeline.masking import build_mask_generator  # noqa: E402
+from mimscale.pipeline.stream import build_train_loader  # noqa: E402
+from mimscale.shards.create import CreateOptions, create_shards  # noqa: E402
 
 
 def run_stream(shards: str, args, cache_dir: str) -> tuple[float, int]:
@@ -54,8 +55,8 @@ def run_stream(shards: str, args, cache_dir: str) -> tuple[float, int]:
 
 def time_index(server: ShardServer, names: list[str], cache_dir: Path, workers: int) -> float:
     """Seconds to index the served set from a cold cache with ``workers`` downloads at once."""
-    from mimscale.data import shard_cache
-    from mimscale.data.index import remote_folder_index
+    from mimscale.shards.index import remote_folder_index
+    from mimscale.storage import shard_cache
 
     cache = shard_cache.ShardCache(cache_dir / "shards", 10**11)
     start = time.perf_counter()

@@ -107,8 +107,8 @@ def uss():
             fields[parts[0].rstrip(":")] = int(parts[1]) * 1024
     return fields["Private_Clean"] + fields["Private_Dirty"], fields["Rss"], fields["Anonymous"]
 import numpy as np
-from mimscale.data.order import EpochPlan
-from mimscale.data.stream import load_table
+from mimscale.pipeline.order import EpochPlan
+from mimscale.pipeline.stream import load_table
 base = uss()
 start = time.perf_counter()
 table = load_table(sys.argv[1], "data.shards")
@@ -191,7 +191,7 @@ def class_mix(ids: np.ndarray, labels: np.ndarray, global_batch: int, classes: i
 
 
 def bench_quality(args) -> None:
-    from mimscale.data.order import KeyedPermutation, epoch_sequence
+    from mimscale.pipeline.order import KeyedPermutation, epoch_sequence
 
     counts = np.full(args.shards, args.per_shard)
     labels = np.repeat(np.arange(args.shards) * args.classes // args.shards, args.per_shard)  # class-sorted shards

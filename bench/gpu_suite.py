@@ -111,7 +111,7 @@ def base_settings(suite: Suite) -> list[str]:
 
 def host_batches(cfg, method, count: int = 2) -> list[dict]:
     """uint8 images (normalised on the device, as GPU runs do) and the method's own masks, made once."""
-    from mimscale.data.masking import mask_generator_for
+    from mimscale.pipeline.masking import mask_generator_for
 
     generator, rng = mask_generator_for(cfg, method), np.random.default_rng(0)
     size, batch = cfg.data.image_size, cfg.data.batch_size
@@ -269,7 +269,7 @@ def jpeg_shards(suite: Suite) -> tuple[str, int]:
     """ImageNet-like JPEGs (about 500x375, q90) from scikit-image photos as shards; smoke: the bundled samples."""
     if suite.smoke:
         return str(ROOT / "shards" / "sample" / "*.tar"), 64
-    from mimscale.data.create import CreateOptions, create_shards
+    from mimscale.shards.create import CreateOptions, create_shards
 
     source, shards = suite.workdir / "jpegs", suite.workdir / "jpeg_shards"
     try:  # the photos come from scikit-image; without it, the bundled sample photos upscaled to the same size
@@ -289,7 +289,7 @@ def upscale_sample_photos(folder: Path, count: int) -> None:
 
     from PIL import Image
 
-    from mimscale.data.shards import expand_shards, index_shards
+    from mimscale.shards.format import expand_shards, index_shards
 
     paths = expand_shards(str(ROOT / "shards" / "sample" / "*.tar"))
     payloads = []
@@ -305,8 +305,8 @@ def upscale_sample_photos(folder: Path, count: int) -> None:
 
 def train_stream(shards: str, size: int, decode: str, workers: int = 0):
     from mimscale.config import load_config
-    from mimscale.data.masking import build_mask_generator
-    from mimscale.data.stream import build_train_loader
+    from mimscale.pipeline.masking import build_mask_generator
+    from mimscale.pipeline.stream import build_train_loader
 
     cfg = load_config(None, [f"data.shards={shards}", "data.batch_size=32", f"data.image_size={size}",
                              f"data.num_workers={workers}", f"data.decode={decode}", "mask.patch_size=32"])  # fmt: skip
@@ -333,7 +333,7 @@ def device_stream_row(suite: Suite, shards: str, size: int, reference: list[dict
     """The whole data.decode=device path as training runs it (workers, producer thread, side CUDA stream): its
     batches must be the worker path's (same ids and masks; pixels within a few grey levels: nvJPEG's IDCT and
     chroma upsampling are not libjpeg-turbo's), and its images/s with 4 workers."""
-    from mimscale.data.device_decode import DeviceDecodedStream, DeviceDecoder
+    from mimscale.pipeline.device_decode import DeviceDecodedStream, DeviceDecoder
 
     workers = 1 if suite.smoke else 4
     stream = DeviceDecodedStream(train_stream(shards, size, "device", workers), DeviceDecoder(suite.device, size))
@@ -360,7 +360,7 @@ def device_stream_row(suite: Suite, shards: str, size: int, reference: list[dict
 
 def decoder_rate(suite: Suite, host: list[dict], size: int, backend: str) -> float:
     """images/s of DeviceDecoder alone (decode + crop + resize + flip) over pre-made worker batches."""
-    from mimscale.data.device_decode import DeviceDecoder
+    from mimscale.pipeline.device_decode import DeviceDecoder
 
     decoder = DeviceDecoder(suite.device, size, backend)
     decoder(host[0])  # warm-up: decoder handles, kernels
@@ -377,7 +377,7 @@ def decoder_rate(suite: Suite, host: list[dict], size: int, backend: str) -> flo
 
 
 def section_decode(suite: Suite) -> list[Row]:
-    from mimscale.data.device_decode import jpeg_backend
+    from mimscale.pipeline.device_decode import jpeg_backend
 
     shards, size = jpeg_shards(suite)
     count = 3 if suite.smoke else 12
@@ -527,7 +527,7 @@ def describe_machine(device: torch.device, smoke: bool) -> str:
     import deepspeed
     import timm
 
-    from mimscale.data.device_decode import jpeg_backend
+    from mimscale.pipeline.device_decode import jpeg_backend
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     mode = "--smoke (tiny sizes, not figures)" if smoke else "full"

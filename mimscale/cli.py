@@ -17,7 +17,7 @@ COMMAND_MODULES = [
     "mimscale.train",  # train
     "mimscale.engine.ckpt_cli",  # ckpt info|convert
     "mimscale.plan",  # plan
-    "mimscale.data.shards_cli",  # shards create|verify|inspect
+    "mimscale.shards.cli",  # shards create|verify|inspect
     "mimscale.eval.export",  # export
     "mimscale.eval.probe",  # eval knn|linear
     "mimscale.eval.analysis",  # analyze

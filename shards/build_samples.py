@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mimscale.data.images import encode, to_rgb
-from mimscale.data.shards import image_size_stats, write_manifest, write_shard
+from mimscale.shards.format import image_size_stats, write_manifest, write_shard
+from mimscale.shards.images import encode, to_rgb
 
 PHOTOS = (
     "astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins", "colorwheel", "grass",

@@ -5,10 +5,10 @@ import struct
 import sys
 
 from mimscale.config import load_config
-from mimscale.data.index import SetIndex
-from mimscale.data.masking import build_mask_generator
-from mimscale.data.stream import build_train_loader
 from mimscale.engine import preempt
+from mimscale.pipeline.masking import build_mask_generator
+from mimscale.pipeline.stream import build_train_loader
+from mimscale.shards.index import SetIndex
 
 folder = sys.argv[1]
 index = SetIndex(f"{folder}/samples.idx")

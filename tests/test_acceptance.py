@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from mimscale.data.shards import ShardError
-from mimscale.data.stream import load_table
+from mimscale.pipeline.stream import load_table
+from mimscale.shards.format import ShardError
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "shards/sample"

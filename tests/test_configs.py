@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from mimscale.config import ConfigError, from_dict, load_config
-from mimscale.data.masking import mask_generator_for
 from mimscale.methods import build_method
+from mimscale.pipeline.masking import mask_generator_for
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 DEMOS = [p for p in CONFIGS if p.name.startswith("demo_")]

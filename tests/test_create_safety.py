@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from mimscale.cli import main as cli_main
-from mimscale.data.create import CreateOptions, create_shards
-from mimscale.data.shards import ShardError
+from mimscale.shards.create import CreateOptions, create_shards
+from mimscale.shards.format import ShardError
 
 GiB = 1 << 30
 

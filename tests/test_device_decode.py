@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from mimscale.config import load_config
-from mimscale.data.device_decode import (
+from mimscale.pipeline.device_decode import (
     DeferredCrop,
     DeferredRows,
     DeviceDecodedStream,
@@ -29,8 +29,8 @@ from mimscale.data.device_decode import (
     device_decodable,
     jpeg_backend,
 )
-from mimscale.data.masking import build_mask_generator
-from mimscale.data.stream import build_train_loader
+from mimscale.pipeline.masking import build_mask_generator
+from mimscale.pipeline.stream import build_train_loader
 
 REPO = Path(__file__).resolve().parents[1]
 BACKENDS = ["torchvision"] + (["torchcodec"] if jpeg_backend() == "torchcodec" else [])
@@ -143,7 +143,7 @@ def test_a_batch_with_an_undecodable_image_falls_back_per_image(mixed_shard):
 def test_an_error_in_the_producer_thread_reaches_the_training_loop(mixed_shard, tmp_path):
     """JPEGs whose header is fine but whose data are not: the worker defers them, the decode thread finds no
     decodable image in the batch, and that error is raised where the loop asks for the batch, message intact."""
-    from mimscale.data.images import BadImage
+    from mimscale.shards.images import BadImage
 
     _, payloads = mixed_shard
     broken = payloads["rgb"][:200] + bytes(300) + payloads["rgb"][-2:]

@@ -124,8 +124,8 @@ def test_metric_accumulator_means_and_step_line():
 
 def test_uint8_batches_are_normalised_like_the_worker_path():
     """GPU runs ship uint8 images and normalise on the device; the result must equal the CPU worker path."""
-    from mimscale.data.transforms import normalise_batch
     from mimscale.engine.loop import _to_device
+    from mimscale.pipeline.transforms import normalise_batch
 
     cfg = load_config(None)
     images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)

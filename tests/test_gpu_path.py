@@ -164,9 +164,9 @@ def test_host_syncs_per_micro_batch(monkeypatch, nan_guard, one_torch_thread, on
     import numpy as np
     import torch
 
-    from mimscale.data.masking import mask_generator_for
     from mimscale.engine.distributed import init_distributed
     from mimscale.engine.loop import Trainer
+    from mimscale.pipeline.masking import mask_generator_for
 
     cfg = _build_cfg("demo_maskalign.yaml", "model.student_args.depth=2", "data.batch_size=4", "run.device=cpu",
                      "deepspeed.zero_stage=0", "deepspeed.precision=fp32", "train.grad_accum_steps=2",
@@ -277,8 +277,8 @@ def test_teacher_and_visible_only_student_compile_without_graph_breaks(one_torch
     import torch._dynamo as dynamo
     from torch._dynamo.utils import counters
 
-    from mimscale.data.masking import mask_generator_for
     from mimscale.methods import build_method
+    from mimscale.pipeline.masking import mask_generator_for
 
     cfg = _build_cfg("demo_maskalign.yaml", "model.student_args.depth=2", "data.batch_size=4")
     method = build_method(cfg)

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from mimscale.data.masking import BlockwiseMask, build_mask_generator
+from mimscale.pipeline.masking import BlockwiseMask, build_mask_generator
 
 
 def test_simmim_cells_exact_ratio_and_alignment():
@@ -98,8 +98,8 @@ def test_preset_counts_match_the_references():
     from pathlib import Path
 
     from mimscale.config import load_config
-    from mimscale.data.masking import mask_generator_for
     from mimscale.methods import resolve_preset
+    from mimscale.pipeline.masking import mask_generator_for
 
     configs = Path(__file__).resolve().parents[1] / "configs"
 

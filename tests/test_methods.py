@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from mimscale.config import ConfigError, load_config
-from mimscale.data.masking import mask_generator_for
 from mimscale.methods import build_method
 from mimscale.methods.components import infonce_loss, l1_loss, make_smooth_l1
+from mimscale.pipeline.masking import mask_generator_for
 
 TINY_VIT = ["model.student=vit_tiny_patch16_224", "model.student_args={patch_size: 8, depth: 2}", "data.image_size=32"]
 SIMMIM = TINY_VIT + ["method.name=simmim", "mask.patch_size=16"]

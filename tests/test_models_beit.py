@@ -10,8 +10,8 @@ import timm
 import torch
 
 from mimscale.config import ConfigError, load_config
-from mimscale.data.masking import mask_generator_for
 from mimscale.methods import build_method
+from mimscale.pipeline.masking import mask_generator_for
 
 BEIT_ARGS = (
     "model.student_args={patch_size: 8, depth: 2, embed_dim: 64, num_heads: 2, use_abs_pos_emb: false, "

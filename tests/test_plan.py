@@ -183,8 +183,8 @@ def test_whole_method_activations_match_the_plan(config, overrides):
     """Student + head + loss saved bytes of the real method forward (teacher under no_grad) vs the plan."""
     import numpy as np
 
-    from mimscale.data.masking import build_mask_generator
     from mimscale.methods import build_method
+    from mimscale.pipeline.masking import build_mask_generator
     from mimscale.plan import head_activation_bytes
 
     cfg = load_config(Path(__file__).parents[1] / "configs" / config, overrides + ["deepspeed.precision=fp32"])

@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from mimscale.config import load_config
-from mimscale.data.masking import mask_generator_for
 from mimscale.methods import build_method
+from mimscale.pipeline.masking import mask_generator_for
 
 SHARDS = Path(__file__).resolve().parents[1] / "shards" / "sample"
 SIZE, STEPS, BATCH = 16, 60, 16

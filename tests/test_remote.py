@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+from http_serve import ShardServer
 
-from mimscale.data import remote, shard_cache
-from mimscale.data.http_serve import ShardServer
-from mimscale.data.remote import RemoteError, RemoteNotFound
-from mimscale.data.shard_cache import ShardCache
+from mimscale.storage import remote, shard_cache
+from mimscale.storage.remote import RemoteError, RemoteNotFound
+from mimscale.storage.shard_cache import ShardCache
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "shards/sample"
@@ -141,7 +141,7 @@ def test_killed_download_leaves_no_partial_file_and_no_stuck_lock(tmp_path, serv
     nobody ever sees the half file, and its leftover is cleaned."""
     url = server.url(NAMES[0])
     server.faults[NAMES[0]] = ["hang"]
-    code = (f"from mimscale.data.shard_cache import ShardCache; import hashlib; "
+    code = (f"from mimscale.storage.shard_cache import ShardCache; import hashlib; "
             f"p = ShardCache({str(tmp_path / 'cache')!r}, 10**9, backoff_s=0.01).local_path({url!r}); "
             f"print(hashlib.sha256(p.read_bytes()).hexdigest())")  # fmt: skip
     first = run_python(code)
@@ -164,7 +164,7 @@ def test_one_download_per_node_with_racing_processes(tmp_path):
     go = tmp_path / "go"
     with ShardServer(SAMPLE, latency_s=0.3) as server:
         urls = [server.url(NAMES[0]), server.url(NAMES[1])]
-        code = (f"import os, time, hashlib; from mimscale.data.shard_cache import ShardCache\n"
+        code = (f"import os, time, hashlib; from mimscale.storage.shard_cache import ShardCache\n"
                 f"c = ShardCache({str(tmp_path / 'cache')!r}, 10**9)\n"
                 f"while not os.path.exists({str(go)!r}): time.sleep(0.01)\n"
                 f"c.prefetch({urls!r})\n"
@@ -346,8 +346,8 @@ def test_training_and_eval_streams_over_http_are_the_local_streams(tmp_path, ser
 
     import torch
 
-    from mimscale.data.masking import build_mask_generator
-    from mimscale.data.stream import build_train_loader, iter_eval_batches
+    from mimscale.pipeline.masking import build_mask_generator
+    from mimscale.pipeline.stream import build_train_loader, iter_eval_batches
 
     mask = build_mask_generator("random_tokens", image_size=32, token_stride=8, ratio=0.5, cell_size=32)
     local = build_train_loader(stream_cfg(str(SAMPLE / "*.tar"), tmp_path / "unused"), rank=1, world_size=2,
@@ -399,8 +399,8 @@ def test_a_run_whose_shards_are_cached_resumes_while_the_server_is_down(tmp_path
 
     import torch
 
-    from mimscale.data.masking import build_mask_generator
-    from mimscale.data.stream import build_train_loader
+    from mimscale.pipeline.masking import build_mask_generator
+    from mimscale.pipeline.stream import build_train_loader
 
     mask = build_mask_generator("random_tokens", image_size=32, token_stride=8, ratio=0.5, cell_size=32)
     with ShardServer(SAMPLE) as gone:

@@ -17,10 +17,10 @@ moto_server = pytest.importorskip("moto.server")
 
 from mimscale.cli import main as cli_main  # noqa: E402 - after the skips
 from mimscale.config import load_config  # noqa: E402
-from mimscale.data import remote, shard_cache  # noqa: E402
-from mimscale.data.index import SetIndex  # noqa: E402
-from mimscale.data.masking import build_mask_generator  # noqa: E402
-from mimscale.data.stream import build_train_loader, iter_eval_batches  # noqa: E402
+from mimscale.pipeline.masking import build_mask_generator  # noqa: E402
+from mimscale.pipeline.stream import build_train_loader, iter_eval_batches  # noqa: E402
+from mimscale.shards.index import SetIndex  # noqa: E402
+from mimscale.storage import remote, shard_cache  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "shards/sample"

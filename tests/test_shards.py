@@ -18,12 +18,12 @@ from PIL import Image
 
 from mimscale.cli import main as cli_main
 from mimscale.config import load_config
-from mimscale.data.create import CRASH_ENV, CreateOptions, create_shards
-from mimscale.data.images import decode_rgb, to_rgb
-from mimscale.data.index import IndexFileError, SetIndex, scan_tar
-from mimscale.data.masking import build_mask_generator
-from mimscale.data.shards import ShardError, expand_shards, index_shards, split_key, write_manifest, write_shard
-from mimscale.data.stream import build_train_loader, iter_eval_batches
+from mimscale.pipeline.masking import build_mask_generator
+from mimscale.pipeline.stream import build_train_loader, iter_eval_batches
+from mimscale.shards.create import CRASH_ENV, CreateOptions, create_shards
+from mimscale.shards.format import ShardError, expand_shards, index_shards, split_key, write_manifest, write_shard
+from mimscale.shards.images import decode_rgb, to_rgb
+from mimscale.shards.index import IndexFileError, SetIndex, scan_tar
 
 ROOT = Path(__file__).resolve().parents[1]
 MASK = build_mask_generator("random_tokens", image_size=32, token_stride=8, ratio=0.5, cell_size=32)
@@ -363,7 +363,7 @@ def test_shards_index_cli_builds_a_foreign_folder_once_in_parallel_into_a_cache(
 def test_shards_index_cli_downloads_a_url_set_several_at_a_time(tmp_path, capsys):
     """`mimscale shards index URL` on a set with no published index: each shard downloaded once, 4 at a time (the
     server holds each request 0.3 s, so they overlap), and the index equals the one built from the files."""
-    from mimscale.data.http_serve import ShardServer
+    from http_serve import ShardServer
 
     folder = tmp_path / "bare"
     shutil.copytree(ROOT / "shards/sample", folder)
@@ -383,7 +383,7 @@ def test_verify_and_inspect_read_shards_behind_urls(tmp_path, capsys):
     """`shards verify` and `shards inspect` on a URL pattern: each shard downloaded once into the node cache (as it
     is, so that damage is reported, not refused), checked against the served manifest and samples.idx; a flipped
     byte in one served shard fails verify naming that shard."""
-    from mimscale.data.http_serve import ShardServer
+    from http_serve import ShardServer
 
     damaged = tmp_path / "damaged"
     shutil.copytree(ROOT / "shards/sample", damaged)
@@ -465,7 +465,7 @@ def test_ranks_starting_together_build_a_foreign_index_once(tmp_path):
     for number in range(6):
         write_img2dataset_shard(foreign / f"{number:05d}.tar", 5)
     code = (
-        "import sys; from mimscale.data.stream import load_table; "
+        "import sys; from mimscale.pipeline.stream import load_table; "
         f"t = load_table({str(foreign)!r}, 'data.shards'); print(len(t), t.fingerprint)"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}

@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from mimscale.config import load_config
-from mimscale.data.masking import build_mask_generator
-from mimscale.data.order import EpochPlan, epoch_sequence
-from mimscale.data.shards import ShardError, expand_shards, write_manifest, write_shard
-from mimscale.data.stream import build_train_loader, iter_eval_batches, load_table
+from mimscale.pipeline.masking import build_mask_generator
+from mimscale.pipeline.order import EpochPlan, epoch_sequence
+from mimscale.pipeline.stream import build_train_loader, iter_eval_batches, load_table
+from mimscale.shards.format import ShardError, expand_shards, write_manifest, write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = str(ROOT / "shards/sample/*.tar")
@@ -231,7 +231,7 @@ def test_stream_decodes_every_mode_to_rgb(tmp_path):
 
 
 def test_epoch_order_is_a_lazy_permutation_keyed_by_seed_and_epoch_only():
-    from mimscale.data.order import KeyedPermutation
+    from mimscale.pipeline.order import KeyedPermutation
 
     counts = [50, 7, 33, 0, 61, 20, 9, 44]  # uneven, one empty shard
     for streams in (1, 3, 4):
@@ -312,7 +312,7 @@ def test_resume_with_another_global_batch_continues_every_stream_where_it_stoppe
 
 
 def test_normalise_on_device_flag_hands_uint8_with_the_same_pixels():
-    from mimscale.data.transforms import normalise_on_device
+    from mimscale.pipeline.transforms import normalise_on_device
 
     cfg = make_cfg(workers=2)
     floats = take(build_train_loader(cfg, rank=0, world_size=1, mask_generator=MASK), 3)
@@ -333,7 +333,7 @@ def test_start_up_memory_is_per_shard_not_per_sample(tmp_path):
     import os
     import tracemalloc
 
-    from mimscale.data.index import SAMPLE_DTYPE, IndexWriter
+    from mimscale.shards.index import SAMPLE_DTYPE, IndexWriter
 
     shards, per_shard = 1000, 1000
     names = [f"{n:06d}.tar" for n in range(shards)]
@@ -362,7 +362,7 @@ def test_remote_shards_stream_the_same_batches_through_the_node_cache_and_resume
     """Real HTTP server on 127.0.0.1: the published samples.idx is fetched once; without it the index is built."""
     import shutil
 
-    from mimscale.data.http_serve import ShardServer
+    from http_serve import ShardServer
 
     local = take(build_train_loader(make_cfg(batch_size=8), rank=0, world_size=1, mask_generator=MASK), 6)
     with ShardServer(ROOT / "shards/sample") as server:
@@ -392,8 +392,9 @@ def test_a_published_index_lacking_shards_is_completed_with_only_those_downloade
     are kept, and the completed index equals the local one."""
     import shutil
 
-    from mimscale.data.http_serve import ShardServer
-    from mimscale.data.index import build_folder_index
+    from http_serve import ShardServer
+
+    from mimscale.shards.index import build_folder_index
 
     names = [f"sample-00{n}.tar" for n in range(4)]
     shutil.copytree(ROOT / "shards/sample", tmp_path / "partial")
@@ -414,7 +415,7 @@ def test_the_next_epochs_first_shard_is_fetched_during_the_last_window(tmp_path)
     import os
     import time
 
-    from mimscale.data.http_serve import ShardServer
+    from http_serve import ShardServer
 
     names = [f"sample-00{n}.tar" for n in range(4)]
     sizes = [(ROOT / "shards/sample" / name).stat().st_size for name in names]

@@ -467,7 +467,7 @@ def test_giant_preset_runs_a_zero3_step_on_two_cpu_ranks(tmp_path, preset):
 def test_remote_shards_resume_the_reference_exactly(reference, tmp_path):
     """The reference's step-2 checkpoint resumed with its shards served over HTTP into a cold node cache:
     bit-identical weights and the same per-step sample ids; the 2 ranks' workers fetched each shard once."""
-    from mimscale.data.http_serve import ShardServer
+    from http_serve import ShardServer
 
     run_dir = tmp_path / "remote"
     copy_checkpoint(reference, run_dir, 2)

@@ -17,11 +17,11 @@ TINY += ["train.max_steps=5", "optim.lr=1e-3", "optim.min_lr=1e-5"]
 
 @pytest.mark.usefixtures("one_rank", "one_torch_thread")
 def test_trainer_logs_the_schedulers_lr_and_keeps_a_bounded_history(tmp_path):
-    from mimscale.data.masking import mask_generator_for
     from mimscale.engine import faults
     from mimscale.engine.distributed import init_distributed
     from mimscale.engine.loop import HISTORY_LENGTH, Trainer
     from mimscale.engine.optim import warmup_cosine
+    from mimscale.pipeline.masking import mask_generator_for
 
     cfg = load_config(None, TINY + [f"run.output_dir={tmp_path}"])
     trainer = Trainer(cfg, init_distributed("cpu"))

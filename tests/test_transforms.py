@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mimscale.data.transforms import normalise_batch, normalise_on_device, stack_uint8, train_crop, train_transform
+from mimscale.pipeline.transforms import normalise_batch, normalise_on_device, stack_uint8, train_crop, train_transform
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 

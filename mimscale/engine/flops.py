@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 from mimscale.config import Config
-from mimscale.data.masking import mask_generator_for
 from mimscale.methods import MIMMethod, build_method
+from mimscale.pipeline.masking import mask_generator_for
 
 
 class _DropRandomInitNotice(logging.Filter):

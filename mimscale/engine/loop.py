@@ -19,8 +19,6 @@ import numpy as np
 import torch
 
 from mimscale.config import Config, save_config
-from mimscale.data.device_decode import DeviceDecodedStream, DeviceDecoder
-from mimscale.data.transforms import normalise_on_device
 from mimscale.engine import checkpoint as ckpt
 from mimscale.engine import distributed, faults, preempt
 from mimscale.engine.deepspeed import DTYPES, gathered_own_parameters, initialize_engine, write_deepspeed_config
@@ -29,6 +27,8 @@ from mimscale.engine.optim import restore_adamw_implementation
 from mimscale.engine.runlock import lock_output_dir
 from mimscale.engine.slurm import write_requeue_marker
 from mimscale.methods.base import COMPILE_ZERO3_NOTE, MIMMethod
+from mimscale.pipeline.device_decode import DeviceDecodedStream, DeviceDecoder
+from mimscale.pipeline.transforms import normalise_on_device
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: checkpointed after SIGTERM/SIGUSR1; the job script requeues on this code
 HISTORY_LENGTH = 1000  # (step, loss) pairs of the most recent log steps kept in memory
@@ -145,8 +145,8 @@ def _flops_per_image(cfg: Config, info: distributed.DistInfo) -> float | None:
 
 
 def _train(cfg: Config, info: distributed.DistInfo, resume: str, evaluators: Sequence[Evaluator]) -> dict:
-    from mimscale.data.masking import mask_generator_for
-    from mimscale.data.stream import build_train_loader
+    from mimscale.pipeline.masking import mask_generator_for
+    from mimscale.pipeline.stream import build_train_loader
 
     output_dir = Path(cfg.run.output_dir)
     plan = plan_resume(cfg, output_dir / "checkpoints", resume, info)

@@ -313,7 +313,7 @@ def _label(spec: str, taken: set[str]) -> str:
 
 
 def _first_images(pattern: str, loaded, count: int) -> torch.Tensor:
-    from mimscale.data.stream import iter_eval_batches
+    from mimscale.pipeline.stream import iter_eval_batches
 
     batches = iter_eval_batches(
         pattern, image_size=loaded.image_size, batch_size=count, mean=loaded.mean, std=loaded.std, key="--images"

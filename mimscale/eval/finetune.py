@@ -125,7 +125,7 @@ def build_classifier(spec: str, num_classes: int, *, drop_path: float, overrides
 
 def load_labelled(pattern: str, key: str, data: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Every labelled sample of the shards, resized and centre-cropped, in memory: (images [N,3,S,S], labels [N])."""
-    from mimscale.data.stream import iter_eval_batches
+    from mimscale.pipeline.stream import iter_eval_batches
 
     batches = list(
         iter_eval_batches(

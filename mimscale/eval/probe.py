@@ -165,7 +165,7 @@ def knn_top1(
 def in_run_knn(cfg) -> Callable[[nn.Module], dict[str, float]]:
     """The in-run monitor (``eval.knn_every``) the entry point hands the engine: the student backbone's kNN top-1
     on ``eval.train_shards`` / ``eval.val_shards`` as ``{"eval/knn_top1": top1}``."""
-    from mimscale.data.stream import iter_eval_batches
+    from mimscale.pipeline.stream import iter_eval_batches
 
     def batches(pattern: str, key: str) -> Batches:
         data = cfg.data
@@ -279,8 +279,8 @@ def resize_input(model: nn.Module, size: int) -> None:
 
 
 def _features_for(args: argparse.Namespace) -> tuple[tuple, tuple, int]:
-    from mimscale.data.stream import iter_eval_batches
     from mimscale.eval.export import load_backbone
+    from mimscale.pipeline.stream import iter_eval_batches
 
     loaded = load_backbone(args.model, args.set)
     size = args.image_size or loaded.image_size

@@ -24,9 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mimscale.config import Config, ConfigError
-from mimscale.data.masking import MASK_KINDS
 from mimscale.methods.base import MIMMethod
 from mimscale.models.students import build_student
+from mimscale.pipeline.masking import MASK_KINDS
 
 __all__ = ["MIMMethod", "PRESETS", "Preset", "build_method", "check_method_config", "resolve_preset"]
 

@@ -1,7 +1,7 @@
 """A threaded HTTP server for a shard folder on 127.0.0.1, with added latency, request counts and injected faults.
 
 The tests and ``bench/bench_remote.py`` read shards through it as they would from a real server; try remote
-reading by hand with ``python -m mimscale.data.http_serve shards/sample --latency-ms 50`` and
+reading by hand with ``python tests/http_serve.py shards/sample --latency-ms 50`` and
 ``--set data.shards=http://127.0.0.1:PORT/train-{000..003}.tar``.
 
 Faults (``server.faults[name] = [...]``, one consumed per request of that file): ``"500"`` answers HTTP 500,

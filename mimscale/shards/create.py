@@ -28,9 +28,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from mimscale.data.images import FORMAT_NAMES, BadImage, encode, open_image, to_rgb
-from mimscale.data.remote import NotRegularFile, RemoteError, RemoteNotFound, expand, is_url, open_regular
-from mimscale.data.shards import (
+from mimscale.shards.format import (
     IMAGE_EXTS,
     LABEL_EXTS,
     MANIFEST_NAME,
@@ -40,6 +38,8 @@ from mimscale.data.shards import (
     write_manifest,
     write_shard,
 )
+from mimscale.shards.images import FORMAT_NAMES, BadImage, encode, open_image, to_rgb
+from mimscale.storage.remote import NotRegularFile, RemoteError, RemoteNotFound, expand, is_url, open_regular
 
 SOURCE_IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 PROGRESS_DIR = ".create"

@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mimscale.data.images import BadImage, decode_rgb
-from mimscale.data.shards import (
+from mimscale.shards.format import (
     IMAGE_EXTS,
     LABEL_EXTS,
     MANIFEST_NAME,
@@ -23,6 +22,7 @@ from mimscale.data.shards import (
     load_manifest,
     split_key,
 )
+from mimscale.shards.images import BadImage, decode_rgb
 
 MAX_LISTED_PROBLEMS = 50
 
@@ -61,7 +61,7 @@ def verify_shard(path: Path, entry: dict | None, index=None, name: str = "") -> 
     """Check one shard against its manifest entry (size, sha256, sample count) and its samples.idx rows, and
     decode every image. Returns (samples, problems, notes); a shard without a usable sample is a problem.
     ``name`` is the shard's name in the set when the file is a cached copy under another name."""
-    from mimscale.data.index import scan_tar
+    from mimscale.shards.index import scan_tar
 
     name = name or path.name
     problems: list[str] = []
@@ -108,7 +108,7 @@ def _index_problems(index, scan) -> list[str]:
 
 
 def _folder_set_index(folder: Path, problems: list[str]):
-    from mimscale.data.index import INDEX_NAME, SetIndex
+    from mimscale.shards.index import INDEX_NAME, SetIndex
 
     if not (folder / INDEX_NAME).is_file():
         return None
@@ -150,15 +150,15 @@ def verify_folder(folder: Path) -> tuple[int, int, list[str]]:
 
 def _remote_spec(spec: str) -> bool:
     """A shard spec read through the node cache (URLs other than file://)."""
-    from mimscale.data import remote
+    from mimscale.storage import remote
 
     return remote.is_url(spec) and remote.scheme_of(spec.split("::")[0].strip()) != "file"
 
 
 def _remote_set_index(folder: str, cache, problems: list[str]):
     """The samples.idx published beside remote shards, or None when there is none."""
-    from mimscale.data import remote
-    from mimscale.data.index import INDEX_NAME, SetIndex
+    from mimscale.shards.index import INDEX_NAME, SetIndex
+    from mimscale.storage import remote
 
     try:
         return SetIndex(cache.local_path(f"{folder}/{INDEX_NAME}"))
@@ -174,8 +174,8 @@ def verify_remote(spec: str, cache) -> tuple[int, int, list[str], bool]:
     is (not checked on the way, so that a damaged copy is reported rather than refused), verified, then dropped."""
     from tqdm import tqdm
 
-    from mimscale.data import remote
-    from mimscale.data.shards import load_remote_manifest
+    from mimscale.shards.format import load_remote_manifest
+    from mimscale.storage import remote
 
     folders: dict[str, list[str]] = {}
     for location in remote.expand(spec, "OUT"):
@@ -209,7 +209,7 @@ def verify_remote(spec: str, cache) -> tuple[int, int, list[str], bool]:
 
 def cmd_verify(args) -> int:
     if _remote_spec(args.out):
-        from mimscale.data import shard_cache
+        from mimscale.storage import shard_cache
 
         base = shard_cache.cache_dir_for(args.cache)
         cache = shard_cache.ShardCache(os.path.join(base, "shards"), int(args.cache_limit_gb * 1e9))
@@ -267,7 +267,7 @@ def contact_sheet(table, count: int, labels: list[str], thumb: int = 96) -> Imag
 
 def _class_names(folder: str, manifest: dict | None) -> list[str]:
     """Class names from the manifest, else from a classes.json beside the shards (local or remote)."""
-    from mimscale.data import remote
+    from mimscale.storage import remote
 
     if manifest and manifest.get("classes"):
         return [str(name) for name in manifest["classes"]]
@@ -292,9 +292,9 @@ def _label_histogram(table) -> dict[int, int]:
 
 
 def cmd_inspect(args) -> int:
-    from mimscale.data import remote
-    from mimscale.data.shards import load_remote_manifest
-    from mimscale.data.stream import load_table
+    from mimscale.pipeline.stream import load_table
+    from mimscale.shards.format import load_remote_manifest
+    from mimscale.storage import remote
 
     folder = args.out
     table = load_table(folder, "OUT", cache_dir=args.cache or None)
@@ -343,9 +343,9 @@ def cmd_index(args) -> int:
     """Build (or bring up to date) the samples.idx of shard folders once, in parallel, before training."""
     import time
 
-    from mimscale.data import remote, shard_cache
-    from mimscale.data.index import REMOTE_SCAN_THREADS, folder_index, remote_folder_index
-    from mimscale.data.stream import _expand, _folder
+    from mimscale.pipeline.stream import _expand, _folder
+    from mimscale.shards.index import REMOTE_SCAN_THREADS, folder_index, remote_folder_index
+    from mimscale.storage import remote, shard_cache
 
     folders: dict[str, list[str]] = {}
     for location in _expand(args.src, "SRC"):
@@ -374,7 +374,7 @@ def cmd_index(args) -> int:
 
 
 def cmd_create(args) -> int:
-    from mimscale.data.create import CreateOptions, create_shards
+    from mimscale.shards.create import CreateOptions, create_shards
 
     opts = CreateOptions(
         samples_per_shard=args.samples_per_shard,

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mimscale.data.images import BadImage, open_image
+from mimscale.shards.images import BadImage, open_image
 
 DECODE_MODES = ("worker", "device")
 ENCODED_KEYS = ("encoded", "encoded_offsets", "deferred_rows", "crop_box", "flip")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mimscale.data.shards import ShardError
+from mimscale.shards.format import ShardError
 
 _MASK64 = (1 << 64) - 1
 SHARD_KEY, SPAN_KEY, WINDOW_KEY = 0x5EA1D, 0x5EA1E, 0x5EED

@@ -25,14 +25,14 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from mimscale.data.remote import (
+from mimscale.storage.atomic import fsync_dir
+from mimscale.storage.remote import (
     PART_MARK,
     RemoteError,
     check_scheme,
     copy_bounded,
     file_url_path,
     folder_of,
-    fsync_dir,
     is_local,
     manifest_checksums,
     open_location,

@@ -24,13 +24,13 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mimscale.config import Config
-from mimscale.data import remote, shard_cache
-from mimscale.data.device_decode import DeferredCrop, DeferredRows
-from mimscale.data.images import BadImage
-from mimscale.data.index import BLOCK, SetIndex, folder_index, remote_folder_index
-from mimscale.data.order import EpochPlan, arrangement
-from mimscale.data.shards import ShardError, dataset_fingerprint, expand_shards
-from mimscale.data.transforms import eval_transform, normalise_batch, train_crop, train_crop_or_defer, write_chw
+from mimscale.pipeline.device_decode import DeferredCrop, DeferredRows
+from mimscale.pipeline.order import EpochPlan, arrangement
+from mimscale.pipeline.transforms import eval_transform, normalise_batch, train_crop, train_crop_or_defer, write_chw
+from mimscale.shards.format import ShardError, dataset_fingerprint, expand_shards
+from mimscale.shards.images import BadImage
+from mimscale.shards.index import BLOCK, SetIndex, folder_index, remote_folder_index
+from mimscale.storage import remote, shard_cache
 
 MAX_CONSECUTIVE_CORRUPT = 64
 MAX_OPEN_SHARDS = 64
@@ -485,7 +485,7 @@ def build_train_loader(
 
     ``normalise_on_device=True`` makes ``image`` uint8 [B,3,S,S] (same pixels, not normalised): the worker skips
     the float conversion and host-to-device copies shrink 4x; the engine must then call
-    ``mimscale.data.transforms.normalise_on_device(image, cfg.data.mean, cfg.data.std, dtype)`` on the device.
+    ``mimscale.pipeline.transforms.normalise_on_device(image, cfg.data.mean, cfg.data.std, dtype)`` on the device.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")

@@ -17,7 +17,8 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mimscale.data import remote
+from mimscale.storage import remote
+from mimscale.storage.atomic import fsync_dir
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "mimscale-shards/2"  # /1 kept per-sample lists in the JSON
@@ -80,7 +81,7 @@ def index_tar(path: str | Path) -> ShardIndex:
     A file that is not a tar is a ShardError naming it; a tar cut short or corrupt in the middle keeps the
     samples before the damage.
     """
-    from mimscale.data.index import BLOCK, report_scan, scan_tar
+    from mimscale.shards.index import BLOCK, report_scan, scan_tar
 
     scan = scan_tar(path)
     report_scan(scan, path)
@@ -181,7 +182,7 @@ def write_shard(path: str | Path, samples: list[tuple[str, dict[str, bytes]]]) -
         os.fsync(handle.fileno())
     entry = shard_entry(tmp, name=path.name)
     os.replace(tmp, path)
-    remote.fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return entry
 
 
@@ -191,7 +192,7 @@ def shard_entry(path: str | Path, name: str | None = None) -> dict:
     The rows travel with the entry (JSON lists, e.g. through create's chunk markers) until write_manifest
     moves them into the binary samples.idx; the manifest itself keeps per-shard facts only.
     """
-    from mimscale.data.index import report_scan, scan_tar
+    from mimscale.shards.index import report_scan, scan_tar
 
     scan = scan_tar(path)
     report_scan(scan, path)
@@ -213,7 +214,7 @@ def _write_set_index(folder: Path, entries: list[dict]) -> None:
     """samples.idx from the entries' rows; entries without rows (old create markers) are scanned from the tar."""
     import numpy as np
 
-    from mimscale.data.index import INDEX_NAME, SAMPLE_DTYPE, ShardScan, scan_tar, write_index
+    from mimscale.shards.index import INDEX_NAME, SAMPLE_DTYPE, ShardScan, scan_tar, write_index
 
     def scans():
         for entry in entries:
@@ -230,7 +231,7 @@ def _write_set_index(folder: Path, entries: list[dict]) -> None:
 
 def write_manifest(folder: str | Path, entries: list[dict], **extra) -> dict:
     """Write samples.idx, then ``manifest.json`` (per-shard facts and totals), both atomically."""
-    from mimscale.data.index import INDEX_NAME
+    from mimscale.shards.index import INDEX_NAME
 
     folder = Path(folder)
     entries = sorted(entries, key=lambda e: e["name"])

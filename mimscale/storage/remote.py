@@ -36,6 +36,8 @@ from urllib.parse import unquote, urlsplit
 
 from braceexpand import braceexpand
 
+from mimscale.storage.atomic import fsync_dir
+
 SCHEMES = ("file", "http", "https", "s3", "gs", "gcs", "pipe")
 OBJECT_STORE_PACKAGES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}
 CHUNK = 1 << 20
@@ -407,16 +409,6 @@ def download(location: str, dest: str | os.PathLike, max_bytes: int, *, retries:
         tmp.unlink(missing_ok=True)
     fsync_dir(dest.parent)
     return dest
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename or a new file in ``folder`` durable (best effort: some filesystems refuse a folder fsync)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def folder_of(location: str) -> tuple[str, str]:

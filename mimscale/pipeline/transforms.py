@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from mimscale.data.device_decode import DeferredCrop, device_decodable
-from mimscale.data.images import BadImage, open_image, to_rgb
+from mimscale.pipeline.device_decode import DeferredCrop, device_decodable
+from mimscale.shards.images import BadImage, open_image, to_rgb
 
 
 def sample_crop_box(
@@ -123,7 +123,7 @@ def train_crop_or_defer(
 
     Its crop box and flip are drawn from ``rng`` exactly as ``train_crop`` draws them (box from the header's size,
     then flip), so the sample's randomness, and the mask drawn after, do not depend on where it is decoded; the
-    main process decodes, crops and resizes it (``mimscale.data.device_decode``). Other images: ``train_crop``.
+    main process decodes, crops and resizes it (``mimscale.pipeline.device_decode``). Other images: ``train_crop``.
     """
     dims = device_decodable(payload)
     if dims is None:

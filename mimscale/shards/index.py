@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mimscale.data.shards import IMAGE_EXTS, LABEL_EXTS, ShardError, split_key
+from mimscale.shards.format import IMAGE_EXTS, LABEL_EXTS, ShardError, split_key
 
 INDEX_NAME = "samples.idx"
 MAGIC = b"MIMSIDX\0"
@@ -467,7 +467,7 @@ def remote_folder_index(folder: str, names: list[str], cache, *, cache_dir: str 
     through the shard cache), else one in the index cache, else built by downloading and scanning each shard
     once, ``workers`` at a time (``mimscale shards index URL --cache DIR`` does that ahead of training). When the
     index found lacks some shards, only those are downloaded to complete it; its rows for the others are kept."""
-    from mimscale.data import remote
+    from mimscale.storage import remote
 
     candidates = [cache_path(folder, cache_dir)]
     try:

@@ -1,0 +1,1 @@
+"""Samples to batches: the epoch order, the resumable stream, transforms, masking, device decode."""

@@ -1,0 +1,1 @@
+"""Bytes from anywhere: locations and schemes, bounded retried reads, the node cache, atomic writes."""
