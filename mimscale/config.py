@@ -123,6 +123,9 @@ class MethodConfig:
     loss: str = _doc("auto", "Loss override: auto (the preset's) or a key of methods.components.LOSSES.")
     loss_args: dict = _doc({}, "Loss keyword arguments (e.g. beta for smooth_l1, temperature for infonce).")
     target_norm: str = _doc("auto", "Target norm override: auto or a key of methods.components.TARGET_NORMS.")
+    decoder_args: dict = _doc(
+        {}, "MAE decoder size: width, depth, heads, mlp_ratio (empty = MAE's 512 wide, 8 blocks, 16 heads, 4)."
+    )
 
 
 # Keys that no longer do anything: accepted (and dropped) at their old default so that the configs stored in older

@@ -225,14 +225,12 @@ def trace_saved_activations(
 def trace_student_activations(method: MIMMethod, cfg: Config, precision: str) -> ActivationTrace:
     """Per-sample saved bytes of the method's trained forwards in the training precision (meta device, batch 1)."""
     dtype = DTYPES[precision]
-    method.student.to(dtype)
+    method.to(dtype)  # student and head (teachers are not submodules)
     size = cfg.data.image_size
     images = torch.empty(1, 3, size, size, device="meta", dtype=dtype)
     trained = [forward.run for forward in method.counted_forwards(masked_tokens(cfg, method)) if forward.trained]
     with _fused_attention_on_meta():
-        return trace_saved_activations(
-            lambda x: [run(x) for run in trained], images, method.student, method.student.arch.blocks
-        )
+        return trace_saved_activations(lambda x: [run(x) for run in trained], images, method, method.trained_blocks())
 
 
 def head_activation_bytes(method: MIMMethod, cfg: Config, precision: str) -> int:
@@ -307,7 +305,7 @@ def make_plan(cfg: Config, *, gpus: int, gpu_memory_bytes: float, mfu: float = 0
         stage=ds.zero_stage,
         precision=ds.precision,
         gpus=gpus,
-        largest_layer=max(largest_layer_params(method.student), head_params),
+        largest_layer=largest_layer_params(method),  # ZeRO-3 gathers module by module, head included
         bucket_elements=reduce_bucket_elements(cfg, gpus),
         offload_optimizer=ds.offload_optimizer,
     )

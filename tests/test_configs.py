@@ -27,6 +27,8 @@ EXPECTED = {  # method, mask kind the loader gets, student patch (token stride)
     "maskdistill_vit_giant_1b.yaml": ("maskdistill", "blockwise", 14),
     "maskalign_vit_base_clip_b16.yaml": ("maskalign", "random_tokens", 16),
     "relaxmim_vit_base.yaml": ("relaxmim", "random_tokens", 16),
+    "mae_vit_base.yaml": ("mae", "random_tokens", 16),
+    "mae_vit_large.yaml": ("mae", "random_tokens", 16),
 }
 
 

@@ -484,7 +484,7 @@ def test_remote_shards_resume_the_reference_exactly(reference, tmp_path):
 def test_frozen_sincos_table_survives_zero3_checkpoints_and_the_universal_resume(tmp_path):
     """MaskAlign's preset keeps MAE's 2-D sin-cos table frozen: saved by 2 ZeRO-3 ranks, resumed on 1 rank through
     the universal conversion, and still the table (bf16-rounded, as training held it) while the rest trained."""
-    from timm.layers import build_sincos2d_pos_embed
+    from mimscale.models.students import mae_sincos_table
 
     run_dir = tmp_path / "maskalign_frozen"
     config = str(REPO / "configs" / "demo_maskalign.yaml")
@@ -508,7 +508,7 @@ def test_frozen_sincos_table_survives_zero3_checkpoints_and_the_universal_resume
     resume = [sys.executable, "-m", "mimscale.cli", "train", "--config", config, *args, "--set", "data.batch_size=4"]
     resumed = ok(run_capped(resume))
     assert "universal checkpoint" in resumed.stdout and "at step 2" in resumed.stdout
-    table = build_sincos2d_pos_embed([8, 8], dim=192).to(torch.bfloat16).float()
+    table = mae_sincos_table(192, (8, 8)).to(torch.bfloat16).float()
     before, after = weights(run_dir, 2), weights(run_dir, 3)
     for state in (before, after):
         pos_embed = state["student.backbone.pos_embed"].float()

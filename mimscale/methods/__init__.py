@@ -70,6 +70,7 @@ PRESETS: dict[str, Preset] = {
     "relaxmim": Preset(
         "mimscale.methods.relaxmim:build_relaxmim", loss="infonce", target_norm="none", mask_kind="random_tokens"
     ),
+    "mae": Preset("mimscale.methods.mae:build_mae", loss="mse", target_norm="patch_pixel", mask_kind="random_tokens"),
 }
 
 

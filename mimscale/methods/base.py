@@ -78,6 +78,11 @@ class MIMMethod(nn.Module):
     def forward(self, batch: dict) -> dict:  # pragma: no cover - every preset overrides it
         raise NotImplementedError
 
+    def trained_blocks(self) -> list[nn.Module]:
+        """Every transformer block that trains, in forward order: the units activation checkpointing recomputes,
+        the planner charges activations to and compilation works on (the student's; MAE adds its decoder's)."""
+        return self.student.arch.blocks
+
     # ------------------------------------------------------------------ self-description for planner and engine
     def grid_tokens(self, image_size: int) -> int:
         """Patch tokens of a full ``image_size`` image on the student's grid."""
@@ -130,7 +135,7 @@ class MIMMethod(nn.Module):
         whole forward. Compiling ``forward`` (not the module) keeps parameter names, so checkpoints and export
         are unchanged, and leaves module hooks (ZeRO gathering, level capture) outside the compiled graphs.
         """
-        modules = [] if zero_stage == 3 else compiled_parts(self.student.arch.blocks)
+        modules = [] if zero_stage == 3 else compiled_parts(self.trained_blocks())
         modules += self.frozen_modules()
         for module in modules:
             module.forward = torch.compile(module.forward, backend=backend)

@@ -28,7 +28,7 @@ def patch_pixel_target(image: torch.Tensor, patch: int) -> torch.Tensor:
     batch, channels, height, width = image.shape
     x = image.float().reshape(batch, channels, height // patch, patch, width // patch, patch)
     mean = x.mean(dim=(1, 3, 5), keepdim=True)
-    var = x.var(dim=(1, 3, 5), keepdim=True, unbiased=False)
+    var = x.var(dim=(1, 3, 5), keepdim=True)  # unbiased, as MAE's norm_pix_loss (torch.var default)
     return ((x - mean) / (var + 1e-6).sqrt()).reshape(batch, channels, height, width)
 
 

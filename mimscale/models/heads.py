@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -99,3 +100,85 @@ class ProjectionMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+class MAEDecoder(nn.Module):
+    """MAE's lightweight decoder (facebookresearch/mae ``forward_decoder``): embed the encoder's visible tokens to
+    the decoder width, put its own mask token at every masked position, add its fixed 2-D sin-cos table, run
+    ``depth`` ViT blocks on every token, and predict each patch's ``patch^2 * channels`` pixels.
+
+    Parameter names are MAE's (``decoder_embed``, ``mask_token``, ``decoder_blocks``, ``decoder_norm``,
+    ``decoder_pred``). The table is a non-persistent buffer: a pure function of the grid, rebuilt identically on
+    load, and never in the optimizer (MAE freezes it).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        grid: tuple[int, int],
+        patch: int,
+        *,
+        prefix_tokens: int = 1,
+        channels: int = 3,
+        width: int = 512,
+        depth: int = 8,
+        heads: int = 16,
+        mlp_ratio: float = 4.0,
+    ):
+        super().__init__()
+        from timm.models.vision_transformer import Block
+
+        from mimscale.models.students import mae_sincos_table
+
+        self.prefix_tokens = prefix_tokens
+        self.num_patches = grid[0] * grid[1]
+        self.decoder_embed = nn.Linear(in_dim, width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        table = torch.cat([torch.zeros(prefix_tokens, width), mae_sincos_table(width, grid)])
+        self.register_buffer("decoder_pos_embed", table.unsqueeze(0), persistent=False)
+        norm = partial(nn.LayerNorm, eps=1e-6)
+        self.decoder_blocks = nn.ModuleList(
+            Block(width, heads, mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(depth)
+        )
+        self.decoder_norm = norm(width)
+        self.decoder_pred = nn.Linear(width, patch * patch * channels)
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each decoder block in backward, as the student's blocks are."""
+        self.grad_checkpointing = enable
+
+    def forward(self, latent: torch.Tensor, keep_index: torch.Tensor) -> torch.Tensor:
+        """[B, prefix + K, C] encoder output (prefix tokens first, then the K kept patches in ``keep_index`` [B, K]
+        order) -> [B, N, patch^2 * channels] predictions for every patch in grid order (prefix dropped)."""
+        from timm.models._manipulate import checkpoint
+
+        x = self.decoder_embed(latent)
+        prefix, visible = x[:, : self.prefix_tokens], x[:, self.prefix_tokens :]
+        batch, _, width = visible.shape
+        every = self.mask_token.to(x.dtype).expand(batch, self.num_patches, width)
+        every = every.scatter(1, keep_index.unsqueeze(-1).expand(-1, -1, width), visible)  # MAE's unshuffle
+        x = torch.cat([prefix, every], dim=1) + self.decoder_pos_embed.to(x.dtype)
+        for block in self.decoder_blocks:
+            x = checkpoint(block, x) if self.grad_checkpointing and torch.is_grad_enabled() else block(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, self.prefix_tokens :]
+
+
+@torch.no_grad()
+def init_like_mae(module: nn.Module) -> None:
+    """MAE's ``initialize_weights`` (fixed position tables are left alone): every Linear xavier-uniform with zero
+    bias, LayerNorms 1 / 0, the patch-embedding conv xavier-uniform as a Linear on its flattened kernel, class and
+    mask tokens normal(std 0.02)."""
+    for name, child in module.named_modules():
+        if isinstance(child, nn.Linear):
+            nn.init.xavier_uniform_(child.weight)
+            if child.bias is not None:
+                nn.init.zeros_(child.bias)
+        elif isinstance(child, nn.LayerNorm) and child.weight is not None:
+            nn.init.ones_(child.weight)
+            nn.init.zeros_(child.bias)
+        elif isinstance(child, nn.Conv2d) and name.endswith("patch_embed.proj"):
+            nn.init.xavier_uniform_(child.weight.view(child.weight.shape[0], -1))
+    for name, param in module.named_parameters():
+        if name.rsplit(".", 1)[-1] in ("cls_token", "mask_token"):
+            nn.init.normal_(param, std=0.02)

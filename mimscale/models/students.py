@@ -250,14 +250,33 @@ def use_fused_window_attention(backbone: nn.Module) -> int:
     return switched
 
 
+def mae_sincos_table(dim: int, grid: tuple[int, int]) -> torch.Tensor:
+    """MAE's fixed 2-D sin-cos table, [h * w, dim] (facebookresearch/mae util/pos_embed.py, row-major tokens).
+
+    Channel layout as MAE: the first half encodes the column (x), the second the row (y), each as [sin | cos] over
+    frequencies 1 / 10000^(k / (dim / 4)). timm's build_sincos2d_pos_embed holds the same values in another
+    channel order (row first, sines of both axes first), so a timm-built table is not MAE's channel for channel.
+    """
+    if dim % 4:
+        raise ValueError(f"a 2-D sin-cos table needs a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    rows, cols = torch.meshgrid(
+        torch.arange(grid[0], dtype=torch.float64), torch.arange(grid[1], dtype=torch.float64), indexing="ij"
+    )
+
+    def axis(positions: torch.Tensor) -> torch.Tensor:
+        angles = positions.reshape(-1, 1) * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([axis(cols), axis(rows)], dim=1).float()
+
+
 @torch.no_grad()
 def init_sincos_pos_embed(backbone: nn.Module, name: str = "student") -> None:
-    """Fill a timm ViT's learned position embedding with the 2-D sin-cos table (MAE); class-token rows get zeros.
+    """Fill a timm ViT's learned position embedding with MAE's 2-D sin-cos table; class-token rows get zeros.
 
     Only the initial values change: the parameter stays where timm keeps it (exports load in plain timm) and learned.
     """
-    from timm.layers import build_sincos2d_pos_embed
-
     pos_embed = getattr(backbone, "pos_embed", None)
     family = find_family(backbone)
     if family is None or family.layout != "tokens" or pos_embed is None:
@@ -265,9 +284,7 @@ def init_sincos_pos_embed(backbone: nn.Module, name: str = "student") -> None:
             f"model.pos_embed_init=sincos needs a ViT with a learned position embedding; {name} has none "
             "(Swin uses relative position biases): leave model.pos_embed_init at timm"
         )
-    table = build_sincos2d_pos_embed(
-        list(as_pair(backbone.patch_embed.grid_size)), dim=pos_embed.shape[-1], dtype=pos_embed.dtype
-    )
+    table = mae_sincos_table(pos_embed.shape[-1], as_pair(backbone.patch_embed.grid_size))
     prefix = pos_embed.shape[1] - table.shape[0]
     pos_embed.zero_()
-    pos_embed[0, prefix:] = table
+    pos_embed[0, prefix:] = table.to(pos_embed.dtype)
