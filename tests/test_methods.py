@@ -143,6 +143,7 @@ MASKDISTILL = TINY_VIT + CLIP_TEACHER + ["method.name=maskdistill", "mask.patch_
 MASKALIGN = TINY_VIT + CLIP_TEACHER + ["method.name=maskalign", "mask.patch_size=16", "mask.ratio=0.7"]
 MASKALIGN += ["teacher.layers=[-2, -1]"]
 RELAXMIM = TINY_VIT + ["method.name=relaxmim", "mask.patch_size=16", "mask.ratio=0.75"]
+PATCH_NCE = TINY_VIT + ["method.name=patch_content_nce", "mask.patch_size=16", "mask.ratio=0.75"]
 
 
 @pytest.mark.parametrize("overrides", [MASKDISTILL, MASKALIGN], ids=["maskdistill", "maskalign"])
@@ -164,13 +165,18 @@ def test_teacher_is_frozen_unregistered_and_unchanged_by_training(overrides):
 
 @pytest.mark.parametrize(
     "overrides,kind",
-    [(MASKDISTILL, "blockwise"), (MASKALIGN, "random_tokens"), (RELAXMIM, "random_tokens")],
-    ids=["maskdistill", "maskalign", "relaxmim"],
+    [
+        (MASKDISTILL, "blockwise"),
+        (MASKALIGN, "random_tokens"),
+        (RELAXMIM, "random_tokens"),
+        (PATCH_NCE, "random_tokens"),
+    ],
+    ids=["maskdistill", "maskalign", "relaxmim", "patch_content_nce"],
 )
 def test_feature_methods_overfit_one_batch(overrides, kind):
     method, cfg = _build(overrides)
     assert method.mask_kind == kind
-    lr = 3e-4 if cfg.method.name == "relaxmim" else 2e-3  # the InfoNCE target moves with the student
+    lr = 3e-4 if cfg.method.name in ("relaxmim", "patch_content_nce") else 2e-3  # the InfoNCE target moves
     losses = _overfit(method, _batch(method, cfg), steps=8, lr=lr)
     assert losses[-1] < 0.9 * losses[0], losses
 
@@ -212,10 +218,10 @@ def test_timm_teacher_works_for_maskdistill():
     assert torch.isfinite(method(_batch(method, cfg))["loss"])
 
 
-def test_relaxmim_target_is_stop_grad_and_accuracy_is_the_match_rate():
+def test_patch_content_nce_target_is_stop_grad_and_accuracy_is_the_match_rate():
     from mimscale.models.students import gather_tokens, keep_indices
 
-    method, cfg = _build(RELAXMIM)
+    method, cfg = _build(PATCH_NCE)
     method.eval()  # no drop path: the hand-made forwards below see the same network
     batch = _batch(method, cfg)
     out = method(batch)
@@ -254,7 +260,7 @@ REGISTRY_CASES = [
     ]
     for loss in REGRESSION_LOSSES
     for norm in norms
-] + [("relaxmim", RELAXMIM, "infonce", "none")]
+] + [("relaxmim", RELAXMIM, "infonce", "none"), ("patch_content_nce", PATCH_NCE, "infonce", "none")]
 
 
 @pytest.mark.parametrize(
@@ -286,6 +292,7 @@ def test_loss_and_target_norm_overrides_are_used(name, overrides, loss, norm):
         (MASKALIGN + ["method.loss=infonce"], "not a regression loss"),
         (RELAXMIM + ["method.loss=mse"], "method.loss='mse' is not a contrastive loss"),
         (RELAXMIM + ["method.target_norm=layernorm"], "method.target_norm='layernorm' is not valid for relaxmim"),
+        (PATCH_NCE + ["method.target_norm=layernorm"], "'layernorm' is not valid for patch_content_nce"),
         (SIMMIM + ["method.loss=l2"], "choose auto or one of l1, mse, smooth_l1, cosine"),
         (SIMMIM + ["method.loss_args={beta: 2}"], "loss_args has keys"),
     ],
@@ -357,3 +364,29 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(overrides):
     assert len(ckpt_grads) == len(plain_grads)
     for a, b in zip(ckpt_grads, plain_grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_relaxmim_compares_the_masked_view_with_the_stop_grad_full_view_across_images():
+    """By hand: pooled masked view vs pooled full view (no gradient) of the same image, the other images of the batch
+    as negatives, one shared projector; the same loss and gradients as the method's."""
+    method, cfg = _build(RELAXMIM)
+    method.eval()
+    batch = _batch(method, cfg)
+    out = method(batch)
+    params = dict(method.named_parameters())
+    method.zero_grad()
+    out["loss"].backward()
+    got = {name: p.grad.clone() for name, p in params.items() if p.grad is not None}
+    method.zero_grad()
+    image, mask = batch["image"], batch["mask"].bool()
+    with torch.no_grad():
+        full = method.student.backbone.forward_features(image)[:, 1:].mean(1)  # plain timm forward, unmasked
+    masked = method.student(image, mask).tokens.mean(1)
+    keys = method.head(full).detach()  # the whole target branch, projector included, is stop-grad
+    loss = infonce_loss(method.head(masked)[None], keys[None], temperature=0.2)
+    torch.testing.assert_close(out["loss"], loss)
+    loss.backward()
+    assert set(got) == {n for n, p in params.items() if p.grad is not None} and "student.mask_token" in got
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, params[name].grad, msg=name)
+    assert out["match_chance"].item() == pytest.approx(1 / 4)  # four images, one positive each

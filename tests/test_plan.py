@@ -232,9 +232,10 @@ def _vit_forward_flops(tokens: int, width: int, depth: int, patch_pixels: int, p
     "extra, forwards",
     [
         (["deepspeed.activation_checkpointing=true"], 4),  # fwd + bwd (2x) + recompute
-        (["method.name=relaxmim", "mask.patch_size=8"], 3),  # fwd + bwd (2x) + the keys' patch embedding
+        (["method.name=patch_content_nce", "mask.patch_size=8"], 3),  # fwd + bwd (2x) + the keys' patch embedding
+        (["method.name=relaxmim", "mask.patch_size=8"], 4),  # fwd + bwd (2x) + the no-grad full view
     ],
-    ids=["simmim-checkpointed", "relaxmim-target"],
+    ids=["simmim-checkpointed", "patch-content-nce-target", "relaxmim-full-view"],
 )
 def test_flops_per_image_match_a_count_by_hand(extra, forwards):
     from mimscale.engine.flops import flops_per_image
@@ -242,7 +243,7 @@ def test_flops_per_image_match_a_count_by_hand(extra, forwards):
     cfg = load_config(None, TINY_VIT + extra)  # ViT-Ti, 8-px patches, 64 px: 64 patches + class token, 4 blocks
     by_hand = _vit_forward_flops(tokens=65, width=192, depth=4, patch_pixels=8 * 8, patches=64)
     extra_flops = 0.0
-    if "method.name=relaxmim" in extra:  # RelaxMIM's keys: one no-grad patch embedding, no blocks
+    if "method.name=patch_content_nce" in extra:  # its keys: one no-grad patch embedding, no blocks
         extra_flops = _vit_forward_flops(tokens=65, width=192, depth=0, patch_pixels=8 * 8, patches=64)
     assert flops_per_image(cfg) == pytest.approx(forwards * by_hand + extra_flops, rel=1e-9)
     plan = make_plan(cfg, gpus=1, gpu_memory_bytes=parse_memory("80GB"))

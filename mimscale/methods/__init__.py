@@ -5,7 +5,9 @@
 | simmim      | pixels             | none      | all + mask token     | linear/pshuf. | l1        | random_cells  |
 | maskdistill | CLIP last block    | layernorm | all + mask token     | linear        | smooth_l1 | blockwise     |
 | maskalign   | CLIP top-k blocks  | layernorm | visible tokens only  | dynamic_align | smooth_l1 | random_tokens |
-| relaxmim    | own patch content  | none      | all + mask token     | mlp           | infonce   | random_tokens |
+| relaxmim    | own full view      | none      | all + mask token     | mlp           | infonce   | random_tokens |
+| mae         | pixels             | patch_pix | visible tokens only  | mae decoder   | mse       | random_tokens |
+| patch_content_nce | own patch content | none | all + mask token   | mlp           | infonce   | random_tokens |
 
 ``method.loss``, ``method.target_norm`` and ``mask.kind`` override the preset's choice, by name from the registries
 in ``methods/components.py`` (``LOSSES``, ``TARGET_NORMS``) and ``data/masking.py`` (``MASK_KINDS``); the builder
@@ -69,6 +71,12 @@ PRESETS: dict[str, Preset] = {
     ),
     "relaxmim": Preset(
         "mimscale.methods.relaxmim:build_relaxmim", loss="infonce", target_norm="none", mask_kind="random_tokens"
+    ),
+    "patch_content_nce": Preset(
+        "mimscale.methods.patch_content_nce:build_patch_content_nce",
+        loss="infonce",
+        target_norm="none",
+        mask_kind="random_tokens",
     ),
     "mae": Preset("mimscale.methods.mae:build_mae", loss="mse", target_norm="patch_pixel", mask_kind="random_tokens"),
 }
