@@ -253,3 +253,46 @@ def test_compile_reaches_the_decoder_blocks():
     method, _ = _build()
     parts = compiled_parts(method.trained_blocks())
     assert method.head.decoder_blocks[-1].mlp in parts and len(parts) == 2 * (2 + DECODER["depth"])
+
+
+# ------------------------------------------------------------------ the real launcher, ZeRO-3, export
+def test_demo_trains_under_zero3_with_checkpointing_on_two_ranks_and_exports_the_encoder(tmp_path):
+    """demo_mae through the deepspeed launcher on 2 CPU ranks (ZeRO-3, bf16, activation checkpointing of encoder
+    and decoder); the export holds the encoder alone and loads in plain timm with the trained weights."""
+    import timm
+    from test_train_e2e import REPO, ZERO3_BF16, launcher_cmd, ok, run_capped
+
+    from mimscale.eval.export import export_checkpoint
+
+    run_dir = tmp_path / "mae"
+    settings = [
+        f"run.output_dir={run_dir}",
+        "run.device=cpu",
+        "data.batch_size=2",
+        "data.num_workers=0",
+        "train.max_steps=2",
+        "train.log_every=1",
+        "eval.knn_every=0",
+        "checkpoint.every_steps=2",
+        "deepspeed.activation_checkpointing=true",
+        *ZERO3_BF16,
+    ]
+    command = launcher_cmd(2, *(arg for item in settings for arg in ("--set", item)))
+    command[command.index(str(REPO / "configs" / "demo_cpu.yaml"))] = str(REPO / "configs" / "demo_mae.yaml")
+    result = ok(run_capped(command))
+    assert "step 2/2 | loss " in result.stdout
+    out = export_checkpoint(run_dir, tmp_path / "export", with_head=True)
+    exported = timm.create_model(f"local-dir:{out}", pretrained=True)
+    from safetensors.torch import load_file
+
+    trained = load_file(str(out / "mim_model.safetensors"))
+    assert any(key.startswith("head.decoder_blocks.") for key in trained)  # the decoder trained and was saved
+    assert not any("decoder" in key for key in exported.state_dict())  # ... but the export is the encoder alone
+    from mimscale.models.students import mae_sincos_table
+
+    table = torch.cat([torch.zeros(1, 192), mae_sincos_table(192, (8, 8))])
+    exported_state = exported.state_dict()
+    torch.testing.assert_close(exported_state.pop("pos_embed")[0], table)  # the fixed table (training held it in bf16)
+    torch.testing.assert_close(trained["student.backbone.pos_embed"][0].float(), table, atol=1e-2, rtol=0)
+    for name, tensor in exported_state.items():
+        torch.testing.assert_close(tensor.float(), trained[f"student.backbone.{name}"].float(), msg=name)
