@@ -46,15 +46,15 @@ def sample_photos() -> torch.Tensor:
     return (x - 0.45) / 0.25
 
 
-def train(images: torch.Tensor, seed: int = 0, method_name: str = "patch_content_nce"):
-    """Train STEPS steps of ``method_name`` on ``images``; returns the method (eval mode), its config and masks."""
-    cfg = load_config(None, [*TINY, f"method.name={method_name}"])
+def train(images: torch.Tensor, seed: int = 0, method_name: str = "patch_content_nce", steps: int = STEPS, extra=()):
+    """Train ``steps`` steps of ``method_name`` on ``images``; returns the method (eval mode), its masks and rng."""
+    cfg = load_config(None, [*TINY, f"method.name={method_name}", *extra])
     torch.manual_seed(seed)
     method = build_method(cfg)
     masks = mask_generator_for(cfg, method)
     rng = np.random.default_rng(seed)
     optimizer = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-3)
-    for _ in range(STEPS):
+    for _ in range(steps):
         pick = torch.from_numpy(rng.choice(len(images), BATCH, replace=False))
         mask = torch.from_numpy(np.stack([masks(rng) for _ in range(BATCH)]))
         loss = method({"image": images[pick], "mask": mask})["loss"]
@@ -87,24 +87,37 @@ def test_match_accuracy_needs_content_not_position():
     assert photo_rank < 0.3, photo_rank  # the visible patches predict what the hidden ones show
 
 
+RELAX_STEPS = 250
+
+
 @pytest.mark.usefixtures("one_torch_thread")
 def test_relaxmim_learns_occlusion_invariance_from_noise_but_position_alone_finds_nothing():
-    """RelaxMIM (masked view vs full view of one image, other images as negatives) on pure noise: a masked view finds
-    its own image's full view (the visible patches are shared: data-agnostic occlusion invariance, as the paper says
-    MIM learns), while the same masked views against the full views of *other* noise images, which carry exactly
-    the same positions, stay at chance: position alone identifies nothing."""
+    """RelaxMIM (masked view vs full view of one image, the other images as negatives) at the preset's 75 % masking,
+    trained on pure noise. Measured (2026-12-02, this test's seed and masks): untrained, a masked view ranks its own
+    full view above 78 % of the 63 others (rank 0.22, top-1 19 %, chance 1.6 %: the visible quarter of the patches is
+    shared); after 250 steps on noise rank 0.11, top-1 34 %: it learns the data-agnostic occlusion invariance the
+    paper attributes to MIM. Against the full views of other noise images, which carry exactly the same positions,
+    the masked views stay at chance (rank 0.46-0.48, top-1 = chance): position alone identifies nothing."""
     from mimscale.methods.patch_content_nce import match_scores
 
     generator = torch.Generator().manual_seed(0)
     noise = torch.randn(256, 3, SIZE, SIZE, generator=generator)
     unrelated = torch.randn(64, 3, SIZE, SIZE, generator=generator)
-    method, masks, rng = train(noise[:-64], method_name="relaxmim")
     held_out = noise[-64:]
-    mask = torch.from_numpy(np.stack([masks(rng) for _ in range(len(held_out))]))
-    with torch.no_grad():
-        queries = method.head(method.pooled(held_out, mask))
-        true_pairs = match_scores(queries, method.head(method.full_view(held_out)))
-        position_only = match_scores(queries, method.head(method.full_view(unrelated)))
-    assert true_pairs["match_rank"].item() < 0.1, true_pairs
-    assert abs(position_only["match_rank"].item() - 0.5) < 0.1, position_only
-    assert position_only["match_accuracy"].item() <= 4 * position_only["match_chance"].item()
+    ranks = []
+    for steps in (0, RELAX_STEPS):
+        method, masks, _ = train(noise[:-64], method_name="relaxmim", steps=steps, extra=["mask.ratio=0.75"])
+        eval_rng = np.random.default_rng(123)  # the same held-out masks before and after training
+        mask = torch.from_numpy(np.stack([masks(eval_rng) for _ in range(len(held_out))]))
+        with torch.no_grad():
+            queries = method.head(method.pooled(held_out, mask))
+            true_pairs = match_scores(queries, method.head(method.full_view(held_out)))
+            position_only = match_scores(queries, method.head(method.full_view(unrelated)))
+        ranks.append(true_pairs["match_rank"].item())
+        assert abs(position_only["match_rank"].item() - 0.5) < 0.1, (steps, position_only)
+        assert position_only["match_accuracy"].item() <= 4 * position_only["match_chance"].item(), (
+            steps,
+            position_only,
+        )
+    untrained, trained = ranks
+    assert untrained < 0.35 and trained < untrained - 0.05, ranks  # found above chance, and better after training
