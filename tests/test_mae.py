@@ -247,12 +247,17 @@ def test_activation_checkpointing_recomputes_the_decoder_and_keeps_loss_and_grad
         torch.testing.assert_close(grads[name], plain[name], msg=name)
 
 
-def test_compile_reaches_the_decoder_blocks():
-    from mimscale.methods.base import compiled_parts
+def test_compile_reaches_the_decoder_blocks_and_keeps_the_loss():
+    method, cfg = _build()
+    from test_methods import _batch
 
-    method, _ = _build()
-    parts = compiled_parts(method.trained_blocks())
-    assert method.head.decoder_blocks[-1].mlp in parts and len(parts) == 2 * (2 + DECODER["depth"])
+    batch = _batch(method, cfg)
+    with torch.no_grad():
+        eager = method(batch)["loss"]
+    assert method.compile_for_training(backend="eager") == 2 * (2 + DECODER["depth"])  # attn + mlp of every block
+    assert "forward" in vars(method.head.decoder_blocks[-1].mlp)  # replaced by the compiled forward
+    with torch.no_grad():
+        torch.testing.assert_close(method(batch)["loss"], eager)
 
 
 # ------------------------------------------------------------------ the real launcher, ZeRO-3, export
