@@ -1,16 +1,16 @@
 """Methods: a preset names a builder and its default components; ``build_method(cfg)`` assembles it.
 
-| preset      | target             | norm      | student input        | head          | loss      | mask          |
-|-------------|--------------------|-----------|----------------------|---------------|-----------|---------------|
-| simmim      | pixels             | none      | all + mask token     | linear/pshuf. | l1        | random_cells  |
-| maskdistill | CLIP last block    | layernorm | all + mask token     | linear        | smooth_l1 | blockwise     |
-| maskalign   | CLIP top-k blocks  | layernorm | visible tokens only  | dynamic_align | smooth_l1 | random_tokens |
-| relaxmim    | own full view      | none      | all + mask token     | mlp           | infonce   | random_tokens |
-| mae         | pixels             | patch_pix | visible tokens only  | mae decoder   | mse       | random_tokens |
-| patch_content_nce | own patch content | none | all + mask token   | mlp           | infonce   | random_tokens |
+| preset            | target            | norm        | student input       | head          | loss      | mask          |
+|-------------------|-------------------|-------------|---------------------|---------------|-----------|---------------|
+| mae               | pixels            | patch_pixel | visible tokens only | mae decoder   | mse       | random_tokens |
+| simmim            | pixels            | none        | all + mask token    | linear/pshuf. | l1        | random_cells  |
+| maskdistill       | CLIP last block   | layernorm   | all + mask token    | linear        | smooth_l1 | blockwise     |
+| maskalign         | CLIP top-k blocks | layernorm   | visible tokens only | dynamic_align | smooth_l1 | random_tokens |
+| relaxmim          | own full view     | none        | all + mask token    | mlp           | infonce   | random_tokens |
+| patch_content_nce | own patch content | none        | all + mask token    | mlp           | infonce   | random_tokens |
 
 ``method.loss``, ``method.target_norm`` and ``mask.kind`` override the preset's choice, by name from the registries
-in ``methods/components.py`` (``LOSSES``, ``TARGET_NORMS``) and ``data/masking.py`` (``MASK_KINDS``); the builder
+in ``methods/components.py`` (``LOSSES``, ``TARGET_NORMS``) and ``pipeline/masking.py`` (``MASK_KINDS``); the builder
 checks that the choice fits its target (a regression loss for regression targets, a pixel or feature norm). The
 head is the method's own (it is fixed by the target: pixels on the student's grid, teacher width, ...).
 
