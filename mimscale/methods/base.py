@@ -78,12 +78,12 @@ class MIMMethod(nn.Module):
     def forward(self, batch: dict) -> dict:  # pragma: no cover - every preset overrides it
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ self-description for planner and engine
     def trained_blocks(self) -> list[nn.Module]:
         """Every transformer block that trains, in forward order: the units activation checkpointing recomputes,
         the planner charges activations to and compilation works on (the student's; MAE adds its decoder's)."""
         return self.student.arch.blocks
 
-    # ------------------------------------------------------------------ self-description for planner and engine
     def grid_tokens(self, image_size: int) -> int:
         """Patch tokens of a full ``image_size`` image on the student's grid."""
         height, width = self.student.arch.grid(image_size)
