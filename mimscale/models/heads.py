@@ -9,6 +9,9 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mimscale.models.students import mae_sincos_table
 
 
 class LinearPixelHead(nn.Module):
@@ -126,9 +129,7 @@ class MAEDecoder(nn.Module):
         mlp_ratio: float = 4.0,
     ):
         super().__init__()
-        from timm.models.vision_transformer import Block
-
-        from mimscale.models.students import mae_sincos_table
+        from timm.models.vision_transformer import Block  # timm's ViT block, as MAE's decoder uses
 
         self.prefix_tokens = prefix_tokens
         self.num_patches = grid[0] * grid[1]
@@ -151,8 +152,6 @@ class MAEDecoder(nn.Module):
     def forward(self, latent: torch.Tensor, keep_index: torch.Tensor) -> torch.Tensor:
         """[B, prefix + K, C] encoder output (prefix tokens first, then the K kept patches in ``keep_index`` [B, K]
         order) -> [B, N, patch^2 * channels] predictions for every patch in grid order (prefix dropped)."""
-        from timm.models._manipulate import checkpoint
-
         x = self.decoder_embed(latent)
         prefix, visible = x[:, : self.prefix_tokens], x[:, self.prefix_tokens :]
         batch, _, width = visible.shape
@@ -160,7 +159,8 @@ class MAEDecoder(nn.Module):
         every = every.scatter(1, keep_index.unsqueeze(-1).expand(-1, -1, width), visible)  # MAE's unshuffle
         x = torch.cat([prefix, every], dim=1) + self.decoder_pos_embed.to(x.dtype)
         for block in self.decoder_blocks:
-            x = checkpoint(block, x) if self.grad_checkpointing and torch.is_grad_enabled() else block(x)
+            recompute = self.grad_checkpointing and torch.is_grad_enabled()
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)  # as timm checkpoints its blocks
         return self.decoder_pred(self.decoder_norm(x))[:, self.prefix_tokens :]
 
 
