@@ -9,6 +9,8 @@ import time
 import warnings
 from pathlib import Path
 
+import pytest
+
 from mimscale.config import load_config
 from mimscale.engine.metrics import StepLogger, format_duration
 
@@ -111,3 +113,13 @@ def test_wandb_only_logger_gets_step_and_eval_scalars_and_hands_its_run_id_to_ch
     )
     assert disabled.checkpoint_meta() == {} and not (tmp_path / "rank1").exists()  # ranks > 0 start no W&B run
     disabled.close()
+
+
+def test_wandb_that_cannot_start_says_what_to_do(tmp_path: Path, monkeypatch) -> None:
+    for name in ("WANDB_API_KEY", "WANDB_DIR", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WANDB_MODE", "online")  # and no key anywhere: W&B refuses before any network call
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
+    with pytest.raises(ValueError, match=r"could not start the W&B run .*WANDB_MODE=offline"):
+        StepLogger(tmp_path, enabled=True, max_steps=5, start_step=0, progress=False, loggers=["wandb"])

@@ -133,13 +133,19 @@ class WandbRun:
         require_loggers(["wandb"])
         import wandb
 
-        self.run = wandb.init(
-            project=os.environ.get("WANDB_PROJECT", "mimscale"),
-            name=None if run_id else output_dir.resolve().name,
-            id=run_id,
-            resume="allow" if run_id else None,
-            dir=None if os.environ.get("WANDB_DIR") else str(output_dir),
-        )
+        try:
+            self.run = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "mimscale"),
+                name=None if run_id else output_dir.resolve().name,
+                id=run_id,
+                resume="allow" if run_id else None,
+                dir=None if os.environ.get("WANDB_DIR") else str(output_dir),
+            )
+        except wandb.errors.Error as err:  # no API key, no server: say what to do instead of W&B's traceback
+            raise ValueError(
+                f"could not start the W&B run ({err}); log in (`wandb login` or WANDB_API_KEY), set "
+                "WANDB_MODE=offline to write the run locally for a later `wandb sync`, or drop wandb from train.loggers"
+            ) from err
         self.run.config.update(config, allow_val_change=True)  # a resume may change keys (e.g. max_steps)
 
     @property
