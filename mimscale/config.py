@@ -57,6 +57,11 @@ class TrainConfig:
     nan_guard: bool = _doc(True, "Skip micro-batches whose loss is NaN/Inf on any rank (agreed across ranks).")
     max_bad_steps: int = _doc(20, "Stop with an error after this many consecutive non-finite losses.")
     peak_tflops: float = _doc(0.0, "Peak dense TFLOP/s per device for MFU; 0 = look up known GPUs (none on CPU).")
+    loggers: list[str] = _doc(
+        ["tensorboard"],
+        "Where rank 0 writes the scalars: tensorboard (<output_dir>/tensorboard) and/or wandb (Weights & Biases, "
+        "the [wandb] extra; the resolved config is the W&B run's config and a resume continues the same run).",
+    )
 
 
 @dataclass(kw_only=True)
@@ -275,6 +280,12 @@ def _any_int(_value) -> None:
     return None
 
 
+def _logger_name(value: str) -> str | None:
+    from mimscale.engine.metrics import LOGGERS  # the metrics module owns the choices
+
+    return None if value in LOGGERS else f"is not a logger; choose from {', '.join(LOGGERS)}"
+
+
 POSITIVE = _number(low_open=True)
 AT_LEAST_ONE = _number(1)
 RULES: dict[str, Rule] = {
@@ -286,6 +297,7 @@ RULES: dict[str, Rule] = {
     "train.log_every": AT_LEAST_ONE,
     "train.grad_accum_steps": AT_LEAST_ONE,
     "train.max_bad_steps": AT_LEAST_ONE,
+    "train.loggers": _items(None, _logger_name),
     "data.shards": _non_empty,
     "data.batch_size": AT_LEAST_ONE,
     "data.image_size": AT_LEAST_ONE,

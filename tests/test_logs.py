@@ -9,6 +9,8 @@ import time
 import warnings
 from pathlib import Path
 
+import pytest
+
 from mimscale.config import load_config
 from mimscale.engine.metrics import StepLogger, format_duration
 
@@ -71,3 +73,53 @@ def test_meta_teacher_build_does_not_claim_random_weights(caplog) -> None:
     with caplog.at_level(logging.WARNING):
         method = build_on_meta(cfg)
     assert method.frozen_modules() and "initialized randomly" not in caplog.text
+
+
+def test_wandb_only_logger_gets_step_and_eval_scalars_and_hands_its_run_id_to_checkpoints(tmp_path: Path, monkeypatch):
+    from test_wandb import read_offline_run
+
+    from mimscale.engine.metrics import WANDB_RUN_ID_KEY, saved_wandb_run_id
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_DIR", raising=False)  # then the files go into the run folder
+    logger = StepLogger(
+        tmp_path,
+        enabled=True,
+        max_steps=20,
+        start_step=0,
+        progress=False,
+        loggers=["wandb"],
+        run_config={"train": {"max_steps": 20}},
+    )
+    logger.log(10, 20, SCALARS)
+    logger.log_scalars(10, {"eval/knn_top1": 0.25})  # the in-run evaluation lands on the same step
+    logger.log(20, 20, {**SCALARS, "train/loss": 0.25})
+    meta = logger.checkpoint_meta()
+    logger.close()
+    import wandb
+
+    wandb.teardown()  # finish() can return before W&B's service has flushed the log; a process exit waits for it
+    assert not (tmp_path / "tensorboard").exists()  # tensorboard was not chosen
+    (folder,) = (tmp_path / "wandb").glob("offline-run-*")
+    run = read_offline_run(folder)
+    assert meta == {WANDB_RUN_ID_KEY: run.run_id} and run.config["train"] == {"max_steps": 20}
+    assert run.history[10]["eval/knn_top1"] == 0.25 and run.history[10]["train/loss"] == 0.5
+    assert run.history[20]["train/loss"] == 0.25 and run.history[20]["perf/images_per_sec"] == 10.0
+    assert saved_wandb_run_id(meta) == run.run_id and saved_wandb_run_id({}) is None
+    assert saved_wandb_run_id({WANDB_RUN_ID_KEY: "../../etc"}) is None  # hostile mimscale.json: a new run instead
+    assert saved_wandb_run_id({WANDB_RUN_ID_KEY: ["x"]}) is None
+    disabled = StepLogger(
+        tmp_path / "rank1", enabled=False, max_steps=20, start_step=0, progress=False, loggers=["wandb"]
+    )
+    assert disabled.checkpoint_meta() == {} and not (tmp_path / "rank1").exists()  # ranks > 0 start no W&B run
+    disabled.close()
+
+
+def test_wandb_that_cannot_start_says_what_to_do(tmp_path: Path, monkeypatch) -> None:
+    for name in ("WANDB_API_KEY", "WANDB_DIR", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WANDB_MODE", "online")  # and no key anywhere: W&B refuses before any network call
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
+    with pytest.raises(ValueError, match=r"could not start the W&B run .*WANDB_MODE=offline"):
+        StepLogger(tmp_path, enabled=True, max_steps=5, start_step=0, progress=False, loggers=["wandb"])

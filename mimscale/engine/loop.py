@@ -20,7 +20,7 @@ import torch
 
 from mimscale.config import Config, save_config
 from mimscale.engine import checkpoint as ckpt
-from mimscale.engine import distributed, faults, preempt
+from mimscale.engine import distributed, faults, metrics, preempt
 from mimscale.engine.deepspeed import DTYPES, gathered_own_parameters, initialize_engine, write_deepspeed_config
 from mimscale.engine.metrics import MetricAccumulator, StepLogger, memory_gib, peak_tflops, progress_wanted
 from mimscale.engine.optim import restore_adamw_implementation
@@ -57,6 +57,7 @@ def train(cfg: Config, resume: str = "auto", evaluators: Sequence[Evaluator] = (
     """
     preempt.install_stop_handlers(reset=True)  # a stop signal during start-up is acted on at the first step
     check_output_dir(Path(cfg.run.output_dir))
+    metrics.require_loggers(cfg.train.loggers)  # every rank, before any rank waits for the others
     device_kind = distributed.resolve_device_kind(cfg.run.device)
     faults.maybe_slow_start(int(os.environ.get("RANK", "0")))
     info = distributed.init_distributed(device_kind, timeout_s=cfg.run.startup_timeout_s)
@@ -171,6 +172,9 @@ def _train(cfg: Config, info: distributed.DistInfo, resume: str, evaluators: Seq
         max_steps=cfg.train.max_steps,
         start_step=trainer.step,
         progress=progress_wanted(cfg.train.progress_bar),
+        loggers=cfg.train.loggers,
+        run_config=cfg.to_dict(),
+        wandb_run_id=metrics.saved_wandb_run_id(plan.meta if plan else None) if info.is_main else None,
     )
     trainer.install_stop_handlers()
     try:
@@ -450,7 +454,8 @@ class Trainer:
 
     def save(self, stream, logger: StepLogger) -> None:
         cfg = self.cfg.checkpoint
-        tag_dir = ckpt.save_checkpoint(self.engine, self.root, self.step, self.checkpoint_meta(stream), self.info.rank)
+        meta = {**self.checkpoint_meta(stream), **logger.checkpoint_meta()}  # rank 0's logger: the W&B run id
+        tag_dir = ckpt.save_checkpoint(self.engine, self.root, self.step, meta, self.info.rank)
         if self.info.is_main:
             removed = ckpt.prune_checkpoints(
                 self.root, keep_last=cfg.keep_last, keep_every=cfg.keep_every, protect=[tag_dir, self.resumed_from]

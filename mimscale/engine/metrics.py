@@ -1,7 +1,7 @@
-"""Rank 0's step line, progress bar and TensorBoard scalars.
+"""Rank 0's step line, progress bar and scalars for TensorBoard and (optionally) Weights & Biases.
 
 Metrics are accumulated as device tensors and read back to the host only at log steps, so logging costs no
-per-step synchronisation.
+per-step synchronisation. ``train.loggers`` picks the scalar sinks (LOGGERS); both get the very same scalars.
 """
 
 from __future__ import annotations
@@ -9,12 +9,43 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+LOGGERS = ("tensorboard", "wandb")  # the choices of train.loggers (config.py's rule reads this)
+WANDB_RUN_ID_KEY = "wandb_run_id"  # in each checkpoint's mimscale.json: a resume continues the same W&B run
+_WANDB_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def require_loggers(loggers: Sequence[str]) -> None:
+    """Fail before training starts (on every rank alike) when a chosen logger's package is not installed."""
+    if "wandb" not in loggers:
+        return
+    try:
+        import wandb  # noqa: F401
+    except ImportError as err:
+        raise ValueError(
+            "train.loggers includes wandb but the wandb package is not installed; install the extra with "
+            f"`pip install 'mimscale[wandb]'` (or `pip install wandb`), or drop wandb from train.loggers ({err})"
+        ) from err
+
+
+def saved_wandb_run_id(meta: dict | None) -> str | None:
+    """The W&B run id a checkpoint recorded, if it is a well-formed one (mimscale.json is hostile input)."""
+    run_id = (meta or {}).get(WANDB_RUN_ID_KEY)
+    if run_id is None:
+        return None
+    if not (isinstance(run_id, str) and _WANDB_RUN_ID.fullmatch(run_id)):
+        print(f"mimscale: ignoring the checkpoint's malformed {WANDB_RUN_ID_KEY} {run_id!r}; starting a new W&B run")
+        return None
+    return run_id
+
 
 # Dense (not sparse) bf16/fp16 tensor-core peaks in TFLOP/s, by a fragment of torch.cuda.get_device_name(); the
 # first matching fragment wins, so the specific variants come before the family name. fp32 runs use TF32 (half).
@@ -89,12 +120,63 @@ class MetricAccumulator:
         return means
 
 
-class StepLogger:
-    """One fixed-format line per log step on rank 0, plus TensorBoard and a progress bar."""
+class WandbRun:
+    """The same scalars in a Weights & Biases run, with the resolved config as the run's config (rank 0 only).
 
-    def __init__(self, output_dir: Path, *, enabled: bool, max_steps: int, start_step: int, progress: bool):
+    ``run_id`` (from the resumed checkpoint) continues that run; W&B keeps the first value it got for a step, so
+    steps logged after the checkpoint and before a crash keep their old values. Files go to ``WANDB_DIR`` or, when
+    that is unset, ``<output_dir>/wandb``; project and entity come from ``WANDB_PROJECT`` (default mimscale) and
+    ``WANDB_ENTITY``; ``WANDB_MODE=offline`` writes the run locally for a later ``wandb sync``.
+    """
+
+    def __init__(self, output_dir: Path, config: dict, run_id: str | None):
+        require_loggers(["wandb"])
+        import wandb
+
+        try:
+            self.run = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "mimscale"),
+                name=None if run_id else output_dir.resolve().name,
+                id=run_id,
+                resume="allow" if run_id else None,
+                dir=None if os.environ.get("WANDB_DIR") else str(output_dir),
+            )
+        except wandb.errors.Error as err:  # no API key, no server: say what to do instead of W&B's traceback
+            raise ValueError(
+                f"could not start the W&B run ({err}); log in (`wandb login` or WANDB_API_KEY), set "
+                "WANDB_MODE=offline to write the run locally for a later `wandb sync`, or drop wandb from train.loggers"
+            ) from err
+        self.run.config.update(config, allow_val_change=True)  # a resume may change keys (e.g. max_steps)
+
+    @property
+    def run_id(self) -> str:
+        return self.run.id
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        self.run.log(dict(scalars), step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class StepLogger:
+    """One fixed-format line per log step on rank 0, plus the scalar sinks (``loggers``) and a progress bar."""
+
+    def __init__(
+        self,
+        output_dir: Path,
+        *,
+        enabled: bool,
+        max_steps: int,
+        start_step: int,
+        progress: bool,
+        loggers: Sequence[str] = ("tensorboard",),
+        run_config: dict | None = None,
+        wandb_run_id: str | None = None,
+    ):
         self.enabled = enabled
         self.writer = None
+        self.wandb: WandbRun | None = None
         self.bar = None
         self.redirect: OutputRedirect | None = None
         self.clock = RunClock(start_step)
@@ -103,9 +185,12 @@ class StepLogger:
                 rank = os.environ.get("RANK", "x")
                 self.redirect = OutputRedirect(output_dir / "logs" / f"rank{rank}.log")
             return
-        from torch.utils.tensorboard import SummaryWriter
+        if "tensorboard" in loggers:
+            from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"), purge_step=start_step + 1)
+            self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"), purge_step=start_step + 1)
+        if "wandb" in loggers:
+            self.wandb = WandbRun(output_dir, run_config or {}, wandb_run_id)
         if progress:
             from tqdm import tqdm
 
@@ -125,16 +210,22 @@ class StepLogger:
             self.bar.write(line)
         else:  # a log file: the bar's clock goes into the line
             print(f"{line} | {self.clock.describe(step, max_steps)}", flush=True)
-        for name, value in scalars.items():
-            self.writer.add_scalar(name, value, step)
-        self.writer.flush()
+        self.log_scalars(step, scalars)
 
     def log_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        """The same scalars to every sink train.loggers chose."""
         if not self.enabled:
             return
-        for name, value in scalars.items():
-            self.writer.add_scalar(name, value, step)
-        self.writer.flush()
+        if self.writer is not None:
+            for name, value in scalars.items():
+                self.writer.add_scalar(name, value, step)
+            self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log(step, scalars)
+
+    def checkpoint_meta(self) -> dict:
+        """What a checkpoint records for the loggers: the W&B run id, so that a resume continues that run."""
+        return {WANDB_RUN_ID_KEY: self.wandb.run_id} if self.wandb is not None else {}
 
     def text(self, message: str) -> None:
         if not self.enabled:
@@ -151,6 +242,8 @@ class StepLogger:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.close()
 
 
 def format_duration(seconds: float) -> str:

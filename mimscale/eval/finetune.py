@@ -10,10 +10,22 @@ decay^(L - i), no weight decay on norms, biases, position embeddings and tokens)
 Defaults follow SimMIM's fine-tuning configs (microsoft/SimMIM, configs/*/simmim_finetune__*.yaml; BEiT's are the
 same family): AdamW (0.9, 0.999), base lr 1.25e-3 per 512 images scaled linearly with the batch, weight decay
 0.05, layer decay 0.65 for ViT and 0.9 for Swin, drop path 0.1, label smoothing 0.1, warmup 20 % of the steps
-(20 of 100 epochs), min lr 2.5e-7, gradient clipping 5. bf16 autocast on GPU. Mixup/CutMix and RandAugment of the
-papers are left out: the training set is loaded into memory and augmented with random shifts (and flips, if asked),
-which suits the small labelled sets this command is for; fine-tune at ImageNet scale with timm's train.py on an
-export (``--model local-dir:OUT --pretrained --layer-decay 0.65``).
+(20 of 100 epochs), min lr 2.5e-7, gradient clipping 5. bf16 autocast on GPU.
+
+Augmentation (``--aug paper``, the default) is the papers' too, through timm as SimMIM's config.py and MAE's
+main_finetune.py set it: ``create_transform`` with RandAugment ``rand-m9-mstd0.5-inc1``, bicubic random-resized crops
+(area 0.08-1), random erasing 0.25 (pixel mode, one box; no colour jitter, which timm drops under RandAugment), and
+``Mixup`` (mixup 0.8, cutmix 1.0, switch prob 0.5, per batch, label smoothing 0.1) with ``SoftTargetCrossEntropy``.
+Tiny images (under 64 px, e.g. the 8x8 digits upscaled to 32) keep the whole image instead of a random-resized
+crop: an 8 % crop of a 32-px digit is 9x9 pixels and no longer shows the class; RandAugment's translations still
+move it (``--crop-scale`` overrides). ``--aug light`` is the small-data path: random shifts (and flips, if asked)
+and label-smoothed cross-entropy, no Mixup unless ``--mixup/--cutmix`` ask. Horizontal flips stay off unless
+``--hflip`` (the papers flip ImageNet; digits and text must not be flipped). ``--ema DECAY`` keeps timm's
+``ModelEmaV3`` of the weights and reports its val top-1 beside the live weights'.
+
+The labelled set is held in memory at the eval crop (resize, centre crop) and augmented from there, which suits the
+small labelled sets this command is for; fine-tune at ImageNet scale with timm's train.py on an export
+(``--model local-dir:OUT --pretrained --layer-decay 0.65``).
 """
 
 from __future__ import annotations
@@ -21,16 +33,23 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 SIMMIM_BASE_LR = 1.25e-3  # per 512 images
 LAYER_DECAY = {"vit": 0.65, "swin": 0.9}
+RAND_AUGMENT = "rand-m9-mstd0.5-inc1"  # SimMIM's AUG.AUTO_AUGMENT, MAE's --aa
+PAPER_MIXUP, PAPER_CUTMIX, PAPER_REPROB = 0.8, 1.0, 0.25  # SimMIM's AUG.MIXUP / CUTMIX / REPROB (MAE's README)
+PAPER_CROP_SCALE = 0.08  # timm's RandomResizedCrop default area range (0.08, 1), as both papers use it
+TINY_IMAGE = 64  # below this side, the paper path keeps the whole image (see the module docstring)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -46,10 +65,40 @@ class Recipe:
     warmup_steps: int = 0
     min_lr: float = 2.5e-7
     clip_grad: float = 5.0
-    shift: int = -1  # random shift in pixels for augmentation; -1 = image size / 8
+    aug: str = "paper"  # paper: timm's create_transform (RandAugment, erasing); light: random shifts
+    auto_augment: str = RAND_AUGMENT  # paper only; "" for none
+    reprob: float = PAPER_REPROB  # random erasing probability (paper only)
+    crop_scale: float | None = None  # lower area bound of the random-resized crop (paper); None: 0.08, 1 if tiny
+    mixup: float = PAPER_MIXUP  # Mixup alpha (0 = off); with cutmix > 0 too, timm switches per batch
+    cutmix: float = PAPER_CUTMIX  # CutMix alpha (0 = off)
+    shift: int = -1  # random shift in pixels (light); -1 = image size / 8
     hflip: bool = False
+    ema: float = 0.0  # EMA decay of the weights (timm's ModelEmaV3); 0 = no EMA
+    ema_warmup: bool = False  # timm's EMA warmup (decay ramps up: short runs)
     eval_every: int = 0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = [
+            f"{name} must be in [{low}, {high}], got {value}"
+            for name, value, low, high in (
+                ("mixup", self.mixup, 0, math.inf),
+                ("cutmix", self.cutmix, 0, math.inf),
+                ("reprob", self.reprob, 0, 1),
+                ("ema", self.ema, 0, 1),
+                ("label smoothing", self.label_smoothing, 0, 1),
+                ("crop scale", 1.0 if self.crop_scale is None else self.crop_scale, 1e-6, 1),
+            )
+            if not low <= value <= high
+        ]
+        if self.aug not in ("paper", "light"):
+            problems.append(f"aug must be paper or light, got {self.aug!r}")
+        if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
+            problems.append(
+                f"Mixup/CutMix pair the images of a batch: the batch size must be even, got {self.batch_size}"
+            )
+        if problems:
+            raise ValueError("fine-tuning recipe: " + "; ".join(problems) + " (see `mimscale eval finetune --help`)")
 
 
 def default_layer_decay(model: nn.Module) -> float:
@@ -157,13 +206,15 @@ def augment(images: torch.Tensor, shift: int, hflip: bool, generator: torch.Gene
 
 @torch.no_grad()
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device, autocast) -> float:
+    """Top-1 on ``images`` in eval mode; the model's train/eval mode is left as it was."""
+    was_training = model.training
     model.eval()
     correct = 0
     for start in range(0, len(images), 256):
         with autocast():
             logits = model(images[start : start + 256].to(device))
         correct += int((logits.argmax(dim=1).cpu() == labels[start : start + 256]).sum())
-    model.train()
+    model.train(was_training)
     return correct / len(images)
 
 
@@ -187,51 +238,209 @@ def build_optimizer_and_schedule(model: nn.Module, recipe: Recipe):
     return optimizer, schedule, decay
 
 
-def finetune(model: nn.Module, train: tuple, val: tuple, recipe: Recipe, device: torch.device, log=print) -> dict:
-    """Fine-tune ``model`` for ``recipe.steps`` steps; returns {top1, history, ...}. bf16 autocast on CUDA."""
-    images, labels = train
-    model.to(device).train()
-    optimizer, schedule, decay = build_optimizer_and_schedule(model, recipe)
-    use_bf16 = device.type == "cuda"
+def paper_transform(image_size: int, recipe: Recipe, mean, std):
+    """timm's training transform with the papers' settings (MAE's util/datasets.py build_transform, SimMIM's AUG)."""
+    from timm.data import create_transform
 
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16)
+    crop_min = recipe.crop_scale
+    if crop_min is None:
+        crop_min = 1.0 if image_size < TINY_IMAGE else PAPER_CROP_SCALE
+    return create_transform(
+        image_size,
+        is_training=True,
+        scale=(crop_min, 1.0),
+        ratio=(1.0, 1.0) if crop_min >= 1.0 else None,  # the whole image, unsquashed
+        hflip=0.5 if recipe.hflip else 0.0,
+        color_jitter=None,  # timm ignores colour jitter under RandAugment; MAE passes None
+        auto_augment=recipe.auto_augment or None,
+        interpolation="bicubic",
+        re_prob=recipe.reprob,
+        re_mode="pixel",
+        re_count=1,
+        mean=tuple(mean),
+        std=tuple(std),
+    )
 
-    generator = torch.Generator().manual_seed(recipe.seed)
-    shift = images.shape[-1] // 8 if recipe.shift < 0 else recipe.shift
-    order, cursor, history, start = torch.randperm(len(images), generator=generator), 0, [], time.perf_counter()
-    for step in range(recipe.steps):
-        if cursor + recipe.batch_size > len(order):  # a new epoch: reshuffle, drop the short remainder
-            order, cursor = torch.randperm(len(images), generator=generator), 0
-        index = order[cursor : cursor + recipe.batch_size]
-        cursor += recipe.batch_size
-        batch = augment(images[index], shift, recipe.hflip, generator).to(device, non_blocking=True)
-        schedule.step_update(step)
-        with autocast():
-            loss = F.cross_entropy(model(batch), labels[index].to(device), label_smoothing=recipe.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if recipe.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_grad)
-        optimizer.step()
-        if recipe.eval_every and ((step + 1) % recipe.eval_every == 0 or step + 1 == recipe.steps):
-            top1 = accuracy(model, *val, device, autocast)
-            history.append({"step": step + 1, "loss": float(loss.detach()), "top1": top1})
-            log(
-                f"finetune step {step + 1}/{recipe.steps} | loss {float(loss.detach()):.4f} | val top-1 {100 * top1:.2f}%"
+
+def to_uint8_images(images: torch.Tensor, mean, std) -> np.ndarray:
+    """Normalised [N,3,S,S] tensors back to the uint8 HWC pixels timm's PIL transforms start from."""
+    mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    pixels = ((images * std_t + mean_t) * 255).round().clamp(0, 255).to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+class BatchAugmenter:
+    """Training batches and targets from the in-memory set, and the loss that fits those targets.
+
+    paper: each image through ``paper_transform``; light: the batch shifted (and flipped) as a whole. Mixup/CutMix
+    (either alpha > 0) make soft targets, fitted with ``SoftTargetCrossEntropy`` (label smoothing inside Mixup, as
+    MAE and SimMIM do it); without them, label-smoothed cross-entropy. timm's transforms and Mixup draw from
+    Python's and NumPy's global generators: both are seeded here from ``recipe.seed`` so a run repeats.
+    """
+
+    def __init__(self, images: torch.Tensor, num_classes: int, recipe: Recipe, mean, std):
+        from timm.data import Mixup
+        from timm.loss import SoftTargetCrossEntropy
+
+        self.images, self.recipe = images, recipe
+        self.generator = torch.Generator().manual_seed(recipe.seed)
+        random.seed(recipe.seed)
+        np.random.seed(recipe.seed)
+        self.shift = images.shape[-1] // 8 if recipe.shift < 0 else recipe.shift
+        self.pixels = to_uint8_images(images, mean, std) if recipe.aug == "paper" else None
+        self.transform = paper_transform(images.shape[-1], recipe, mean, std) if recipe.aug == "paper" else None
+        self.mixup = None
+        self.criterion: nn.Module = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+        if recipe.mixup > 0 or recipe.cutmix > 0:
+            self.mixup = Mixup(
+                mixup_alpha=recipe.mixup,
+                cutmix_alpha=recipe.cutmix,
+                prob=1.0,
+                switch_prob=0.5,
+                mode="batch",
+                label_smoothing=recipe.label_smoothing,
+                num_classes=num_classes,
             )
-    top1 = history[-1]["top1"] if history and history[-1]["step"] == recipe.steps else None
-    top1 = accuracy(model, *val, device, autocast) if top1 is None else top1
-    loss = float(loss.detach())
-    if not math.isfinite(loss):
-        raise ValueError(f"the fine-tuning loss became {loss}; lower --blr or raise --warmup")
-    return {"top1": top1, "final_loss": loss, "layer_decay": decay, "history": history,
-            "seconds": time.perf_counter() - start}  # fmt: skip
+            self.criterion = SoftTargetCrossEntropy()
+
+    def __call__(self, index: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images [B,3,S,S], targets: class ids [B], or soft targets [B,C] under Mixup/CutMix)."""
+        from PIL import Image
+
+        if self.transform is not None:
+            batch = torch.stack([self.transform(Image.fromarray(self.pixels[int(i)])) for i in index])
+        else:
+            batch = augment(self.images[index], self.shift, self.recipe.hflip, self.generator)
+        if self.mixup is not None:
+            return self.mixup(batch, labels)
+        return batch, labels
+
+
+class FineTuning:
+    """One fine-tuning run: the model, timm's optimizer and schedule, the batch augmenter and the optional EMA."""
+
+    def __init__(self, model: nn.Module, train: tuple, recipe: Recipe, device: torch.device, *, mean, std):
+        from timm.utils import ModelEmaV3
+
+        self.images, self.labels = train
+        self.model, self.recipe, self.device = model.to(device).train(), recipe, device
+        self.optimizer, self.schedule, self.layer_decay = build_optimizer_and_schedule(model, recipe)
+        num_classes = int(getattr(model, "num_classes", 0) or int(self.labels.max()) + 1)
+        self.augmenter = BatchAugmenter(self.images, num_classes, recipe, mean, std)
+        self.ema = ModelEmaV3(model, decay=recipe.ema, use_warmup=recipe.ema_warmup) if recipe.ema > 0 else None
+        self.order, self.cursor = torch.randperm(len(self.images), generator=self.augmenter.generator), 0
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    def next_index(self) -> torch.Tensor:
+        """The next batch of sample indices; a new epoch reshuffles and drops the short remainder."""
+        if self.cursor + self.recipe.batch_size > len(self.order):
+            self.order, self.cursor = torch.randperm(len(self.images), generator=self.augmenter.generator), 0
+        self.cursor += self.recipe.batch_size
+        return self.order[self.cursor - self.recipe.batch_size : self.cursor]
+
+    def step(self, step: int) -> float:
+        index = self.next_index()
+        batch, targets = self.augmenter(index, self.labels[index])
+        self.schedule.step_update(step)
+        with self.autocast():
+            loss = self.augmenter.criterion(
+                self.model(batch.to(self.device, non_blocking=True)), targets.to(self.device)
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.recipe.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.clip_grad)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model, step=step)
+        return float(loss.detach())
+
+    def evaluate(self, val: tuple) -> dict[str, float]:
+        """Val top-1 of the live weights, and of the EMA weights when kept."""
+        scores = {"top1": accuracy(self.model, *val, self.device, self.autocast)}
+        if self.ema is not None:
+            scores["top1_ema"] = accuracy(self.ema.module, *val, self.device, self.autocast)
+        return scores
+
+    def run(self, val: tuple, log=print) -> dict:
+        recipe, history, start, loss = self.recipe, [], time.perf_counter(), float("nan")
+        for step in range(recipe.steps):
+            loss = self.step(step)
+            if recipe.eval_every and ((step + 1) % recipe.eval_every == 0 or step + 1 == recipe.steps):
+                scores = self.evaluate(val)
+                history.append({"step": step + 1, "loss": loss, **scores})
+                shown = " | ".join(
+                    f"val {name.replace('top1', 'top-1')} {100 * value:.2f}%" for name, value in scores.items()
+                )
+                log(f"finetune step {step + 1}/{recipe.steps} | loss {loss:.4f} | {shown}")
+        if not math.isfinite(loss):
+            raise ValueError(f"the fine-tuning loss became {loss}; lower --blr or raise --warmup")
+        final = history[-1] if history and history[-1]["step"] == recipe.steps else self.evaluate(val)
+        scores = {key: value for key, value in final.items() if key.startswith("top1")}
+        return {
+            **scores,
+            "final_loss": loss,
+            "layer_decay": self.layer_decay,
+            "history": history,
+            "criterion": type(self.augmenter.criterion).__name__,
+            "seconds": time.perf_counter() - start,
+        }
+
+
+def finetune(
+    model: nn.Module,
+    train: tuple,
+    val: tuple,
+    recipe: Recipe,
+    device: torch.device,
+    log=print,
+    *,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+) -> dict:
+    """Fine-tune ``model`` for ``recipe.steps`` steps; returns {top1[, top1_ema], history, ...}. bf16 on CUDA.
+
+    ``train`` and ``val`` are (normalised images, labels); ``mean``/``std`` are their normalisation, which the paper
+    path undoes to run timm's PIL transforms.
+    """
+    return FineTuning(model, train, recipe, device, mean=mean, std=std).run(val, log)
+
+
+def recipe_from_args(args: argparse.Namespace, steps: int) -> Recipe:
+    """The Recipe the command line asks for; --mixup/--cutmix default to the papers' under --aug paper, 0 else."""
+    paper = args.aug == "paper"
+    mixup = (PAPER_MIXUP if paper else 0.0) if args.mixup is None else args.mixup
+    cutmix = (PAPER_CUTMIX if paper else 0.0) if args.cutmix is None else args.cutmix
+    return Recipe(
+        steps=steps,
+        batch_size=args.batch_size,
+        lr=args.blr * args.batch_size / 512,
+        layer_decay=args.layer_decay,
+        weight_decay=args.weight_decay,
+        label_smoothing=args.label_smoothing,
+        warmup_steps=int(args.warmup * steps),
+        min_lr=args.min_lr,
+        clip_grad=args.clip_grad,
+        aug=args.aug,
+        auto_augment="" if args.aa == "none" else args.aa,
+        reprob=args.reprob,
+        crop_scale=args.crop_scale,
+        mixup=mixup,
+        cutmix=cutmix,
+        hflip=args.hflip,
+        ema=args.ema,
+        ema_warmup=args.ema_warmup,
+        eval_every=args.eval_every,
+        seed=args.seed,
+    )
 
 
 def run_finetune(args: argparse.Namespace) -> int:
     from mimscale.engine.distributed import resolve_device_kind
 
+    recipe_from_args(args, steps=1)  # a bad option fails before any data or weights are loaded
     device = torch.device(resolve_device_kind(args.device))
     data = data_config(args.model, args.set)
     data["image_size"] = args.image_size or data["image_size"]
@@ -245,21 +454,30 @@ def run_finetune(args: argparse.Namespace) -> int:
 
         resize_input(model, data["image_size"])
     steps = args.steps or args.epochs * max(1, len(train[1]) // args.batch_size)
-    recipe = Recipe(
-        steps=steps, batch_size=args.batch_size, lr=args.blr * args.batch_size / 512, layer_decay=args.layer_decay,
-        weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, warmup_steps=int(args.warmup * steps),
-        min_lr=args.min_lr, clip_grad=args.clip_grad, hflip=args.hflip, eval_every=args.eval_every, seed=args.seed,
-    )  # fmt: skip
-    result = finetune(model, train, val, recipe, device, log=(lambda *_: None) if args.json else print)
-    result.update({"model": args.model, "protocol": "finetune", "image_size": data["image_size"],
-                   "train_samples": len(train[1]), "val_samples": len(val[1]), "num_classes": num_classes,
-                   "drop_path": args.drop_path, "device": device.type, "recipe": asdict(recipe)})  # fmt: skip
+    recipe = recipe_from_args(args, steps)
+    log = (lambda *_: None) if args.json else print
+    result = finetune(model, train, val, recipe, device, log=log, mean=data["mean"], std=data["std"])
+    result.update(
+        {
+            "model": args.model,
+            "protocol": "finetune",
+            "image_size": data["image_size"],
+            "train_samples": len(train[1]),
+            "val_samples": len(val[1]),
+            "num_classes": num_classes,
+            "drop_path": args.drop_path,
+            "device": device.type,
+            "recipe": asdict(recipe),
+        }
+    )
     if args.json:
         print(json.dumps(result))
     else:
+        ema = f", EMA {100 * result['top1_ema']:.2f}%" if "top1_ema" in result else ""
         print(
-            f"finetune top-1 {100 * result['top1']:.2f}% ({steps} steps, lr {recipe.lr:.2e}, layer decay "
-            f"{result['layer_decay']}, {data['image_size']}px, {len(train[1])} train / {len(val[1])} val) {args.model}"
+            f"finetune top-1 {100 * result['top1']:.2f}%{ema} ({steps} steps, aug {recipe.aug}, "
+            f"{result['criterion']}, lr {recipe.lr:.2e}, layer decay {result['layer_decay']}, {data['image_size']}px, "
+            f"{len(train[1])} train / {len(val[1])} val) {args.model}"
         )
     return 0
 
@@ -274,11 +492,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--weight-decay", type=float, default=0.05)
     group.add_argument("--drop-path", type=float, default=0.1)
-    group.add_argument("--label-smoothing", type=float, default=0.1)
+    group.add_argument("--label-smoothing", "--smoothing", type=float, default=0.1)
     group.add_argument("--warmup", type=float, default=0.2, help="warmup as a fraction of the steps")
     group.add_argument("--min-lr", type=float, default=2.5e-7)
     group.add_argument("--clip-grad", type=float, default=5.0)
+    group.add_argument(
+        "--aug",
+        choices=("paper", "light"),
+        default="paper",
+        help="paper: timm's create_transform with RandAugment and random erasing, plus Mixup/CutMix (MAE, SimMIM); "
+        "light: random shifts of up to 1/8 of the image, no Mixup unless --mixup/--cutmix",
+    )
+    group.add_argument("--aa", default=RAND_AUGMENT, help="RandAugment policy of --aug paper (none: off)")
+    group.add_argument("--reprob", type=float, default=PAPER_REPROB, help="random erasing probability (--aug paper)")
+    group.add_argument(
+        "--crop-scale",
+        type=float,
+        default=None,
+        help=f"lower area bound of the random-resized crop (--aug paper; default {PAPER_CROP_SCALE}, or 1 = the whole "
+        f"image under {TINY_IMAGE} px)",
+    )
+    group.add_argument("--mixup", type=float, default=None, help=f"Mixup alpha (default {PAPER_MIXUP} paper, 0 light)")
+    group.add_argument(
+        "--cutmix", type=float, default=None, help=f"CutMix alpha (default {PAPER_CUTMIX} paper, 0 light)"
+    )
     group.add_argument("--hflip", action="store_true", help="random horizontal flips (off: digits and text)")
+    group.add_argument(
+        "--ema", type=float, default=0.0, metavar="DECAY", help="also keep an EMA of the weights and report its top-1"
+    )
+    group.add_argument("--ema-warmup", action="store_true", help="timm's EMA warmup (the decay ramps up; short runs)")
     group.add_argument("--eval-every", type=int, default=0, help="also report val top-1 every N steps")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--device", default="auto", help="auto (cuda when visible), cuda or cpu")
