@@ -18,7 +18,7 @@ from mimscale.config import load_config
 from mimscale.pipeline.masking import build_mask_generator
 from mimscale.pipeline.order import epoch_sequence
 from mimscale.pipeline.stream import build_train_loader
-from mimscale.shards.format import shard_entry, write_manifest
+from mimscale.shards.writer import shard_entry, write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "shards/sample"

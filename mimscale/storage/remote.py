@@ -20,12 +20,10 @@ import hashlib
 import http.client
 import importlib
 import io
-import json
 import os
 import random
 import re
 import stat
-import sys
 import threading
 import time
 import urllib.error
@@ -423,51 +421,3 @@ def sibling(location: str, name: str) -> str:
         raise RemoteError(f"{location}: a pipe: command has no folder to look for {name} in")
     head, _, _ = location.rpartition("/")
     return f"{head}/{name}" if head else name
-
-
-MAX_MANIFEST_BYTES = 256 << 20
-
-
-def manifest_checksums(folder: str, keep_in: Path | None = None) -> dict[str, str]:
-    """{shard name: sha256} from a remote folder's manifest.json; {} when it has none (foreign sets, pipe:).
-
-    With ``keep_in`` (the node's shard cache) each read is saved there, and a saved copy stands in when the folder
-    cannot be reached: a run whose shards are all cached resumes while the store is down."""
-    if scheme_of(folder) == "pipe":
-        return {}
-    saved = keep_in / f"{hashlib.sha256(folder.encode()).hexdigest()[:16]}-manifest.json" if keep_in else None
-    try:
-        raw = read_small(f"{folder}/manifest.json", MAX_MANIFEST_BYTES)
-    except RemoteNotFound:
-        return {}
-    except RemoteError as err:
-        if saved is None or not saved.is_file():
-            raise
-        print(f"mimscale data: {err}; using the copy of {folder}/manifest.json this node saved at {saved}",
-              file=sys.stderr)  # fmt: skip
-        with open_regular(saved) as handle:
-            raw = handle.read(MAX_MANIFEST_BYTES + 1)
-    else:
-        if saved is not None:
-            _save_copy(saved, raw)
-    try:
-        manifest = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RemoteError(f"{folder}/manifest.json is not valid JSON ({err}); fix or remove it") from err
-    shards = manifest.get("shards") if isinstance(manifest, dict) else None
-    return {
-        entry["name"]: entry["sha256"]
-        for entry in (shards if isinstance(shards, list) else [])
-        if isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("sha256"), str)
-    }
-
-
-def _save_copy(path: Path, data: bytes) -> None:
-    """Best effort (a read-only cache only loses the fallback): write to a private temporary file, then rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}")
-    with contextlib.suppress(OSError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    with contextlib.suppress(OSError):
-        tmp.unlink(missing_ok=True)

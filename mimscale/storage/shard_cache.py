@@ -32,9 +32,7 @@ from mimscale.storage.remote import (
     check_scheme,
     copy_bounded,
     file_url_path,
-    folder_of,
     is_local,
-    manifest_checksums,
     open_location,
     with_retries,
 )
@@ -401,20 +399,6 @@ class ShardCache:
                     f"{used} of {self.limit} bytes; raise data.cache_limit_gb above {(used + needed) / 1e9:.3f}"
                 )
             time.sleep(0.2)
-
-
-def expect_checksums(cache: ShardCache, locations: Iterable[str]) -> None:
-    """Have the cache check every remote shard against the sha256 its folder's manifest records, when it does."""
-    folders: dict[str, list[str]] = {}
-    for location in locations:
-        if not is_local(location):
-            folder, name = folder_of(location)
-            folders.setdefault(folder, []).append(name)
-    for folder, names in folders.items():
-        checksums = manifest_checksums(folder, keep_in=cache.dir / MANIFEST_DIR)
-        for name in names:
-            if name in checksums:
-                cache.expect(f"{folder}/{name}", sha256=checksums[name])
 
 
 def cache_dir_for(configured: str) -> str:
