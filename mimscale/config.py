@@ -21,6 +21,9 @@ from typing import Any
 
 import yaml
 
+from mimscale.eval.evaluators import MONITORS
+from mimscale.presets import PRESETS
+
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key and what to do."""
@@ -195,7 +198,8 @@ class CheckpointConfig:
 
 @dataclass(kw_only=True)
 class EvalConfig:
-    knn_every: int = _doc(0, "Run an in-run kNN evaluation every N steps (0 = off).")
+    knn_every: int = _doc(0, "Run the in-run evaluation (eval.monitor) every N steps (0 = off).")
+    monitor: str = _doc("knn", "In-run evaluator, by name from mimscale/eval/evaluators.py: knn or linear.")
     train_shards: str = _doc("", "Labelled shards for the kNN memory bank.")
     val_shards: str = _doc("", "Labelled shards the kNN classifier is scored on.")
     k: int = _doc(20, "Neighbours for kNN (DINO uses 20).")
@@ -331,6 +335,7 @@ def validate(cfg: Config) -> Config:
     _check_choice("model.pos_embed_init", cfg.model.pos_embed_init, ("timm", "sincos", "sincos_frozen"))
     _check_choice("teacher.kind", cfg.teacher.kind, ("none", "open_clip", "timm"))
     _check_choice("eval.pool", cfg.eval.pool, ("cls", "mean"))
+    _check_choice("eval.monitor", cfg.eval.monitor, MONITORS)
     _check_choice("data.decode", cfg.data.decode, ("worker", "device"))
     positive = {
         "train.max_steps": cfg.train.max_steps,
@@ -375,10 +380,15 @@ def validate(cfg: Config) -> Config:
         )
     if cfg.optim.lr <= 0 or cfg.optim.warmup_steps < 0:
         raise ConfigError("optim.lr must be positive and optim.warmup_steps >= 0")
-    from mimscale.methods import check_method_config  # the preset registry (lazy: methods import this module)
-
-    check_method_config(cfg)
+    check_method_choice(cfg)
     return cfg
+
+
+def check_method_choice(cfg: Config) -> None:
+    """A known preset (mimscale/presets.py), and a teacher where the preset needs one."""
+    _check_choice("method.name", cfg.method.name, tuple(PRESETS))
+    if PRESETS[cfg.method.name].needs_teacher and cfg.teacher.kind == "none":
+        raise ConfigError(f"method.name={cfg.method.name} needs a teacher: set teacher.kind to open_clip or timm")
 
 
 def _type_ok(value: Any, tp: Any) -> bool:

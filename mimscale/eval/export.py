@@ -24,8 +24,8 @@ from torch import nn
 
 from mimscale.config import Config, from_dict, load_config
 from mimscale.engine import checkpoint as ckpt
+from mimscale.engine.safe_load import add_trust_argument
 from mimscale.models.students import Student, build_student
-from mimscale.train import add_trust_argument
 
 STUDENT_PREFIX = "student."
 BACKBONE_PREFIX = "student.backbone."
