@@ -87,9 +87,12 @@ def started_by_srun(environ=os.environ) -> bool:
     if "SLURM_STEP_ID" in environ:
         return True
     if environ["SLURM_NTASKS"] != "1":
-        print(f"mimscale: this is a SLURM job script (SLURM_NTASKS={environ['SLURM_NTASKS']}, no srun step), so "
-              "training runs as one process; start it with `srun` (see launch/slurm.sbatch) or `mimscale launch` "
-              "to use the job's tasks", file=sys.stderr)  # fmt: skip
+        print(
+            f"mimscale: this is a SLURM job script (SLURM_NTASKS={environ['SLURM_NTASKS']}, no srun step), so "
+            "training runs as one process; start it with `srun` (see launch/slurm.sbatch) or `mimscale launch` "
+            "to use the job's tasks",
+            file=sys.stderr,
+        )
     return False
 
 

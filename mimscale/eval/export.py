@@ -82,10 +82,28 @@ def load_student(path: str | Path, tag: str | None = None) -> tuple[Student, Con
 # Fields of timm's default pretrained_cfg that describe where the original weights came from or the resolution they
 # were evaluated at; an export is neither, so they are left out.
 PROVENANCE_FIELDS = (
-    "url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "tag", "custom_load", "license",
-    "description", "origin_url", "paper_name", "paper_ids", "notes", "label_offset", "label_names",
-    "label_descriptions", "test_input_size", "test_crop_pct", "test_pool_size", "min_input_size",
-)  # fmt: skip
+    "url",
+    "file",
+    "state_dict",
+    "hf_hub_id",
+    "hf_hub_filename",
+    "source",
+    "tag",
+    "custom_load",
+    "license",
+    "description",
+    "origin_url",
+    "paper_name",
+    "paper_ids",
+    "notes",
+    "label_offset",
+    "label_names",
+    "label_descriptions",
+    "test_input_size",
+    "test_crop_pct",
+    "test_pool_size",
+    "min_input_size",
+)
 
 
 def default_pretrained_cfg(architecture: str) -> dict:

@@ -68,8 +68,19 @@ class AugmentSpec:
 class _TrainBatches(IterableDataset):
     """Runs in each DataLoader worker: builds this rank's slice of every num_workers-th global micro-batch."""
 
-    def __init__(self, table: ShardTable, schedule: Schedule, spec: AugmentSpec, *, rank: int, batch_size: int,
-                 seed: int, streams: int, window: int, mask_generator):  # fmt: skip
+    def __init__(
+        self,
+        table: ShardTable,
+        schedule: Schedule,
+        spec: AugmentSpec,
+        *,
+        rank: int,
+        batch_size: int,
+        seed: int,
+        streams: int,
+        window: int,
+        mask_generator,
+    ):
         self.table, self.schedule, self.spec = table, schedule, spec
         self.rank, self.batch_size, self.seed, self.mask_generator = rank, batch_size, seed, mask_generator
         self.streams, self.window = streams, window
@@ -105,8 +116,9 @@ class _TrainBatches(IterableDataset):
             try:
                 payload, label = self.table.read_labelled(sample_id)
                 crop = train_crop_or_defer if spec.decode == "device" else train_crop
-                image, flip = crop(payload, size=spec.size, scale=spec.scale, ratio=spec.ratio,
-                                   hflip=spec.hflip, rng=rng)  # fmt: skip
+                image, flip = crop(
+                    payload, size=spec.size, scale=spec.scale, ratio=spec.ratio, hflip=spec.hflip, rng=rng
+                )
             except BadImage as err:
                 self._report(sample_id, err)
                 continue
@@ -181,18 +193,33 @@ class TrainStream:
     ``streams`` is C, fixed when the run starts (``data.streams``, or the world size then) and kept by resumes.
     """
 
-    def __init__(self, cfg: Config, table: ShardTable, *, rank: int, world_size: int, mask_generator,
-                 streams: int, normalise_on_device: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        cfg: Config,
+        table: ShardTable,
+        *,
+        rank: int,
+        world_size: int,
+        mask_generator,
+        streams: int,
+        normalise_on_device: bool = False,
+    ):
         self.table, self.rank, self.world_size = table, rank, world_size
         self.batch_size, self.seed = cfg.data.batch_size, cfg.run.seed
         self.global_batch = self.batch_size * world_size
         self.streams, self.window = streams, cfg.data.shuffle_window
         self.num_workers, self.pin_memory = cfg.data.num_workers, cfg.data.pin_memory and torch.cuda.is_available()
         self.mask_generator = mask_generator
-        self.spec = AugmentSpec(cfg.data.image_size, tuple(cfg.data.crop_scale), tuple(cfg.data.crop_ratio),
-                                cfg.data.hflip, tuple(cfg.data.mean), tuple(cfg.data.std),
-                                uint8=normalise_on_device or cfg.data.decode == "device",
-                                decode=cfg.data.decode)  # fmt: skip
+        self.spec = AugmentSpec(
+            cfg.data.image_size,
+            tuple(cfg.data.crop_scale),
+            tuple(cfg.data.crop_ratio),
+            cfg.data.hflip,
+            tuple(cfg.data.mean),
+            tuple(cfg.data.std),
+            uint8=normalise_on_device or cfg.data.decode == "device",
+            decode=cfg.data.decode,
+        )
         self.num_samples = len(table)
         if self.global_batch % streams:
             raise ShardError(
@@ -231,8 +258,14 @@ class TrainStream:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved position; a state from other data, seed, streams or window is a clear error."""
-        check_resumable(state, fingerprint=self.table.fingerprint, num_samples=self.num_samples, seed=self.seed,
-                        streams=self.streams, window=self.window)  # fmt: skip
+        check_resumable(
+            state,
+            fingerprint=self.table.fingerprint,
+            num_samples=self.num_samples,
+            seed=self.seed,
+            streams=self.streams,
+            window=self.window,
+        )
         epoch, consumed = int(state["epoch"]), int(state["consumed"])
         if not 0 <= consumed <= self.num_samples or consumed % self.streams:
             raise ShardError(f"data state consumed={consumed} does not fit {self.streams} streams of this data set")
@@ -246,18 +279,31 @@ class TrainStream:
         return Schedule(self.stream_length, self.per_stream, self.epoch, self.position)
 
     def _loader(self) -> DataLoader:
-        dataset = _TrainBatches(self.table, self._schedule(), self.spec, rank=self.rank, batch_size=self.batch_size,
-                                seed=self.seed, streams=self.streams, window=self.window,
-                                mask_generator=self.mask_generator)  # fmt: skip
+        dataset = _TrainBatches(
+            self.table,
+            self._schedule(),
+            self.spec,
+            rank=self.rank,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            streams=self.streams,
+            window=self.window,
+            mask_generator=self.mask_generator,
+        )
         workers = self.num_workers
-        return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
-                          prefetch_factor=2 if workers else None, persistent_workers=False)  # fmt: skip
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=2 if workers else None,
+            persistent_workers=False,
+        )
 
     def _fetch_first_windows(self) -> None:
         """Remote shards: fetch this rank's current and next windows from the main process while workers start (after
         they forked: a fork while a download thread runs could copy a held lock into the worker)."""
-        plan = EpochPlan(self.table.counts, seed=self.seed, epoch=self.epoch, streams=self.streams,
-                         window=self.window)  # fmt: skip
+        plan = EpochPlan(self.table.counts, seed=self.seed, epoch=self.epoch, streams=self.streams, window=self.window)
         rows = (self.rank * self.batch_size, (self.rank + 1) * self.batch_size - 1)
         first, last = (arrangement(row, self.global_batch, self.streams)[0] for row in rows)
         for stream in range(first, last + 1):
@@ -337,8 +383,15 @@ def build_train_loader(
     table = open_shard_set(cfg.data.shards, "data.shards", data_cfg=cfg.data)
     if table.cache is not None:
         _check_cache_room(table, cfg, streams, world_size)
-    stream = TrainStream(cfg, table, rank=rank, world_size=world_size, mask_generator=mask_generator,
-                         streams=streams, normalise_on_device=normalise_on_device)  # fmt: skip
+    stream = TrainStream(
+        cfg,
+        table,
+        rank=rank,
+        world_size=world_size,
+        mask_generator=mask_generator,
+        streams=streams,
+        normalise_on_device=normalise_on_device,
+    )
     if state:
         stream.load_state_dict(state)
     return stream
@@ -350,8 +403,11 @@ def _check_cache_room(table: ShardTable, cfg: Config, streams: int, world_size: 
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     largest = max(table.shard_bytes(shard) for shard in range(len(table.locations)))
     need = local_ranks * per_rank * 2 * min(cfg.data.shuffle_window, len(table.locations)) * largest
-    table.cache.check_window(need, f"2 windows of data.shuffle_window={cfg.data.shuffle_window} shards x {per_rank} "
-                                   f"stream(s) x {local_ranks} rank(s) on this node")  # fmt: skip
+    table.cache.check_window(
+        need,
+        f"2 windows of data.shuffle_window={cfg.data.shuffle_window} shards x {per_rank} "
+        f"stream(s) x {local_ranks} rank(s) on this node",
+    )
 
 
 class _EvalBatches(IterableDataset):

@@ -92,9 +92,11 @@ def verify_shard(path: Path, entry: dict | None, index=None, name: str = "") -> 
     scan.name = name
     notes = []
     if scan.unusable:
-        notes.append(f"{name}: {scan.unusable} sample(s) without an image member, skipped: "
-                     f"{', '.join(scan.unusable_examples)} (a WebDataset key ends at the first dot of the file "
-                     "name: rename img.0001.jpg to img_0001.jpg)")  # fmt: skip
+        notes.append(
+            f"{name}: {scan.unusable} sample(s) without an image member, skipped: "
+            f"{', '.join(scan.unusable_examples)} (a WebDataset key ends at the first dot of the file "
+            "name: rename img.0001.jpg to img_0001.jpg)"
+        )
     if len(scan.rows) == 0:
         problems.append(f"{name}: no usable sample (an image member per key: <key>.jpg|png|webp)")
     if index is not None:
@@ -112,8 +114,10 @@ def _index_problems(index, scan) -> list[str]:
     except ShardError as err:
         return [str(err)]
     if int(index.shard_bytes[number]) != scan.bytes or not np.array_equal(rows, scan.rows):
-        return [f"{scan.name}: its rows in {index.path.name} differ from the tar (stale index); rebuild it with "
-                "`mimscale shards index`"]  # fmt: skip
+        return [
+            f"{scan.name}: its rows in {index.path.name} differ from the tar (stale index); rebuild it with "
+            "`mimscale shards index`"
+        ]
     return []
 
 
@@ -215,8 +219,10 @@ def cmd_verify(args) -> int:
     else:
         folder = Path(args.out)
         if not folder.is_dir():
-            raise ShardError(f"{folder} is not a folder; pass the shard folder (the OUT of `mimscale shards create`) "
-                             "or a URL pattern")  # fmt: skip
+            raise ShardError(
+                f"{folder} is not a folder; pass the shard folder (the OUT of `mimscale shards create`) "
+                "or a URL pattern"
+            )
         shards, samples, problems = verify_folder(folder)
         has_manifest, where = (folder / MANIFEST_NAME).is_file(), str(folder)
     if problems:
@@ -289,11 +295,15 @@ def cmd_inspect(args) -> int:
     first = table.folders[0]
     manifest = load_remote_manifest(first) if _remote_spec(folder) else load_manifest(first)
     names = _class_names(first, manifest)
-    sizes = [index.shard_bytes[n] for index, n in zip(
-        (table.indexes[i] for i in table.set_of), table.number_in_set, strict=True)]  # fmt: skip
+    sizes = [
+        index.shard_bytes[n]
+        for index, n in zip((table.indexes[i] for i in table.set_of), table.number_in_set, strict=True)
+    ]
     unusable = [int(table.indexes[i].unusable[n]) for i, n in zip(table.set_of, table.number_in_set, strict=True)]
-    print(f"{folder}: {len(table.locations)} shards, {len(table)} samples, {sum(sizes) / 1e6:.1f} MB"
-          f"{'' if manifest else ' (no manifest: counts discovered from the tars)'}")  # fmt: skip
+    print(
+        f"{folder}: {len(table.locations)} shards, {len(table)} samples, {sum(sizes) / 1e6:.1f} MB"
+        f"{'' if manifest else ' (no manifest: counts discovered from the tars)'}"
+    )
     for location, count, nbytes, bad in zip(table.locations, table.counts, sizes, unusable, strict=True):
         extra = f"  {bad} unusable (no image member)" if bad else ""
         print(f"  {Path(location).name:<28} {count:>8} samples {nbytes / 1e6:>9.2f} MB{extra}")
@@ -314,8 +324,10 @@ def cmd_inspect(args) -> int:
         print(f"contact sheet of {min(args.count, len(table))} samples: {args.sheet}")
     empty = [Path(loc).name for loc, count in zip(table.locations, table.counts, strict=True) if count == 0]
     if empty:
-        print(f"FAILED: {len(empty)} shard(s) hold no usable sample: {', '.join(empty[:10])} (an image member per "
-              "key is needed; a WebDataset key ends at the first dot of the file name)")  # fmt: skip
+        print(
+            f"FAILED: {len(empty)} shard(s) hold no usable sample: {', '.join(empty[:10])} (an image member per "
+            "key is needed; a WebDataset key ends at the first dot of the file name)"
+        )
         return 1
     return 0
 
@@ -425,9 +437,12 @@ def register(subparsers) -> None:
         help="write the index into DIR/index (use data.cache_dir=DIR in training) "
         "instead of beside the shards; URL sets always index into the cache",
     )
-    index.add_argument("--workers", type=int, default=0,
-                       help="parallel processes scanning local tars (default 1), or downloads at once for URL sets "
-                            "(default 8)")  # fmt: skip
+    index.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="parallel processes scanning local tars (default 1), or downloads at once for URL sets (default 8)",
+    )
     index.add_argument(
         "--cache-limit-gb", type=float, default=DataConfig().cache_limit_gb, help="shard cache size while indexing URLs"
     )

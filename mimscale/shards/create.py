@@ -386,8 +386,14 @@ def create_shards(src: str, out: str | Path, opts: CreateOptions, *, workers: in
     if classes:
         (out / "classes.json").write_text(json.dumps(classes, indent=1) + "\n")
     manifest = write_manifest(
-        out, entries, command=command, source=str(src), options=asdict(opts), classes=classes,
-        image_stats=stats, rejects=rejects,
-    )  # fmt: skip
+        out,
+        entries,
+        command=command,
+        source=str(src),
+        options=asdict(opts),
+        classes=classes,
+        image_stats=stats,
+        rejects=rejects,
+    )
     shutil.rmtree(out / PROGRESS_DIR)
     return manifest

@@ -124,12 +124,18 @@ def scan_tar(path: str | Path) -> ShardScan:
 def report_scan(scan: ShardScan, where: str | Path) -> None:
     """Warn (stderr) about damage and unusable samples in a freshly scanned shard."""
     if scan.damage:
-        print(f"mimscale data: shard {where} is damaged after {len(scan.rows)} samples ({scan.damage}); "
-              f"the rest is skipped (check with `mimscale shards verify`)", file=sys.stderr)  # fmt: skip
+        print(
+            f"mimscale data: shard {where} is damaged after {len(scan.rows)} samples ({scan.damage}); "
+            f"the rest is skipped (check with `mimscale shards verify`)",
+            file=sys.stderr,
+        )
     if scan.unusable:
-        print(f"mimscale data: shard {where}: {scan.unusable} sample(s) without an image member are skipped, "
-              f"e.g. {', '.join(scan.unusable_examples)} (a WebDataset key ends at the first dot of the file "
-              "name: rename img.0001.jpg to img_0001.jpg)", file=sys.stderr)  # fmt: skip
+        print(
+            f"mimscale data: shard {where}: {scan.unusable} sample(s) without an image member are skipped, "
+            f"e.g. {', '.join(scan.unusable_examples)} (a WebDataset key ends at the first dot of the file "
+            "name: rename img.0001.jpg to img_0001.jpg)",
+            file=sys.stderr,
+        )
 
 
 @dataclass
@@ -251,12 +257,16 @@ class SetIndex:
                 if version != VERSION:
                     raise self._fail(f"format version {version}, this mimscale reads version {VERSION}")
                 if num_shards * SHARD_DTYPE.itemsize + names_bytes > info.st_size:
-                    raise self._fail(f"header claims {num_shards} shards and {names_bytes} name bytes, more than "
-                                     f"the file's {info.st_size} bytes")  # fmt: skip
+                    raise self._fail(
+                        f"header claims {num_shards} shards and {names_bytes} name bytes, more than "
+                        f"the file's {info.st_size} bytes"
+                    )
                 names_at, self.rows_at = _layout(num_shards, names_bytes)
                 if self.rows_at + num_samples * SAMPLE_DTYPE.itemsize != info.st_size:
-                    raise self._fail(f"{info.st_size} bytes, but its header describes {num_shards} shards and "
-                                     f"{num_samples} samples (truncated or padded?)")  # fmt: skip
+                    raise self._fail(
+                        f"{info.st_size} bytes, but its header describes {num_shards} shards and "
+                        f"{num_samples} samples (truncated or padded?)"
+                    )
                 table = np.frombuffer(handle.read(num_shards * SHARD_DTYPE.itemsize), SHARD_DTYPE)
                 blob = handle.read(names_bytes)
         except OSError as err:
@@ -306,8 +316,9 @@ class SetIndex:
             if len(rows) and (
                 rows["block"].min() < 1 or rows["size"].min() < 1 or ends.max() > self.shard_bytes[number]
             ):
-                raise self._fail(f"shard {self.names[number]}'s sample offsets point outside its "
-                                 f"{self.shard_bytes[number]} bytes")  # fmt: skip
+                raise self._fail(
+                    f"shard {self.names[number]}'s sample offsets point outside its {self.shard_bytes[number]} bytes"
+                )
             if len(rows) and (rows["label"].min() < -1):
                 raise self._fail(f"shard {self.names[number]} has labels below -1")
             self._checked.add(number)
@@ -369,8 +380,9 @@ def _progress(scans: Iterable[ShardScan], total: int, folder: str, paths: list[P
             yield scan
 
 
-def build_folder_index(folder: str, names: list[str], target: Path, workers: int = 1,
-                       reuse: SetIndex | None = None) -> SetIndex:  # fmt: skip
+def build_folder_index(
+    folder: str, names: list[str], target: Path, workers: int = 1, reuse: SetIndex | None = None
+) -> SetIndex:
     """Scan the named shards of a local folder (reusing ``reuse``'s rows for shards whose size still matches)."""
     paths = [Path(folder) / name for name in names]
     if reuse is None:
@@ -409,8 +421,15 @@ def _open_if_valid(path: Path) -> SetIndex | None:
         return None
 
 
-def folder_index(folder: str, names: list[str], *, cache_dir: str | Path | None = None, workers: int = 1,
-                 build: bool = True, prefer_cache: bool = False) -> SetIndex:  # fmt: skip
+def folder_index(
+    folder: str,
+    names: list[str],
+    *,
+    cache_dir: str | Path | None = None,
+    workers: int = 1,
+    build: bool = True,
+    prefer_cache: bool = False,
+) -> SetIndex:
     """The index covering ``names`` in a local shard folder: beside the shards, else in the cache, else built.
 
     An index that lacks some of the names, or whose recorded size of a shard differs from the file (a shard
@@ -424,15 +443,21 @@ def folder_index(folder: str, names: list[str], *, cache_dir: str | Path | None 
             stale = [n for n in names if not _matches(index, Path(folder) / n)]
             if not stale:
                 return index
-            print(f"mimscale data: {len(stale)} shard(s) of {folder} changed since {candidate} was written "
-                  f"(e.g. {stale[0]}); re-indexing them", file=sys.stderr)  # fmt: skip
+            print(
+                f"mimscale data: {len(stale)} shard(s) of {folder} changed since {candidate} was written "
+                f"(e.g. {stale[0]}); re-indexing them",
+                file=sys.stderr,
+            )
             break
     if not build:
         raise ShardError(f"{folder} has no index; run `mimscale shards index {folder}`")
     in_folder = os.access(folder, os.W_OK) and not prefer_cache
     if in_folder and os.path.lexists(beside) and not beside.is_file():
-        print(f"mimscale data: {beside} is not a regular file (a folder, FIFO or broken link), so it is neither "
-              f"read nor replaced; the index goes to {cached}", file=sys.stderr)  # fmt: skip
+        print(
+            f"mimscale data: {beside} is not a regular file (a folder, FIFO or broken link), so it is neither "
+            f"read nor replaced; the index goes to {cached}",
+            file=sys.stderr,
+        )
         in_folder = False
     target = beside if in_folder else cached
     with _locked(target):
@@ -441,13 +466,17 @@ def folder_index(folder: str, names: list[str], *, cache_dir: str | Path | None 
             return index
         known = sorted(set(names) | set(index.names if index else []))
         known = [n for n in known if (Path(folder) / n).is_file()]
-        print(f"mimscale data: indexing {folder} ({len(known)} shards) into {target}, once; "
-              "`mimscale shards index` does this ahead of training", file=sys.stderr)  # fmt: skip
+        print(
+            f"mimscale data: indexing {folder} ({len(known)} shards) into {target}, once; "
+            "`mimscale shards index` does this ahead of training",
+            file=sys.stderr,
+        )
         return build_folder_index(folder, known, target, workers, reuse=index)
 
 
-def remote_folder_index(folder: str, names: list[str], cache, *, cache_dir: str | Path | None = None,
-                        workers: int = REMOTE_SCAN_THREADS) -> SetIndex:  # fmt: skip
+def remote_folder_index(
+    folder: str, names: list[str], cache, *, cache_dir: str | Path | None = None, workers: int = REMOTE_SCAN_THREADS
+) -> SetIndex:
     """The index of shards under a URL prefix: a samples.idx published beside them (downloaded once per node
     through the shard cache), else one in the index cache, else built by downloading and scanning each shard
     once, ``workers`` at a time (``mimscale shards index URL --cache DIR`` does that ahead of training). When the
@@ -470,9 +499,11 @@ def remote_folder_index(folder: str, names: list[str], cache, *, cache_dir: str 
         if not missing:
             return index
         found = f"{index.path} covers {len(names) - len(missing)} of the {len(names)} shards" if index else "no index"
-        print(f"mimscale data: {found} under {folder}; downloading the {len(missing)} others once ({workers} at a "
-              f"time) to index them into {target} (`mimscale shards index` does this ahead of training)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"mimscale data: {found} under {folder}; downloading the {len(missing)} others once ({workers} at a "
+            f"time) to index them into {target} (`mimscale shards index` does this ahead of training)",
+            file=sys.stderr,
+        )
         fresh = _remote_scans(folder, missing, cache, workers)
         absent = set(missing)
 

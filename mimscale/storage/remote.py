@@ -156,8 +156,10 @@ def _expand_local(pattern: str, shown: str, key: str) -> list[str]:
             continue
         irregular = [path for path in found if not os.path.isfile(path)]  # a FIFO or device would hang or never end
         if irregular:
-            raise RemoteError(f"{key}={shown!r}: {irregular[0]} is not a regular file (a FIFO, device or broken "
-                              "link); remove it or point the pattern at real shard files")  # fmt: skip
+            raise RemoteError(
+                f"{key}={shown!r}: {irregular[0]} is not a regular file (a FIFO, device or broken "
+                "link); remove it or point the pattern at real shard files"
+            )
         paths.extend(found)
     if missing and paths:
         listed = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
@@ -318,8 +320,16 @@ def open_location(location: str, timeout: float = 60.0) -> Iterator[tuple[object
         raise _Transient(f"{type(err).__name__}: {err}") from None
 
 
-def copy_bounded(reader, sink, *, location: str, declared: int | None, expected: int | None = None,
-                 sha256: str | None = None, bound: int) -> int:  # fmt: skip
+def copy_bounded(
+    reader,
+    sink,
+    *,
+    location: str,
+    declared: int | None,
+    expected: int | None = None,
+    sha256: str | None = None,
+    bound: int,
+) -> int:
     """Copy reader to sink, never reading more than the size we expect; returns the bytes copied.
 
     The expected size is the manifest's when known, else what the server declared, else ``bound``. A server that
@@ -367,8 +377,9 @@ def with_retries(location: str, attempt: Callable[[], object], *, retries: int, 
     )
 
 
-def read_small(location: str, max_bytes: int, *, retries: int = 3, backoff_s: float = 0.5,
-               timeout_s: float = 60.0) -> bytes:  # fmt: skip
+def read_small(
+    location: str, max_bytes: int, *, retries: int = 3, backoff_s: float = 0.5, timeout_s: float = 60.0
+) -> bytes:
     """The whole content of a small file (manifest, index), at most ``max_bytes``; more is a RemoteError.
 
     A missing file raises RemoteNotFound (a FileNotFoundError), so callers can treat "no manifest" as optional.
@@ -385,8 +396,15 @@ def read_small(location: str, max_bytes: int, *, retries: int = 3, backoff_s: fl
     return with_retries(location, attempt, retries=retries, backoff_s=backoff_s)
 
 
-def download(location: str, dest: str | os.PathLike, max_bytes: int, *, retries: int = 3, backoff_s: float = 0.5,
-             timeout_s: float = 60.0) -> Path:  # fmt: skip
+def download(
+    location: str,
+    dest: str | os.PathLike,
+    max_bytes: int,
+    *,
+    retries: int = 3,
+    backoff_s: float = 0.5,
+    timeout_s: float = 60.0,
+) -> Path:
     """Copy a (possibly large) file to ``dest`` atomically: bounded by max_bytes, retried, tmp + fsync + rename."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
