@@ -62,7 +62,7 @@ class AugmentSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     uint8: bool = False  # hand uint8 pixels to the main process; the engine normalises on the device
-    decode: str = "worker"  # "device": JPEGs travel encoded, the main process decodes them (data/device_decode.py)
+    decode: str = "worker"  # "device": JPEGs travel encoded, the main process decodes them (pipeline/device_decode.py)
 
 
 class _TrainBatches(IterableDataset):

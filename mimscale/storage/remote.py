@@ -9,7 +9,7 @@ stack, and fsspec's HTTP backend would add aiohttp); ``s3://`` and ``gs://`` go 
 (the optional extra ``mimscale[remote]``) for their credential chains and listing; ``pipe:`` uses webdataset's
 gopen, so commands behave exactly as in WebDataset pipelines.
 
-The node-local cache that makes these locations local files lives in ``data/shard_cache.py``.
+The node-local cache that makes these locations local files lives in ``storage/shard_cache.py``.
 """
 
 from __future__ import annotations
@@ -425,12 +425,6 @@ def download(
         tmp.unlink(missing_ok=True)
     fsync_dir(dest.parent)
     return dest
-
-
-def folder_of(location: str) -> tuple[str, str]:
-    """(folder or URL prefix, file name) of a shard location."""
-    head, _, name = location.rpartition("/")
-    return head, name
 
 
 def sibling(location: str, name: str) -> str:
