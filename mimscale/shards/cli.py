@@ -29,8 +29,9 @@ from mimscale.shards.format import (
 )
 from mimscale.shards.images import BadImage, decode_rgb
 from mimscale.shards.index import INDEX_NAME, SetIndex, scan_tar
-from mimscale.shards.sets import expand_locations, node_cache, open_shard_set, shard_folders
+from mimscale.shards.sets import expand_locations, open_shard_set, shard_folders
 from mimscale.storage import remote
+from mimscale.storage.shard_cache import ShardCache
 
 MAX_LISTED_PROBLEMS = 50
 
@@ -211,7 +212,7 @@ def verify_remote(spec: str, cache) -> tuple[int, int, list[str], bool]:
 
 def cmd_verify(args) -> int:
     if _remote_spec(args.out):
-        cache = node_cache(DataConfig(cache_dir=args.cache, cache_limit_gb=args.cache_limit_gb))
+        cache = ShardCache.from_config(DataConfig(cache_dir=args.cache, cache_limit_gb=args.cache_limit_gb))
         try:
             shards, samples, problems, has_manifest = verify_remote(args.out, cache)
         finally:

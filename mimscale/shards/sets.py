@@ -63,12 +63,7 @@ def shard_folders(locations: list[str]) -> dict[str, list[str]]:
     return folders
 
 
-# ----------------------------------------------------------------------------------------------- the node cache
-
-
-def node_cache(data_cfg: DataConfig) -> shard_cache.ShardCache:
-    """The node's shard cache as the data config asks for it (data.cache_dir, data.cache_limit_gb, downloads)."""
-    return shard_cache.ShardCache.from_config(data_cfg)
+# ----------------------------------------------------------------------------------------------- checksums
 
 
 def expect_checksums(cache: shard_cache.ShardCache, locations: list[str]) -> None:
@@ -92,9 +87,16 @@ class ShardTable:
     reads it, ``prefetch`` fetches the next window's shards ahead, and ``release`` unpins the ones left behind.
     """
 
-    def __init__(self, locations: list[str], indexes: list[SetIndex], numbers: list[tuple[int, int]], cache=None):
+    def __init__(
+        self,
+        locations: list[str],
+        folders: list[str],
+        indexes: list[SetIndex],
+        numbers: list[tuple[int, int]],
+        cache=None,
+    ):
         self.locations = locations  # shard i's path or URL; its rows are indexes[set_of[i]]'s shard number_in_set[i]
-        self.indexes = indexes
+        self.folders, self.indexes = folders, indexes  # indexes[j] is the samples.idx of folders[j]
         self.set_of = np.asarray([id_ for id_, _ in numbers], dtype=np.int32)
         self.number_in_set = np.asarray([n for _, n in numbers], dtype=np.int64)
         self.counts = np.asarray([indexes[i].counts[n] for i, n in numbers], dtype=np.int64)
@@ -215,7 +217,7 @@ def open_shard_set(
     folders = shard_folders(locations)
     cache = None
     if not all(remote.is_local(location) for location in locations):
-        cache = node_cache(data_cfg)
+        cache = shard_cache.ShardCache.from_config(data_cfg)
     sets = [
         folder_index(folder, names, cache_dir=cache_dir, workers=index_workers or 1, prefer_cache=prefer_cache)
         if remote.is_local(folder)
@@ -229,8 +231,7 @@ def open_shard_set(
     for location in locations:
         number = set_number[folder_of_shard(location)]
         numbers.append((number, sets[number].position[os.path.basename(location)]))
-    table = ShardTable(locations, sets, numbers, cache=cache)
-    table.folders = list(folders)
+    table = ShardTable(locations, list(folders), sets, numbers, cache=cache)
     if cache is not None:
         expect_checksums(cache, locations)  # the manifest's sha256s, where a folder has a manifest
     if require_samples and len(table) == 0:
