@@ -24,7 +24,7 @@ import yaml
 from mimscale.engine.precision import PRECISIONS
 from mimscale.eval.evaluators import MONITORS
 from mimscale.models.teacher_kinds import TEACHER_KINDS
-from mimscale.pipeline.device_decode import DECODE_MODES
+from mimscale.pipeline.decode_modes import DECODE_MODES
 from mimscale.presets import PRESETS
 from mimscale.storage.atomic import atomic_write
 

@@ -40,7 +40,6 @@ import torch.nn.functional as F
 
 from mimscale.shards.images import BadImage, open_image
 
-DECODE_MODES = ("worker", "device")
 ENCODED_KEYS = ("encoded", "encoded_offsets", "deferred_rows", "crop_box", "flip")
 
 
