@@ -141,3 +141,13 @@ def test_the_checks_catch_what_they_look_for():
     modules = module_files()
     relative = imports_of("mimscale.shards.index", PACKAGE / "shards/index.py", modules)
     assert "mimscale.shards.format" in {target for target, _ in relative}
+
+
+def test_config_and_the_registries_it_reads_import_without_torch():
+    """config.py checks choices against their owners' lists; those lists must not drag torch into every import."""
+    import subprocess
+    import sys
+
+    code = "import sys, mimscale.config; print(sorted(m for m in ('torch', 'deepspeed') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]"
