@@ -38,7 +38,8 @@ from mimscale.config import load_config  # noqa: E402
 from mimscale.pipeline.masking import build_mask_generator  # noqa: E402
 from mimscale.pipeline.stream import build_train_loader  # noqa: E402
 from mimscale.shards.create import CreateOptions, create_shards  # noqa: E402
-from mimscale.shards.format import expand_shards, index_shards  # noqa: E402
+from mimscale.shards.index import index_shards  # noqa: E402
+from mimscale.shards.sets import expand_shards  # noqa: E402
 
 
 def make_jpeg_folder(folder: Path, count: int) -> None:

@@ -108,7 +108,7 @@ def uss():
     return fields["Private_Clean"] + fields["Private_Dirty"], fields["Rss"], fields["Anonymous"]
 import numpy as np
 from mimscale.pipeline.order import EpochPlan
-from mimscale.pipeline.stream import load_table
+from mimscale.shards.sets import open_shard_set as load_table
 base = uss()
 start = time.perf_counter()
 table = load_table(sys.argv[1], "data.shards")

@@ -289,7 +289,8 @@ def upscale_sample_photos(folder: Path, count: int) -> None:
 
     from PIL import Image
 
-    from mimscale.shards.format import expand_shards, index_shards
+    from mimscale.shards.index import index_shards
+    from mimscale.shards.sets import expand_shards
 
     paths = expand_shards(str(ROOT / "shards" / "sample" / "*.tar"))
     payloads = []

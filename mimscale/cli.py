@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 
 from mimscale.config import ConfigError
@@ -19,19 +18,13 @@ COMMAND_MODULES = [
     "mimscale.plan",  # plan
     "mimscale.shards.cli",  # shards create|verify|inspect
     "mimscale.eval.export",  # export
-    "mimscale.eval.probe",  # eval knn|linear
+    "mimscale.eval.evaluators",  # eval knn|linear|finetune
     "mimscale.eval.analysis",  # analyze
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mimscale", description="Masked image modeling pretraining at scale.")
-    parser.add_argument(
-        "--trust-checkpoint",
-        dest="trust_all_checkpoints",
-        action="store_true",
-        help="load checkpoint files without the weights-only allowlist (only for checkpoints you wrote yourself)",
-    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
@@ -54,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    if args.trust_all_checkpoints or getattr(args, "trust_checkpoint", False):
-        os.environ["MIMSCALE_TRUST_CHECKPOINTS"] = "1"  # read by mimscale.engine.checkpoint
+    from mimscale.engine import safe_load
+
+    safe_load.trust_checkpoints_from(args)  # the one trust decision; loaders ask safe_load.checkpoints_trusted()
     try:
         return int(args.func(args) or 0)
     except ConfigError as err:

@@ -21,6 +21,13 @@ from typing import Any
 
 import yaml
 
+from mimscale.engine.precision import PRECISIONS
+from mimscale.eval.evaluators import MONITORS
+from mimscale.models.teacher_kinds import TEACHER_KINDS
+from mimscale.pipeline.decode_modes import DECODE_MODES
+from mimscale.presets import PRESETS
+from mimscale.storage.atomic import atomic_write
+
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key and what to do."""
@@ -203,7 +210,8 @@ class CheckpointConfig:
 
 @dataclass(kw_only=True)
 class EvalConfig:
-    knn_every: int = _doc(0, "Run an in-run kNN evaluation every N steps (0 = off).")
+    knn_every: int = _doc(0, "Run the in-run evaluation (eval.monitor) every N steps (0 = off).")
+    monitor: str = _doc("knn", "In-run evaluator, by name from mimscale/eval/evaluators.py: knn or linear.")
     train_shards: str = _doc("", "Labelled shards for the kNN memory bank.")
     val_shards: str = _doc("", "Labelled shards the kNN classifier is scored on.")
     k: int = _doc(20, "Neighbours for kNN (DINO uses 20).")
@@ -230,11 +238,6 @@ class Config:
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)
-
-
-def _check_choice(key: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(map(str, choices))}")
 
 
 # ----------------------------------------------------------------------------- per-key value ranges
@@ -270,6 +273,21 @@ def _items(length: int | None, item: Rule, *, ordered: bool = False) -> Rule:
         return None
 
     return check
+
+
+def _one_of(choices) -> Rule:
+    """A choice list; ``choices`` is the owner's own list (its registry or table), never a copy."""
+
+    def check(value):
+        return None if value in choices else f"={value!r} is not valid; choose one of {', '.join(map(str, choices))}"
+
+    return check
+
+
+def _folder_or_absent(value: str) -> str | None:
+    if value and os.path.exists(value) and not os.path.isdir(value):
+        return f"={value} exists and is not a folder; point it at a folder"
+    return None
 
 
 def _non_empty(value: str) -> str | None:
@@ -321,6 +339,18 @@ RULES: dict[str, Rule] = {
     "checkpoint.keep_last": AT_LEAST_ONE,
     "eval.k": AT_LEAST_ONE,
     "eval.temperature": POSITIVE,
+    # choice lists, each imported from the code that implements the choices
+    "method.name": _one_of(tuple(PRESETS)),
+    "deepspeed.precision": _one_of(tuple(PRECISIONS)),
+    "data.decode": _one_of(DECODE_MODES),
+    "teacher.kind": _one_of(TEACHER_KINDS),
+    "eval.monitor": _one_of(MONITORS),
+    # choice lists config.py owns (read by comparisons where they are used)
+    "deepspeed.zero_stage": _one_of((0, 1, 2, 3)),
+    "run.device": _one_of(("auto", "cpu", "cuda")),
+    "model.pos_embed_init": _one_of(("timm", "sincos", "sincos_frozen")),
+    "eval.pool": _one_of(("cls", "mean")),
+    "data.cache_dir": _folder_or_absent,
 }
 
 
@@ -329,39 +359,21 @@ def check_ranges(cfg: Config) -> None:
     for section in dataclasses.fields(cfg):
         values = getattr(cfg, section.name)
         for key in dataclasses.fields(values):
-            name, value = f"{section.name}.{key.name}", getattr(values, key.name)
-            rule = RULES.get(name)
-            if rule is None and isinstance(value, (int, float)) and not isinstance(value, bool):
-                rule = _number()
-            if rule is not None and (problem := rule(value)) is not None:
-                raise ConfigError(f"{name} {problem}")
+            check_key(f"{section.name}.{key.name}", getattr(values, key.name))
+
+
+def check_key(name: str, value: Any) -> None:
+    """One key's RULES entry (or the finite, >= 0 default for numbers); ConfigError naming the key."""
+    rule = RULES.get(name)
+    if rule is None and isinstance(value, (int, float)) and not isinstance(value, bool):
+        rule = _number()
+    if rule is not None and (problem := rule(value)) is not None:
+        raise ConfigError(f"{name}{problem}" if problem.startswith("=") else f"{name} {problem}")
 
 
 def validate(cfg: Config) -> Config:
-    """Every key's range (check_ranges), then cross-field checks that types alone cannot express."""
+    """Every key's rule (check_ranges), then the rules that tie several keys together, which RULES cannot express."""
     check_ranges(cfg)
-    _check_choice("deepspeed.zero_stage", cfg.deepspeed.zero_stage, (0, 1, 2, 3))
-    _check_choice("deepspeed.precision", cfg.deepspeed.precision, ("fp32", "bf16", "fp16"))
-    _check_choice("run.device", cfg.run.device, ("auto", "cpu", "cuda"))
-    _check_choice("model.pos_embed_init", cfg.model.pos_embed_init, ("timm", "sincos", "sincos_frozen"))
-    _check_choice("teacher.kind", cfg.teacher.kind, ("none", "open_clip", "timm"))
-    _check_choice("eval.pool", cfg.eval.pool, ("cls", "mean"))
-    _check_choice("data.decode", cfg.data.decode, ("worker", "device"))
-    positive = {
-        "train.max_steps": cfg.train.max_steps,
-        "train.log_every": cfg.train.log_every,
-        "train.grad_accum_steps": cfg.train.grad_accum_steps,
-        "data.batch_size": cfg.data.batch_size,
-        "data.image_size": cfg.data.image_size,
-        "mask.patch_size": cfg.mask.patch_size,
-        "checkpoint.every_steps": cfg.checkpoint.every_steps,
-        "checkpoint.keep_last": cfg.checkpoint.keep_last,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key} must be positive, got {value}")
-    if not 0.0 < cfg.mask.ratio < 1.0:
-        raise ConfigError(f"mask.ratio must be in (0, 1), got {cfg.mask.ratio}")
     if cfg.data.image_size % cfg.mask.patch_size:
         raise ConfigError(
             f"data.image_size={cfg.data.image_size} is not a multiple of mask.patch_size={cfg.mask.patch_size}; "
@@ -372,28 +384,15 @@ def validate(cfg: Config) -> Config:
             "eval.knn_every > 0 needs eval.train_shards and eval.val_shards (labelled shards); set them or set "
             "eval.knn_every=0"
         )
-    if cfg.data.num_workers < 0:
-        raise ConfigError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
-    if not (0 < cfg.data.cache_limit_gb < float("inf")):
-        raise ConfigError(f"data.cache_limit_gb must be a positive size in GB, got {cfg.data.cache_limit_gb}")
-    if cfg.data.download_retries < 0 or not (0 < cfg.data.download_timeout_s < float("inf")):
-        raise ConfigError(
-            f"data.download_retries must be >= 0 and data.download_timeout_s positive, got "
-            f"{cfg.data.download_retries} and {cfg.data.download_timeout_s}"
-        )
-    if cfg.data.cache_dir and os.path.exists(cfg.data.cache_dir) and not os.path.isdir(cfg.data.cache_dir):
-        raise ConfigError(f"data.cache_dir={cfg.data.cache_dir} exists and is not a folder; point it at a folder")
-    if cfg.data.streams < 0 or cfg.data.shuffle_window < 1:
-        raise ConfigError(
-            f"data.streams must be >= 0 (0 = the world size) and data.shuffle_window >= 1, got "
-            f"{cfg.data.streams} and {cfg.data.shuffle_window}"
-        )
-    if cfg.optim.lr <= 0 or cfg.optim.warmup_steps < 0:
-        raise ConfigError("optim.lr must be positive and optim.warmup_steps >= 0")
-    from mimscale.methods import check_method_config  # the preset registry (lazy: methods import this module)
-
-    check_method_config(cfg)
+    check_method_choice(cfg)
     return cfg
+
+
+def check_method_choice(cfg: Config) -> None:
+    """A known preset (mimscale/presets.py), and a teacher where the preset needs one."""
+    check_key("method.name", cfg.method.name)
+    if PRESETS[cfg.method.name].needs_teacher and cfg.teacher.kind == "none":
+        raise ConfigError(f"method.name={cfg.method.name} needs a teacher: set teacher.kind to open_clip or timm")
 
 
 def _type_ok(value: Any, tp: Any) -> bool:
@@ -573,6 +572,4 @@ def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config atomically (a crash never leaves half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(config_to_yaml(cfg))
-    tmp.replace(path)
+    atomic_write(path, config_to_yaml(cfg))

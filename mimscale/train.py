@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from mimscale.config import load_config
+from mimscale.engine import safe_load
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,26 +27,17 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto (newest complete checkpoint in run.output_dir, the default), none, or a checkpoint path",
     )
-    add_trust_argument(parser)
+    safe_load.add_trust_argument(parser)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-
-
-def add_trust_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--trust-checkpoint",
-        action="store_true",
-        help="load checkpoint pickles without the weights-only allowlist: only for checkpoints you wrote yourself "
-        "(files from anyone else can run code when loaded that way)",
-    )
 
 
 def run(args: argparse.Namespace) -> int:
     from mimscale.engine.checkpoint import CheckpointWriteError
     from mimscale.engine.loop import TrainingError, train
-    from mimscale.eval.probe import in_run_knn
+    from mimscale.eval.evaluators import in_run_monitors
 
     cfg = load_config(args.config, args.overrides)
-    evaluators = [in_run_knn(cfg)] if cfg.eval.knn_every else []  # the engine never imports eval/ itself
+    evaluators = in_run_monitors(cfg)  # eval.monitor every eval.knn_every steps; the engine never imports eval/
     try:
         summary = train(cfg, resume=args.resume, evaluators=evaluators)
     except (TrainingError, CheckpointWriteError) as err:

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from mimscale.pipeline.stream import load_table
+from mimscale.config import DataConfig
 from mimscale.shards.format import ShardError
+from mimscale.shards.sets import open_shard_set
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "shards/sample"
@@ -36,7 +37,7 @@ def test_a_shard_that_is_not_a_regular_file_is_named(sample_copy, make):
     problem = r"sample-002\.tar is not a regular file \(a FIFO, device or broken link\)"
     for pattern in (f"{sample_copy}/*.tar", str(sample_copy), f"{sample_copy}/sample-{{000..003}}.tar"):
         with pytest.raises(ShardError, match=rf"data\.shards.*{problem}"):
-            load_table(pattern, "data.shards", cache_dir=str(sample_copy.parent / "cache"))
+            open_shard_set(pattern, "data.shards", data_cfg=DataConfig(cache_dir=str(sample_copy.parent / "cache")))
 
 
 @pytest.mark.parametrize("make", ["folder", "fifo"])
@@ -46,8 +47,10 @@ def test_an_index_path_that_is_not_a_regular_file_is_left_alone(sample_copy, mak
     index = sample_copy / "samples.idx"
     index.unlink()
     index.mkdir() if make == "folder" else os.mkfifo(index)
-    table = load_table(f"{sample_copy}/*.tar", "data.shards", cache_dir=str(sample_copy.parent / "cache"))
-    assert sum(table.counts) == sum(load_table(f"{SAMPLE}/*.tar", "data.shards").counts)
+    table = open_shard_set(
+        f"{sample_copy}/*.tar", "data.shards", data_cfg=DataConfig(cache_dir=str(sample_copy.parent / "cache"))
+    )
+    assert sum(table.counts) == sum(open_shard_set(f"{SAMPLE}/*.tar", "data.shards").counts)
     assert (index.is_dir() if make == "folder" else index.is_fifo()) and not list(sample_copy.glob("samples.idx.*"))
     assert "samples.idx is not a regular file" in capsys.readouterr().err
     assert list((sample_copy.parent / "cache" / "index").glob("*.idx"))

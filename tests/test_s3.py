@@ -19,6 +19,7 @@ from mimscale.cli import main as cli_main  # noqa: E402 - after the skips
 from mimscale.config import load_config  # noqa: E402
 from mimscale.pipeline.masking import build_mask_generator  # noqa: E402
 from mimscale.pipeline.stream import build_train_loader, iter_eval_batches  # noqa: E402
+from mimscale.shards.format import load_remote_manifest, manifest_checksums  # noqa: E402
 from mimscale.shards.index import SetIndex  # noqa: E402
 from mimscale.storage import remote, shard_cache  # noqa: E402
 
@@ -70,9 +71,9 @@ def test_s3_patterns_list_prefixes_and_globs_and_name_what_is_missing(bucket, tm
     cache = shard_cache.ShardCache(tmp_path / "cache", 10**9, backoff_s=0.01)
     with pytest.raises(remote.RemoteNotFound, match=r"s3://shards/sample/nope.tar does not exist"):
         cache.local_path("s3://shards/sample/nope.tar")
-    checksums = remote.manifest_checksums("s3://shards/sample")
+    checksums = manifest_checksums(load_remote_manifest("s3://shards/sample"))
     assert checksums["sample-002.tar"] == hashlib.sha256((SAMPLE / "sample-002.tar").read_bytes()).hexdigest()
-    assert remote.manifest_checksums("s3://shards/bare") == {}  # a foreign set has none
+    assert manifest_checksums(load_remote_manifest("s3://shards/bare")) == {}  # a foreign set has none
 
 
 def test_training_and_eval_streams_from_s3_are_the_local_streams(bucket, tmp_path):

@@ -21,9 +21,11 @@ from mimscale.config import load_config
 from mimscale.pipeline.masking import build_mask_generator
 from mimscale.pipeline.stream import build_train_loader, iter_eval_batches
 from mimscale.shards.create import CRASH_ENV, CreateOptions, create_shards
-from mimscale.shards.format import ShardError, expand_shards, index_shards, split_key, write_manifest, write_shard
+from mimscale.shards.format import ShardError, split_key
 from mimscale.shards.images import decode_rgb, to_rgb
-from mimscale.shards.index import IndexFileError, SetIndex, scan_tar
+from mimscale.shards.index import IndexFileError, SetIndex, index_shards, scan_tar
+from mimscale.shards.sets import expand_shards
+from mimscale.shards.writer import write_manifest, write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 MASK = build_mask_generator("random_tokens", image_size=32, token_stride=8, ratio=0.5, cell_size=32)
@@ -465,7 +467,7 @@ def test_ranks_starting_together_build_a_foreign_index_once(tmp_path):
     for number in range(6):
         write_img2dataset_shard(foreign / f"{number:05d}.tar", 5)
     code = (
-        "import sys; from mimscale.pipeline.stream import load_table; "
+        "import sys; from mimscale.shards.sets import open_shard_set as load_table; "
         f"t = load_table({str(foreign)!r}, 'data.shards'); print(len(t), t.fingerprint)"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}

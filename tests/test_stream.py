@@ -12,11 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from mimscale.config import load_config
+from mimscale.config import DataConfig, load_config
 from mimscale.pipeline.masking import build_mask_generator
 from mimscale.pipeline.order import EpochPlan, epoch_sequence
-from mimscale.pipeline.stream import build_train_loader, iter_eval_batches, load_table
-from mimscale.shards.format import ShardError, expand_shards, write_manifest, write_shard
+from mimscale.pipeline.stream import build_train_loader, iter_eval_batches
+from mimscale.shards.format import ShardError
+from mimscale.shards.sets import expand_shards
+from mimscale.shards.sets import open_shard_set as load_table
+from mimscale.shards.writer import write_manifest, write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = str(ROOT / "shards/sample/*.tar")
@@ -401,7 +404,9 @@ def test_a_published_index_lacking_shards_is_completed_with_only_those_downloade
     build_folder_index(str(tmp_path / "partial"), names[:3], tmp_path / "partial/samples.idx")
     local = load_table(str(ROOT / "shards/sample/*.tar"), "data.shards")
     with ShardServer(tmp_path / "partial") as server:
-        table = load_table(server.url("sample-{000..003}.tar"), "data.shards", cache_dir=str(tmp_path / "cache"))
+        table = load_table(
+            server.url("sample-{000..003}.tar"), "data.shards", data_cfg=DataConfig(cache_dir=str(tmp_path / "cache"))
+        )
         assert [server.requests[name] for name in names] == [0, 0, 0, 1]
     assert "covers 3 of the 4 shards" in capsys.readouterr().err
     assert list(table.counts) == list(local.counts) and len(table) == len(local)

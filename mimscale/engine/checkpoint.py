@@ -77,10 +77,14 @@ def rng_state() -> dict:
     _, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(position),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
         "torch": torch.get_rng_state(),
-    }  # fmt: skip
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -200,8 +204,11 @@ def verify_checkpoint(tag_dir: Path, rank: int = 0, world_size: int = 1, trusted
         present = [p.relative_to(tag_dir).as_posix() for p in sorted(tag_dir.rglob("*.pt")) if ".tmp" not in p.name]
         names = sorted(set(expected) | set(present))
     names = distributed.broadcast_object(names)
-    mine = [problem for name in names[rank::world_size] if (problem := _check_file(tag_dir, name, expected.get(name),
-                                                                                 trusted))]  # fmt: skip
+    mine = [
+        problem
+        for name in names[rank::world_size]
+        if (problem := _check_file(tag_dir, name, expected.get(name), trusted))
+    ]
     return [problem for share in distributed.all_gather_object(mine) for problem in share]
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from mimscale.config import Config, from_dict, load_config
 from mimscale.engine import checkpoint as ckpt
 from mimscale.engine import safe_load
-from mimscale.train import add_trust_argument
+from mimscale.engine.safe_load import add_trust_argument
 
 
 def config_diff(saved: dict, current: Config) -> list[str]:

@@ -17,8 +17,9 @@ from torch import nn
 
 from mimscale.config import Config
 from mimscale.engine.optim import build_optimizer, build_scheduler
+from mimscale.engine.precision import PRECISIONS
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {name: getattr(torch, dtype) for name, dtype in PRECISIONS.items()}
 
 
 def build_deepspeed_config(cfg: Config, world_size: int) -> dict:

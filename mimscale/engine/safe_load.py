@@ -5,6 +5,7 @@ MIMSCALE_TRUST_CHECKPOINTS=1). Used before DeepSpeed touches a checkpoint and wh
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import pickle
@@ -21,8 +22,30 @@ class UnsafeCheckpointError(ValueError):
     """A checkpoint file would need arbitrary code to load; refused unless the user trusts the folder."""
 
 
+_TRUSTED_BY_FLAG = False  # --trust-checkpoint of this process's command (trust_checkpoints_from)
+
+
+def add_trust_argument(parser: argparse.ArgumentParser) -> None:
+    """``--trust-checkpoint`` on a sub-command that loads checkpoint files (train, export, ckpt, eval, analyze)."""
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="load checkpoint pickles without the weights-only allowlist: only for checkpoints you wrote yourself "
+        "(files from anyone else can run code when loaded that way)",
+    )
+
+
+def trust_checkpoints_from(args: argparse.Namespace) -> None:
+    """The entry point's one trust decision (mimscale.cli.main): this process trusts checkpoint files when its
+    command says --trust-checkpoint. Nothing is exported to the environment, so child processes decide for
+    themselves (the launcher's ranks parse the same flag)."""
+    global _TRUSTED_BY_FLAG
+    _TRUSTED_BY_FLAG = bool(getattr(args, "trust_checkpoint", False))
+
+
 def checkpoints_trusted() -> bool:
-    return os.environ.get(TRUST_ENV, "") == "1"
+    """--trust-checkpoint on this process's command, or MIMSCALE_TRUST_CHECKPOINTS=1 set by the user."""
+    return _TRUSTED_BY_FLAG or os.environ.get(TRUST_ENV, "") == "1"
 
 
 def deepspeed_safe_globals() -> list:

@@ -20,6 +20,8 @@ import re
 import sys
 from pathlib import Path
 
+from mimscale.storage.atomic import atomic_write
+
 REQUEUE_MARKER_ENV = "MIMSCALE_REQUEUE_MARKER"
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
 
@@ -85,9 +87,12 @@ def started_by_srun(environ=os.environ) -> bool:
     if "SLURM_STEP_ID" in environ:
         return True
     if environ["SLURM_NTASKS"] != "1":
-        print(f"mimscale: this is a SLURM job script (SLURM_NTASKS={environ['SLURM_NTASKS']}, no srun step), so "
-              "training runs as one process; start it with `srun` (see launch/slurm.sbatch) or `mimscale launch` "
-              "to use the job's tasks", file=sys.stderr)  # fmt: skip
+        print(
+            f"mimscale: this is a SLURM job script (SLURM_NTASKS={environ['SLURM_NTASKS']}, no srun step), so "
+            "training runs as one process; start it with `srun` (see launch/slurm.sbatch) or `mimscale launch` "
+            "to use the job's tasks",
+            file=sys.stderr,
+        )
     return False
 
 
@@ -113,12 +118,10 @@ def fill_rendezvous_env(environ=os.environ) -> None:
 
 def write_requeue_marker(tag_dir: Path) -> Path | None:
     """Rank 0, after a complete checkpoint on a stop signal: tell the job script to requeue (None if not asked)."""
-    from mimscale.engine.checkpoint import write_atomic
-
     marker = os.environ.get(REQUEUE_MARKER_ENV)
     if not marker:
         return None
     path = Path(marker)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, f"{tag_dir}\n")
+    atomic_write(path, f"{tag_dir}\n")
     return path

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mimscale.engine.safe_load import add_trust_argument
 from mimscale.eval.probe import pool_features
 from mimscale.models.backbone import Backbone
 
@@ -360,4 +361,5 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="config override for random:<config> models"
     )
+    add_trust_argument(parser)
     parser.set_defaults(func=run_analyze)

@@ -24,8 +24,8 @@ from torch import nn
 
 from mimscale.config import Config, from_dict, load_config
 from mimscale.engine import checkpoint as ckpt
+from mimscale.engine.safe_load import add_trust_argument
 from mimscale.models.students import Student, build_student
-from mimscale.train import add_trust_argument
 
 STUDENT_PREFIX = "student."
 BACKBONE_PREFIX = "student.backbone."
@@ -82,10 +82,28 @@ def load_student(path: str | Path, tag: str | None = None) -> tuple[Student, Con
 # Fields of timm's default pretrained_cfg that describe where the original weights came from or the resolution they
 # were evaluated at; an export is neither, so they are left out.
 PROVENANCE_FIELDS = (
-    "url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "tag", "custom_load", "license",
-    "description", "origin_url", "paper_name", "paper_ids", "notes", "label_offset", "label_names",
-    "label_descriptions", "test_input_size", "test_crop_pct", "test_pool_size", "min_input_size",
-)  # fmt: skip
+    "url",
+    "file",
+    "state_dict",
+    "hf_hub_id",
+    "hf_hub_filename",
+    "source",
+    "tag",
+    "custom_load",
+    "license",
+    "description",
+    "origin_url",
+    "paper_name",
+    "paper_ids",
+    "notes",
+    "label_offset",
+    "label_names",
+    "label_descriptions",
+    "test_input_size",
+    "test_crop_pct",
+    "test_pool_size",
+    "min_input_size",
+)
 
 
 def default_pretrained_cfg(architecture: str) -> dict:

@@ -1,4 +1,5 @@
-"""Frozen-feature evaluation: weighted kNN (DINO's protocol) and a linear probe, plus `mimscale eval`.
+"""Frozen-feature evaluation: weighted kNN (DINO's protocol) and a linear probe (`mimscale eval knn|linear`, and
+in-run monitors; both registered in eval/evaluators.py).
 
 kNN: L2-normalised features, cosine similarity to every training feature, the k nearest vote with weight
 exp(sim / T) (k=20, T=0.07 as in DINO's eval_knn). It needs no training, so the engine can call
@@ -162,33 +163,49 @@ def knn_top1(
     return knn_accuracy(train_feats, train_labels, val_feats, val_labels, k=k, temperature=temperature)
 
 
-def in_run_knn(cfg) -> Callable[[nn.Module], dict[str, float]]:
-    """The in-run monitor (``eval.knn_every``) the entry point hands the engine: the student backbone's kNN top-1
-    on ``eval.train_shards`` / ``eval.val_shards`` as ``{"eval/knn_top1": top1}``."""
+def _in_run_batches(cfg, pattern: str, key: str) -> Batches:
+    """Labelled eval shards at the training run's image size, through its node cache when they are remote."""
     from mimscale.pipeline.stream import iter_eval_batches
 
-    def batches(pattern: str, key: str) -> Batches:
-        data = cfg.data
-        return iter_eval_batches(
-            pattern,
-            image_size=data.image_size,
-            batch_size=data.batch_size,
-            mean=data.mean,
-            std=data.std,
-            key=key,
-            data_cfg=data,  # remote eval shards share the training run's node cache
-        )
+    data = cfg.data
+    return iter_eval_batches(
+        pattern,
+        image_size=data.image_size,
+        batch_size=data.batch_size,
+        mean=data.mean,
+        std=data.std,
+        key=key,
+        data_cfg=data,  # remote eval shards share the training run's node cache
+    )
+
+
+def in_run_knn(cfg) -> Callable[[nn.Module], dict[str, float]]:
+    """The kNN monitor (``eval.monitor: knn``, every ``eval.knn_every`` steps): the student backbone's kNN top-1
+    on ``eval.train_shards`` / ``eval.val_shards`` as ``{"eval/knn_top1": top1}``."""
 
     def evaluate(backbone: nn.Module) -> dict[str, float]:
         top1 = knn_top1(
             backbone,
-            batches(cfg.eval.train_shards, "eval.train_shards"),
-            batches(cfg.eval.val_shards, "eval.val_shards"),
+            _in_run_batches(cfg, cfg.eval.train_shards, "eval.train_shards"),
+            _in_run_batches(cfg, cfg.eval.val_shards, "eval.val_shards"),
             k=cfg.eval.k,
             temperature=cfg.eval.temperature,
             pool=cfg.eval.pool,
         )
         return {"eval/knn_top1": top1}
+
+    return evaluate
+
+
+def in_run_linear(cfg) -> Callable[[nn.Module], dict[str, float]]:
+    """The linear-probe monitor (``eval.monitor: linear``): the best probe top-1 on the same shards as kNN's."""
+
+    def evaluate(backbone: nn.Module) -> dict[str, float]:
+        train_batches = _in_run_batches(cfg, cfg.eval.train_shards, "eval.train_shards")
+        val_batches = _in_run_batches(cfg, cfg.eval.val_shards, "eval.val_shards")
+        train = extract_features(backbone, train_batches, pool=cfg.eval.pool)
+        val = extract_features(backbone, val_batches, pool=cfg.eval.pool)
+        return {"eval/linear_top1": linear_probe(*train, *val, seed=cfg.run.seed)["top1"]}
 
     return evaluate
 
@@ -293,14 +310,8 @@ def _features_for(args: argparse.Namespace) -> tuple[tuple, tuple, int]:
     return train, val, size
 
 
-def run_eval(args: argparse.Namespace) -> int:
-    if args.protocol == "finetune":
-        from mimscale.eval.finetune import run_finetune
-
-        return run_finetune(args)
-    torch.manual_seed(0)
-    (train_feats, train_labels), (val_feats, val_labels), size = _features_for(args)
-    result = {
+def _result(args: argparse.Namespace, size: int, train_labels: torch.Tensor, val_labels: torch.Tensor) -> dict:
+    return {
         "model": args.model,
         "protocol": args.protocol,
         "pool": args.pool,
@@ -309,58 +320,35 @@ def run_eval(args: argparse.Namespace) -> int:
         "train_samples": len(train_labels),
         "val_samples": len(val_labels),
     }
-    if args.protocol == "knn":
-        result["top1"] = knn_accuracy(
-            train_feats, train_labels, val_feats, val_labels, k=args.k, temperature=args.temperature
-        )
-        result.update({"k": args.k, "temperature": args.temperature})
-    else:
-        result.update(linear_probe(train_feats, train_labels, val_feats, val_labels, epochs=args.epochs))
+
+
+def _print_result(args: argparse.Namespace, result: dict, settings: str) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        extra = (
-            f"k={args.k} T={args.temperature}"
-            if args.protocol == "knn"
-            else f"lr={result['lr']} wd={result['weight_decay']}"
-        )
         print(
-            f"{args.protocol} top-1 {100 * result['top1']:.2f}% ({extra}, pool {args.pool}, layer {result['layer']}, {size}px, "
-            f"{result['train_samples']} train / {result['val_samples']} val) {args.model}"
+            f"{args.protocol} top-1 {100 * result['top1']:.2f}% ({settings}, pool {args.pool}, layer {result['layer']}, "
+            f"{result['image_size']}px, {result['train_samples']} train / {result['val_samples']} val) {args.model}"
         )
     return 0
 
 
-def register(subparsers) -> None:
-    from mimscale.eval.finetune import add_arguments as add_finetune_arguments
+def run_knn(args: argparse.Namespace) -> int:
+    """`mimscale eval knn`: weighted kNN top-1 of frozen features."""
+    torch.manual_seed(0)
+    (train_feats, train_labels), (val_feats, val_labels), size = _features_for(args)
+    result = _result(args, size, train_labels, val_labels)
+    result["top1"] = knn_accuracy(
+        train_feats, train_labels, val_feats, val_labels, k=args.k, temperature=args.temperature
+    )
+    result.update({"k": args.k, "temperature": args.temperature})
+    return _print_result(args, result, f"k={args.k} T={args.temperature}")
 
-    parser = subparsers.add_parser("eval", help="kNN / linear-probe accuracy of frozen features, or fine-tuning")
-    parser.add_argument(
-        "protocol",
-        choices=("knn", "linear", "finetune"),
-        help="knn (DINO weighted kNN), linear (probe) or finetune (end to end, layer-wise lr decay)",
-    )
-    parser.add_argument(
-        "--model", required=True, help="exported folder, run/checkpoint folder, or random:<config.yaml | run folder>"
-    )
-    parser.add_argument("--train", required=True, help="labelled training shards (folder, glob or brace pattern)")
-    parser.add_argument("--val", required=True, help="labelled validation shards")
-    parser.add_argument("--pool", choices=("cls", "mean"), default="cls", help="feature pooling (Swin: always mean)")
-    parser.add_argument(
-        "--layer",
-        type=int,
-        help="features of this ViT block / Swin stage (1-based; -1 = last, before the final norm); default: final",
-    )
-    parser.add_argument("--image-size", type=int, default=0, help="input side; default: the model's training size")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override for a random:<config> model"
-    )
-    parser.add_argument("--k", type=int, default=20, help="kNN neighbours")
-    parser.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature")
-    parser.add_argument(
-        "--epochs", type=int, default=100, help="linear-probe epochs per grid point; finetune epochs without --steps"
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON line instead of text")
-    add_finetune_arguments(parser)
-    parser.set_defaults(func=run_eval)
+
+def run_linear(args: argparse.Namespace) -> int:
+    """`mimscale eval linear`: the best linear-probe top-1 of frozen features over the lr x weight-decay grid."""
+    torch.manual_seed(0)
+    (train_feats, train_labels), (val_feats, val_labels), size = _features_for(args)
+    result = _result(args, size, train_labels, val_labels)
+    result.update(linear_probe(train_feats, train_labels, val_feats, val_labels, epochs=args.epochs))
+    return _print_result(args, result, f"lr={result['lr']} wd={result['weight_decay']}")

@@ -14,7 +14,8 @@ in ``methods/components.py`` (``LOSSES``, ``TARGET_NORMS``) and ``pipeline/maski
 checks that the choice fits its target (a regression loss for regression targets, a pixel or feature norm). The
 head is the method's own (it is fixed by the target: pixels on the student's grid, teacher width, ...).
 
-A new method is its own file (a ``MIMMethod`` subclass and a builder) plus one entry in ``PRESETS``: the loop, the
+A new method is its own file (a ``MIMMethod`` subclass and a builder) plus one entry in ``PRESETS``
+(``mimscale/presets.py``, plain data that config.py reads to check ``method.name``): the loop, the
 planner, FLOP counting and export read everything else from the method object.
 """
 
@@ -23,76 +24,19 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from mimscale.config import Config, ConfigError
+from mimscale.config import Config, ConfigError, check_method_choice
 from mimscale.methods.base import MIMMethod
 from mimscale.models.students import build_student
 from mimscale.pipeline.masking import MASK_KINDS
+from mimscale.presets import PRESETS, Preset
 
-__all__ = ["MIMMethod", "PRESETS", "Preset", "build_method", "check_method_config", "resolve_preset"]
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A method's builder and default components.
-
-    ``build``: ``"module:function"`` (imported when used) or the function itself, called as
-    ``build(cfg, preset, student)`` with the resolved preset. ``needs_teacher``: the config must name a frozen
-    teacher. ``own_mask_kinds``: mask kinds the method makes itself from the batch (beyond the data's).
-    """
-
-    build: str | Callable
-    loss: str
-    target_norm: str
-    mask_kind: str
-    teacher_output: str = "block"
-    needs_teacher: bool = False
-    own_mask_kinds: tuple[str, ...] = ()
-
-
-PRESETS: dict[str, Preset] = {
-    "simmim": Preset("mimscale.methods.simmim:build_simmim", loss="l1", target_norm="none", mask_kind="random_cells"),
-    "maskdistill": Preset(
-        "mimscale.methods.maskdistill:build_maskdistill",
-        loss="smooth_l1",
-        target_norm="layernorm",
-        mask_kind="blockwise",
-        teacher_output="projected",
-        needs_teacher=True,
-    ),
-    "maskalign": Preset(
-        "mimscale.methods.maskalign:build_maskalign",
-        loss="smooth_l1",
-        target_norm="layernorm",
-        mask_kind="random_tokens",
-        needs_teacher=True,
-        own_mask_kinds=("attention_guided",),
-    ),
-    "relaxmim": Preset(
-        "mimscale.methods.relaxmim:build_relaxmim", loss="infonce", target_norm="none", mask_kind="random_tokens"
-    ),
-    "patch_content_nce": Preset(
-        "mimscale.methods.patch_content_nce:build_patch_content_nce",
-        loss="infonce",
-        target_norm="none",
-        mask_kind="random_tokens",
-    ),
-    "mae": Preset("mimscale.methods.mae:build_mae", loss="mse", target_norm="patch_pixel", mask_kind="random_tokens"),
-}
-
-
-def check_method_config(cfg: Config) -> None:
-    """Config-time checks (called by config.validate): a known preset, and a teacher where the preset needs one."""
-    if cfg.method.name not in PRESETS:
-        raise ConfigError(f"method.name={cfg.method.name!r} is not valid; choose one of {', '.join(PRESETS)}")
-    if PRESETS[cfg.method.name].needs_teacher and cfg.teacher.kind == "none":
-        raise ConfigError(f"method.name={cfg.method.name} needs a teacher: set teacher.kind to open_clip or timm")
+__all__ = ["MIMMethod", "PRESETS", "Preset", "build_method", "resolve_preset"]
 
 
 def resolve_preset(cfg: Config) -> Preset:
     """The preset with the config's overrides applied ("auto" keeps the preset's choice)."""
-    check_method_config(cfg)
+    check_method_choice(cfg)  # again: a config may be changed after loading
     preset = PRESETS[cfg.method.name]
     mask_kind = preset.mask_kind if cfg.mask.kind == "auto" else cfg.mask.kind
     allowed_masks = MASK_KINDS + preset.own_mask_kinds

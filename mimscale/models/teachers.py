@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimscale.config import ConfigError, DataConfig, TeacherConfig
+from mimscale.models.teacher_kinds import TEACHER_KINDS
 
 OUTPUTS = ("block", "norm", "projected")
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".npz", ".ckpt")
@@ -422,8 +423,14 @@ def build_teacher(cfg: TeacherConfig, output: str, data: DataConfig) -> FrozenTe
     """Build the frozen teacher the config names (``output``: block, norm or projected tokens)."""
     if not cfg.name:
         raise ConfigError(f"teacher.kind={cfg.kind} needs teacher.name (e.g. ViT-B-16 for open_clip)")
-    if cfg.kind == "open_clip":
-        return OpenClipTeacher(load_open_clip_visual(cfg), cfg, output, data)
-    if cfg.kind == "timm":
-        return TimmTeacher(load_timm_teacher(cfg), cfg, output, data)
-    raise ConfigError(f"teacher.kind={cfg.kind!r} has no teacher; set open_clip or timm")
+    if cfg.kind not in TEACHER_LOADERS:
+        raise ConfigError(f"teacher.kind={cfg.kind!r} has no teacher; set one of {', '.join(TEACHER_LOADERS)}")
+    load, teacher = TEACHER_LOADERS[cfg.kind]
+    return teacher(load(cfg), cfg, output, data)
+
+
+TEACHER_LOADERS = {"open_clip": (load_open_clip_visual, OpenClipTeacher), "timm": (load_timm_teacher, TimmTeacher)}
+if set(TEACHER_LOADERS) != set(TEACHER_KINDS) - {"none"}:  # the config's list is this table's keys
+    raise ImportError(
+        f"models/teacher_kinds.py lists {TEACHER_KINDS}, models/teachers.py builds {set(TEACHER_LOADERS)}"
+    )

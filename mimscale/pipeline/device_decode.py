@@ -40,7 +40,6 @@ import torch.nn.functional as F
 
 from mimscale.shards.images import BadImage, open_image
 
-DECODE_MODES = ("worker", "device")
 ENCODED_KEYS = ("encoded", "encoded_offsets", "deferred_rows", "crop_box", "flip")
 
 
@@ -186,16 +185,21 @@ class DeviceDecoder:
             _decode_jpegs(payloads, self.device, "torchvision")
         except Exception:  # noqa: BLE001 - then the images themselves are bad: keep torchcodec
             return False
-        print(f"mimscale data: torchcodec failed on a whole batch ({self._last_error}); decoding with torchvision "
-              "from now on", file=sys.stderr)  # fmt: skip
+        print(
+            f"mimscale data: torchcodec failed on a whole batch ({self._last_error}); decoding with torchvision "
+            "from now on",
+            file=sys.stderr,
+        )
         self.backend = "torchvision"
         return True
 
     def _report(self, err: Exception) -> None:
         self.failures += 1
         if self._reported < 5:
-            print(f"mimscale data: device decode failed, replacing the image ({type(err).__name__}: {err})",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"mimscale data: device decode failed, replacing the image ({type(err).__name__}: {err})",
+                file=sys.stderr,
+            )
             self._reported += 1
 
     def __call__(self, batch: dict) -> dict:
@@ -257,8 +261,9 @@ class DeviceDecodedStream:
     def _snapshot(self) -> tuple[dict, int]:
         return self.stream.state_dict(), int(getattr(self.stream, "corrupt_count", 0))
 
-    def _produce(self, first: tuple, source: Iterator[dict], ready: queue.Queue, stop: threading.Event,
-                 side_stream) -> None:  # fmt: skip
+    def _produce(
+        self, first: tuple, source: Iterator[dict], ready: queue.Queue, stop: threading.Event, side_stream
+    ) -> None:
         """Producer thread: decode batch after batch; hand (batch, ready event, stream state, corrupt) over."""
         try:
             (batch, snapshot), sentinel = first, object()
@@ -289,8 +294,12 @@ class DeviceDecodedStream:
             first = (next(source), self._snapshot())
         except StopIteration:
             return
-        thread = threading.Thread(target=self._produce, args=(first, source, ready, stop, side_stream), daemon=True,
-                                  name="mimscale-device-decode")  # fmt: skip
+        thread = threading.Thread(
+            target=self._produce,
+            args=(first, source, ready, stop, side_stream),
+            daemon=True,
+            name="mimscale-device-decode",
+        )
         thread.start()
         try:
             while True:

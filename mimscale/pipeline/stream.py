@@ -1,7 +1,7 @@
 """The resumable training stream: exact data position, independent of world size and worker count, read locally.
 
-Shards are indexed once (data/index.py: samples.idx, memory-mapped, O(shards) at start-up). The order of an
-epoch comes from data/order.py: a keyed shard permutation cut into C canonical streams (``data.streams``, fixed
+Shards are opened and indexed once (shards/sets.py, shards/index.py: samples.idx, memory-mapped, O(shards) at start-up). The order of an
+epoch comes from pipeline/order.py: a keyed shard permutation cut into C canonical streams (``data.streams``, fixed
 when the run starts), samples shuffled within windows of ``data.shuffle_window`` shards; it depends only on
 (seed, epoch, C, window, the shard set). Global micro-batch m takes g = G/C samples from each stream and rank r
 takes the r-th slice of B, so with W dividing C a rank reads only its own streams' shards, a window at a time.
@@ -26,171 +26,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from mimscale.config import Config
 from mimscale.pipeline.device_decode import DeferredCrop, DeferredRows
 from mimscale.pipeline.order import EpochPlan, arrangement
-from mimscale.pipeline.transforms import eval_transform, normalise_batch, train_crop, train_crop_or_defer, write_chw
-from mimscale.shards.format import ShardError, dataset_fingerprint, expand_shards
+from mimscale.pipeline.transforms import eval_transform, normalise_batch, train_crop, write_chw
+from mimscale.shards.format import ShardError
 from mimscale.shards.images import BadImage
-from mimscale.shards.index import BLOCK, SetIndex, folder_index, remote_folder_index
-from mimscale.storage import remote, shard_cache
+from mimscale.shards.sets import ShardTable, open_shard_set
 
 MAX_CONSECUTIVE_CORRUPT = 64
-MAX_OPEN_SHARDS = 64
 STATE_VERSION = 2
-
-
-class ShardTable:
-    """A shard set as per-shard arrays (O(shards) memory); each shard's sample rows come from its index file.
-
-    Remote shards are read through the node's ShardCache (data/shard_cache.py): a shard is pinned while this process
-    reads it, ``prefetch`` fetches the next window's shards ahead, and ``release`` unpins the ones left behind.
-    """
-
-    def __init__(self, locations: list[str], indexes: list[SetIndex], numbers: list[tuple[int, int]], cache=None):
-        self.locations = locations
-        self.indexes = indexes
-        self.set_of = np.asarray([id_ for id_, _ in numbers], dtype=np.int32)
-        self.number_in_set = np.asarray([n for _, n in numbers], dtype=np.int64)
-        self.counts = np.asarray([indexes[i].counts[n] for i, n in numbers], dtype=np.int64)
-        self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
-        self.fingerprint = dataset_fingerprint([os.path.basename(loc) for loc in locations], self.counts)
-        self.cache = cache
-        self._handles: dict[int, object] = {}
-        self._pinned: dict[int, str] = {}
-        if cache is not None:  # downloads are checked against the indexed size
-            for shard, location in enumerate(locations):
-                if not remote.is_local(location):
-                    cache.expect(location, int(self.shard_bytes(shard)))
-
-    def shard_bytes(self, shard: int) -> int:
-        return int(self.indexes[self.set_of[shard]].shard_bytes[self.number_in_set[shard]])
-
-    def __len__(self) -> int:
-        return int(self.starts[-1])
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_handles"], state["_pinned"] = {}, {}  # open files and pins do not travel to workers
-        return state
-
-    def _local_path(self, shard: int) -> str:
-        """The one place shard access goes through: local paths as they are, remote ones via the node cache."""
-        location = self.locations[shard]
-        if self.cache is None or remote.is_local(location):
-            return location
-        if shard not in self._pinned:
-            self._pinned[shard] = str(self.cache.local_path(location))
-        return self._pinned[shard]
-
-    def prefetch(self, shards) -> None:
-        if self.cache is not None:
-            self.cache.prefetch(self.locations[int(shard)] for shard in shards)
-
-    def release_except(self, keep: set[int]) -> None:
-        """Close and unpin every shard this process holds except ``keep`` (the windows being read and the next)."""
-        for shard in [shard for shard in self._handles if shard not in keep]:
-            self._handles.pop(shard).close()
-        for shard in [shard for shard in self._pinned if shard not in keep]:
-            del self._pinned[shard]
-            self.cache.release(self.locations[shard])
-
-    def locate(self, sample_id: int) -> tuple[int, np.void]:
-        """(shard number, the sample's index row: block, size, label)."""
-        shard = int(np.searchsorted(self.starts, sample_id, "right")) - 1
-        rows = self.indexes[self.set_of[shard]].shard_rows(int(self.number_in_set[shard]))
-        return shard, rows[sample_id - int(self.starts[shard])]
-
-    def label(self, sample_id: int) -> int:
-        return int(self.locate(sample_id)[1]["label"])
-
-    def describe(self, sample_id: int) -> str:
-        shard, row = self.locate(sample_id)
-        where = f"shard {self.locations[shard]} sample #{sample_id - int(self.starts[shard])}"
-        try:  # the member's own tar header sits right before its data
-            handle = self._handle(shard)
-            handle.seek((int(row["block"]) - 1) * BLOCK)
-            name = handle.read(100).split(b"\0", 1)[0].decode("utf-8", "replace")
-            return f"{where} ({name})" if name else where
-        except (BadImage, OSError):
-            return where
-
-    def _handle(self, shard: int):
-        handle = self._handles.get(shard)
-        if handle is None:
-            if len(self._handles) >= MAX_OPEN_SHARDS:
-                self._handles.pop(next(iter(self._handles))).close()
-            try:
-                handle = open(self._local_path(shard), "rb")
-            except OSError as err:
-                raise BadImage("unreadable_shard", str(err)) from err
-            size = os.fstat(handle.fileno()).st_size
-            if size != self.shard_bytes(shard):
-                handle.close()
-                raise ShardError(
-                    f"shard {self.locations[shard]} is {size} bytes but its index says {self.shard_bytes(shard)}: it "
-                    "changed after it was indexed; run `mimscale shards index` on its folder (or restore the shard)"
-                )
-            self._handles[shard] = handle
-        return handle
-
-    def read(self, sample_id: int) -> bytes:
-        """The encoded image bytes of one sample (BadImage if the shard is shorter than its index says)."""
-        return self.read_labelled(sample_id)[0]
-
-    def read_labelled(self, sample_id: int) -> tuple[bytes, int]:
-        """(encoded image bytes, label) of one sample, with one index lookup."""
-        shard, row = self.locate(sample_id)
-        block, size, label = row.item()
-        handle = self._handle(shard)
-        handle.seek(block * BLOCK)
-        payload = handle.read(size)
-        if len(payload) != size:
-            raise BadImage("truncated", f"{len(payload)} of {size} bytes")
-        return payload, label
-
-
-def _expand(pattern: str, key: str) -> list[str]:
-    """Shard locations: local paths (expand_shards), or URLs and file:// through data/remote.py."""
-    if not any(remote.is_url(part.strip()) for part in pattern.split("::")):
-        return [str(path) for path in expand_shards(pattern, key=key)]
-    try:
-        return remote.expand(pattern, key)
-    except remote.RemoteError as err:
-        raise ShardError(str(err)) from err
-
-
-def _folder(location: str) -> str:
-    """The folder (or URL prefix) whose samples.idx indexes a shard; '.' for a bare file name."""
-    return (os.path.dirname(location) or ".") if remote.is_local(location) else location.rpartition("/")[0]
-
-
-def load_table(pattern: str, key: str, *, cache_dir: str | None = None, data_cfg=None) -> ShardTable:
-    """The shard set of a pattern with its index: samples.idx beside the shards or cached, else built once.
-
-    Remote sets get a node-local ShardCache (from ``data_cfg``'s data.cache_* keys, or the defaults).
-    """
-    locations = _expand(pattern, key)
-    folders: dict[str, list[str]] = {}
-    for location in locations:
-        folders.setdefault(_folder(location), []).append(os.path.basename(location))
-    cache = None
-    if not all(remote.is_local(location) for location in locations):
-        cache = shard_cache.ShardCache.from_config(data_cfg) if data_cfg is not None else shard_cache.ShardCache(
-            os.path.join(shard_cache.cache_dir_for(cache_dir or ""), "shards"), 20 * 10**9)  # fmt: skip
-        cache_dir = shard_cache.cache_dir_for(cache_dir or "")  # indexes of remote sets: <cache_dir>/index
-    sets = [
-        folder_index(folder, names, cache_dir=cache_dir)
-        if remote.is_local(folder)
-        else remote_folder_index(folder, names, cache, cache_dir=cache_dir)
-        for folder, names in folders.items()
-    ]
-    set_number = {folder: number for number, folder in enumerate(folders)}
-    numbers = [(set_number[_folder(loc)], sets[set_number[_folder(loc)]].position[os.path.basename(loc)])
-               for loc in locations]  # fmt: skip
-    table = ShardTable(locations, sets, numbers, cache=cache)
-    if cache is not None:
-        shard_cache.expect_checksums(cache, locations)  # the manifest's sha256s, where a folder has a manifest
-    if len(table) == 0:
-        raise ShardError(f"{key}={pattern!r}: the {len(locations)} shard(s) hold no image samples (.jpg/.png/.webp)")
-    return table
 
 
 @dataclass(frozen=True)
@@ -220,14 +62,25 @@ class AugmentSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     uint8: bool = False  # hand uint8 pixels to the main process; the engine normalises on the device
-    decode: str = "worker"  # "device": JPEGs travel encoded, the main process decodes them (data/device_decode.py)
+    decode: str = "worker"  # "device": JPEGs travel encoded, the main process decodes them (pipeline/device_decode.py)
 
 
 class _TrainBatches(IterableDataset):
     """Runs in each DataLoader worker: builds this rank's slice of every num_workers-th global micro-batch."""
 
-    def __init__(self, table: ShardTable, schedule: Schedule, spec: AugmentSpec, *, rank: int, batch_size: int,
-                 seed: int, streams: int, window: int, mask_generator):  # fmt: skip
+    def __init__(
+        self,
+        table: ShardTable,
+        schedule: Schedule,
+        spec: AugmentSpec,
+        *,
+        rank: int,
+        batch_size: int,
+        seed: int,
+        streams: int,
+        window: int,
+        mask_generator,
+    ):
         self.table, self.schedule, self.spec = table, schedule, spec
         self.rank, self.batch_size, self.seed, self.mask_generator = rank, batch_size, seed, mask_generator
         self.streams, self.window = streams, window
@@ -262,9 +115,15 @@ class _TrainBatches(IterableDataset):
             sample_id = plan.sample(stream, (position + step) % plan.stream_length) if step else planned
             try:
                 payload, label = self.table.read_labelled(sample_id)
-                crop = train_crop_or_defer if spec.decode == "device" else train_crop
-                image, flip = crop(payload, size=spec.size, scale=spec.scale, ratio=spec.ratio,
-                                   hflip=spec.hflip, rng=rng)  # fmt: skip
+                image, flip = train_crop(
+                    payload,
+                    size=spec.size,
+                    scale=spec.scale,
+                    ratio=spec.ratio,
+                    hflip=spec.hflip,
+                    rng=rng,
+                    defer=spec.decode == "device",
+                )
             except BadImage as err:
                 self._report(sample_id, err)
                 continue
@@ -339,18 +198,33 @@ class TrainStream:
     ``streams`` is C, fixed when the run starts (``data.streams``, or the world size then) and kept by resumes.
     """
 
-    def __init__(self, cfg: Config, table: ShardTable, *, rank: int, world_size: int, mask_generator,
-                 streams: int, normalise_on_device: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        cfg: Config,
+        table: ShardTable,
+        *,
+        rank: int,
+        world_size: int,
+        mask_generator,
+        streams: int,
+        normalise_on_device: bool = False,
+    ):
         self.table, self.rank, self.world_size = table, rank, world_size
         self.batch_size, self.seed = cfg.data.batch_size, cfg.run.seed
         self.global_batch = self.batch_size * world_size
         self.streams, self.window = streams, cfg.data.shuffle_window
         self.num_workers, self.pin_memory = cfg.data.num_workers, cfg.data.pin_memory and torch.cuda.is_available()
         self.mask_generator = mask_generator
-        self.spec = AugmentSpec(cfg.data.image_size, tuple(cfg.data.crop_scale), tuple(cfg.data.crop_ratio),
-                                cfg.data.hflip, tuple(cfg.data.mean), tuple(cfg.data.std),
-                                uint8=normalise_on_device or cfg.data.decode == "device",
-                                decode=cfg.data.decode)  # fmt: skip
+        self.spec = AugmentSpec(
+            cfg.data.image_size,
+            tuple(cfg.data.crop_scale),
+            tuple(cfg.data.crop_ratio),
+            cfg.data.hflip,
+            tuple(cfg.data.mean),
+            tuple(cfg.data.std),
+            uint8=normalise_on_device or cfg.data.decode == "device",
+            decode=cfg.data.decode,
+        )
         self.num_samples = len(table)
         if self.global_batch % streams:
             raise ShardError(
@@ -389,8 +263,14 @@ class TrainStream:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved position; a state from other data, seed, streams or window is a clear error."""
-        check_resumable(state, fingerprint=self.table.fingerprint, num_samples=self.num_samples, seed=self.seed,
-                        streams=self.streams, window=self.window)  # fmt: skip
+        check_resumable(
+            state,
+            fingerprint=self.table.fingerprint,
+            num_samples=self.num_samples,
+            seed=self.seed,
+            streams=self.streams,
+            window=self.window,
+        )
         epoch, consumed = int(state["epoch"]), int(state["consumed"])
         if not 0 <= consumed <= self.num_samples or consumed % self.streams:
             raise ShardError(f"data state consumed={consumed} does not fit {self.streams} streams of this data set")
@@ -404,18 +284,31 @@ class TrainStream:
         return Schedule(self.stream_length, self.per_stream, self.epoch, self.position)
 
     def _loader(self) -> DataLoader:
-        dataset = _TrainBatches(self.table, self._schedule(), self.spec, rank=self.rank, batch_size=self.batch_size,
-                                seed=self.seed, streams=self.streams, window=self.window,
-                                mask_generator=self.mask_generator)  # fmt: skip
+        dataset = _TrainBatches(
+            self.table,
+            self._schedule(),
+            self.spec,
+            rank=self.rank,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            streams=self.streams,
+            window=self.window,
+            mask_generator=self.mask_generator,
+        )
         workers = self.num_workers
-        return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
-                          prefetch_factor=2 if workers else None, persistent_workers=False)  # fmt: skip
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=2 if workers else None,
+            persistent_workers=False,
+        )
 
     def _fetch_first_windows(self) -> None:
         """Remote shards: fetch this rank's current and next windows from the main process while workers start (after
         they forked: a fork while a download thread runs could copy a held lock into the worker)."""
-        plan = EpochPlan(self.table.counts, seed=self.seed, epoch=self.epoch, streams=self.streams,
-                         window=self.window)  # fmt: skip
+        plan = EpochPlan(self.table.counts, seed=self.seed, epoch=self.epoch, streams=self.streams, window=self.window)
         rows = (self.rank * self.batch_size, (self.rank + 1) * self.batch_size - 1)
         first, last = (arrangement(row, self.global_batch, self.streams)[0] for row in rows)
         for stream in range(first, last + 1):
@@ -492,11 +385,18 @@ def build_train_loader(
     streams = cfg.data.streams or world_size  # a fresh run with data.streams=0: one stream per rank
     if state and cfg.data.streams == 0 and "streams" in state:
         streams = int(state["streams"])  # fixed at the run's start
-    table = load_table(cfg.data.shards, "data.shards", cache_dir=cfg.data.cache_dir or None, data_cfg=cfg.data)
+    table = open_shard_set(cfg.data.shards, "data.shards", data_cfg=cfg.data)
     if table.cache is not None:
         _check_cache_room(table, cfg, streams, world_size)
-    stream = TrainStream(cfg, table, rank=rank, world_size=world_size, mask_generator=mask_generator,
-                         streams=streams, normalise_on_device=normalise_on_device)  # fmt: skip
+    stream = TrainStream(
+        cfg,
+        table,
+        rank=rank,
+        world_size=world_size,
+        mask_generator=mask_generator,
+        streams=streams,
+        normalise_on_device=normalise_on_device,
+    )
     if state:
         stream.load_state_dict(state)
     return stream
@@ -508,8 +408,11 @@ def _check_cache_room(table: ShardTable, cfg: Config, streams: int, world_size: 
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     largest = max(table.shard_bytes(shard) for shard in range(len(table.locations)))
     need = local_ranks * per_rank * 2 * min(cfg.data.shuffle_window, len(table.locations)) * largest
-    table.cache.check_window(need, f"2 windows of data.shuffle_window={cfg.data.shuffle_window} shards x {per_rank} "
-                                   f"stream(s) x {local_ranks} rank(s) on this node")  # fmt: skip
+    table.cache.check_window(
+        need,
+        f"2 windows of data.shuffle_window={cfg.data.shuffle_window} shards x {per_rank} "
+        f"stream(s) x {local_ranks} rank(s) on this node",
+    )
 
 
 class _EvalBatches(IterableDataset):
@@ -560,7 +463,7 @@ def iter_eval_batches(
     samples are skipped with a message. ``key`` names the config key in errors (e.g. eval.val_shards).
     Remote shards go through the node cache of ``data_cfg`` (a DataConfig; the defaults when None).
     """
-    table = load_table(pattern, key, cache_dir=(data_cfg.cache_dir or None) if data_cfg else None, data_cfg=data_cfg)
+    table = open_shard_set(pattern, key, data_cfg=data_cfg)
     dataset = _EvalBatches(table, image_size=image_size, batch_size=batch_size, mean=list(mean), std=list(std))
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers)
     for images, labels in loader:

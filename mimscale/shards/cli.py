@@ -2,27 +2,36 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import shlex
 import sys
-import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mimscale.config import DataConfig
 from mimscale.shards.format import (
     IMAGE_EXTS,
     LABEL_EXTS,
     MANIFEST_NAME,
     ShardError,
+    TarWalk,
     file_sha256,
     load_manifest,
+    load_remote_manifest,
+    parse_label,
     split_key,
 )
 from mimscale.shards.images import BadImage, decode_rgb
+from mimscale.shards.index import INDEX_NAME, SetIndex, scan_tar
+from mimscale.shards.sets import expand_locations, open_shard_set, shard_folders
+from mimscale.storage import remote
+from mimscale.storage.shard_cache import ShardCache
 
 MAX_LISTED_PROBLEMS = 50
 
@@ -34,26 +43,31 @@ def _read_members(path: Path, problems: list[str], name: str) -> int:
     """Read and decode every member; returns the number of samples with an image. Problems are appended."""
     keys: set[str] = set()
     try:
-        with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
+        with remote.open_regular(path) as handle:
+            walk = TarWalk(handle, os.fstat(handle.fileno()).st_size)
+            for member in walk:
                 key, ext = split_key(member.name)
-                data = tar.extractfile(member).read()
-                if ext in IMAGE_EXTS:
-                    try:
-                        decode_rgb(data, exif=False)
-                        keys.add(key)
-                    except BadImage as err:
-                        problems.append(f"{name}: member {member.name}: corrupt image ({err})")
-                elif ext in LABEL_EXTS and not data.decode("utf-8", "replace").strip().lstrip("-").isdigit():
-                    problems.append(f"{name}: member {member.name}: label is not an integer: {data[:20]!r}")
-            end = tar.offset
-            raw.seek(end)
-            if raw.read().strip(b"\0"):
-                problems.append(f"{name}: unreadable data after byte {end} (corrupt member header?)")
-    except (tarfile.TarError, OSError, EOFError) as err:
-        problems.append(f"{name}: truncated or corrupt tar ({type(err).__name__}: {err})")
+                if not member.is_regular or (ext not in IMAGE_EXTS and ext not in LABEL_EXTS):
+                    continue
+                handle.seek(member.data)
+                data = handle.read(member.size)
+                if ext in LABEL_EXTS:
+                    if parse_label(data) == -1 and data.strip() != b"-1":
+                        problems.append(f"{name}: member {member.name}: label is not an integer: {data[:20]!r}")
+                    continue
+                try:
+                    decode_rgb(data, exif=False)
+                    keys.add(key)
+                except BadImage as err:
+                    problems.append(f"{name}: member {member.name}: corrupt image ({err})")
+            if walk.damage:
+                problems.append(f"{name}: truncated or corrupt tar ({walk.damage})")
+            else:
+                handle.seek(walk.end)
+                if handle.read().strip(b"\0"):
+                    problems.append(f"{name}: unreadable data after byte {walk.end} (corrupt member header?)")
+    except (OSError, remote.RemoteError) as err:
+        problems.append(f"{name}: unreadable ({type(err).__name__}: {err})")
     return len(keys)
 
 
@@ -61,8 +75,6 @@ def verify_shard(path: Path, entry: dict | None, index=None, name: str = "") -> 
     """Check one shard against its manifest entry (size, sha256, sample count) and its samples.idx rows, and
     decode every image. Returns (samples, problems, notes); a shard without a usable sample is a problem.
     ``name`` is the shard's name in the set when the file is a cached copy under another name."""
-    from mimscale.shards.index import scan_tar
-
     name = name or path.name
     problems: list[str] = []
     if entry is not None:
@@ -82,9 +94,11 @@ def verify_shard(path: Path, entry: dict | None, index=None, name: str = "") -> 
     scan.name = name
     notes = []
     if scan.unusable:
-        notes.append(f"{name}: {scan.unusable} sample(s) without an image member, skipped: "
-                     f"{', '.join(scan.unusable_examples)} (a WebDataset key ends at the first dot of the file "
-                     "name: rename img.0001.jpg to img_0001.jpg)")  # fmt: skip
+        notes.append(
+            f"{name}: {scan.unusable} sample(s) without an image member, skipped: "
+            f"{', '.join(scan.unusable_examples)} (a WebDataset key ends at the first dot of the file "
+            "name: rename img.0001.jpg to img_0001.jpg)"
+        )
     if len(scan.rows) == 0:
         problems.append(f"{name}: no usable sample (an image member per key: <key>.jpg|png|webp)")
     if index is not None:
@@ -102,14 +116,14 @@ def _index_problems(index, scan) -> list[str]:
     except ShardError as err:
         return [str(err)]
     if int(index.shard_bytes[number]) != scan.bytes or not np.array_equal(rows, scan.rows):
-        return [f"{scan.name}: its rows in {index.path.name} differ from the tar (stale index); rebuild it with "
-                "`mimscale shards index`"]  # fmt: skip
+        return [
+            f"{scan.name}: its rows in {index.path.name} differ from the tar (stale index); rebuild it with "
+            "`mimscale shards index`"
+        ]
     return []
 
 
 def _folder_set_index(folder: Path, problems: list[str]):
-    from mimscale.shards.index import INDEX_NAME, SetIndex
-
     if not (folder / INDEX_NAME).is_file():
         return None
     try:
@@ -150,16 +164,11 @@ def verify_folder(folder: Path) -> tuple[int, int, list[str]]:
 
 def _remote_spec(spec: str) -> bool:
     """A shard spec read through the node cache (URLs other than file://)."""
-    from mimscale.storage import remote
-
     return remote.is_url(spec) and remote.scheme_of(spec.split("::")[0].strip()) != "file"
 
 
 def _remote_set_index(folder: str, cache, problems: list[str]):
     """The samples.idx published beside remote shards, or None when there is none."""
-    from mimscale.shards.index import INDEX_NAME, SetIndex
-    from mimscale.storage import remote
-
     try:
         return SetIndex(cache.local_path(f"{folder}/{INDEX_NAME}"))
     except remote.RemoteNotFound:
@@ -174,13 +183,7 @@ def verify_remote(spec: str, cache) -> tuple[int, int, list[str], bool]:
     is (not checked on the way, so that a damaged copy is reported rather than refused), verified, then dropped."""
     from tqdm import tqdm
 
-    from mimscale.shards.format import load_remote_manifest
-    from mimscale.storage import remote
-
-    folders: dict[str, list[str]] = {}
-    for location in remote.expand(spec, "OUT"):
-        folder, name = remote.folder_of(location)
-        folders.setdefault(folder, []).append(name)
+    folders = shard_folders(expand_locations(spec, "OUT"))
     shards, samples, problems, notes, manifests = 0, 0, [], [], 0
     for folder, names in folders.items():
         manifest = load_remote_manifest(folder)
@@ -209,10 +212,7 @@ def verify_remote(spec: str, cache) -> tuple[int, int, list[str], bool]:
 
 def cmd_verify(args) -> int:
     if _remote_spec(args.out):
-        from mimscale.storage import shard_cache
-
-        base = shard_cache.cache_dir_for(args.cache)
-        cache = shard_cache.ShardCache(os.path.join(base, "shards"), int(args.cache_limit_gb * 1e9))
+        cache = ShardCache.from_config(DataConfig(cache_dir=args.cache, cache_limit_gb=args.cache_limit_gb))
         try:
             shards, samples, problems, has_manifest = verify_remote(args.out, cache)
         finally:
@@ -221,8 +221,10 @@ def cmd_verify(args) -> int:
     else:
         folder = Path(args.out)
         if not folder.is_dir():
-            raise ShardError(f"{folder} is not a folder; pass the shard folder (the OUT of `mimscale shards create`) "
-                             "or a URL pattern")  # fmt: skip
+            raise ShardError(
+                f"{folder} is not a folder; pass the shard folder (the OUT of `mimscale shards create`) "
+                "or a URL pattern"
+            )
         shards, samples, problems = verify_folder(folder)
         has_manifest, where = (folder / MANIFEST_NAME).is_file(), str(folder)
     if problems:
@@ -267,8 +269,6 @@ def contact_sheet(table, count: int, labels: list[str], thumb: int = 96) -> Imag
 
 def _class_names(folder: str, manifest: dict | None) -> list[str]:
     """Class names from the manifest, else from a classes.json beside the shards (local or remote)."""
-    from mimscale.storage import remote
-
     if manifest and manifest.get("classes"):
         return [str(name) for name in manifest["classes"]]
     location = f"{folder}/classes.json"
@@ -292,24 +292,20 @@ def _label_histogram(table) -> dict[int, int]:
 
 
 def cmd_inspect(args) -> int:
-    from mimscale.pipeline.stream import load_table
-    from mimscale.shards.format import load_remote_manifest
-    from mimscale.storage import remote
-
     folder = args.out
-    table = load_table(folder, "OUT", cache_dir=args.cache or None)
-    if _remote_spec(folder):
-        first = remote.folder_of(table.locations[0])[0]
-        manifest = load_remote_manifest(first)
-    else:
-        first = str(Path(table.locations[0]).parent)
-        manifest = load_manifest(first)
+    table = open_shard_set(folder, "OUT", data_cfg=DataConfig(cache_dir=args.cache))
+    first = table.folders[0]
+    manifest = load_remote_manifest(first) if _remote_spec(folder) else load_manifest(first)
     names = _class_names(first, manifest)
-    sizes = [index.shard_bytes[n] for index, n in zip(
-        (table.indexes[i] for i in table.set_of), table.number_in_set, strict=True)]  # fmt: skip
+    sizes = [
+        index.shard_bytes[n]
+        for index, n in zip((table.indexes[i] for i in table.set_of), table.number_in_set, strict=True)
+    ]
     unusable = [int(table.indexes[i].unusable[n]) for i, n in zip(table.set_of, table.number_in_set, strict=True)]
-    print(f"{folder}: {len(table.locations)} shards, {len(table)} samples, {sum(sizes) / 1e6:.1f} MB"
-          f"{'' if manifest else ' (no manifest: counts discovered from the tars)'}")  # fmt: skip
+    print(
+        f"{folder}: {len(table.locations)} shards, {len(table)} samples, {sum(sizes) / 1e6:.1f} MB"
+        f"{'' if manifest else ' (no manifest: counts discovered from the tars)'}"
+    )
     for location, count, nbytes, bad in zip(table.locations, table.counts, sizes, unusable, strict=True):
         extra = f"  {bad} unusable (no image member)" if bad else ""
         print(f"  {Path(location).name:<28} {count:>8} samples {nbytes / 1e6:>9.2f} MB{extra}")
@@ -330,8 +326,10 @@ def cmd_inspect(args) -> int:
         print(f"contact sheet of {min(args.count, len(table))} samples: {args.sheet}")
     empty = [Path(loc).name for loc, count in zip(table.locations, table.counts, strict=True) if count == 0]
     if empty:
-        print(f"FAILED: {len(empty)} shard(s) hold no usable sample: {', '.join(empty[:10])} (an image member per "
-              "key is needed; a WebDataset key ends at the first dot of the file name)")  # fmt: skip
+        print(
+            f"FAILED: {len(empty)} shard(s) hold no usable sample: {', '.join(empty[:10])} (an image member per "
+            "key is needed; a WebDataset key ends at the first dot of the file name)"
+        )
         return 1
     return 0
 
@@ -340,33 +338,34 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_index(args) -> int:
-    """Build (or bring up to date) the samples.idx of shard folders once, in parallel, before training."""
-    import time
+    """Build (or bring up to date) the samples.idx of shard folders once, in parallel, before training.
 
-    from mimscale.pipeline.stream import _expand, _folder
-    from mimscale.shards.index import REMOTE_SCAN_THREADS, folder_index, remote_folder_index
-    from mimscale.storage import remote, shard_cache
-
-    folders: dict[str, list[str]] = {}
-    for location in _expand(args.src, "SRC"):
-        folders.setdefault(_folder(location), []).append(location.rsplit("/", 1)[-1])
-    for folder, names in folders.items():
-        start = time.perf_counter()
-        if remote.is_local(folder):
-            index = folder_index(folder, names, cache_dir=args.cache or None, workers=args.workers or 1,
-                                 prefer_cache=bool(args.cache))  # fmt: skip
-        else:  # one download per shard into the node cache, then scanned; the index goes to the cache folder
-            base = shard_cache.cache_dir_for(args.cache)  # as training finds it with data.cache_dir=--cache
-            cache = shard_cache.ShardCache(os.path.join(base, "shards"), int(args.cache_limit_gb * 1e9))
-            index = remote_folder_index(folder, names, cache, cache_dir=base,
-                                        workers=args.workers or REMOTE_SCAN_THREADS)  # fmt: skip
-        elapsed = time.perf_counter() - start
-        size = index.path.stat().st_size
-        print(f"{folder}: {len(names)} shards, {index.num_samples} samples indexed in {elapsed:.1f} s -> "
-              f"{index.path} ({size / 1e6:.1f} MB, {size / max(1, index.num_samples):.1f} B/sample)")  # fmt: skip
+    The set is opened as training opens it (shards/sets.py), so the index lands where training looks: beside the
+    shards, or with --cache in DIR/index (data.cache_dir=DIR); URL sets always index into the cache."""
+    start = time.perf_counter()
+    data_cfg = DataConfig(cache_dir=args.cache, cache_limit_gb=args.cache_limit_gb)
+    table = open_shard_set(
+        args.src,
+        "SRC",
+        data_cfg=data_cfg,
+        index_workers=args.workers,
+        prefer_cache=bool(args.cache),
+        require_samples=False,
+    )
+    elapsed = time.perf_counter() - start
+    for number, (folder, index) in enumerate(zip(table.folders, table.indexes, strict=True)):
+        size, shards = index.path.stat().st_size, int((table.set_of == number).sum())
+        per_sample = size / max(1, index.num_samples)
+        print(
+            f"{folder}: {shards} shards, {index.num_samples} samples indexed -> {index.path} "
+            f"({size / 1e6:.1f} MB, {per_sample:.1f} B/sample)"
+        )
         skipped = int(index.unusable.sum())
         if skipped:
             print(f"  {skipped} sample(s) without an image member skipped (see the messages above)")
+    print(f"indexed in {elapsed:.1f} s")
+    if table.cache is not None:
+        table.cache.close()
     return 0
 
 
@@ -376,18 +375,7 @@ def cmd_index(args) -> int:
 def cmd_create(args) -> int:
     from mimscale.shards.create import CreateOptions, create_shards
 
-    opts = CreateOptions(
-        samples_per_shard=args.samples_per_shard,
-        max_bytes_per_shard=args.max_bytes_per_shard,
-        max_side=args.max_side,
-        format=args.format,
-        quality=args.quality,
-        shuffle_seed=args.shuffle_seed,
-        min_side=args.min_side,
-        max_pixels=args.max_pixels,
-        max_bytes=args.max_bytes,
-        prefix=args.prefix,
-    )
+    opts = CreateOptions(**{option.name: getattr(args, option.name) for option in dataclasses.fields(CreateOptions)})
     command = "mimscale " + " ".join(shlex.quote(arg) for arg in sys.argv[1:]) if args.record_argv else ""
     manifest = create_shards(args.src, args.out, opts, workers=args.workers, command=command)
     totals, rejects = manifest["totals"], manifest["rejects"]
@@ -419,7 +407,12 @@ def register(subparsers) -> None:
     verify = commands.add_parser("verify", help="re-read everything against manifest.json; exit 1 on problems")
     verify.add_argument("out", help="shard folder, or a URL pattern (each shard is downloaded once, then dropped)")
     verify.add_argument("--cache", default="", help="node cache folder for URL sets (as data.cache_dir)")
-    verify.add_argument("--cache-limit-gb", type=float, default=20.0, help="shard cache size while verifying URLs")
+    verify.add_argument(
+        "--cache-limit-gb",
+        type=float,
+        default=DataConfig().cache_limit_gb,
+        help="shard cache size while verifying URLs",
+    )
     verify.set_defaults(func=cmd_verify)
     inspect = commands.add_parser("inspect", help="counts, labels, sizes and a PNG contact sheet")
     inspect.add_argument("out", help="shard folder, pattern or URL pattern")
@@ -435,8 +428,13 @@ def register(subparsers) -> None:
         help="write the index into DIR/index (use data.cache_dir=DIR in training) "
         "instead of beside the shards; URL sets always index into the cache",
     )
-    index.add_argument("--workers", type=int, default=0,
-                       help="parallel processes scanning local tars (default 1), or downloads at once for URL sets "
-                            "(default 8)")  # fmt: skip
-    index.add_argument("--cache-limit-gb", type=float, default=20.0, help="shard cache size while indexing URLs")
+    index.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="parallel processes scanning local tars (default 1), or downloads at once for URL sets (default 8)",
+    )
+    index.add_argument(
+        "--cache-limit-gb", type=float, default=DataConfig().cache_limit_gb, help="shard cache size while indexing URLs"
+    )
     index.set_defaults(func=cmd_index)

@@ -22,30 +22,22 @@ import multiprocessing
 import os
 import shutil
 import sys
-import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from mimscale.shards.format import (
-    IMAGE_EXTS,
-    LABEL_EXTS,
-    MANIFEST_NAME,
-    ShardError,
-    image_size_stats,
-    split_key,
-    write_manifest,
-    write_shard,
-)
+from mimscale.shards.format import BLOCK, MANIFEST_NAME, ShardError
 from mimscale.shards.images import FORMAT_NAMES, BadImage, encode, open_image, to_rgb
+from mimscale.shards.index import scan_tar
+from mimscale.shards.writer import image_size_stats, write_manifest, write_shard
+from mimscale.storage.atomic import atomic_write
 from mimscale.storage.remote import NotRegularFile, RemoteError, RemoteNotFound, expand, is_url, open_regular
 
 SOURCE_IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 PROGRESS_DIR = ".create"
 LISTED_REJECTS = 1000
 CRASH_ENV = "MIMSCALE_CREATE_EXIT_AFTER_CHUNKS"  # fault injection for tests: os._exit after N chunks
-MAX_LABEL_BYTES = 32
 
 
 @dataclass(frozen=True)
@@ -151,44 +143,24 @@ def list_table(src: Path) -> tuple[list[Input], list[str]]:
     return items, named
 
 
-def _read_label(raw, member: tarfile.TarInfo) -> int:
-    if member.size > MAX_LABEL_BYTES:
-        return -1
-    here = raw.tell()
-    raw.seek(member.offset_data)
-    text = raw.read(member.size).decode("utf-8", "replace").strip()
-    raw.seek(here)
-    return int(text) if text.lstrip("-").isdigit() else -1
-
-
-def scan_tar(path: str) -> tuple[list[Input], list[dict]]:
-    """Image samples of one tar from its headers (member data is skipped by seeking, labels are read bounded),
-    and the members that cannot be inputs, by reason: links, devices/FIFOs, damage after some samples."""
-    images: dict[str, tuple[int, int]] = {}
-    labels: dict[str, int] = {}
-    skipped: list[dict] = []
+def tar_inputs(path: str) -> tuple[list[Input], list[dict]]:
+    """Image samples of one tar from its headers (shards/index.py's scan: data skipped by seeking, labels read
+    bounded), and the members that cannot be inputs, by reason: links, devices/FIFOs, damage after some samples."""
     try:
-        with open_regular(path) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
-            try:
-                for member in tar:
-                    key, ext = split_key(member.name)
-                    if ext not in IMAGE_EXTS and ext not in LABEL_EXTS:
-                        continue
-                    if not member.isfile():
-                        reason = "link_member" if member.issym() or member.islnk() else "not_regular_member"
-                        detail = f"tar member type {member.type!r}" + (
-                            f" -> {member.linkname}" if member.linkname else ""
-                        )
-                        skipped.append({"source": f"{path}:{member.name}", "reason": reason, "detail": detail})
-                    elif ext in IMAGE_EXTS:
-                        images.setdefault(key, (member.offset_data, member.size))
-                    else:
-                        labels.setdefault(key, _read_label(raw, member))
-            except (tarfile.TarError, EOFError) as err:
-                skipped.append({"source": path, "reason": "damaged_tar", "detail": f"{type(err).__name__}: {err}"})
-    except (tarfile.TarError, EOFError, RemoteError) as err:
-        raise ShardError(f"SRC shard {path} is not a readable tar file ({err}); remove it or fix the pattern") from err
-    items = [Input(f"{path}:{key}", labels.get(key, -1), path, offset, size) for key, (offset, size) in images.items()]
+        scan = scan_tar(path)
+    except ShardError as err:
+        raise ShardError(f"SRC {err}") from err
+    items = [
+        Input(f"{path}:{key}", int(label), path, int(block) * BLOCK, int(size))
+        for key, (block, size, label) in zip(scan.keys, scan.rows.tolist(), strict=True)
+    ]
+    skipped = []
+    for member in scan.not_regular:
+        detail = f"tar member type {member.kind!r}" + (f" -> {member.linkname}" if member.linkname else "")
+        reason = "link_member" if member.is_link else "not_regular_member"
+        skipped.append({"source": f"{path}:{member.name}", "reason": reason, "detail": detail})
+    if scan.damage:
+        skipped.append({"source": path, "reason": "damaged_tar", "detail": scan.damage})
     return items, skipped
 
 
@@ -202,7 +174,7 @@ def list_tars(pattern: str) -> tuple[list[Input], list[str], list[dict]]:
         raise ShardError(str(err)) from err
     items, skipped = [], []
     for path in paths:
-        found, bad = scan_tar(path)
+        found, bad = tar_inputs(path)
         items += found
         skipped += bad
     classes_file = Path(paths[0]).parent / "classes.json"
@@ -302,9 +274,7 @@ def process_chunk(job: tuple[str, int, int, list[Input], CreateOptions]) -> dict
     entries = [write_shard(out / _shard_name(opts, chunk, part), rows) for part, rows in enumerate(parts)]
     marker = {"chunk": chunk, "inputs": len(items), "shards": entries, "rejects": rejects, "sizes": sizes}
     marker_path = out / PROGRESS_DIR / f"chunk-{chunk:05d}.json"
-    tmp = marker_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(marker))
-    os.replace(tmp, marker_path)
+    atomic_write(marker_path, json.dumps(marker))
     return marker
 
 
@@ -416,8 +386,14 @@ def create_shards(src: str, out: str | Path, opts: CreateOptions, *, workers: in
     if classes:
         (out / "classes.json").write_text(json.dumps(classes, indent=1) + "\n")
     manifest = write_manifest(
-        out, entries, command=command, source=str(src), options=asdict(opts), classes=classes,
-        image_stats=stats, rejects=rejects,
-    )  # fmt: skip
+        out,
+        entries,
+        command=command,
+        source=str(src),
+        options=asdict(opts),
+        classes=classes,
+        image_stats=stats,
+        rejects=rejects,
+    )
     shutil.rmtree(out / PROGRESS_DIR)
     return manifest

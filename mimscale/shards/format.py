@@ -1,53 +1,45 @@
-"""Shard files on disk: pattern expansion, atomic shard writing and the manifest.
+"""The shard format, read in one place: sample keys, member extensions, labels, tar headers and the manifest.
 
 A shard set is a folder of WebDataset tar files (``<key>.jpg|png|webp``, ``<key>.cls``, optional ``<key>.json``;
 a key ends at the first dot of the file name) plus ``manifest.json`` (per shard: name, samples, bytes, sha256)
-and ``samples.idx``, the binary per-sample index the training stream memory-maps (see data/index.py). Shards
+and ``samples.idx``, the binary per-sample index the training stream memory-maps (see shards/index.py). Shards
 written by other tools (img2dataset) work without either: they are indexed once by `mimscale shards index` or
 on first use, by reading tar headers only.
+
+Everything here reads hostile bytes: :class:`TarWalk` is the one tar reader (headers only, data skipped by
+seeking, damage recorded instead of raised), :func:`parse_label` the one label rule and :func:`parse_manifest`
+the one manifest parser; index building, create's re-sharding, verify and training all go through them.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import os
-import tarfile
-from dataclasses import dataclass, field
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from mimscale.storage import remote
-from mimscale.storage.atomic import fsync_dir
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "mimscale-shards/2"  # /1 kept per-sample lists in the JSON
 MAX_MANIFEST_BYTES = 256 << 20  # per-shard facts only: ~150 B per shard
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
 LABEL_EXTS = ("cls", "label")
+BLOCK = 512  # tar block: headers and member data start on multiples of it
+MAX_NAME_BYTES = 4096
+MAX_LABEL_BYTES = 64
+REGULAR_KINDS = (b"0", b"\0", b"7")  # tar type flags of regular files (7: contiguous file)
+_NEXT_MEMBER_KINDS = (b"L", b"K", b"x")  # GNU long name, GNU long link name, pax header: describe the next member
+_SKIPPED_KINDS = (b"g",)  # pax global header: no member of its own
 
 
 class ShardError(ValueError):
     """A shard set or pattern is unusable; the message names the shard or config key and what to do."""
 
 
-# ----------------------------------------------------------------------------------------------- patterns
-
-
-def expand_shards(pattern: str, key: str = "data.shards") -> list[Path]:
-    """Local tar files of a path, folder, glob or brace pattern (or several joined by ``::``), for callers that read
-    only local files. The expansion is ``remote.expand``'s, the one that also takes URLs, so both agree on every
-    pattern and every refusal. ``key`` names the config key in errors so the user knows what to change.
-    """
-    if pattern and any(remote.is_url(part) for part in pattern.split("::") if part.strip()):
-        raise ShardError(f"{key}={pattern!r}: remote URLs are not supported here; copy or mount the shards locally")
-    try:
-        return [Path(path) for path in remote.expand(pattern, key)]
-    except remote.RemoteError as err:
-        raise ShardError(str(err)) from err
-
-
-# ----------------------------------------------------------------------------------------------- index
+# ----------------------------------------------------------------------------------------------- samples
 
 
 def split_key(member_name: str) -> tuple[str, str]:
@@ -59,63 +51,140 @@ def split_key(member_name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-@dataclass
-class ShardIndex:
-    """One shard's samples as lists (for tools: create's re-sharding, inspect); training uses data/index.py."""
+def parse_label(raw: bytes) -> int:
+    """The one label rule: a label member (``.cls``/``.label``) holds a decimal integer, surrounding whitespace
+    allowed, in [-1, 2**31); anything else, or a member over MAX_LABEL_BYTES bytes, means "no label" (-1).
+
+    Training (samples.idx), create's re-sharding and verify all read labels through this function; callers read
+    at most MAX_LABEL_BYTES + 1 bytes of a member (see :func:`read_label`)."""
+    if len(raw) > MAX_LABEL_BYTES:
+        return -1
+    try:
+        value = int(raw.decode("utf-8", "replace").strip())
+    except ValueError:
+        return -1
+    return value if -1 <= value < 2**31 else -1
+
+
+def read_label(handle, member: TarMember) -> int:
+    """A label member's value (bounded read; see parse_label); the handle's position is not kept."""
+    handle.seek(member.data)
+    return parse_label(handle.read(min(member.size, MAX_LABEL_BYTES + 1)))
+
+
+# ----------------------------------------------------------------------------------------------- tar headers
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """One member as its header describes it: name (long names resolved), data offset and size, type flag."""
 
     name: str
-    keys: list[str] = field(default_factory=list)
-    offsets: list[int] = field(default_factory=list)
-    sizes: list[int] = field(default_factory=list)
-    labels: list[int] = field(default_factory=list)
-    bytes: int = 0
-    unusable: int = 0
+    data: int
+    size: int
+    kind: bytes
+    linkname: str = ""
 
-    def __len__(self) -> int:
-        return len(self.keys)
+    @property
+    def is_regular(self) -> bool:
+        return self.kind in REGULAR_KINDS
+
+    @property
+    def is_link(self) -> bool:
+        return self.kind in (b"1", b"2")
 
 
-def index_tar(path: str | Path) -> ShardIndex:
-    """Read one shard's tar headers (image data is skipped by seeking); damage and unusable samples are warned.
+def _octal(field_bytes: bytes) -> int:
+    if field_bytes[:1] and field_bytes[0] & 0x80:  # GNU base-256 for sizes >= 8 GiB
+        return int.from_bytes(field_bytes[1:], "big")
+    text = field_bytes.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
 
-    A file that is not a tar is a ShardError naming it; a tar cut short or corrupt in the middle keeps the
-    samples before the damage.
+
+def _text(field_bytes: bytes) -> str:
+    return field_bytes.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def parse_header(block: bytes, offset: int) -> tuple[str, int, bytes, str]:
+    """(name, size, type flag, link name) of a tar header block; ValueError on a bad checksum or garbage fields."""
+    stored = _octal(block[148:156])
+    if stored != sum(block[:148]) + 256 + sum(block[156:]):
+        raise ValueError(f"bad header checksum at byte {offset}")
+    name = block[:100].split(b"\0", 1)[0]
+    if block[257:262] == b"ustar" and block[345]:
+        name = block[345:500].split(b"\0", 1)[0] + b"/" + name
+    return name.decode("utf-8", "replace"), _octal(block[124:136]), block[156:157], _text(block[157:257])
+
+
+def _pax_value(payload: bytes, key: bytes) -> str | None:
+    for record in payload.split(b"\n"):
+        _, _, item = record.partition(b" ")
+        if item.startswith(key + b"="):
+            return item[len(key) + 1 :].decode("utf-8", "replace")
+    return None
+
+
+class TarWalk:
+    """The members of a tar, read from their headers only (data is skipped by seeking): the one tar reader.
+
+    Iterating yields every member except the headers that describe the next one (GNU long names, pax); damage
+    (a bad header checksum, a member cut short, no end-of-archive) ends the walk and is kept in ``damage``, so a
+    tar damaged in the middle still gives the members before the damage.
     """
-    from mimscale.shards.index import BLOCK, report_scan, scan_tar
 
-    scan = scan_tar(path)
-    report_scan(scan, path)
-    return ShardIndex(
-        name=scan.name,
-        keys=scan.keys,
-        offsets=(scan.rows["block"].astype("int64") * BLOCK).tolist(),
-        sizes=scan.rows["size"].tolist(),
-        labels=scan.rows["label"].tolist(),
-        bytes=scan.bytes,
-        unusable=scan.unusable,
-    )
+    def __init__(self, handle, nbytes: int):
+        self.handle, self.nbytes = handle, nbytes
+        self.damage = ""
+        self.end = 0  # where the end-of-archive blocks start, once the walk got there
+
+    def __iter__(self) -> Iterator[TarMember]:
+        handle, nbytes = self.handle, self.nbytes
+        offset, long_name, long_link = 0, None, None
+        while offset + BLOCK <= nbytes:
+            handle.seek(offset)
+            block = handle.read(BLOCK)
+            if len(block) < BLOCK or block == bytes(BLOCK):
+                self.end = offset
+                return
+            try:
+                name, size, kind, linkname = parse_header(block, offset)
+            except ValueError as err:
+                self.damage = str(err)
+                return
+            data = offset + BLOCK
+            offset = data + -(-size // BLOCK) * BLOCK
+            if data + size > nbytes:
+                self.damage = f"member {name!r} is cut short at byte {nbytes}"
+                return
+            if kind in _NEXT_MEMBER_KINDS:
+                handle.seek(data)
+                payload = handle.read(min(size, MAX_NAME_BYTES * 4))
+                if kind == b"x":
+                    long_name = _pax_value(payload, b"path") or long_name
+                    long_link = _pax_value(payload, b"linkpath") or long_link
+                elif kind == b"L":
+                    long_name = _text(payload)
+                else:
+                    long_link = _text(payload)
+                continue
+            if kind not in _SKIPPED_KINDS:
+                yield TarMember(long_name or name, data, size, kind, long_link or linkname)
+            long_name = long_link = None
+        self.end = offset
+        if offset != nbytes:  # no end-of-archive blocks, and the last member or header is incomplete
+            self.damage = f"the file ends inside a member at byte {nbytes} (cut short?)"
 
 
-def load_manifest(folder: str | Path) -> dict | None:
-    """The folder's manifest.json, or None when there is none (foreign shard sets)."""
-    path = Path(folder) / MANIFEST_NAME
-    if not path.is_file():
-        return None
+def member_name_before(handle, data_offset: int) -> str:
+    """The name in the header block right before a member's data (for messages; '' when it is not a header)."""
+    handle.seek(data_offset - BLOCK)
     try:
-        with open(path, "rb") as handle:  # bounded: a hostile or runaway file is refused, not read whole
-            raw = handle.read(MAX_MANIFEST_BYTES + 1)
-    except OSError as err:
-        raise ShardError(f"{path} cannot be read ({err})") from err
-    return parse_manifest(raw, str(path))
+        return parse_header(handle.read(BLOCK), data_offset - BLOCK)[0]
+    except ValueError:
+        return ""
 
 
-def load_remote_manifest(folder: str) -> dict | None:
-    """The manifest.json beside remote shards (a bounded, retried read), or None when the folder has none."""
-    try:
-        raw = remote.read_small(f"{folder}/{MANIFEST_NAME}", MAX_MANIFEST_BYTES)
-    except remote.RemoteNotFound:
-        return None
-    return parse_manifest(raw, f"{folder}/{MANIFEST_NAME}")
+# ----------------------------------------------------------------------------------------------- manifest
 
 
 def parse_manifest(raw: bytes, shown: str) -> dict:
@@ -136,9 +205,66 @@ def parse_manifest(raw: bytes, shown: str) -> dict:
     return manifest
 
 
-def index_shards(paths: list[Path]) -> list[ShardIndex]:
-    """Index every shard by scanning its headers (tools; the training stream memory-maps samples.idx instead)."""
-    return [index_tar(path) for path in paths]
+def load_manifest(folder: str | Path) -> dict | None:
+    """The folder's manifest.json, or None when there is none (foreign shard sets)."""
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        with remote.open_regular(path) as handle:  # bounded: a hostile or runaway file is refused, not read whole
+            raw = handle.read(MAX_MANIFEST_BYTES + 1)
+    except (OSError, remote.RemoteError) as err:
+        raise ShardError(f"{path} cannot be read ({err})") from err
+    return parse_manifest(raw, str(path))
+
+
+def load_remote_manifest(folder: str, keep_in: Path | None = None) -> dict | None:
+    """The manifest.json beside remote shards (a bounded, retried read), or None when the folder has none.
+
+    Training's leniency, and only it: a ``pipe:`` command has no folder (None); with ``keep_in`` (the node's
+    shard cache) each read is saved there, and the saved copy stands in when the store cannot be reached, so a
+    run whose shards are all cached resumes while the store is down. The bytes are parsed as strictly either way.
+    """
+    if remote.scheme_of(folder) == "pipe":
+        return None
+    location = f"{folder}/{MANIFEST_NAME}"
+    saved = keep_in / f"{hashlib.sha256(folder.encode()).hexdigest()[:16]}-manifest.json" if keep_in else None
+    try:
+        raw = remote.read_small(location, MAX_MANIFEST_BYTES)
+    except remote.RemoteNotFound:
+        return None
+    except remote.RemoteError as err:
+        if saved is None or not saved.is_file():
+            raise
+        print(f"mimscale data: {err}; using the copy of {location} this node saved at {saved}", file=sys.stderr)
+        with remote.open_regular(saved) as handle:
+            raw = handle.read(MAX_MANIFEST_BYTES + 1)
+        return parse_manifest(raw, str(saved))
+    manifest = parse_manifest(raw, location)
+    if saved is not None:
+        _save_copy(saved, raw)
+    return manifest
+
+
+def _save_copy(path: Path, data: bytes) -> None:
+    """Best effort (a read-only cache only loses the fallback): the one atomic writer, without fsync."""
+    from mimscale.storage.atomic import atomic_write
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, data, durable=False)
+    except OSError:
+        pass
+
+
+def manifest_checksums(manifest: dict | None) -> dict[str, str]:
+    """{shard name: sha256} of a parsed manifest; shards it lists without a sha256 are simply not checked."""
+    if manifest is None:
+        return {}
+    return {entry["name"]: entry["sha256"] for entry in manifest["shards"] if isinstance(entry.get("sha256"), str)}
+
+
+# ----------------------------------------------------------------------------------------------- identity
 
 
 def dataset_fingerprint(names: list[str], counts) -> str:
@@ -149,117 +275,9 @@ def dataset_fingerprint(names: list[str], counts) -> str:
     return digest.hexdigest()[:16]
 
 
-# ----------------------------------------------------------------------------------------------- writing
-
-
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with remote.open_regular(path) as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def write_shard(path: str | Path, samples: list[tuple[str, dict[str, bytes]]]) -> dict:
-    """Write samples to ``path`` atomically: ``path.tmp``, fsync, rename. Returns the shard's manifest entry.
-
-    Each sample is ``(key, {ext: payload})``; keys may not contain dots (WebDataset would split them). The tar
-    is byte-for-byte deterministic (fixed mtime, owner and mode), so re-running a job re-creates identical files.
-    """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        with tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for key, members in samples:
-                if "." in key or "/" in key or not key:
-                    raise ShardError(f"sample key {key!r} must be non-empty without dots or slashes")
-                for ext, payload in members.items():
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size, info.mtime, info.mode = len(payload), 0, 0o444
-                    info.uname = info.gname = ""
-                    tar.addfile(info, io.BytesIO(payload))
-        handle.flush()
-        os.fsync(handle.fileno())
-    entry = shard_entry(tmp, name=path.name)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-    return entry
-
-
-def shard_entry(path: str | Path, name: str | None = None) -> dict:
-    """Manifest entry for one tar: name, samples, bytes, sha256, plus its sample rows under "index".
-
-    The rows travel with the entry (JSON lists, e.g. through create's chunk markers) until write_manifest
-    moves them into the binary samples.idx; the manifest itself keeps per-shard facts only.
-    """
-    from mimscale.shards.index import report_scan, scan_tar
-
-    scan = scan_tar(path)
-    report_scan(scan, path)
-    return {
-        "name": name or Path(path).name,
-        "samples": len(scan.rows),
-        "bytes": scan.bytes,
-        "sha256": file_sha256(path),
-        "index": {
-            "blocks": scan.rows["block"].tolist(),
-            "sizes": scan.rows["size"].tolist(),
-            "labels": scan.rows["label"].tolist(),
-            "unusable": scan.unusable,
-        },
-    }
-
-
-def _write_set_index(folder: Path, entries: list[dict]) -> None:
-    """samples.idx from the entries' rows; entries without rows (old create markers) are scanned from the tar."""
-    import numpy as np
-
-    from mimscale.shards.index import INDEX_NAME, SAMPLE_DTYPE, ShardScan, scan_tar, write_index
-
-    def scans():
-        for entry in entries:
-            rows = entry.get("index")
-            if not isinstance(rows, dict):
-                yield scan_tar(folder / entry["name"])
-                continue
-            table = np.zeros(len(rows["blocks"]), SAMPLE_DTYPE)
-            table["block"], table["size"], table["label"] = rows["blocks"], rows["sizes"], rows["labels"]
-            yield ShardScan(entry["name"], entry["bytes"], table, unusable=int(rows.get("unusable", 0)))
-
-    write_index(folder / INDEX_NAME, scans(), [entry["name"] for entry in entries])
-
-
-def write_manifest(folder: str | Path, entries: list[dict], **extra) -> dict:
-    """Write samples.idx, then ``manifest.json`` (per-shard facts and totals), both atomically."""
-    from mimscale.shards.index import INDEX_NAME
-
-    folder = Path(folder)
-    entries = sorted(entries, key=lambda e: e["name"])
-    _write_set_index(folder, entries)
-    shards = [{key: value for key, value in entry.items() if key != "index"} for entry in entries]
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "totals": {
-            "shards": len(shards),
-            "samples": sum(e["samples"] for e in shards),
-            "bytes": sum(e["bytes"] for e in shards),
-        },
-        "index": INDEX_NAME,
-        **extra,
-        "shards": shards,
-    }
-    tmp = folder / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, folder / MANIFEST_NAME)
-    return manifest
-
-
-def image_size_stats(sizes: list[tuple[int, int]]) -> dict:
-    """Min/mean/max of widths and heights, for the manifest."""
-    if not sizes:
-        return {}
-    stats = {}
-    for axis, name in ((0, "width"), (1, "height")):
-        values = [size[axis] for size in sizes]
-        stats[name] = {"min": min(values), "mean": round(sum(values) / len(values), 1), "max": max(values)}
-    return stats

@@ -30,7 +30,18 @@ from pathlib import Path
 
 import numpy as np
 
-from mimscale.shards.format import IMAGE_EXTS, LABEL_EXTS, ShardError, split_key
+from mimscale.shards.format import (
+    BLOCK,
+    IMAGE_EXTS,
+    LABEL_EXTS,
+    ShardError,
+    TarMember,
+    TarWalk,
+    read_label,
+    split_key,
+)
+from mimscale.storage import remote
+from mimscale.storage.shard_cache import cache_dir_for
 
 INDEX_NAME = "samples.idx"
 MAGIC = b"MIMSIDX\0"
@@ -38,9 +49,6 @@ VERSION = 1
 HEADER = struct.Struct("<8sIIQQQ24x")  # 64 bytes
 SHARD_DTYPE = np.dtype([("bytes", "<u8"), ("samples", "<u8"), ("unusable", "<u8")])
 SAMPLE_DTYPE = np.dtype([("block", "<u4"), ("size", "<u4"), ("label", "<i4")])
-BLOCK = 512
-MAX_NAME_BYTES = 4096
-MAX_LABEL_BYTES = 64
 LISTED_UNUSABLE = 3
 REMOTE_SCAN_THREADS = 8  # shards downloaded and scanned at once when a remote set has no index (network-bound)
 
@@ -67,70 +75,7 @@ class ShardScan:
     unusable: int = 0
     unusable_examples: list[str] = field(default_factory=list)
     damage: str = ""
-
-
-def _octal(field_bytes: bytes) -> int:
-    if field_bytes[:1] and field_bytes[0] & 0x80:  # GNU base-256 for sizes >= 8 GiB
-        return int.from_bytes(field_bytes[1:], "big")
-    text = field_bytes.split(b"\0", 1)[0].strip()
-    return int(text, 8) if text else 0
-
-
-def _header(block: bytes, offset: int) -> tuple[str, int, bytes]:
-    """(name, size, type flag) of a tar header block; ValueError on a bad checksum or garbage fields."""
-    stored = _octal(block[148:156])
-    if stored != sum(block[:148]) + 256 + sum(block[156:]):
-        raise ValueError(f"bad header checksum at byte {offset}")
-    name = block[:100].split(b"\0", 1)[0]
-    if block[257:262] == b"ustar" and block[345]:
-        name = block[345:500].split(b"\0", 1)[0] + b"/" + name
-    return name.decode("utf-8", "replace"), _octal(block[124:136]), block[156:157]
-
-
-def _pax_path(payload: bytes) -> str | None:
-    for record in payload.split(b"\n"):
-        _, _, item = record.partition(b" ")
-        if item.startswith(b"path="):
-            return item[5:].decode("utf-8", "replace")
-    return None
-
-
-def _parse_label(raw: bytes) -> int:
-    try:
-        value = int(raw.decode("utf-8", "replace").strip())
-    except ValueError:
-        return -1
-    return value if -1 <= value < 2**31 else -1
-
-
-def _walk_members(handle, nbytes: int, scan: ShardScan):
-    """Yield (name, data offset, size) of the regular file members; damage is recorded on ``scan``."""
-    offset, long_name = 0, None
-    while offset + BLOCK <= nbytes:
-        handle.seek(offset)
-        block = handle.read(BLOCK)
-        if len(block) < BLOCK or block == bytes(BLOCK):
-            return
-        try:
-            name, size, kind = _header(block, offset)
-        except ValueError as err:
-            scan.damage = str(err)
-            return
-        data = offset + BLOCK
-        offset = data + -(-size // BLOCK) * BLOCK
-        if data + size > nbytes:
-            scan.damage = f"member {name!r} is cut short at byte {nbytes}"
-            return
-        if kind in (b"L", b"x"):  # GNU long name / pax extended header for the next member
-            handle.seek(data)
-            payload = handle.read(min(size, MAX_NAME_BYTES * 4))
-            long_name = payload.split(b"\0", 1)[0].decode("utf-8", "replace") if kind == b"L" else _pax_path(payload)
-            continue
-        if kind in (b"0", b"\0", b"7"):
-            yield long_name or name, data, size
-        long_name = None
-    if offset != nbytes:  # no end-of-archive blocks, and the last member or header is incomplete
-        scan.damage = f"the file ends inside a member at byte {nbytes} (cut short?)"
+    not_regular: list[TarMember] = field(default_factory=list)  # links, devices, FIFOs named like samples
 
 
 def scan_tar(path: str | Path) -> ShardScan:
@@ -144,18 +89,25 @@ def scan_tar(path: str | Path) -> ShardScan:
     path = Path(path)
     groups: dict[str, list] = {}
     try:
-        with open(path, "rb") as handle:
+        with remote.open_regular(path) as handle:
             nbytes = os.fstat(handle.fileno()).st_size
             scan = ShardScan(name=path.name, bytes=nbytes, rows=np.empty(0, SAMPLE_DTYPE))
-            for name, data, size in _walk_members(handle, nbytes, scan):
-                key, ext = split_key(name)
-                group = groups.setdefault(key, [-1, 0, -1, name])  # block, size, label, first member name
+            walk = TarWalk(handle, nbytes)
+            for member in walk:
+                key, ext = split_key(member.name)
+                if not member.is_regular:
+                    if ext in IMAGE_EXTS or ext in LABEL_EXTS:
+                        scan.not_regular.append(member)
+                    continue
+                group = groups.setdefault(key, [-1, 0, -1, member.name])  # block, size, label, first member name
                 if ext in IMAGE_EXTS and group[0] < 0:
-                    group[0], group[1] = data // BLOCK, size
+                    group[0], group[1] = member.data // BLOCK, member.size
                 elif ext in LABEL_EXTS:
-                    handle.seek(data)
-                    group[2] = _parse_label(handle.read(min(size, MAX_LABEL_BYTES)))
-    except OSError as err:
+                    group[2] = read_label(handle, member)
+            scan.damage = walk.damage
+    except remote.NotRegularFile as err:
+        raise ShardError(f"shard {path}: {err}; remove it or fix the pattern") from err
+    except (OSError, remote.RemoteError) as err:
         raise ShardError(f"shard {path} is not readable ({err}); check the path and permissions") from err
     if not groups and scan.damage:
         raise ShardError(f"shard {path} is not a readable tar file ({scan.damage}); re-create or remove it")
@@ -172,12 +124,58 @@ def scan_tar(path: str | Path) -> ShardScan:
 def report_scan(scan: ShardScan, where: str | Path) -> None:
     """Warn (stderr) about damage and unusable samples in a freshly scanned shard."""
     if scan.damage:
-        print(f"mimscale data: shard {where} is damaged after {len(scan.rows)} samples ({scan.damage}); "
-              f"the rest is skipped (check with `mimscale shards verify`)", file=sys.stderr)  # fmt: skip
+        print(
+            f"mimscale data: shard {where} is damaged after {len(scan.rows)} samples ({scan.damage}); "
+            f"the rest is skipped (check with `mimscale shards verify`)",
+            file=sys.stderr,
+        )
     if scan.unusable:
-        print(f"mimscale data: shard {where}: {scan.unusable} sample(s) without an image member are skipped, "
-              f"e.g. {', '.join(scan.unusable_examples)} (a WebDataset key ends at the first dot of the file "
-              "name: rename img.0001.jpg to img_0001.jpg)", file=sys.stderr)  # fmt: skip
+        print(
+            f"mimscale data: shard {where}: {scan.unusable} sample(s) without an image member are skipped, "
+            f"e.g. {', '.join(scan.unusable_examples)} (a WebDataset key ends at the first dot of the file "
+            "name: rename img.0001.jpg to img_0001.jpg)",
+            file=sys.stderr,
+        )
+
+
+@dataclass
+class ShardIndex:
+    """One shard's samples as lists (for tools: inspect, benches); training memory-maps samples.idx instead."""
+
+    name: str
+    keys: list[str] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    bytes: int = 0
+    unusable: int = 0
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def index_tar(path: str | Path) -> ShardIndex:
+    """Read one shard's tar headers (image data is skipped by seeking); damage and unusable samples are warned.
+
+    A file that is not a tar is a ShardError naming it; a tar cut short or corrupt in the middle keeps the
+    samples before the damage.
+    """
+    scan = scan_tar(path)
+    report_scan(scan, path)
+    return ShardIndex(
+        name=scan.name,
+        keys=scan.keys,
+        offsets=(scan.rows["block"].astype("int64") * BLOCK).tolist(),
+        sizes=scan.rows["size"].tolist(),
+        labels=scan.rows["label"].tolist(),
+        bytes=scan.bytes,
+        unusable=scan.unusable,
+    )
+
+
+def index_shards(paths: list[Path]) -> list[ShardIndex]:
+    """Index every shard by scanning its headers (tools; the training stream memory-maps samples.idx instead)."""
+    return [index_tar(path) for path in paths]
 
 
 # ----------------------------------------------------------------------------------------------- the file
@@ -259,12 +257,16 @@ class SetIndex:
                 if version != VERSION:
                     raise self._fail(f"format version {version}, this mimscale reads version {VERSION}")
                 if num_shards * SHARD_DTYPE.itemsize + names_bytes > info.st_size:
-                    raise self._fail(f"header claims {num_shards} shards and {names_bytes} name bytes, more than "
-                                     f"the file's {info.st_size} bytes")  # fmt: skip
+                    raise self._fail(
+                        f"header claims {num_shards} shards and {names_bytes} name bytes, more than "
+                        f"the file's {info.st_size} bytes"
+                    )
                 names_at, self.rows_at = _layout(num_shards, names_bytes)
                 if self.rows_at + num_samples * SAMPLE_DTYPE.itemsize != info.st_size:
-                    raise self._fail(f"{info.st_size} bytes, but its header describes {num_shards} shards and "
-                                     f"{num_samples} samples (truncated or padded?)")  # fmt: skip
+                    raise self._fail(
+                        f"{info.st_size} bytes, but its header describes {num_shards} shards and "
+                        f"{num_samples} samples (truncated or padded?)"
+                    )
                 table = np.frombuffer(handle.read(num_shards * SHARD_DTYPE.itemsize), SHARD_DTYPE)
                 blob = handle.read(names_bytes)
         except OSError as err:
@@ -314,8 +316,9 @@ class SetIndex:
             if len(rows) and (
                 rows["block"].min() < 1 or rows["size"].min() < 1 or ends.max() > self.shard_bytes[number]
             ):
-                raise self._fail(f"shard {self.names[number]}'s sample offsets point outside its "
-                                 f"{self.shard_bytes[number]} bytes")  # fmt: skip
+                raise self._fail(
+                    f"shard {self.names[number]}'s sample offsets point outside its {self.shard_bytes[number]} bytes"
+                )
             if len(rows) and (rows["label"].min() < -1):
                 raise self._fail(f"shard {self.names[number]} has labels below -1")
             self._checked.add(number)
@@ -337,17 +340,10 @@ def write_index(path: str | Path, scans: Iterable[ShardScan], names: list[str]) 
 # ----------------------------------------------------------------------------------------------- finding
 
 
-def default_cache_dir() -> Path:
-    base = os.environ.get("MIMSCALE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mimscale"
-    )
-    return Path(base) / "index"
-
-
 def cache_path(folder: str, cache_dir: str | Path | None) -> Path:
     """Where the index of a shard folder lives when it cannot live beside the shards."""
     digest = hashlib.sha256(os.path.abspath(folder).encode() if "://" not in folder else folder.encode())
-    base = Path(cache_dir) / "index" if cache_dir else default_cache_dir()
+    base = Path(cache_dir_for(str(cache_dir or ""))) / "index"  # the node cache's root, as for remote sets
     return base / f"{Path(folder).name or 'root'}-{digest.hexdigest()[:16]}.idx"
 
 
@@ -384,8 +380,9 @@ def _progress(scans: Iterable[ShardScan], total: int, folder: str, paths: list[P
             yield scan
 
 
-def build_folder_index(folder: str, names: list[str], target: Path, workers: int = 1,
-                       reuse: SetIndex | None = None) -> SetIndex:  # fmt: skip
+def build_folder_index(
+    folder: str, names: list[str], target: Path, workers: int = 1, reuse: SetIndex | None = None
+) -> SetIndex:
     """Scan the named shards of a local folder (reusing ``reuse``'s rows for shards whose size still matches)."""
     paths = [Path(folder) / name for name in names]
     if reuse is None:
@@ -424,8 +421,15 @@ def _open_if_valid(path: Path) -> SetIndex | None:
         return None
 
 
-def folder_index(folder: str, names: list[str], *, cache_dir: str | Path | None = None, workers: int = 1,
-                 build: bool = True, prefer_cache: bool = False) -> SetIndex:  # fmt: skip
+def folder_index(
+    folder: str,
+    names: list[str],
+    *,
+    cache_dir: str | Path | None = None,
+    workers: int = 1,
+    build: bool = True,
+    prefer_cache: bool = False,
+) -> SetIndex:
     """The index covering ``names`` in a local shard folder: beside the shards, else in the cache, else built.
 
     An index that lacks some of the names, or whose recorded size of a shard differs from the file (a shard
@@ -439,15 +443,21 @@ def folder_index(folder: str, names: list[str], *, cache_dir: str | Path | None 
             stale = [n for n in names if not _matches(index, Path(folder) / n)]
             if not stale:
                 return index
-            print(f"mimscale data: {len(stale)} shard(s) of {folder} changed since {candidate} was written "
-                  f"(e.g. {stale[0]}); re-indexing them", file=sys.stderr)  # fmt: skip
+            print(
+                f"mimscale data: {len(stale)} shard(s) of {folder} changed since {candidate} was written "
+                f"(e.g. {stale[0]}); re-indexing them",
+                file=sys.stderr,
+            )
             break
     if not build:
         raise ShardError(f"{folder} has no index; run `mimscale shards index {folder}`")
     in_folder = os.access(folder, os.W_OK) and not prefer_cache
     if in_folder and os.path.lexists(beside) and not beside.is_file():
-        print(f"mimscale data: {beside} is not a regular file (a folder, FIFO or broken link), so it is neither "
-              f"read nor replaced; the index goes to {cached}", file=sys.stderr)  # fmt: skip
+        print(
+            f"mimscale data: {beside} is not a regular file (a folder, FIFO or broken link), so it is neither "
+            f"read nor replaced; the index goes to {cached}",
+            file=sys.stderr,
+        )
         in_folder = False
     target = beside if in_folder else cached
     with _locked(target):
@@ -456,19 +466,21 @@ def folder_index(folder: str, names: list[str], *, cache_dir: str | Path | None 
             return index
         known = sorted(set(names) | set(index.names if index else []))
         known = [n for n in known if (Path(folder) / n).is_file()]
-        print(f"mimscale data: indexing {folder} ({len(known)} shards) into {target}, once; "
-              "`mimscale shards index` does this ahead of training", file=sys.stderr)  # fmt: skip
+        print(
+            f"mimscale data: indexing {folder} ({len(known)} shards) into {target}, once; "
+            "`mimscale shards index` does this ahead of training",
+            file=sys.stderr,
+        )
         return build_folder_index(folder, known, target, workers, reuse=index)
 
 
-def remote_folder_index(folder: str, names: list[str], cache, *, cache_dir: str | Path | None = None,
-                        workers: int = REMOTE_SCAN_THREADS) -> SetIndex:  # fmt: skip
+def remote_folder_index(
+    folder: str, names: list[str], cache, *, cache_dir: str | Path | None = None, workers: int = REMOTE_SCAN_THREADS
+) -> SetIndex:
     """The index of shards under a URL prefix: a samples.idx published beside them (downloaded once per node
     through the shard cache), else one in the index cache, else built by downloading and scanning each shard
     once, ``workers`` at a time (``mimscale shards index URL --cache DIR`` does that ahead of training). When the
     index found lacks some shards, only those are downloaded to complete it; its rows for the others are kept."""
-    from mimscale.storage import remote
-
     candidates = [cache_path(folder, cache_dir)]
     try:
         candidates.insert(0, cache.local_path(f"{folder}/{INDEX_NAME}"))  # pinned for the process's life
@@ -487,9 +499,11 @@ def remote_folder_index(folder: str, names: list[str], cache, *, cache_dir: str 
         if not missing:
             return index
         found = f"{index.path} covers {len(names) - len(missing)} of the {len(names)} shards" if index else "no index"
-        print(f"mimscale data: {found} under {folder}; downloading the {len(missing)} others once ({workers} at a "
-              f"time) to index them into {target} (`mimscale shards index` does this ahead of training)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"mimscale data: {found} under {folder}; downloading the {len(missing)} others once ({workers} at a "
+            f"time) to index them into {target} (`mimscale shards index` does this ahead of training)",
+            file=sys.stderr,
+        )
         fresh = _remote_scans(folder, missing, cache, workers)
         absent = set(missing)
 

@@ -9,7 +9,7 @@ stack, and fsspec's HTTP backend would add aiohttp); ``s3://`` and ``gs://`` go 
 (the optional extra ``mimscale[remote]``) for their credential chains and listing; ``pipe:`` uses webdataset's
 gopen, so commands behave exactly as in WebDataset pipelines.
 
-The node-local cache that makes these locations local files lives in ``data/shard_cache.py``.
+The node-local cache that makes these locations local files lives in ``storage/shard_cache.py``.
 """
 
 from __future__ import annotations
@@ -20,12 +20,10 @@ import hashlib
 import http.client
 import importlib
 import io
-import json
 import os
 import random
 import re
 import stat
-import sys
 import threading
 import time
 import urllib.error
@@ -158,8 +156,10 @@ def _expand_local(pattern: str, shown: str, key: str) -> list[str]:
             continue
         irregular = [path for path in found if not os.path.isfile(path)]  # a FIFO or device would hang or never end
         if irregular:
-            raise RemoteError(f"{key}={shown!r}: {irregular[0]} is not a regular file (a FIFO, device or broken "
-                              "link); remove it or point the pattern at real shard files")  # fmt: skip
+            raise RemoteError(
+                f"{key}={shown!r}: {irregular[0]} is not a regular file (a FIFO, device or broken "
+                "link); remove it or point the pattern at real shard files"
+            )
         paths.extend(found)
     if missing and paths:
         listed = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
@@ -320,8 +320,16 @@ def open_location(location: str, timeout: float = 60.0) -> Iterator[tuple[object
         raise _Transient(f"{type(err).__name__}: {err}") from None
 
 
-def copy_bounded(reader, sink, *, location: str, declared: int | None, expected: int | None = None,
-                 sha256: str | None = None, bound: int) -> int:  # fmt: skip
+def copy_bounded(
+    reader,
+    sink,
+    *,
+    location: str,
+    declared: int | None,
+    expected: int | None = None,
+    sha256: str | None = None,
+    bound: int,
+) -> int:
     """Copy reader to sink, never reading more than the size we expect; returns the bytes copied.
 
     The expected size is the manifest's when known, else what the server declared, else ``bound``. A server that
@@ -369,8 +377,9 @@ def with_retries(location: str, attempt: Callable[[], object], *, retries: int, 
     )
 
 
-def read_small(location: str, max_bytes: int, *, retries: int = 3, backoff_s: float = 0.5,
-               timeout_s: float = 60.0) -> bytes:  # fmt: skip
+def read_small(
+    location: str, max_bytes: int, *, retries: int = 3, backoff_s: float = 0.5, timeout_s: float = 60.0
+) -> bytes:
     """The whole content of a small file (manifest, index), at most ``max_bytes``; more is a RemoteError.
 
     A missing file raises RemoteNotFound (a FileNotFoundError), so callers can treat "no manifest" as optional.
@@ -387,8 +396,15 @@ def read_small(location: str, max_bytes: int, *, retries: int = 3, backoff_s: fl
     return with_retries(location, attempt, retries=retries, backoff_s=backoff_s)
 
 
-def download(location: str, dest: str | os.PathLike, max_bytes: int, *, retries: int = 3, backoff_s: float = 0.5,
-             timeout_s: float = 60.0) -> Path:  # fmt: skip
+def download(
+    location: str,
+    dest: str | os.PathLike,
+    max_bytes: int,
+    *,
+    retries: int = 3,
+    backoff_s: float = 0.5,
+    timeout_s: float = 60.0,
+) -> Path:
     """Copy a (possibly large) file to ``dest`` atomically: bounded by max_bytes, retried, tmp + fsync + rename."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -411,63 +427,9 @@ def download(location: str, dest: str | os.PathLike, max_bytes: int, *, retries:
     return dest
 
 
-def folder_of(location: str) -> tuple[str, str]:
-    """(folder or URL prefix, file name) of a shard location."""
-    head, _, name = location.rpartition("/")
-    return head, name
-
-
 def sibling(location: str, name: str) -> str:
     """The location of file ``name`` in the same folder/prefix as ``location`` (e.g. its manifest.json)."""
     if scheme_of(location) == "pipe":
         raise RemoteError(f"{location}: a pipe: command has no folder to look for {name} in")
     head, _, _ = location.rpartition("/")
     return f"{head}/{name}" if head else name
-
-
-MAX_MANIFEST_BYTES = 256 << 20
-
-
-def manifest_checksums(folder: str, keep_in: Path | None = None) -> dict[str, str]:
-    """{shard name: sha256} from a remote folder's manifest.json; {} when it has none (foreign sets, pipe:).
-
-    With ``keep_in`` (the node's shard cache) each read is saved there, and a saved copy stands in when the folder
-    cannot be reached: a run whose shards are all cached resumes while the store is down."""
-    if scheme_of(folder) == "pipe":
-        return {}
-    saved = keep_in / f"{hashlib.sha256(folder.encode()).hexdigest()[:16]}-manifest.json" if keep_in else None
-    try:
-        raw = read_small(f"{folder}/manifest.json", MAX_MANIFEST_BYTES)
-    except RemoteNotFound:
-        return {}
-    except RemoteError as err:
-        if saved is None or not saved.is_file():
-            raise
-        print(f"mimscale data: {err}; using the copy of {folder}/manifest.json this node saved at {saved}",
-              file=sys.stderr)  # fmt: skip
-        with open_regular(saved) as handle:
-            raw = handle.read(MAX_MANIFEST_BYTES + 1)
-    else:
-        if saved is not None:
-            _save_copy(saved, raw)
-    try:
-        manifest = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RemoteError(f"{folder}/manifest.json is not valid JSON ({err}); fix or remove it") from err
-    shards = manifest.get("shards") if isinstance(manifest, dict) else None
-    return {
-        entry["name"]: entry["sha256"]
-        for entry in (shards if isinstance(shards, list) else [])
-        if isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("sha256"), str)
-    }
-
-
-def _save_copy(path: Path, data: bytes) -> None:
-    """Best effort (a read-only cache only loses the fallback): write to a private temporary file, then rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}")
-    with contextlib.suppress(OSError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    with contextlib.suppress(OSError):
-        tmp.unlink(missing_ok=True)

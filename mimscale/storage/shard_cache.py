@@ -1,4 +1,4 @@
-"""The node-local, size-bounded cache of whole shards that makes remote locations (data/remote.py) local files.
+"""The node-local, size-bounded cache of whole shards that makes remote locations (storage/remote.py) local files.
 
 The cache (:class:`ShardCache`) keeps whole shards in a node-local folder under a byte limit. Coordination between
 the processes of a node (ranks, DataLoader workers) is done with ``flock`` on one small lock file per shard:
@@ -32,9 +32,7 @@ from mimscale.storage.remote import (
     check_scheme,
     copy_bounded,
     file_url_path,
-    folder_of,
     is_local,
-    manifest_checksums,
     open_location,
     with_retries,
 )
@@ -88,13 +86,27 @@ class ShardCache:
     reserved before they start.
     """
 
-    def __init__(self, cache_dir: str | os.PathLike, limit_bytes: int, *, retries: int = 5, backoff_s: float = 1.0,
-                 timeout_s: float = 60.0, prefetch_threads: int = 8, space_wait_s: float = 300.0):  # fmt: skip
+    def __init__(
+        self,
+        cache_dir: str | os.PathLike,
+        limit_bytes: int,
+        *,
+        retries: int = 5,
+        backoff_s: float = 1.0,
+        timeout_s: float = 60.0,
+        prefetch_threads: int = 8,
+        space_wait_s: float = 300.0,
+    ):
         if not limit_bytes > 0:
             raise RemoteError(f"data.cache_limit_gb must be positive, got {limit_bytes / 1e9:g} GB")
         self._args = (str(cache_dir), int(limit_bytes))
-        self._options = {"retries": retries, "backoff_s": backoff_s, "timeout_s": timeout_s,
-                         "prefetch_threads": prefetch_threads, "space_wait_s": space_wait_s}  # fmt: skip
+        self._options = {
+            "retries": retries,
+            "backoff_s": backoff_s,
+            "timeout_s": timeout_s,
+            "prefetch_threads": prefetch_threads,
+            "space_wait_s": space_wait_s,
+        }
         self.dir = Path(cache_dir).expanduser()
         self.limit = int(limit_bytes)
         self.retries, self.backoff_s, self.timeout_s = retries, backoff_s, timeout_s
@@ -112,8 +124,12 @@ class ShardCache:
     @classmethod
     def from_config(cls, data_cfg) -> ShardCache:
         """The cache a DataConfig asks for: <data.cache_dir>/shards, data.cache_limit_gb, data.download_*."""
-        return cls(os.path.join(cache_dir_for(data_cfg.cache_dir), "shards"), int(data_cfg.cache_limit_gb * 1e9),
-                   retries=data_cfg.download_retries, timeout_s=data_cfg.download_timeout_s)  # fmt: skip
+        return cls(
+            os.path.join(cache_dir_for(data_cfg.cache_dir), "shards"),
+            int(data_cfg.cache_limit_gb * 1e9),
+            retries=data_cfg.download_retries,
+            timeout_s=data_cfg.download_timeout_s,
+        )
 
     def _reset_process_state(self) -> None:
         self._mutex = threading.RLock()
@@ -309,8 +325,12 @@ class ShardCache:
         if not self._reserve(part, size or 0, location, wait=wait_for_space):
             return False
         try:
-            with_retries(location, lambda: self._fetch_once(location, part, size, sha256),
-                         retries=self.retries, backoff_s=self.backoff_s)  # fmt: skip
+            with_retries(
+                location,
+                lambda: self._fetch_once(location, part, size, sha256),
+                retries=self.retries,
+                backoff_s=self.backoff_s,
+            )
             os.replace(part, final)
         except BaseException:
             part.unlink(missing_ok=True)
@@ -325,8 +345,9 @@ class ShardCache:
         with open(part, "r+b") as sink, open_location(location, self.timeout_s) as (reader, declared):
             if size is None and declared is not None and declared > self.limit:
                 self.check_window(declared, f"the shard {location}")
-            total = copy_bounded(reader, sink, location=location, declared=declared, expected=size,
-                                 sha256=sha256, bound=self.limit)  # fmt: skip
+            total = copy_bounded(
+                reader, sink, location=location, declared=declared, expected=size, sha256=sha256, bound=self.limit
+            )
             sink.truncate(total)
             sink.flush()
             os.fsync(sink.fileno())
@@ -401,20 +422,6 @@ class ShardCache:
                     f"{used} of {self.limit} bytes; raise data.cache_limit_gb above {(used + needed) / 1e9:.3f}"
                 )
             time.sleep(0.2)
-
-
-def expect_checksums(cache: ShardCache, locations: Iterable[str]) -> None:
-    """Have the cache check every remote shard against the sha256 its folder's manifest records, when it does."""
-    folders: dict[str, list[str]] = {}
-    for location in locations:
-        if not is_local(location):
-            folder, name = folder_of(location)
-            folders.setdefault(folder, []).append(name)
-    for folder, names in folders.items():
-        checksums = manifest_checksums(folder, keep_in=cache.dir / MANIFEST_DIR)
-        for name in names:
-            if name in checksums:
-                cache.expect(f"{folder}/{name}", sha256=checksums[name])
 
 
 def cache_dir_for(configured: str) -> str:
