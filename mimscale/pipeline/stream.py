@@ -51,7 +51,7 @@ class ShardTable:
         self.number_in_set = np.asarray([n for _, n in numbers], dtype=np.int64)
         self.counts = np.asarray([indexes[i].counts[n] for i, n in numbers], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
-        self.fingerprint = dataset_fingerprint([os.path.basename(loc) for loc in locations], self.counts)
+        self.fingerprint = dataset_fingerprint([_shard_name(loc) for loc in locations], self.counts)
         self.cache = cache
         self._handles: dict[int, object] = {}
         self._pinned: dict[int, str] = {}
@@ -159,7 +159,12 @@ def _expand(pattern: str, key: str) -> list[str]:
 
 def _folder(location: str) -> str:
     """The folder (or URL prefix) whose samples.idx indexes a shard; '.' for a bare file name."""
-    return (os.path.dirname(location) or ".") if remote.is_local(location) else location.rpartition("/")[0]
+    return (os.path.dirname(location) or ".") if remote.is_local(location) else remote.folder_of(location)[0]
+
+
+def _shard_name(location: str) -> str:
+    """A shard's name in its set's index (a URL's without its query string: see remote.shard_name)."""
+    return os.path.basename(location) if remote.is_local(location) else remote.shard_name(location)
 
 
 def load_table(pattern: str, key: str, *, cache_dir: str | None = None, data_cfg=None) -> ShardTable:
@@ -168,26 +173,35 @@ def load_table(pattern: str, key: str, *, cache_dir: str | None = None, data_cfg
     Remote sets get a node-local ShardCache (from ``data_cfg``'s data.cache_* keys, or the defaults).
     """
     locations = _expand(pattern, key)
-    folders: dict[str, list[str]] = {}
+    cache_dir = cache_dir or (data_cfg.cache_dir if data_cfg is not None else None)
+    folders: dict[str, dict[str, str]] = {}  # folder -> {shard name: location}
     for location in locations:
-        folders.setdefault(_folder(location), []).append(os.path.basename(location))
-    cache = None
+        members = folders.setdefault(_folder(location), {})
+        if members.setdefault(_shard_name(location), location) != location:
+            raise ShardError(f"{key}={pattern!r}: {members[_shard_name(location)]} and {location} are both shard "
+                             f"{_shard_name(location)!r} of one folder; name each shard once")  # fmt: skip
+    cache, named_index = None, (data_cfg.index if data_cfg is not None and key == "data.shards" else "")
     if not all(remote.is_local(location) for location in locations):
         cache = shard_cache.ShardCache.from_config(data_cfg) if data_cfg is not None else shard_cache.ShardCache(
             os.path.join(shard_cache.cache_dir_for(cache_dir or ""), "shards"), 20 * 10**9)  # fmt: skip
         cache_dir = shard_cache.cache_dir_for(cache_dir or "")  # indexes of remote sets: <cache_dir>/index
+        shard_cache.expect_checksums(cache, locations)  # before any download, index builds' included
+        remote_folders = [folder for folder in folders if not remote.is_local(folder)]
+        if named_index and len(remote_folders) > 1:
+            raise ShardError(f"data.index={named_index!r} names one index but data.shards spans "
+                             f"{len(remote_folders)} remote folders; index them as one set or unset it")  # fmt: skip
     sets = [
-        folder_index(folder, names, cache_dir=cache_dir)
+        folder_index(folder, list(members), cache_dir=cache_dir)
         if remote.is_local(folder)
-        else remote_folder_index(folder, names, cache, cache_dir=cache_dir)
-        for folder, names in folders.items()
+        else remote_folder_index(
+            folder, list(members), cache, cache_dir=cache_dir, locations=members, index=named_index
+        )
+        for folder, members in folders.items()
     ]
     set_number = {folder: number for number, folder in enumerate(folders)}
-    numbers = [(set_number[_folder(loc)], sets[set_number[_folder(loc)]].position[os.path.basename(loc)])
+    numbers = [(set_number[_folder(loc)], sets[set_number[_folder(loc)]].position[_shard_name(loc)])
                for loc in locations]  # fmt: skip
     table = ShardTable(locations, sets, numbers, cache=cache)
-    if cache is not None:
-        shard_cache.expect_checksums(cache, locations)  # the manifest's sha256s, where a folder has a manifest
     if len(table) == 0:
         raise ShardError(f"{key}={pattern!r}: the {len(locations)} shard(s) hold no image samples (.jpg/.png/.webp)")
     return table

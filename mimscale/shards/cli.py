@@ -155,13 +155,17 @@ def _remote_spec(spec: str) -> bool:
     return remote.is_url(spec) and remote.scheme_of(spec.split("::")[0].strip()) != "file"
 
 
-def _remote_set_index(folder: str, cache, problems: list[str]):
-    """The samples.idx published beside remote shards, or None when there is none."""
-    from mimscale.shards.index import INDEX_NAME, SetIndex
+def _remote_set_index(location: str, cache, problems: list[str]):
+    """The samples.idx published beside a remote shard, or None when there is none (or none may be looked up:
+    pipe: commands and signed URLs, see index.published_index)."""
+    from mimscale.shards.index import SetIndex, published_index
     from mimscale.storage import remote
 
+    published = published_index(location)
+    if published is None:
+        return None
     try:
-        return SetIndex(cache.local_path(f"{folder}/{INDEX_NAME}"))
+        return SetIndex(cache.local_path(published))
     except remote.RemoteNotFound:
         return None
     except ShardError as err:
@@ -183,13 +187,14 @@ def verify_remote(spec: str, cache) -> tuple[int, int, list[str], bool]:
         folders.setdefault(folder, []).append(name)
     shards, samples, problems, notes, manifests = 0, 0, [], [], 0
     for folder, names in folders.items():
-        manifest = load_remote_manifest(folder)
+        siblings = remote.sibling_folder(f"{folder}/{names[0]}")  # None: pipe: or signed URLs, nothing to look up
+        manifest = load_remote_manifest(siblings) if siblings is not None else None
         manifests += manifest is not None
         entries = {entry["name"]: entry for entry in manifest["shards"]} if manifest else {}
         problems += [
             f"{name}: not listed in {folder}/{MANIFEST_NAME}" for name in names if manifest and name not in entries
         ]
-        index = _remote_set_index(folder, cache, problems)
+        index = _remote_set_index(f"{folder}/{names[0]}", cache, problems)
         for name in tqdm(names, desc="verify", unit="shard", disable=None, file=sys.stderr):
             location = f"{folder}/{name}"
             try:
@@ -265,12 +270,19 @@ def contact_sheet(table, count: int, labels: list[str], thumb: int = 96) -> Imag
     return sheet
 
 
-def _class_names(folder: str, manifest: dict | None) -> list[str]:
-    """Class names from the manifest, else from a classes.json beside the shards (local or remote)."""
+def _class_names(folder: str | None, manifest: dict | None) -> list[str]:
+    """Class names from the manifest, else from a classes.json beside the shards (local or remote; none where no
+    sibling may be looked up: ``folder`` None)."""
     from mimscale.storage import remote
 
-    if manifest and manifest.get("classes"):
-        return [str(name) for name in manifest["classes"]]
+    classes = manifest.get("classes") if manifest else None
+    if classes:
+        if not isinstance(classes, list):
+            raise ShardError(f"{folder}/{MANIFEST_NAME}: \"classes\" must be a list of class names, got "
+                             f"{type(classes).__name__} {str(classes)[:40]}; fix it or remove the key")  # fmt: skip
+        return [str(name) for name in classes]
+    if folder is None:
+        return []
     location = f"{folder}/classes.json"
     if remote.is_local(folder) and not Path(location).is_file():
         return []
@@ -299,8 +311,8 @@ def cmd_inspect(args) -> int:
     folder = args.out
     table = load_table(folder, "OUT", cache_dir=args.cache or None)
     if _remote_spec(folder):
-        first = remote.folder_of(table.locations[0])[0]
-        manifest = load_remote_manifest(first)
+        first = remote.sibling_folder(table.locations[0])  # None for pipe: commands and signed URLs
+        manifest = load_remote_manifest(first) if first is not None else None
     else:
         first = str(Path(table.locations[0]).parent)
         manifest = load_manifest(first)
@@ -343,14 +355,15 @@ def cmd_index(args) -> int:
     """Build (or bring up to date) the samples.idx of shard folders once, in parallel, before training."""
     import time
 
-    from mimscale.pipeline.stream import _expand, _folder
+    from mimscale.pipeline.stream import _expand, _folder, _shard_name
     from mimscale.shards.index import REMOTE_SCAN_THREADS, folder_index, remote_folder_index
     from mimscale.storage import remote, shard_cache
 
-    folders: dict[str, list[str]] = {}
+    folders: dict[str, dict[str, str]] = {}  # folder -> {shard name: location}
     for location in _expand(args.src, "SRC"):
-        folders.setdefault(_folder(location), []).append(location.rsplit("/", 1)[-1])
-    for folder, names in folders.items():
+        folders.setdefault(_folder(location), {})[_shard_name(location)] = location
+    for folder, members in folders.items():
+        names = list(members)
         start = time.perf_counter()
         if remote.is_local(folder):
             index = folder_index(folder, names, cache_dir=args.cache or None, workers=args.workers or 1,
@@ -358,7 +371,7 @@ def cmd_index(args) -> int:
         else:  # one download per shard into the node cache, then scanned; the index goes to the cache folder
             base = shard_cache.cache_dir_for(args.cache)  # as training finds it with data.cache_dir=--cache
             cache = shard_cache.ShardCache(os.path.join(base, "shards"), int(args.cache_limit_gb * 1e9))
-            index = remote_folder_index(folder, names, cache, cache_dir=base,
+            index = remote_folder_index(folder, names, cache, cache_dir=base, locations=members,
                                         workers=args.workers or REMOTE_SCAN_THREADS)  # fmt: skip
         elapsed = time.perf_counter() - start
         size = index.path.stat().st_size
