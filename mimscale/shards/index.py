@@ -205,7 +205,9 @@ class IndexWriter:
         self.blob = "\n".join(names).encode()
         self.table = np.zeros(len(names), SHARD_DTYPE)
         self.tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-        self.handle = open(self.tmp, "wb")
+        self.tmp.unlink(missing_ok=True)  # a killed builder's (same pid); unlinking a planted link removes only it
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+        self.handle = os.fdopen(os.open(self.tmp, flags, 0o644), "wb")  # never written through a planted link
         self.handle.seek(_layout(len(names), len(self.blob))[1])
         self.count = 0
 

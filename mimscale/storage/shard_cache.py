@@ -49,7 +49,6 @@ from mimscale.storage.remote import (
     is_local,
     manifest_checksums,
     open_location,
-    open_regular,
     sibling_folder,
     with_retries,
 )
@@ -67,6 +66,7 @@ ORPHAN_WAIT_S = 120.0  # a shard missing this long while others hold it shared w
 _CACHES: weakref.WeakSet = weakref.WeakSet()
 _LOCK_FDS: set[int] = set()  # every lock file this process has open, whichever thread opened it
 _LOCK_FDS_GUARD = threading.Lock()
+_FOREIGN_NAMED: set[str] = set()  # cache folders whose foreign files this process has named
 
 
 def _open_lock(path: Path) -> int:
@@ -162,7 +162,6 @@ class ShardCache:
                                   "follows links there: remove it (and check who planted it)")  # fmt: skip
         _close_lock(self._lock_fd(".cache"))  # a read-only or full cache folder is named now, not mid-download
         self._facts: dict[str, tuple[int | None, str | None]] = {}
-        self._foreign_named = False
         self._reset_process_state()
         _CACHES.add(self)
 
@@ -346,11 +345,18 @@ class ShardCache:
             raise cache_write_error(self.dir, err, f"recording {final.name}") from err
 
     def _read_record(self, name: str) -> dict | None:
+        """The entry's record, or None when it is missing, a link, not a regular file or not a JSON object."""
         try:
-            with open_regular(self._record_path(name)) as handle:
-                record = json.loads(handle.read(MAX_RECORD_BYTES + 1))
-        except (RemoteError, OSError, ValueError):  # missing, a link to a FIFO, not JSON
+            fd = os.open(self._record_path(name), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | _NOFOLLOW)
+        except OSError:
             return None
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            try:
+                record = json.loads(handle.read(MAX_RECORD_BYTES + 1))
+            except (OSError, ValueError):
+                return None
         return record if isinstance(record, dict) else None
 
     def _distrust(self, final: Path, location: str) -> str:
@@ -498,7 +504,8 @@ class ShardCache:
             for entry in entries:
                 name = entry.name
                 own = ENTRY_NAME.fullmatch(name)
-                if not own and not ENTRY_NAME.fullmatch(name[1:].split(PART_MARK)[0]):
+                part = name.startswith(".") and PART_MARK in name and ENTRY_NAME.fullmatch(name[1:].split(PART_MARK)[0])
+                if not own and not part:
                     if name not in OWN_DIRS:
                         foreign.append(name)
                     continue
@@ -521,8 +528,9 @@ class ShardCache:
             return 0.0  # no record: it will be dropped when next used, so it goes first
 
     def _name_foreign(self, names: list[str]) -> None:
-        if names and not self._foreign_named:
-            self._foreign_named = True
+        """Say once per process (forked workers inherit that it was said) which files are not the cache's."""
+        if names and str(self.dir) not in _FOREIGN_NAMED:
+            _FOREIGN_NAMED.add(str(self.dir))
             shown = ", ".join(sorted(names)[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
             print(f"mimscale data: the shard cache folder {self.dir} holds {len(names)} file(s) it did not write "
                   f"({shown}); they are left untouched (never evicted, not counted against data.cache_limit_gb): "
