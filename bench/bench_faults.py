@@ -157,6 +157,8 @@ STORAGE_PROBES = {  # test in tests/test_storage_safety.py -> (fault, what happe
         "no sibling request; indexed from its shards; same fingerprint as the local set"),
     "test_a_trickling_server_is_cut_off_by_the_download_deadline": (
         "server trickling 1 byte / 0.1 s (per-read timeout never fires)", "cut off at size/min_rate + timeout, retried"),
+    "test_download_min_rate_and_index_are_config_keys": (
+        "data.download_min_rate=0; the new keys reach the cache", "refused by the config rule; passed through"),
     "test_hostile_index_headers_are_refused_before_anything_is_allocated": (
         "sparse 4 KB samples.idx claiming 10^7 shards; wrapped u64 counts; ../ names", "refused before allocating"),
     "test_a_full_or_read_only_cache_folder_is_named": (

@@ -185,6 +185,16 @@ def test_a_trickling_server_is_cut_off_by_the_download_deadline(tmp_path, server
     cache.close()
 
 
+def test_download_min_rate_and_index_are_config_keys(tmp_path):
+    from mimscale.config import ConfigError, load_config
+
+    cfg = load_config(overrides=["data.download_min_rate=2500", f"data.index={tmp_path / 'set.idx'}"])
+    assert cfg.data.index == str(tmp_path / "set.idx")
+    assert ShardCache.from_config(DataConfig(cache_dir=str(tmp_path), download_min_rate=2500)).min_rate == 2500
+    with pytest.raises(ConfigError, match="data.download_min_rate"):
+        load_config(overrides=["data.download_min_rate=0"])
+
+
 def _forge_index(path: Path, names: list[str], table: list[tuple[int, int, int]], samples: int | None = None) -> None:
     """An index file written by hand (header, shard table, names, rows), to say what a hostile one may say."""
     blob = "\n".join(names).encode()
