@@ -163,6 +163,8 @@ STORAGE_PROBES = {  # test in tests/test_storage_safety.py -> (fault, what happe
         "sparse 4 KB samples.idx claiming 10^7 shards; wrapped u64 counts; ../ names", "refused before allocating"),
     "test_a_full_or_read_only_cache_folder_is_named": (
         "full disk (300 KB tmpfs) while reserving or writing; read-only cache", "'no space left on <dir>' / 'not writable'"),
+    "test_a_shard_the_cache_cannot_fetch_stops_the_stream_by_name_not_as_corrupt_samples": (
+        "a shard deleted from the store after the index was read", "the stream stops naming the URL (HTTP 404)"),
     "test_inspect_names_a_manifest_whose_classes_is_not_a_list": (
         'shards inspect with a manifest "classes": 5', "clear error naming the key"),
 }  # fmt: skip

@@ -238,6 +238,19 @@ def test_hostile_index_headers_are_refused_before_anything_is_allocated(tmp_path
 # ----------------------------------------------------------------------------------------------- 7. messages
 
 
+def test_a_shard_the_cache_cannot_fetch_stops_the_stream_by_name_not_as_corrupt_samples(tmp_path):
+    served = tmp_path / "served"
+    shutil.copytree(SAMPLE, served)
+    with ShardServer(served) as server:
+        pattern = server.url("sample-{000..003}.tar")
+        table = load_table(
+            pattern, "data.shards", data_cfg=DataConfig(cache_dir=str(tmp_path / "c"), download_retries=0)
+        )
+        (served / NAMES[3]).unlink()  # gone from the store after the index was read
+        with pytest.raises(RemoteError, match=r"sample-003.tar: HTTP 404"):
+            table.read(len(table) - 1)  # the last sample lies in sample-003.tar, not yet cached
+
+
 def _in_small_mount(tmp_path: Path, code: str, *, read_only: bool = False) -> subprocess.CompletedProcess:
     """Run ``code`` with a 300 KB tmpfs at tmp_path/mnt in a private mount namespace (root or user namespaces)."""
     if not shutil.which("unshare"):

@@ -117,8 +117,9 @@ class ShardTable:
         if handle is None:
             if len(self._handles) >= MAX_OPEN_SHARDS:
                 self._handles.pop(next(iter(self._handles))).close()
+            path = self._local_path(shard)  # a remote shard that cannot be fetched stops the run, named: not "corrupt"
             try:
-                handle = open(self._local_path(shard), "rb")
+                handle = open(path, "rb")
             except OSError as err:
                 raise BadImage("unreadable_shard", str(err)) from err
             size = os.fstat(handle.fileno()).st_size
