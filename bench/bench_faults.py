@@ -156,13 +156,15 @@ STORAGE_PROBES = {  # test in tests/test_storage_safety.py -> (fault, what happe
         "pre-signed URLs (query with slashes) on a store answering 403 to edited URLs",
         "no sibling request; indexed from its shards; same fingerprint as the local set"),
     "test_a_trickling_server_is_cut_off_by_the_download_deadline": (
-        "server trickling 1 byte / 0.1 s (per-read timeout never fires)", "cut off at size/min_rate + timeout, retried"),
+        "server trickling 1 byte / 0.1 s (per-read timeout never fires)",
+        "cut off at size/min_rate + timeout, retried"),
     "test_download_min_rate_and_index_are_config_keys": (
         "data.download_min_rate=0; the new keys reach the cache", "refused by the config rule; passed through"),
     "test_hostile_index_headers_are_refused_before_anything_is_allocated": (
         "sparse 4 KB samples.idx claiming 10^7 shards; wrapped u64 counts; ../ names", "refused before allocating"),
     "test_a_full_or_read_only_cache_folder_is_named": (
-        "full disk (300 KB tmpfs) while reserving or writing; read-only cache", "'no space left on <dir>' / 'not writable'"),
+        "full disk (300 KB tmpfs) while reserving or writing; read-only cache",
+        "'no space left on <dir>' / 'not writable'"),
     "test_a_shard_the_cache_cannot_fetch_stops_the_stream_by_name_not_as_corrupt_samples": (
         "a shard deleted from the store after the index was read", "the stream stops naming the URL (HTTP 404)"),
     "test_inspect_names_a_manifest_whose_classes_is_not_a_list": (
@@ -197,7 +199,8 @@ def main() -> None:
     if args.only != "launch":
         storage = storage_probes(Path(args.out))
         passed = sum(row["lost"] not in ("FAILED", "skipped") for row in storage)
-        print(f"| storage probe ({passed} of {len(storage)} passed) | outcome | - | probe time |\n|---|---|---|---|")
+        print(f"| storage probe ({passed} of {len(storage)} passed) | outcome | - | probe time |")
+        print("|---|---|---|---|")
         for row in storage:
             print(f"| {row['fault']} | {row['lost']} | - | {row['recover']:.1f} s |")
         if args.only == "storage":

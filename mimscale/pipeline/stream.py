@@ -195,7 +195,7 @@ def load_table(pattern: str, key: str, *, cache_dir: str | None = None, data_cfg
         folder_index(folder, list(members), cache_dir=cache_dir)
         if remote.is_local(folder)
         else remote_folder_index(
-            folder, list(members), cache, cache_dir=cache_dir, locations=members, index=named_index
+            folder, list(members), cache, cache_dir=cache_dir, locations=members, named_index=named_index
         )
         for folder, members in folders.items()
     ]

@@ -300,8 +300,10 @@ class SetIndex:
             raise self._fail(f"header claims {num_shards} shards and {names_bytes} name bytes, more than "
                              f"the file's {file_bytes} bytes")  # fmt: skip
         if num_shards > MAX_INDEX_SHARDS or table_bytes + names_bytes > MAX_TABLE_BYTES:  # a sparse file's size lies
-            raise self._fail(f"header claims {num_shards} shards and {names_bytes} name bytes, beyond the "
-                             f"{MAX_INDEX_SHARDS} shards and {MAX_TABLE_BYTES >> 20} MiB one index may hold")  # fmt: skip
+            raise self._fail(
+                f"header claims {num_shards} shards and {names_bytes} name bytes, beyond the "
+                f"{MAX_INDEX_SHARDS} shards and {MAX_TABLE_BYTES >> 20} MiB an index may hold"
+            )
         if num_shards and not 2 * num_shards - 1 <= names_bytes <= num_shards * (MAX_SHARD_NAME_BYTES + 1):
             raise self._fail(f"{names_bytes} name bytes cannot hold {num_shards} shard file names")
 
@@ -503,27 +505,27 @@ def published_index(location: str) -> str | None:
 
 def remote_folder_index(folder: str, names: list[str], cache, *, cache_dir: str | Path | None = None,
                         workers: int = REMOTE_SCAN_THREADS, locations: dict[str, str] | None = None,
-                        index: str = "") -> SetIndex:  # fmt: skip
-    """The index of shards under a URL prefix: ``index`` when the user names one (data.index), else a samples.idx
-    published beside them (never for pipe: commands or signed URLs: published_index), either downloaded once per
-    node through the shard cache; else one in the index cache, else built by downloading and scanning each shard
-    once, ``workers`` at a time (``mimscale shards index URL --cache DIR`` does that ahead of training). When the
-    index found lacks some shards, only those are downloaded to complete it; its rows for the others are kept.
-    ``locations`` maps each name to its shard's location (default: ``folder/name``)."""
+                        named_index: str = "") -> SetIndex:  # fmt: skip
+    """The index of shards under a URL prefix: ``named_index`` when the user names one (data.index), else a
+    samples.idx published beside them (never for pipe: commands or signed URLs: published_index), either one
+    downloaded once per node through the shard cache; else one in the index cache, else built by downloading and
+    scanning each shard once, ``workers`` at a time (``mimscale shards index URL --cache DIR`` does that ahead of
+    training). When the index found lacks some shards, only those are downloaded to complete it; its rows for the
+    others are kept. ``locations`` maps each name to its shard's location (default: ``folder/name``)."""
     from mimscale.storage import remote
 
     locations = locations or {name: f"{folder}/{name}" for name in names}
     candidates: list[Path] = [cache_path(folder, cache_dir)]
-    published = index or (published_index(locations[names[0]]) if names else None)
-    found = None
+    published = named_index or (published_index(locations[names[0]]) if names else None)
+    fetched = None
     if published:
         with contextlib.suppress(remote.RemoteNotFound):
-            found = cache.local_path(published)  # pinned for the process's life (a local path passes through)
-        if index and (found is None or not Path(found).is_file()):
-            raise ShardError(f"data.index={index!r} does not exist; fix the location or unset data.index "
+            fetched = cache.local_path(published)  # pinned for the process's life (a local path passes through)
+        if named_index and (fetched is None or not Path(fetched).is_file()):
+            raise ShardError(f"data.index={named_index!r} does not exist; fix the location or unset data.index "
                              "(the set is then indexed from its shards)")  # fmt: skip
-    if found is not None:
-        candidates.insert(0, Path(found))
+    if fetched is not None:
+        candidates.insert(0, Path(fetched))
     partial = None
     for candidate in candidates:
         index = _open_if_valid(candidate)
