@@ -26,6 +26,7 @@ from mimscale.eval.evaluators import MONITORS
 from mimscale.models.teacher_kinds import TEACHER_KINDS
 from mimscale.pipeline.device_decode import DECODE_MODES
 from mimscale.presets import PRESETS
+from mimscale.storage.atomic import atomic_write
 
 
 class ConfigError(ValueError):
@@ -568,6 +569,4 @@ def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config atomically (a crash never leaves half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(config_to_yaml(cfg))
-    tmp.replace(path)
+    atomic_write(path, config_to_yaml(cfg))

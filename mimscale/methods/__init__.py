@@ -8,7 +8,7 @@
 | relaxmim    | own patch content  | none      | all + mask token     | mlp           | infonce   | random_tokens |
 
 ``method.loss``, ``method.target_norm`` and ``mask.kind`` override the preset's choice, by name from the registries
-in ``methods/components.py`` (``LOSSES``, ``TARGET_NORMS``) and ``data/masking.py`` (``MASK_KINDS``); the builder
+in ``methods/components.py`` (``LOSSES``, ``TARGET_NORMS``) and ``pipeline/masking.py`` (``MASK_KINDS``); the builder
 checks that the choice fits its target (a regression loss for regression targets, a pixel or feature norm). The
 head is the method's own (it is fixed by the target: pixels on the student's grid, teacher width, ...).
 

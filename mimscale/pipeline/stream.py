@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from mimscale.config import Config
 from mimscale.pipeline.device_decode import DeferredCrop, DeferredRows
 from mimscale.pipeline.order import EpochPlan, arrangement
-from mimscale.pipeline.transforms import eval_transform, normalise_batch, train_crop, train_crop_or_defer, write_chw
+from mimscale.pipeline.transforms import eval_transform, normalise_batch, train_crop, write_chw
 from mimscale.shards.format import ShardError
 from mimscale.shards.images import BadImage
 from mimscale.shards.sets import ShardTable, open_shard_set
@@ -62,7 +62,7 @@ class AugmentSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     uint8: bool = False  # hand uint8 pixels to the main process; the engine normalises on the device
-    decode: str = "worker"  # "device": JPEGs travel encoded, the main process decodes them (data/device_decode.py)
+    decode: str = "worker"  # "device": JPEGs travel encoded, the main process decodes them (pipeline/device_decode.py)
 
 
 class _TrainBatches(IterableDataset):
@@ -115,9 +115,14 @@ class _TrainBatches(IterableDataset):
             sample_id = plan.sample(stream, (position + step) % plan.stream_length) if step else planned
             try:
                 payload, label = self.table.read_labelled(sample_id)
-                crop = train_crop_or_defer if spec.decode == "device" else train_crop
-                image, flip = crop(
-                    payload, size=spec.size, scale=spec.scale, ratio=spec.ratio, hflip=spec.hflip, rng=rng
+                image, flip = train_crop(
+                    payload,
+                    size=spec.size,
+                    scale=spec.scale,
+                    ratio=spec.ratio,
+                    hflip=spec.hflip,
+                    rng=rng,
+                    defer=spec.decode == "device",
                 )
             except BadImage as err:
                 self._report(sample_id, err)

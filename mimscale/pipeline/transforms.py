@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
@@ -101,48 +102,27 @@ def train_crop(
     ratio: tuple[float, float],
     hflip: float,
     rng: np.random.Generator,
-) -> tuple[torch.Tensor, bool]:
+    defer: bool = False,
+) -> tuple[torch.Tensor | DeferredCrop, bool]:
     """Decode + RandomResizedCrop; returns (uint8 [3, size, size], flip?) so the flip can ride on the batch copy.
 
     Draws from ``rng`` in the same order as ``train_transform`` (crop box, then flip), so both give the same pixels.
+    ``defer`` (``data.decode: device``): a JPEG the GPU decoder takes is not decoded here but returned as a
+    DeferredCrop with the same crop box and flip, drawn from the header's size, so the sample's randomness (and
+    the mask drawn after) do not depend on where it is decoded; the main process decodes, crops and resizes it
+    (``mimscale.pipeline.device_decode``).
     """
+    dims = device_decodable(payload) if defer else None
+    if dims is not None:
+        box = sample_crop_box(dims[0], dims[1], tuple(scale), tuple(ratio), rng)
+        return DeferredCrop(payload, box), bool(rng.random() < hflip)
     pixels, box = _decode_for_box(payload, size, lambda w, h: sample_crop_box(w, h, tuple(scale), tuple(ratio), rng))
     return _resize_crop(pixels, box, size), bool(rng.random() < hflip)
 
 
-def train_crop_or_defer(
-    payload: bytes,
-    *,
-    size: int,
-    scale: tuple[float, float],
-    ratio: tuple[float, float],
-    hflip: float,
-    rng: np.random.Generator,
-) -> tuple[torch.Tensor | DeferredCrop, bool]:
-    """``data.decode: device``: like ``train_crop``, but a JPEG the GPU decoder takes is not decoded here.
-
-    Its crop box and flip are drawn from ``rng`` exactly as ``train_crop`` draws them (box from the header's size,
-    then flip), so the sample's randomness, and the mask drawn after, do not depend on where it is decoded; the
-    main process decodes, crops and resizes it (``mimscale.pipeline.device_decode``). Other images: ``train_crop``.
-    """
-    dims = device_decodable(payload)
-    if dims is None:
-        return train_crop(payload, size=size, scale=scale, ratio=ratio, hflip=hflip, rng=rng)
-    box = sample_crop_box(dims[0], dims[1], tuple(scale), tuple(ratio), rng)
-    return DeferredCrop(payload, box), bool(rng.random() < hflip)
-
-
-def train_transform(
-    payload: bytes,
-    *,
-    size: int,
-    scale: tuple[float, float],
-    ratio: tuple[float, float],
-    hflip: float,
-    rng: np.random.Generator,
-) -> torch.Tensor:
-    """Decode + RandomResizedCrop + horizontal flip; returns uint8 CHW [3, size, size]."""
-    image, flip = train_crop(payload, size=size, scale=scale, ratio=ratio, hflip=hflip, rng=rng)
+def train_transform(payload: bytes, **crop: Any) -> torch.Tensor:
+    """Decode + RandomResizedCrop + horizontal flip; returns uint8 CHW [3, size, size] (``train_crop``'s keywords)."""
+    image, flip = train_crop(payload, **crop)
     return image.flip(-1) if flip else image
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -392,18 +393,7 @@ def cmd_index(args) -> int:
 def cmd_create(args) -> int:
     from mimscale.shards.create import CreateOptions, create_shards
 
-    opts = CreateOptions(
-        samples_per_shard=args.samples_per_shard,
-        max_bytes_per_shard=args.max_bytes_per_shard,
-        max_side=args.max_side,
-        format=args.format,
-        quality=args.quality,
-        shuffle_seed=args.shuffle_seed,
-        min_side=args.min_side,
-        max_pixels=args.max_pixels,
-        max_bytes=args.max_bytes,
-        prefix=args.prefix,
-    )
+    opts = CreateOptions(**{option.name: getattr(args, option.name) for option in dataclasses.fields(CreateOptions)})
     command = "mimscale " + " ".join(shlex.quote(arg) for arg in sys.argv[1:]) if args.record_argv else ""
     manifest = create_shards(args.src, args.out, opts, workers=args.workers, command=command)
     totals, rejects = manifest["totals"], manifest["rejects"]

@@ -9,7 +9,7 @@ stack, and fsspec's HTTP backend would add aiohttp); ``s3://`` and ``gs://`` go 
 (the optional extra ``mimscale[remote]``) for their credential chains and listing; ``pipe:`` uses webdataset's
 gopen, so commands behave exactly as in WebDataset pipelines.
 
-The node-local cache that makes these locations local files lives in ``data/shard_cache.py``.
+The node-local cache that makes these locations local files lives in ``storage/shard_cache.py``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The node-local, size-bounded cache of whole shards that makes remote locations (data/remote.py) local files.
+"""The node-local, size-bounded cache of whole shards that makes remote locations (storage/remote.py) local files.
 
 The cache (:class:`ShardCache`) keeps whole shards in a node-local folder under a byte limit. Coordination between
 the processes of a node (ranks, DataLoader workers) is done with ``flock`` on one small lock file per shard:
