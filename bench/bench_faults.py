@@ -5,7 +5,12 @@ a truncated rank file in the newest checkpoint, a planted code-running pickle, a
 "Lost" is training steps that must be redone; "recover" is from the restart command to the resumed run's first
 step line (or to the refusal). Prints a markdown table for bench/RESULTS.md.
 
-    PYTHONPATH=. python bench/bench_faults.py [--ranks 2] [--out /tmp/bench_faults]
+The node cache, remote locations and index probes (issue 20: what the cache deletes and trusts, pipe: and signed
+locations, bounded time and memory, full or read-only cache) run without the launcher: each is the real test in
+tests/test_storage_safety.py (real HTTP server, real files, a real tmpfs), so the bench and the suite cannot drift;
+``--only storage`` prints just their table.
+
+    PYTHONPATH=. python bench/bench_faults.py [--ranks 2] [--out /tmp/bench_faults] [--only all|launch|storage]
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,13 +140,71 @@ def busy_folder(ranks: int, run_dir: Path) -> dict:
             "stop": "-", "recover": seconds}  # fmt: skip
 
 
+STORAGE_PROBES = {  # test in tests/test_storage_safety.py -> (fault, what happens when it passes)
+    "test_eviction_never_deletes_or_counts_files_the_cache_did_not_write": (
+        "user's own files in the cache folder while eviction runs", "kept, not counted, named once"),
+    "test_planted_lock_links_are_refused_and_never_followed": (
+        "symlinks planted in .locks/ (and .locks itself a link)", "refused by name; nothing created outside"),
+    "test_a_poisoned_cached_shard_is_dropped_and_fetched_again": (
+        "same-size poisoned cached shard (mtime put back), one planted without a record, a manifest mismatch",
+        "dropped and fetched again with a message; never served"),
+    "test_the_default_cache_folder_is_private": (
+        "default cache folder mode 0777 / owned by another user", "refused, saying why; created 0700"),
+    "test_a_pipe_set_runs_one_command_per_shard_and_nothing_else": (
+        "pipe: set with no index", "one command per shard, none derived; data.index used when named"),
+    "test_signed_urls_are_never_edited_to_look_for_siblings": (
+        "pre-signed URLs (query with slashes) on a store answering 403 to edited URLs",
+        "no sibling request; indexed from its shards; same fingerprint as the local set"),
+    "test_a_trickling_server_is_cut_off_by_the_download_deadline": (
+        "server trickling 1 byte / 0.1 s (per-read timeout never fires)",
+        "cut off at size/min_rate + timeout, retried"),
+    "test_download_min_rate_and_index_are_config_keys": (
+        "data.download_min_rate=0; the new keys reach the cache", "refused by the config rule; passed through"),
+    "test_hostile_index_headers_are_refused_before_anything_is_allocated": (
+        "sparse 4 KB samples.idx claiming 10^7 shards; wrapped u64 counts; ../ names", "refused before allocating"),
+    "test_a_full_or_read_only_cache_folder_is_named": (
+        "full disk (300 KB tmpfs) while reserving or writing; read-only cache",
+        "'no space left on <dir>' / 'not writable'"),
+    "test_a_shard_the_cache_cannot_fetch_stops_the_stream_by_name_not_as_corrupt_samples": (
+        "a shard deleted from the store after the index was read", "the stream stops naming the URL (HTTP 404)"),
+    "test_inspect_names_a_manifest_whose_classes_is_not_a_list": (
+        'shards inspect with a manifest "classes": 5', "clear error naming the key"),
+}  # fmt: skip
+
+
+def storage_probes(out: Path) -> list[dict]:
+    """Run the storage probes (the tests themselves) and turn each outcome into a row."""
+    report = out / "storage.xml"
+    out.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
+                    str(REPO / "tests" / "test_storage_safety.py")], cwd=REPO, env=env(), check=False)  # fmt: skip
+    rows = []
+    for case in ElementTree.parse(report).getroot().iter("testcase"):
+        fault, outcome = STORAGE_PROBES.get(case.get("name"), (case.get("name"), "passed"))
+        failed = case.find("failure") is not None or case.find("error") is not None
+        skipped = case.find("skipped") is not None
+        verdict = "FAILED" if failed else ("skipped" if skipped else outcome)
+        rows.append({"fault": fault, "lost": verdict, "stop": "-", "recover": float(case.get("time", 0))})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--out", default="/tmp/bench_faults")
+    parser.add_argument("--only", choices=("all", "launch", "storage"), default="all")
     args = parser.parse_args()
     run_dir = Path(args.out) / "run"
     shutil.rmtree(args.out, ignore_errors=True)
+    if args.only != "launch":
+        storage = storage_probes(Path(args.out))
+        passed = sum(row["lost"] not in ("FAILED", "skipped") for row in storage)
+        print(f"| storage probe ({passed} of {len(storage)} passed) | outcome | - | probe time |")
+        print("|---|---|---|---|")
+        for row in storage:
+            print(f"| {row['fault']} | {row['lost']} | - | {row['recover']:.1f} s |")
+        if args.only == "storage":
+            return
     rows = [kill_9(args.ranks, run_dir), sigterm_group(args.ranks, run_dir), truncated_rank_file(args.ranks, run_dir),
             planted_pickle(args.ranks, run_dir), busy_folder(args.ranks, run_dir)]  # fmt: skip
     print(

@@ -101,6 +101,17 @@ class DataConfig:
     )
     download_retries: int = _doc(5, "Retries of a failed shard download (exponential backoff) before the run stops.")
     download_timeout_s: float = _doc(60.0, "Network timeout of one shard request (connect and each read), seconds.")
+    download_min_rate: float = _doc(
+        100e3,
+        "Slowest acceptable download, bytes/s: a download must end within its size / this rate plus "
+        "download_timeout_s, else it is cut off and retried (a server trickling bytes cannot stall a run for ever).",
+    )
+    index: str = _doc(
+        "",
+        "Location (path or URL) of the samples.idx of remote data.shards, used instead of one beside them: the way "
+        "to give the index of a pipe: set (its commands are never edited into other commands) or of pre-signed URLs "
+        "(never edited); empty = beside the shards, or, for those two, built from the shards (downloaded once).",
+    )
     streams: int = _doc(
         0,
         "Canonical data streams C: the order interleaves C streams of shards, and rank r of W reads only C/W of "
@@ -326,6 +337,7 @@ RULES: dict[str, Rule] = {
     "data.std": _items(3, POSITIVE),
     "data.cache_limit_gb": POSITIVE,
     "data.download_timeout_s": POSITIVE,
+    "data.download_min_rate": POSITIVE,
     "data.shuffle_window": AT_LEAST_ONE,
     "model.student": _non_empty,
     "model.drop_path_rate": _number(0, 1, high_open=True),

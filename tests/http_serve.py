@@ -7,12 +7,16 @@ reading by hand with ``python tests/http_serve.py shards/sample --latency-ms 50`
 Faults (``server.faults[name] = [...]``, one consumed per request of that file): ``"500"`` answers HTTP 500,
 ``"close"`` sends half the body then closes the connection, ``"hang"`` sends half the body and then waits until
 ``server.release`` is set, ``"extra"`` sends the body plus 100 junk bytes with no Content-Length, ``"long"``
-declares and sends 100 more bytes than the file has.
+declares and sends 100 more bytes than the file has, ``"trickle"`` declares the full length and then sends one byte
+every ``server.trickle_s`` seconds (fast enough for any per-read timeout, too slow to ever finish) until the client
+goes away. ``server.require_query = "X-Amz-Signature=good"`` makes it a pre-signed-URL store: a request whose
+query string lacks that text gets HTTP 403, as a signed URL edited into another one would.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import threading
 import time
@@ -41,13 +45,17 @@ class _Handler(BaseHTTPRequestHandler):
                 owner.active -= 1
 
     def _answer(self, owner: ShardServer) -> None:
-        name = unquote(urlsplit(self.path).path).lstrip("/")
+        parts = urlsplit(self.path)
+        name = unquote(parts.path).lstrip("/")
         path = (owner.root / name).resolve()
         with owner.lock:
             owner.requests[name] += 1
             fault = owner.faults.get(name, []).pop(0) if owner.faults.get(name) else ""
         if owner.latency_s:
             time.sleep(owner.latency_s)
+        if owner.require_query and owner.require_query not in parts.query:
+            self.send_error(403, "signature does not match")
+            return
         if owner.root not in path.parents or not path.is_file():
             self.send_error(404)
             return
@@ -62,6 +70,13 @@ class _Handler(BaseHTTPRequestHandler):
         if fault != "extra":
             self.send_header("Content-Length", str(len(body) + (100 if fault == "long" else 0)))
         self.end_headers()
+        if fault == "trickle":
+            with contextlib.suppress(OSError):  # the client gave up: that is the point
+                for byte in range(len(body)):
+                    self.wfile.write(body[byte : byte + 1])
+                    self.wfile.flush()
+                    time.sleep(self.server.owner.trickle_s)
+            return
         if fault in ("close", "hang"):
             self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()
@@ -87,6 +102,8 @@ class ShardServer:
         self.requests: Counter = Counter()
         self.active = self.peak_active = 0  # requests being answered now, and the most at once so far
         self.faults: dict[str, list[str]] = {}
+        self.trickle_s = 0.2
+        self.require_query = ""
         self.lock = threading.Lock()
         self.hanging, self.release = threading.Event(), threading.Event()
         self._httpd = _Server(("127.0.0.1", port), _Handler)

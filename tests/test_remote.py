@@ -197,7 +197,8 @@ def test_a_reader_pinning_the_file_never_blocks_a_process_that_found_it_missing(
     assert finder.is_alive() and not outcome
     tmp = final.with_name(".placed")
     tmp.write_bytes((SAMPLE / NAMES[0]).read_bytes())
-    os.replace(tmp, final)  # the other process's download lands; it keeps its shared lock (its pin)
+    os.replace(tmp, final)  # the other process's download lands, with its record; it keeps its shared lock (its pin)
+    cache._write_record(final, url, sha(final))
     finder.join(30)
     assert outcome == [final] and not finder.is_alive(), "local_path waited behind a reader's pin"
     assert server.requests[NAMES[0]] == 0 and sha(final) == sha(SAMPLE / NAMES[0])
@@ -246,8 +247,8 @@ def test_eviction_respects_the_limit_and_never_evicts_a_shard_in_use(tmp_path, s
     for url in urls[:2]:
         cache.local_path(url)
         cache.release(url)
-    os.utime(cache.path_for(urls[0]), (1, 1))
-    os.utime(cache.path_for(urls[1]), (2, 2))  # both stale, shard 0 the stalest
+    os.utime(cache.dir / ".records" / cache.path_for(urls[0]).name, (1, 1))  # recency lives in the records
+    os.utime(cache.dir / ".records" / cache.path_for(urls[1]).name, (2, 2))  # both stale, shard 0 the stalest
     cache.prefetch([urls[0]])  # the order wants shard 0 next
     cache.local_path(urls[2])  # room for it: shard 1 goes, not shard 0
     assert cache.path_for(urls[0]).exists() and not cache.path_for(urls[1]).exists()

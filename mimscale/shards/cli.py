@@ -28,7 +28,7 @@ from mimscale.shards.format import (
     split_key,
 )
 from mimscale.shards.images import BadImage, decode_rgb
-from mimscale.shards.index import INDEX_NAME, SetIndex, scan_tar
+from mimscale.shards.index import INDEX_NAME, SetIndex, published_index, scan_tar
 from mimscale.shards.sets import expand_locations, open_shard_set, shard_folders
 from mimscale.storage import remote
 from mimscale.storage.shard_cache import ShardCache
@@ -167,10 +167,14 @@ def _remote_spec(spec: str) -> bool:
     return remote.is_url(spec) and remote.scheme_of(spec.split("::")[0].strip()) != "file"
 
 
-def _remote_set_index(folder: str, cache, problems: list[str]):
-    """The samples.idx published beside remote shards, or None when there is none."""
+def _remote_set_index(location: str, cache, problems: list[str]):
+    """The samples.idx published beside a remote shard, or None when there is none (or none may be looked up:
+    pipe: commands and signed URLs, see index.published_index)."""
+    published = published_index(location)
+    if published is None:
+        return None
     try:
-        return SetIndex(cache.local_path(f"{folder}/{INDEX_NAME}"))
+        return SetIndex(cache.local_path(published))
     except remote.RemoteNotFound:
         return None
     except ShardError as err:
@@ -183,18 +187,20 @@ def verify_remote(spec: str, cache) -> tuple[int, int, list[str], bool]:
     is (not checked on the way, so that a damaged copy is reported rather than refused), verified, then dropped."""
     from tqdm import tqdm
 
-    folders = shard_folders(expand_locations(spec, "OUT"))
+    folders = shard_folders(expand_locations(spec, "OUT"), f"OUT={spec!r}")
     shards, samples, problems, notes, manifests = 0, 0, [], [], 0
-    for folder, names in folders.items():
-        manifest = load_remote_manifest(folder)
+    for folder, members in folders.items():
+        names = list(members)
+        siblings = remote.sibling_folder(members[names[0]])  # None: pipe: or signed URLs, nothing to look up
+        manifest = load_remote_manifest(siblings) if siblings is not None else None
         manifests += manifest is not None
         entries = {entry["name"]: entry for entry in manifest["shards"]} if manifest else {}
         problems += [
             f"{name}: not listed in {folder}/{MANIFEST_NAME}" for name in names if manifest and name not in entries
         ]
-        index = _remote_set_index(folder, cache, problems)
+        index = _remote_set_index(members[names[0]], cache, problems)
         for name in tqdm(names, desc="verify", unit="shard", disable=None, file=sys.stderr):
-            location = f"{folder}/{name}"
+            location = members[name]
             try:
                 path = cache.local_path(location)
             except remote.RemoteError as err:
@@ -267,10 +273,19 @@ def contact_sheet(table, count: int, labels: list[str], thumb: int = 96) -> Imag
     return sheet
 
 
-def _class_names(folder: str, manifest: dict | None) -> list[str]:
-    """Class names from the manifest, else from a classes.json beside the shards (local or remote)."""
-    if manifest and manifest.get("classes"):
-        return [str(name) for name in manifest["classes"]]
+def _class_names(folder: str | None, manifest: dict | None) -> list[str]:
+    """Class names from the manifest, else from a classes.json beside the shards (local or remote; none where no
+    sibling may be looked up: ``folder`` None)."""
+    classes = manifest.get("classes") if manifest else None
+    if classes:
+        if not isinstance(classes, list):
+            raise ShardError(
+                f'{folder}/{MANIFEST_NAME}: "classes" must be a list of class names, got '
+                f"{type(classes).__name__} {str(classes)[:40]}; fix it or remove the key"
+            )
+        return [str(name) for name in classes]
+    if folder is None:
+        return []
     location = f"{folder}/classes.json"
     if remote.is_local(folder) and not Path(location).is_file():
         return []
@@ -294,8 +309,12 @@ def _label_histogram(table) -> dict[int, int]:
 def cmd_inspect(args) -> int:
     folder = args.out
     table = open_shard_set(folder, "OUT", data_cfg=DataConfig(cache_dir=args.cache))
-    first = table.folders[0]
-    manifest = load_remote_manifest(first) if _remote_spec(folder) else load_manifest(first)
+    if _remote_spec(folder):
+        first = remote.sibling_folder(table.locations[0])  # None for pipe: commands and signed URLs
+        manifest = load_remote_manifest(first) if first is not None else None
+    else:
+        first = table.folders[0]
+        manifest = load_manifest(first)
     names = _class_names(first, manifest)
     sizes = [
         index.shard_bytes[n]

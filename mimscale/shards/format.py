@@ -221,13 +221,14 @@ def load_manifest(folder: str | Path) -> dict | None:
 def load_remote_manifest(folder: str, keep_in: Path | None = None) -> dict | None:
     """The manifest.json beside remote shards (a bounded, retried read), or None when the folder has none.
 
-    Training's leniency, and only it: a ``pipe:`` command has no folder (None); with ``keep_in`` (the node's
-    shard cache) each read is saved there, and the saved copy stands in when the store cannot be reached, so a
-    run whose shards are all cached resumes while the store is down. The bytes are parsed as strictly either way.
+    Training's leniency, and only it: a ``pipe:`` command or a signed URL has no folder (None); with ``keep_in``
+    (the node's shard cache) each read is saved there, and the saved copy stands in when the store cannot be
+    reached, so a run whose shards are all cached resumes while the store is down. The bytes are parsed as
+    strictly either way.
     """
-    if remote.scheme_of(folder) == "pipe":
-        return None
     location = f"{folder}/{MANIFEST_NAME}"
+    if remote.sibling_folder(location) is None:
+        return None  # never a command or an edited signed URL (remote.sibling_folder)
     saved = keep_in / f"{hashlib.sha256(folder.encode()).hexdigest()[:16]}-manifest.json" if keep_in else None
     try:
         raw = remote.read_small(location, MAX_MANIFEST_BYTES)

@@ -17,6 +17,7 @@ against the shard's size when the shard is first used.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -49,6 +50,10 @@ VERSION = 1
 HEADER = struct.Struct("<8sIIQQQ24x")  # 64 bytes
 SHARD_DTYPE = np.dtype([("bytes", "<u8"), ("samples", "<u8"), ("unusable", "<u8")])
 SAMPLE_DTYPE = np.dtype([("block", "<u4"), ("size", "<u4"), ("label", "<i4")])
+MAX_INDEX_SHARDS = 1 << 22  # 4M shards (a 96 MiB table): larger sets are several sets joined with ::
+MAX_TABLE_BYTES = 256 << 20  # shard table + names read into memory: checked against the header before reading
+MAX_SHARD_NAME_BYTES = 255  # a file name
+MAX_SHARD_SAMPLES = 1 << 40
 LISTED_UNUSABLE = 3
 REMOTE_SCAN_THREADS = 8  # shards downloaded and scanned at once when a remote set has no index (network-bound)
 
@@ -198,7 +203,9 @@ class IndexWriter:
         self.blob = "\n".join(names).encode()
         self.table = np.zeros(len(names), SHARD_DTYPE)
         self.tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-        self.handle = open(self.tmp, "wb")
+        self.tmp.unlink(missing_ok=True)  # a killed builder's (same pid); unlinking a planted link removes only it
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+        self.handle = os.fdopen(os.open(self.tmp, flags, 0o644), "wb")  # never written through a planted link
         self.handle.seek(_layout(len(names), len(self.blob))[1])
         self.count = 0
 
@@ -256,11 +263,7 @@ class SetIndex:
                     raise self._fail("not a mimscale index (wrong magic bytes)")
                 if version != VERSION:
                     raise self._fail(f"format version {version}, this mimscale reads version {VERSION}")
-                if num_shards * SHARD_DTYPE.itemsize + names_bytes > info.st_size:
-                    raise self._fail(
-                        f"header claims {num_shards} shards and {names_bytes} name bytes, more than "
-                        f"the file's {info.st_size} bytes"
-                    )
+                self._check_header(num_shards, names_bytes, info.st_size)
                 names_at, self.rows_at = _layout(num_shards, names_bytes)
                 if self.rows_at + num_samples * SAMPLE_DTYPE.itemsize != info.st_size:
                     raise self._fail(
@@ -271,22 +274,53 @@ class SetIndex:
                 blob = handle.read(names_bytes)
         except OSError as err:
             raise IndexFileError(f"index file {self.path} is not readable ({err})") from err
-        try:
-            self.names = blob.decode("utf-8").split("\n") if num_shards else []
-        except UnicodeDecodeError as err:
-            raise self._fail("shard names are not utf-8") from err
-        if len(self.names) != num_shards or len(set(self.names)) != num_shards or not all(self.names):
-            raise self._fail(f"{len(self.names)} distinct shard names for {num_shards} shards")
+        self.names = self._check_names(blob, num_shards)
+        if (
+            (table["bytes"] >= 2**62).any()
+            or (table["samples"] >= MAX_SHARD_SAMPLES).any()
+            or (table["unusable"] >= MAX_SHARD_SAMPLES).any()
+        ):
+            raise self._fail("a shard's size or sample count is out of range (a wrapped 64-bit value?)")
+        if (table["samples"] > table["bytes"] // (BLOCK * 2)).any():  # unsigned: checked before any conversion
+            raise self._fail("a shard claims more samples than its size can hold")
         self.shard_bytes = table["bytes"].astype(np.int64)
         self.counts = table["samples"].astype(np.int64)
         self.unusable = table["unusable"].astype(np.int64)
-        if (table["bytes"] >= 2**62).any() or (self.counts * BLOCK * 2 > self.shard_bytes).any():
-            raise self._fail("a shard claims more samples than its size can hold")
         if int(self.counts.sum()) != num_samples:
             raise self._fail(f"shard counts add up to {int(self.counts.sum())}, the header says {num_samples}")
         self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
         self.position = {name: number for number, name in enumerate(self.names)}
         self.num_samples = num_samples
+
+    def _check_header(self, num_shards: int, names_bytes: int, file_bytes: int) -> None:
+        """Refuse counts that cannot be true before anything is read or allocated: a 4 KB sparse file declaring a
+        billion shards must cost nothing."""
+        table_bytes = num_shards * SHARD_DTYPE.itemsize
+        if table_bytes + names_bytes > file_bytes:
+            raise self._fail(
+                f"header claims {num_shards} shards and {names_bytes} name bytes, more than "
+                f"the file's {file_bytes} bytes"
+            )
+        if num_shards > MAX_INDEX_SHARDS or table_bytes + names_bytes > MAX_TABLE_BYTES:  # a sparse file's size lies
+            raise self._fail(
+                f"header claims {num_shards} shards and {names_bytes} name bytes, beyond the "
+                f"{MAX_INDEX_SHARDS} shards and {MAX_TABLE_BYTES >> 20} MiB an index may hold"
+            )
+        if num_shards and not 2 * num_shards - 1 <= names_bytes <= num_shards * (MAX_SHARD_NAME_BYTES + 1):
+            raise self._fail(f"{names_bytes} name bytes cannot hold {num_shards} shard file names")
+
+    def _check_names(self, blob: bytes, num_shards: int) -> list[str]:
+        """Shard names are plain file names, each once: never a path (``/``, ``..``, NUL) that could be opened."""
+        try:
+            names = blob.decode("utf-8").split("\n") if num_shards else []
+        except UnicodeDecodeError as err:
+            raise self._fail("shard names are not utf-8") from err
+        if len(names) != num_shards or len(set(names)) != num_shards or not all(names):
+            raise self._fail(f"{len(names)} distinct shard names for {num_shards} shards")
+        for name in names:
+            if "/" in name or "\0" in name or name in (".", "..") or len(name.encode()) > MAX_SHARD_NAME_BYTES:
+                raise self._fail(f"shard name {name[:80]!r} is not a plain file name (a path, '..' or NUL)")
+        return names
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -474,18 +508,42 @@ def folder_index(
         return build_folder_index(folder, known, target, workers, reuse=index)
 
 
+def published_index(location: str) -> str | None:
+    """Where the samples.idx published beside a remote shard would be, or None where no location may be derived
+    from the shard's: a ``pipe:`` command or a pre-signed URL (remote.sibling_folder)."""
+    return None if remote.sibling_folder(location) is None else remote.sibling(location, INDEX_NAME)
+
+
 def remote_folder_index(
-    folder: str, names: list[str], cache, *, cache_dir: str | Path | None = None, workers: int = REMOTE_SCAN_THREADS
+    folder: str,
+    names: list[str],
+    cache,
+    *,
+    cache_dir: str | Path | None = None,
+    workers: int = REMOTE_SCAN_THREADS,
+    locations: dict[str, str] | None = None,
+    named_index: str = "",
 ) -> SetIndex:
-    """The index of shards under a URL prefix: a samples.idx published beside them (downloaded once per node
-    through the shard cache), else one in the index cache, else built by downloading and scanning each shard
-    once, ``workers`` at a time (``mimscale shards index URL --cache DIR`` does that ahead of training). When the
-    index found lacks some shards, only those are downloaded to complete it; its rows for the others are kept."""
-    candidates = [cache_path(folder, cache_dir)]
-    try:
-        candidates.insert(0, cache.local_path(f"{folder}/{INDEX_NAME}"))  # pinned for the process's life
-    except remote.RemoteNotFound:
-        pass
+    """The index of shards under a URL prefix: ``named_index`` when the user names one (data.index), else a
+    samples.idx published beside them (never for pipe: commands or signed URLs: published_index), either one
+    downloaded once per node through the shard cache; else one in the index cache, else built by downloading and
+    scanning each shard once, ``workers`` at a time (``mimscale shards index URL --cache DIR`` does that ahead of
+    training). When the index found lacks some shards, only those are downloaded to complete it; its rows for the
+    others are kept. ``locations`` maps each name to its shard's location (default: ``folder/name``)."""
+    locations = locations or {name: f"{folder}/{name}" for name in names}
+    candidates: list[Path] = [cache_path(folder, cache_dir)]
+    published = named_index or (published_index(locations[names[0]]) if names else None)
+    fetched = None
+    if published:
+        with contextlib.suppress(remote.RemoteNotFound):
+            fetched = cache.local_path(published)  # pinned for the process's life (a local path passes through)
+        if named_index and (fetched is None or not Path(fetched).is_file()):
+            raise ShardError(
+                f"data.index={named_index!r} does not exist; fix the location or unset data.index "
+                "(the set is then indexed from its shards)"
+            )
+    if fetched is not None:
+        candidates.insert(0, Path(fetched))
     partial = None
     for candidate in candidates:
         index = _open_if_valid(candidate)
@@ -504,7 +562,7 @@ def remote_folder_index(
             f"time) to index them into {target} (`mimscale shards index` does this ahead of training)",
             file=sys.stderr,
         )
-        fresh = _remote_scans(folder, missing, cache, workers)
+        fresh = _remote_scans([locations[name] for name in missing], missing, cache, workers)
         absent = set(missing)
 
         def scans():
@@ -517,15 +575,17 @@ def remote_folder_index(
             fresh.close()  # stops the downloads still queued if writing failed
 
 
-def _remote_scans(folder: str, names: list[str], cache, workers: int) -> Iterator[ShardScan]:
-    """Scans of remote shards in ``names`` order; up to ``workers`` download and scan at once (network-bound),
-    with at most twice that many finished scans waiting for their turn."""
+def _remote_scans(locations: list[str], names: list[str], cache, workers: int) -> Iterator[ShardScan]:
+    """Scans of remote shards (``names[i]`` at ``locations[i]``) in that order; up to ``workers`` download and scan
+    at once (network-bound), with at most twice that many finished scans waiting for their turn."""
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
     from itertools import islice
 
+    where = dict(zip(names, locations, strict=True))
+
     def scan_one(name: str) -> ShardScan:
-        location = f"{folder}/{name}"
+        location = where[name]
         try:
             scan = scan_tar(cache.local_path(location))
         finally:
@@ -542,7 +602,7 @@ def _remote_scans(folder: str, names: list[str], cache, workers: int) -> Iterato
             upcoming = next(queue, None)
             if upcoming is not None:
                 pending.append(pool.submit(scan_one, upcoming))
-            report_scan(scan, f"{folder}/{scan.name}")
+            report_scan(scan, where[scan.name])
             yield scan
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

@@ -51,15 +51,28 @@ def expand_locations(pattern: str, key: str = "data.shards") -> list[str]:
 
 
 def folder_of_shard(location: str) -> str:
-    """The folder (or URL prefix) whose samples.idx indexes a shard; '.' for a bare file name."""
-    return (os.path.dirname(location) or ".") if remote.is_local(location) else location.rpartition("/")[0]
+    """The folder (or URL prefix) whose samples.idx indexes a shard; '.' for a bare file name. A URL's folder ends at
+    its path's last '/', so a query string holding slashes (a signature) is never cut (remote.folder_of)."""
+    return (os.path.dirname(location) or ".") if remote.is_local(location) else remote.folder_of(location)[0]
 
 
-def shard_folders(locations: list[str]) -> dict[str, list[str]]:
-    """{folder or URL prefix: shard file names in it}, in the order the locations come."""
-    folders: dict[str, list[str]] = {}
+def shard_name(location: str) -> str:
+    """A shard's name in its set's index and in the data fingerprint (a URL's without its query string, so a
+    re-signed URL is the same shard: remote.shard_name)."""
+    return os.path.basename(location) if remote.is_local(location) else remote.shard_name(location)
+
+
+def shard_folders(locations: list[str], shown: str = "the shard set") -> dict[str, dict[str, str]]:
+    """{folder or URL prefix: {shard name: its location}}, in the order the locations come. Locations are kept as
+    given (a signed URL or a pipe: command is never rebuilt from folder + name); two locations with one name in one
+    folder are a ShardError (``shown`` names the pattern), since the index tells shards apart by name."""
+    folders: dict[str, dict[str, str]] = {}
     for location in locations:
-        folders.setdefault(folder_of_shard(location), []).append(os.path.basename(location))
+        members, name = folders.setdefault(folder_of_shard(location), {}), shard_name(location)
+        if members.setdefault(name, location) != location:
+            raise ShardError(
+                f"{shown}: {members[name]} and {location} are both shard {name!r} of one folder; name each shard once"
+            )
     return folders
 
 
@@ -67,14 +80,18 @@ def shard_folders(locations: list[str]) -> dict[str, list[str]]:
 
 
 def expect_checksums(cache: shard_cache.ShardCache, locations: list[str]) -> None:
-    """Have the cache check every remote shard against the sha256 its folder's manifest records, when it does."""
-    remote_folders = shard_folders([location for location in locations if not remote.is_local(location)])
-    for folder, names in remote_folders.items():
+    """Have the cache check every remote shard against the sha256 its folder's manifest records, when it does.
+
+    The manifest is parsed by shards/format.py's strict parser and handed to the cache as plain data (location ->
+    sha256). pipe: commands and signed URLs have no manifest to look up (remote.sibling_folder): nothing is edited
+    into another command or URL."""
+    listed = [loc for loc in locations if not remote.is_local(loc) and remote.sibling_folder(loc) is not None]
+    for folder, members in shard_folders(listed).items():
         manifest = load_remote_manifest(folder, keep_in=cache.dir / shard_cache.MANIFEST_DIR)
         checksums = manifest_checksums(manifest)
-        for name in names:
+        for name, location in members.items():
             if name in checksums:
-                cache.expect(f"{folder}/{name}", sha256=checksums[name])
+                cache.expect(location, sha256=checksums[name])
 
 
 # ----------------------------------------------------------------------------------------------- the table
@@ -101,7 +118,7 @@ class ShardTable:
         self.number_in_set = np.asarray([n for _, n in numbers], dtype=np.int64)
         self.counts = np.asarray([indexes[i].counts[n] for i, n in numbers], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
-        self.fingerprint = dataset_fingerprint([os.path.basename(loc) for loc in locations], self.counts)
+        self.fingerprint = dataset_fingerprint([shard_name(loc) for loc in locations], self.counts)
         self.cache = cache
         self._handles: dict[int, object] = {}
         self._pinned: dict[int, str] = {}
@@ -165,8 +182,9 @@ class ShardTable:
         if handle is None:
             if len(self._handles) >= MAX_OPEN_SHARDS:
                 self._handles.pop(next(iter(self._handles))).close()
+            path = self._local_path(shard)  # a remote shard that cannot be fetched stops the run, named: not "corrupt"
             try:
-                handle = open(self._local_path(shard), "rb")
+                handle = open(path, "rb")
             except OSError as err:
                 raise BadImage("unreadable_shard", str(err)) from err
             size = os.fstat(handle.fileno()).st_size
@@ -209,31 +227,43 @@ def open_shard_set(
     ``data_cfg`` (the defaults when None) names the cache folder, for the indexes of read-only or remote sets and
     for the node cache that remote shards are read through. ``index_workers`` scans (local) or downloads (remote)
     that many shards at once when an index must be built; ``prefer_cache`` puts a new local index in the cache
-    folder instead of beside the shards (`mimscale shards index --cache`).
+    folder instead of beside the shards (`mimscale shards index --cache`). For ``data.shards``, data.index names the
+    index of a remote set (the way to index a pipe: set or pre-signed URLs without building it from the shards).
     """
     data_cfg = data_cfg or DataConfig()
     cache_dir = data_cfg.cache_dir or None
     locations = expand_locations(pattern, key)
-    folders = shard_folders(locations)
-    cache = None
+    folders = shard_folders(locations, f"{key}={pattern!r}")
+    cache, named_index = None, data_cfg.index if key == "data.shards" else ""
     if not all(remote.is_local(location) for location in locations):
         cache = shard_cache.ShardCache.from_config(data_cfg)
+        expect_checksums(cache, locations)  # the manifest's sha256s, before any download (index builds' included)
+        remote_folders = [folder for folder in folders if not remote.is_local(folder)]
+        if named_index and len(remote_folders) > 1:
+            raise ShardError(
+                f"data.index={named_index!r} names one index but data.shards spans {len(remote_folders)} remote "
+                "folders; index them as one set or unset it"
+            )
     sets = [
-        folder_index(folder, names, cache_dir=cache_dir, workers=index_workers or 1, prefer_cache=prefer_cache)
+        folder_index(folder, list(members), cache_dir=cache_dir, workers=index_workers or 1, prefer_cache=prefer_cache)
         if remote.is_local(folder)
         else remote_folder_index(
-            folder, names, cache, cache_dir=cache_dir, workers=index_workers or REMOTE_SCAN_THREADS
+            folder,
+            list(members),
+            cache,
+            cache_dir=cache_dir,
+            workers=index_workers or REMOTE_SCAN_THREADS,
+            locations=members,
+            named_index=named_index,
         )
-        for folder, names in folders.items()
+        for folder, members in folders.items()
     ]
     set_number = {folder: number for number, folder in enumerate(folders)}
     numbers = []
     for location in locations:
         number = set_number[folder_of_shard(location)]
-        numbers.append((number, sets[number].position[os.path.basename(location)]))
+        numbers.append((number, sets[number].position[shard_name(location)]))
     table = ShardTable(locations, list(folders), sets, numbers, cache=cache)
-    if cache is not None:
-        expect_checksums(cache, locations)  # the manifest's sha256s, where a folder has a manifest
     if require_samples and len(table) == 0:
         raise ShardError(f"{key}={pattern!r}: the {len(locations)} shard(s) hold no image samples (.jpg/.png/.webp)")
     return table

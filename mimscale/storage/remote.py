@@ -20,6 +20,7 @@ import hashlib
 import http.client
 import importlib
 import io
+import math
 import os
 import random
 import re
@@ -39,6 +40,7 @@ from mimscale.storage.atomic import fsync_dir
 SCHEMES = ("file", "http", "https", "s3", "gs", "gcs", "pipe")
 OBJECT_STORE_PACKAGES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}
 CHUNK = 1 << 20
+DEFAULT_MIN_RATE = 100e3  # bytes/s: data.download_min_rate's default; a 1 GB shard may take 10^4 s
 PART_MARK = ".part-"  # a download in progress: .<name>.part-<pid>-<thread>, renamed when complete
 MAX_BACKOFF_S = 30.0
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -320,6 +322,14 @@ def open_location(location: str, timeout: float = 60.0) -> Iterator[tuple[object
         raise _Transient(f"{type(err).__name__}: {err}") from None
 
 
+class SinkError(RemoteError):
+    """Writing the local copy failed (a full disk, a read-only folder): not the source's fault, never retried."""
+
+    def __init__(self, err: OSError):
+        super().__init__(f"{err.strerror or err}")
+        self.error = err
+
+
 def copy_bounded(
     reader,
     sink,
@@ -329,11 +339,19 @@ def copy_bounded(
     expected: int | None = None,
     sha256: str | None = None,
     bound: int,
+    digest=None,
+    min_rate: float | None = None,
+    timeout_s: float = 0.0,
 ) -> int:
     """Copy reader to sink, never reading more than the size we expect; returns the bytes copied.
 
     The expected size is the manifest's when known, else what the server declared, else ``bound``. A server that
-    declares or sends more is refused (RemoteError); a short body or a sha256 mismatch is retryable.
+    declares or sends more is refused (RemoteError); a short body or a sha256 mismatch is retryable. ``digest`` (a
+    hashlib object) is fed every byte as it streams, so a caller records the file's sha256 without a second read.
+    With ``min_rate`` (bytes/s) the whole copy must end within expected size / min_rate + ``timeout_s`` (the
+    per-read timeout): a source trickling bytes just fast enough to defeat the per-read timeout is cut off (and
+    retried). Reads take what has arrived (``read1``), so the deadline is checked between small reads. A failing
+    write to ``sink`` raises SinkError.
     """
     if expected is not None and declared is not None and declared != expected:
         raise RemoteError(
@@ -341,22 +359,33 @@ def copy_bounded(
             "since the manifest was written: re-index the shard set or restore the original file"
         )
     limit = next(size for size in (expected, declared, bound) if size is not None)
-    digest = hashlib.sha256() if sha256 else None
+    digest = digest if digest is not None else (hashlib.sha256() if sha256 else None)
+    allowed = limit / min_rate + timeout_s if min_rate else math.inf
+    deadline = time.monotonic() + allowed
+    read = getattr(reader, "read1", None) or reader.read
     total = 0
     while True:
-        chunk = reader.read(min(CHUNK, limit + 1 - total))
+        chunk = read(min(CHUNK, limit + 1 - total))
         if not chunk:
             break
         total += len(chunk)
         if total > limit:
             raise RemoteError(f"{location}: the source sent more than the {limit} bytes expected; refusing it")
-        sink.write(chunk)
-        if digest:
+        try:
+            sink.write(chunk)
+        except OSError as err:
+            raise SinkError(err) from err
+        if digest is not None:
             digest.update(chunk)
+        if time.monotonic() > deadline:
+            raise _Transient(
+                f"{total} of {limit} bytes after {allowed:.0f} s, slower than data.download_min_rate={min_rate:g} "
+                "bytes/s allows"
+            )
     wanted = expected if expected is not None else declared
     if wanted is not None and total != wanted:
         raise _Transient(f"the transfer ended after {total} of {wanted} bytes")
-    if digest and digest.hexdigest() != sha256:
+    if sha256 and digest.hexdigest() != sha256:
         raise _Transient(f"sha256 {digest.hexdigest()[:12]}... differs from the manifest's {sha256[:12]}...")
     return total
 
@@ -378,7 +407,13 @@ def with_retries(location: str, attempt: Callable[[], object], *, retries: int, 
 
 
 def read_small(
-    location: str, max_bytes: int, *, retries: int = 3, backoff_s: float = 0.5, timeout_s: float = 60.0
+    location: str,
+    max_bytes: int,
+    *,
+    retries: int = 3,
+    backoff_s: float = 0.5,
+    timeout_s: float = 60.0,
+    min_rate: float = DEFAULT_MIN_RATE,
 ) -> bytes:
     """The whole content of a small file (manifest, index), at most ``max_bytes``; more is a RemoteError.
 
@@ -390,7 +425,15 @@ def read_small(
         with open_location(location, timeout_s) as (reader, declared):
             if declared is not None and declared > max_bytes:
                 raise RemoteError(f"{location} is {declared} bytes, more than the {max_bytes} allowed for it")
-            copy_bounded(reader, buffer, location=location, declared=declared, bound=max_bytes)
+            copy_bounded(
+                reader,
+                buffer,
+                location=location,
+                declared=declared,
+                bound=max_bytes,
+                min_rate=min_rate,
+                timeout_s=timeout_s,
+            )
         return buffer.getvalue()
 
     return with_retries(location, attempt, retries=retries, backoff_s=backoff_s)
@@ -404,6 +447,7 @@ def download(
     retries: int = 3,
     backoff_s: float = 0.5,
     timeout_s: float = 60.0,
+    min_rate: float = DEFAULT_MIN_RATE,
 ) -> Path:
     """Copy a (possibly large) file to ``dest`` atomically: bounded by max_bytes, retried, tmp + fsync + rename."""
     dest = Path(dest)
@@ -414,7 +458,15 @@ def download(
         with open(tmp, "wb") as sink, open_location(location, timeout_s) as (reader, declared):
             if declared is not None and declared > max_bytes:
                 raise RemoteError(f"{location} is {declared} bytes, more than the {max_bytes} allowed for it")
-            copy_bounded(reader, sink, location=location, declared=declared, bound=max_bytes)
+            copy_bounded(
+                reader,
+                sink,
+                location=location,
+                declared=declared,
+                bound=max_bytes,
+                min_rate=min_rate,
+                timeout_s=timeout_s,
+            )
             sink.flush()
             os.fsync(sink.fileno())
 
@@ -427,9 +479,44 @@ def download(
     return dest
 
 
+def _split_query(location: str) -> tuple[str, str]:
+    """(a URL without its ``?query`` or ``#fragment``, that rest); paths and pipe: commands come back whole."""
+    if scheme_of(location) in ("", "file", "pipe"):
+        return location, ""
+    cut = min((at for at in (location.find("?"), location.find("#")) if at >= 0), default=len(location))
+    return location[:cut], location[cut:]
+
+
+def folder_of(location: str) -> tuple[str, str]:
+    """(folder or URL prefix, the rest) of a shard location, with ``folder + "/" + rest == location``; a URL's folder
+    ends at its path's last '/', so a query string holding slashes (a signature) stays in the rest."""
+    path, _ = _split_query(location)
+    head = path.rpartition("/")[0]
+    return (head, location[len(head) + 1 :]) if head else ("", location)
+
+
+def shard_name(location: str) -> str:
+    """A shard's name in its set's index and in the data fingerprint: its file name without a URL's query string,
+    so a re-signed URL (or a local copy) is the same shard."""
+    return _split_query(location)[0].rpartition("/")[2]
+
+
+def sibling_folder(location: str) -> str | None:
+    """The folder in which files beside a shard (manifest.json, samples.idx) are looked up by name, or None where
+    no location may be derived from the shard's: a ``pipe:`` location is one command for one shard and nothing else
+    (cutting it at a '/' would run another command), and a URL with a query string (a pre-signed URL) is valid only
+    as given. Such sets are indexed from their shards unless the user names the index (data.index)."""
+    if scheme_of(location) == "pipe" or _split_query(location)[1]:
+        return None
+    return folder_of(location)[0]
+
+
 def sibling(location: str, name: str) -> str:
     """The location of file ``name`` in the same folder/prefix as ``location`` (e.g. its manifest.json)."""
-    if scheme_of(location) == "pipe":
-        raise RemoteError(f"{location}: a pipe: command has no folder to look for {name} in")
-    head, _, _ = location.rpartition("/")
-    return f"{head}/{name}" if head else name
+    folder = sibling_folder(location)
+    if folder is None:
+        raise RemoteError(
+            f"{location}: a pipe: command or a signed URL has no folder to look for {name} in; name its "
+            "location instead"
+        )
+    return f"{folder}/{name}" if folder else name

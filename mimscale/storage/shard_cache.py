@@ -5,19 +5,30 @@ the processes of a node (ranks, DataLoader workers) is done with ``flock`` on on
 whoever holds it exclusively downloads (everyone else waits, so a shard is fetched once per node), readers hold
 it shared while they use the file (so it is never evicted under them), and eviction takes it exclusively without
 waiting. The kernel drops a dead process's locks, so a killed downloader never blocks anyone. Downloads go to a
-hidden ``.part`` file that is fsynced, checked against the manifest's size and sha256 when known, and renamed;
-a partial file is never served and leftovers are removed by the next downloader.
+hidden ``.part`` file whose space is allocated first, fsynced, checked against the manifest's size and sha256 when
+known, and renamed; a partial file is never served and leftovers are removed by the next downloader.
+
+What the cache trusts: it only ever counts, evicts or serves files it wrote itself (names ``<16 hex>-<name>``);
+anything else in the folder is left alone and named once. Each download's sha256 is computed as the bytes stream
+in and recorded in ``.records/<entry>`` with the file's size, mtime, ctime and inode; a cached file that no longer
+matches its record (rewritten, replaced, planted without one, or not the manifest's sha256) is dropped and fetched
+again with a message. Recency for eviction is the record's mtime, so using a shard never touches the shard itself.
+Lock files and records are opened without following links.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import glob
 import hashlib
+import json
 import os
 import random
 import re
+import stat
+import sys
 import threading
 import time
 import weakref
@@ -25,10 +36,12 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from mimscale.storage.atomic import fsync_dir
+from mimscale.storage.atomic import atomic_write, fsync_dir
 from mimscale.storage.remote import (
+    DEFAULT_MIN_RATE,
     PART_MARK,
     RemoteError,
+    SinkError,
     check_scheme,
     copy_bounded,
     file_url_path,
@@ -39,18 +52,62 @@ from mimscale.storage.remote import (
 
 LOCK_DIR = ".locks"
 MANIFEST_DIR = ".manifests"  # the last manifest.json read from each remote folder
+RECORD_DIR = ".records"  # per entry: size, mtime, ctime, inode and sha256 of the file as downloaded
+OWN_DIRS = (LOCK_DIR, MANIFEST_DIR, RECORD_DIR)
+ENTRY_NAME = re.compile(r"[0-9a-f]{16}-[A-Za-z0-9_.-]{1,80}")  # what _name() makes: the only files ever evicted
+MAX_RECORD_BYTES = 4096
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 ORPHAN_WAIT_S = 120.0  # a shard missing this long while others hold it shared was deleted by hand
 
 _CACHES: weakref.WeakSet = weakref.WeakSet()
 _LOCK_FDS: set[int] = set()  # every lock file this process has open, whichever thread opened it
 _LOCK_FDS_GUARD = threading.Lock()
+_FOREIGN_NAMED: set[str] = set()  # cache folders whose foreign files this process has named
 
 
 def _open_lock(path: Path) -> int:
+    """Open (creating) a lock file without following a link planted at its name: a symlink in ``.locks/`` must never
+    make us create or open a file elsewhere; anything but a regular file there is refused, named."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK | _NOFOLLOW
     with _LOCK_FDS_GUARD:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            fd = os.open(path, flags, 0o666)
+        except OSError as err:
+            raise _lock_error(path, err) from err
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise RemoteError(
+                f"{path} is not a regular file (a FIFO, device or folder); remove it (the cache "
+                "makes its lock files itself)"
+            )
         _LOCK_FDS.add(fd)
     return fd
+
+
+def _lock_error(path: Path, err: OSError) -> RemoteError:
+    if err.errno == errno.ELOOP or os.path.islink(path):
+        return RemoteError(
+            f"{path} is a symbolic link; the shard cache never follows links in its lock folder: "
+            "remove it (and check who planted it)"
+        )
+    return cache_write_error(path.parent.parent, err, f"creating the lock file {path.name}")
+
+
+def cache_write_error(folder: str | os.PathLike, err: OSError, doing: str) -> RemoteError:
+    """The message for a write into the cache folder that failed: a full disk, a read-only folder, or another cause."""
+    if err.errno in NO_SPACE:
+        return RemoteError(
+            f"no space left on {folder} while {doing} ({err.strerror}); free space there, lower "
+            "data.cache_limit_gb below the free space, or set data.cache_dir to a larger node-local "
+            "folder"
+        )
+    if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return RemoteError(
+            f"the shard cache folder {folder} is not writable ({err.strerror}) while {doing}; set "
+            "data.cache_dir to a writable node-local folder"
+        )
+    return RemoteError(f"the shard cache folder {folder} failed while {doing}: {err.strerror or err}")
 
 
 def _close_lock(fd: int) -> None:
@@ -96,6 +153,7 @@ class ShardCache:
         timeout_s: float = 60.0,
         prefetch_threads: int = 8,
         space_wait_s: float = 300.0,
+        min_rate: float = DEFAULT_MIN_RATE,
     ):
         if not limit_bytes > 0:
             raise RemoteError(f"data.cache_limit_gb must be positive, got {limit_bytes / 1e9:g} GB")
@@ -104,19 +162,27 @@ class ShardCache:
             "retries": retries,
             "backoff_s": backoff_s,
             "timeout_s": timeout_s,
+            "min_rate": min_rate,
             "prefetch_threads": prefetch_threads,
             "space_wait_s": space_wait_s,
         }
         self.dir = Path(cache_dir).expanduser()
         self.limit = int(limit_bytes)
-        self.retries, self.backoff_s, self.timeout_s = retries, backoff_s, timeout_s
+        self.retries, self.backoff_s, self.timeout_s, self.min_rate = retries, backoff_s, timeout_s, min_rate
         self.prefetch_threads, self.space_wait_s = prefetch_threads, space_wait_s
-        try:
-            (self.dir / LOCK_DIR).mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise RemoteError(
-                f"data.cache_dir={cache_dir} cannot be created ({err}); use a writable node-local folder"
-            ) from err
+        for folder in (self.dir / LOCK_DIR, self.dir / RECORD_DIR):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise RemoteError(
+                    f"data.cache_dir={cache_dir} cannot be created ({err}); use a writable node-local folder"
+                ) from err
+            if folder.is_symlink() or not folder.is_dir():
+                raise RemoteError(
+                    f"{folder} is a link or not a folder; the shard cache makes it itself and never "
+                    "follows links there: remove it (and check who planted it)"
+                )
+        _close_lock(self._lock_fd(".cache"))  # a read-only or full cache folder is named now, not mid-download
         self._facts: dict[str, tuple[int | None, str | None]] = {}
         self._reset_process_state()
         _CACHES.add(self)
@@ -129,6 +195,7 @@ class ShardCache:
             int(data_cfg.cache_limit_gb * 1e9),
             retries=data_cfg.download_retries,
             timeout_s=data_cfg.download_timeout_s,
+            min_rate=data_cfg.download_min_rate,
         )
 
     def _reset_process_state(self) -> None:
@@ -209,20 +276,20 @@ class ShardCache:
                 except BlockingIOError:  # another process downloads or evicts it: wait for that
                     spun = 0.0
                     fcntl.flock(fd, fcntl.LOCK_SH)
-                if final.exists():
-                    os.utime(final)  # recency for eviction
+                if self._trusted(final, location):
+                    self._touch(final)  # recency for eviction
                     return fd
                 fcntl.flock(fd, fcntl.LOCK_UN)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:  # another process checks too, or just started the download: look again
                     if spun > ORPHAN_WAIT_S:
-                        raise self._orphaned(final) from None
+                        raise self._orphaned(final, self._distrust(final, location)) from None
                     pause = random.uniform(0.01, 0.05)
                     time.sleep(pause)
                     spun += pause
                     continue
-                if not final.exists():  # nobody fetched it meanwhile: our turn
+                if not self._trusted(final, location, drop=True):  # nobody fetched it meanwhile: our turn
                     self._download(location, wait_for_space=True)
                 fcntl.flock(fd, fcntl.LOCK_UN)  # then pin it shared (the loop re-checks it is still there)
         except BaseException:
@@ -230,12 +297,13 @@ class ShardCache:
             raise
 
     @staticmethod
-    def _orphaned(final: Path) -> RemoteError:
-        """Readers pin only a file they see, so it stays missing under their shared locks for moments only, unless
-        someone deleted it from the cache by hand while a process of this node still had it pinned."""
+    def _orphaned(final: Path, problem: str) -> RemoteError:
+        """Readers pin only a file they trust, so it stays missing (or untrusted) under their shared locks for moments
+        only, unless someone deleted or changed it in the cache while a process of this node still had it pinned."""
+        what = "was deleted from the shard cache" if problem == "missing" else f"{problem} (in the shard cache)"
         return RemoteError(
-            f"{final} was deleted from the shard cache while another process of this node still uses it; stop the "
-            f"processes using {final.parent} (or choose another data.cache_dir) and start again"
+            f"{final} {what} while another process of this node still uses it; stop the processes using "
+            f"{final.parent} (or choose another data.cache_dir) and start again"
         )
 
     def release(self, location: str, *, drop: bool = False) -> None:
@@ -274,13 +342,106 @@ class ShardCache:
                 self._pending[location] = future
             future.add_done_callback(lambda _f, loc=location: self._forget_pending(loc))
 
-    @staticmethod
-    def _touch(path: Path) -> bool:
-        try:
-            os.utime(path)
-            return True
-        except OSError:  # not cached (or evicted just now)
+    def _touch(self, path: Path) -> bool:
+        """Mark a cached shard as wanted now: the mtime of its record, never the shard (whose times are recorded)."""
+        if not path.is_file():
             return False
+        try:
+            fd = os.open(self._record_path(path.name), os.O_RDONLY | os.O_CLOEXEC | _NOFOLLOW)
+        except OSError:  # no record (yet, or planted without one): nothing to mark
+            return False
+        try:
+            os.utime(fd)
+            return True
+        finally:
+            os.close(fd)
+
+    # ------------------------------------------------------------------------------------------- records
+
+    def _record_path(self, name: str) -> Path:
+        return self.dir / RECORD_DIR / name
+
+    def _write_record(self, final: Path, location: str, sha256: str) -> None:
+        info = os.lstat(final)
+        record = {
+            "location": location,
+            "bytes": info.st_size,
+            "mtime_ns": info.st_mtime_ns,
+            "ctime_ns": info.st_ctime_ns,
+            "inode": info.st_ino,
+            "sha256": sha256,
+        }
+        try:
+            atomic_write(self._record_path(final.name), json.dumps(record), mode=0o644)
+        except OSError as err:
+            raise cache_write_error(self.dir, err, f"recording {final.name}") from err
+
+    def _read_record(self, name: str) -> dict | None:
+        """The entry's record, or None when it is missing, a link, not a regular file or not a JSON object."""
+        try:
+            fd = os.open(self._record_path(name), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | _NOFOLLOW)
+        except OSError:
+            return None
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            try:
+                record = json.loads(handle.read(MAX_RECORD_BYTES + 1))
+            except (OSError, ValueError):
+                return None
+        return record if isinstance(record, dict) else None
+
+    def _distrust(self, final: Path, location: str) -> str:
+        """Why the cached file at ``final`` may not be served for ``location`` ('' when it matches its record)."""
+        try:
+            info = os.lstat(final)
+        except FileNotFoundError:
+            return "missing"
+        if not stat.S_ISREG(info.st_mode):
+            return "not a regular file"
+        record = self._read_record(final.name)
+        if record is None:
+            return "has no record of its download (planted, or left by a killed process)"
+        found = {
+            "location": location,
+            "bytes": info.st_size,
+            "mtime_ns": info.st_mtime_ns,
+            "ctime_ns": info.st_ctime_ns,
+            "inode": info.st_ino,
+        }
+        if any(record.get(key) != value for key, value in found.items()):
+            return "changed since it was downloaded (size, times or inode differ from its record)"
+        size, sha256 = self._facts.get(location, (None, None))
+        if sha256 and record.get("sha256") != sha256:
+            return f"has sha256 {str(record.get('sha256'))[:12]}..., the manifest says {sha256[:12]}..."
+        if size is not None and size != info.st_size:
+            return f"is {info.st_size} bytes, the index says {size}"
+        return ""
+
+    def _trusted(self, final: Path, location: str, *, drop: bool = False) -> bool:
+        """Whether the cached copy may be served; with ``drop`` (the exclusive lock held) an untrusted one is
+        deleted, with a message, so that it is fetched again."""
+        problem = self._distrust(final, location)
+        if not problem:
+            return True
+        if drop and problem != "missing":
+            print(
+                f"mimscale data: the cached copy of {location} ({final}) {problem}; dropping it and downloading "
+                "it again",
+                file=sys.stderr,
+            )
+            self._delete_entry(final)
+        return False
+
+    def _delete_entry(self, final: Path) -> None:
+        """Remove a cache entry and its record; only names the cache makes, never following a link."""
+        if not ENTRY_NAME.fullmatch(final.name):
+            raise RemoteError(f"{final} is not a name the shard cache makes; refusing to delete it")
+        for path in (final, self._record_path(final.name)):
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.isdir(path) and not os.path.islink(path):
+                    raise RemoteError(f"{path} is a folder where the shard cache keeps a file; move it away")
+                os.unlink(path)  # a link is removed, never what it points to
 
     def _forget_pending(self, location: str) -> None:
         with self._mutex:
@@ -294,7 +455,7 @@ class ShardCache:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return  # another process downloads it (or reads it): this thread moves on to the next shard
-            if not final.exists():
+            if not self._trusted(final, location, drop=True):
                 self._download(location, wait_for_space=False)
         except RemoteError:
             pass  # the consumer's local_path retries and reports it with the URL
@@ -317,7 +478,8 @@ class ShardCache:
         """Fetch into the cache; the caller holds the shard's exclusive lock. False if prefetch found no room."""
         final = self.path_for(location)
         for stale in self.dir.glob(f".{glob.escape(final.name)}{PART_MARK}*"):
-            stale.unlink(missing_ok=True)  # left by a killed downloader: nobody else can be writing it
+            with contextlib.suppress(OSError):  # left by a killed downloader: nobody else can be writing it
+                os.unlink(stale)
         size, sha256 = self._facts.get(location, (None, None))
         if size is not None and size > self.limit:
             self.check_window(size, f"the shard {location}")
@@ -325,7 +487,7 @@ class ShardCache:
         if not self._reserve(part, size or 0, location, wait=wait_for_space):
             return False
         try:
-            with_retries(
+            digest = with_retries(
                 location,
                 lambda: self._fetch_once(location, part, size, sha256),
                 retries=self.retries,
@@ -335,23 +497,46 @@ class ShardCache:
         except BaseException:
             part.unlink(missing_ok=True)
             raise
+        self._write_record(final, location, digest)
         fsync_dir(self.dir)
         self.downloads += 1
         if size is None:  # its size was unknown when space was reserved: trim the cache back under the limit now
             self._reserve(None, 0, location, wait=False)
         return True
 
-    def _fetch_once(self, location: str, part: Path, size: int | None, sha256: str | None) -> int:
-        with open(part, "r+b") as sink, open_location(location, self.timeout_s) as (reader, declared):
-            if size is None and declared is not None and declared > self.limit:
-                self.check_window(declared, f"the shard {location}")
-            total = copy_bounded(
-                reader, sink, location=location, declared=declared, expected=size, sha256=sha256, bound=self.limit
-            )
-            sink.truncate(total)
-            sink.flush()
-            os.fsync(sink.fileno())
-        return total
+    def _fetch_once(self, location: str, part: Path, size: int | None, sha256: str | None) -> str:
+        """One attempt; returns the sha256 of what was written, hashed as the bytes streamed in (no second read)."""
+        digest = hashlib.sha256()
+        try:
+            sink = os.fdopen(os.open(part, os.O_RDWR | os.O_CLOEXEC | _NOFOLLOW), "r+b")
+        except OSError as err:
+            raise cache_write_error(self.dir, err, f"opening {part.name}") from err
+        with sink:
+            try:
+                with open_location(location, self.timeout_s) as (reader, declared):
+                    if size is None and declared is not None and declared > self.limit:
+                        self.check_window(declared, f"the shard {location}")
+                    total = copy_bounded(
+                        reader,
+                        sink,
+                        location=location,
+                        declared=declared,
+                        expected=size,
+                        sha256=sha256,
+                        bound=self.limit,
+                        digest=digest,
+                        min_rate=self.min_rate,
+                        timeout_s=self.timeout_s,
+                    )
+            except SinkError as err:
+                raise cache_write_error(self.dir, err.error, f"downloading {location}") from err
+            try:
+                sink.truncate(total)
+                sink.flush()
+                os.fsync(sink.fileno())
+            except OSError as err:
+                raise cache_write_error(self.dir, err, f"writing {location}") from err
+        return digest.hexdigest()
 
     @contextlib.contextmanager
     def _cache_lock(self) -> Iterator[None]:
@@ -363,10 +548,20 @@ class ShardCache:
             _close_lock(fd)
 
     def _entries(self) -> tuple[int, list[tuple[float, int, Path]]]:
-        """(bytes used by finished and in-progress files, finished shards as (mtime, size, path))."""
-        used, finished = 0, []
+        """(bytes used by finished and in-progress files, finished shards as (recency, size, path)).
+
+        Only files the cache wrote count: ``<16 hex>-<name>`` entries and their ``.part-`` files. Anything else is
+        the user's, neither counted nor ever evicted, and named once per process."""
+        used, finished, foreign = 0, [], []
         with os.scandir(self.dir) as entries:
             for entry in entries:
+                name = entry.name
+                own = ENTRY_NAME.fullmatch(name)
+                part = name.startswith(".") and PART_MARK in name and ENTRY_NAME.fullmatch(name[1:].split(PART_MARK)[0])
+                if not own and not part:
+                    if name not in OWN_DIRS:
+                        foreign.append(name)
+                    continue
                 try:
                     if not entry.is_file(follow_symlinks=False):
                         continue
@@ -374,9 +569,28 @@ class ShardCache:
                 except FileNotFoundError:  # a download renamed its part file, or an eviction, since the listing
                     continue
                 used += info.st_size
-                if not entry.name.startswith("."):
-                    finished.append((info.st_mtime, info.st_size, Path(entry.path)))
+                if own:
+                    finished.append((self._recency(name), info.st_size, Path(entry.path)))
+        self._name_foreign(foreign)
         return used, sorted(finished)
+
+    def _recency(self, name: str) -> float:
+        try:
+            return os.lstat(self._record_path(name)).st_mtime
+        except OSError:
+            return 0.0  # no record: it will be dropped when next used, so it goes first
+
+    def _name_foreign(self, names: list[str]) -> None:
+        """Say once per process (forked workers inherit that it was said) which files are not the cache's."""
+        if names and str(self.dir) not in _FOREIGN_NAMED:
+            _FOREIGN_NAMED.add(str(self.dir))
+            shown = ", ".join(sorted(names)[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            print(
+                f"mimscale data: the shard cache folder {self.dir} holds {len(names)} file(s) it did not write "
+                f"({shown}); they are left untouched (never evicted, not counted against data.cache_limit_gb): "
+                "move them out of the cache folder",
+                file=sys.stderr,
+            )
 
     def usage(self) -> int:
         """Bytes in the cache now (finished shards plus reservations of downloads in progress)."""
@@ -391,27 +605,26 @@ class ShardCache:
             _close_lock(fd)
             return False
         try:
-            path.unlink(missing_ok=True)
+            self._delete_entry(path)
             return True
         finally:
             _close_lock(fd)
 
     def _reserve(self, part: Path | None, needed: int, location: str, *, wait: bool) -> bool:
-        """Evict least recently used unpinned shards until ``needed`` bytes fit, then create ``part`` at that size
-        (a sparse reservation other processes count). Waits up to space_wait_s for pins to go, then a RemoteError."""
+        """Evict least recently used unpinned shards until ``needed`` bytes fit, then create ``part`` with that
+        space allocated (other processes count it). Waits up to space_wait_s for pins to go, then a RemoteError."""
         deadline = time.monotonic() + (self.space_wait_s if wait else 0.0)
         while True:
             with self._cache_lock():
                 used, finished = self._entries()
-                for _mtime, size, path in finished:
+                for _recency, size, path in finished:
                     if used + needed <= self.limit:
                         break
                     if self._try_evict(path):
                         used -= size
                 if used + needed <= self.limit:
                     if part is not None:
-                        with open(part, "wb") as handle:
-                            handle.truncate(needed)
+                        self._allocate(part, needed)
                     return True
             if not wait or time.monotonic() > deadline:
                 if not wait:
@@ -423,11 +636,59 @@ class ShardCache:
                 )
             time.sleep(0.2)
 
+    def _allocate(self, part: Path, needed: int) -> None:
+        """Create ``part`` (never through a link) with ``needed`` bytes really allocated, so a full disk is found
+        now, named; filesystems that cannot allocate ahead (posix_fallocate unsupported) get a sized file instead."""
+        try:
+            fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | _NOFOLLOW, 0o644)
+        except OSError as err:
+            raise cache_write_error(self.dir, err, f"creating {part.name}") from err
+        try:
+            if needed:
+                try:
+                    os.posix_fallocate(fd, 0, needed)
+                except OSError as err:
+                    if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                        raise
+                    os.ftruncate(fd, needed)
+        except OSError as err:
+            os.close(fd)
+            part.unlink(missing_ok=True)
+            raise cache_write_error(self.dir, err, f"reserving {needed} bytes for {part.name}") from err
+        os.close(fd)
+
 
 def cache_dir_for(configured: str) -> str:
-    """data.cache_dir, or a per-user folder in the node's temporary directory when it is empty."""
+    """data.cache_dir, or a private per-user folder in the node's temporary directory when it is empty.
+
+    That default has a predictable name in a folder everyone can write, so another user could create it first and
+    plant shards: it is created 0700, and an existing one is used only if it is a real folder owned by this user
+    that nobody else can write into (else a RemoteError says why and what to do)."""
     if configured:
         return configured
     import tempfile
 
-    return os.path.join(tempfile.gettempdir(), f"mimscale-shards-{os.getuid()}")
+    path = os.path.join(tempfile.gettempdir(), f"mimscale-shards-{os.getuid()}")
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as err:
+        raise cache_write_error(os.path.dirname(path), err, f"creating the default cache folder {path}") from err
+    info = os.lstat(path)
+    problem = ""
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        problem = "is a link or not a folder"
+    elif info.st_uid != os.getuid():
+        problem = f"is owned by uid {info.st_uid}, not by you (uid {os.getuid()})"
+    elif info.st_mode & 0o022:
+        problem = (
+            f"is writable by {'group and others' if info.st_mode & 0o022 == 0o022 else 'group or others'} "
+            f"(mode {stat.S_IMODE(info.st_mode):o})"
+        )
+    if problem:
+        raise RemoteError(
+            f"the default shard cache folder {path} {problem}: another user could plant or replace shards there. "
+            f"Remove it (or chmod 700 it if it is yours), or set data.cache_dir to a folder of your own"
+        )
+    return path
