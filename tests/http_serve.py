@@ -10,7 +10,8 @@ Faults (``server.faults[name] = [...]``, one consumed per request of that file):
 declares and sends 100 more bytes than the file has, ``"trickle"`` declares the full length and then sends one byte
 every ``server.trickle_s`` seconds (fast enough for any per-read timeout, too slow to ever finish) until the client
 goes away. ``server.require_query = "X-Amz-Signature=good"`` makes it a pre-signed-URL store: a request whose
-query string lacks that text gets HTTP 403, as a signed URL edited into another one would.
+query string lacks that text gets HTTP 403, as a signed URL edited into another one would. ``server.authorizations``
+lists the Authorization header of every request (None when absent): a CDN behind a token-holding host must see none.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = (owner.root / name).resolve()
         with owner.lock:
             owner.requests[name] += 1
+            owner.authorizations.append(self.headers.get("Authorization"))
             fault = owner.faults.get(name, []).pop(0) if owner.faults.get(name) else ""
         if owner.latency_s:
             time.sleep(owner.latency_s)
@@ -100,6 +102,7 @@ class ShardServer:
         self.root = Path(root).resolve()
         self.latency_s = latency_s
         self.requests: Counter = Counter()
+        self.authorizations: list[str | None] = []
         self.active = self.peak_active = 0  # requests being answered now, and the most at once so far
         self.faults: dict[str, list[str]] = {}
         self.trickle_s = 0.2

@@ -1,13 +1,16 @@
 """Shard locations that may be remote: expanding their patterns, and reading them with bounds and retries.
 
-A location is a local path, ``file://``, ``http(s)://``, ``s3://``, ``gs://`` (``gcs://``) or ``pipe:COMMAND`` (a
-shell command whose stdout is the shard, as in WebDataset). Brace patterns (``{000..099}``, ``{a,b}``) expand
-everywhere; globs and folders are listed for local paths and object stores (an HTTP server cannot be listed).
+A location is a local path, ``file://``, ``http(s)://``, ``s3://``, ``gs://`` (``gcs://``), ``hf://datasets/ORG/NAME``
+(a Hugging Face Hub dataset, storage/hub.py) or ``pipe:COMMAND`` (a shell command whose stdout is the shard, as in
+WebDataset). Brace patterns (``{000..099}``, ``{a,b}``) expand everywhere; globs and folders are listed for local
+paths, object stores and the Hub (a plain HTTP server cannot be listed). Each scheme is one entry of ``SCHEME_TABLE``
+(how it is listed and opened, and the optional package it needs).
 
 Libraries, chosen for what each does best: HTTP(S) uses the standard library (a whole-shard GET needs no async
 stack, and fsspec's HTTP backend would add aiohttp); ``s3://`` and ``gs://`` go through fsspec with s3fs / gcsfs
 (the optional extra ``mimscale[remote]``) for their credential chains and listing; ``pipe:`` uses webdataset's
-gopen, so commands behave exactly as in WebDataset pipelines.
+gopen, so commands behave exactly as in WebDataset pipelines; ``hf://`` resolves to the Hub's file URLs and reads them
+with the same standard-library client as https (storage/hub.py says why not huggingface_hub's HfFileSystem).
 
 The node-local cache that makes these locations local files lives in ``storage/shard_cache.py``.
 """
@@ -30,6 +33,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -37,8 +41,6 @@ from braceexpand import braceexpand
 
 from mimscale.storage.atomic import fsync_dir
 
-SCHEMES = ("file", "http", "https", "s3", "gs", "gcs", "pipe")
-OBJECT_STORE_PACKAGES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}
 CHUNK = 1 << 20
 DEFAULT_MIN_RATE = 100e3  # bytes/s: data.download_min_rate's default; a 1 GB shard may take 10^4 s
 PART_MARK = ".part-"  # a download in progress: .<name>.part-<pid>-<thread>, renamed when complete
@@ -85,10 +87,10 @@ def is_local(location: str) -> bool:
 
 def check_scheme(location: str, key: str = "data.shards") -> str:
     kind = scheme_of(location)
-    if kind and kind not in SCHEMES:
+    if kind and kind != "file" and kind not in SCHEME_TABLE:
+        known = ", ".join("pipe:COMMAND" if name == "pipe" else f"{name}://" for name in SCHEME_TABLE)
         raise RemoteError(
-            f"{key}={location!r}: unknown scheme '{kind}://'; use a local path or one of "
-            "file://, http://, https://, s3://, gs://, pipe:COMMAND"
+            f"{key}={location!r}: unknown scheme '{kind}://'; use a local path or one of file://, {known}"
         )
     return kind
 
@@ -129,17 +131,20 @@ def _expand_one(part: str, key: str) -> list[str]:
         return _expand_local(part, part, key)
     if kind == "file":
         return _expand_local(file_url_path(part), part, key)
-    candidates = brace_expand(part)
-    if kind == "pipe":
-        return candidates
-    if kind in ("http", "https"):
-        if any("*" in c or "[" in c or c.endswith("/") for c in candidates):
-            raise RemoteError(
-                f"{key}={part!r}: an HTTP server cannot be listed; name the shards with a brace pattern "
-                "(https://host/train-{000000..000099}.tar)"
-            )
-        return candidates
-    return _expand_object_store(kind, candidates, part, key)
+    return SCHEME_TABLE[kind].expand(kind, brace_expand(part), part, key)
+
+
+def _expand_pipe(kind: str, candidates: list[str], shown: str, key: str) -> list[str]:
+    return candidates
+
+
+def _expand_http(kind: str, candidates: list[str], shown: str, key: str) -> list[str]:
+    if any("*" in c or "[" in c or c.endswith("/") for c in candidates):
+        raise RemoteError(
+            f"{key}={shown!r}: an HTTP server cannot be listed; name the shards with a brace pattern "
+            "(https://host/train-{000000..000099}.tar)"
+        )
+    return candidates
 
 
 def _expand_local(pattern: str, shown: str, key: str) -> list[str]:
@@ -176,7 +181,7 @@ def _expand_local(pattern: str, shown: str, key: str) -> list[str]:
 
 def object_store(kind: str, location: str = ""):
     """The fsspec filesystem for s3/gs, with a clear error naming the package to install when it is missing."""
-    package = OBJECT_STORE_PACKAGES[kind]
+    package = SCHEME_TABLE[kind].package
     try:
         importlib.import_module(package)
     except ImportError as err:
@@ -242,13 +247,43 @@ def open_regular(path: str | os.PathLike) -> io.BufferedReader:
     return os.fdopen(fd, "rb")
 
 
+class _SameHostAuth(urllib.request.HTTPRedirectHandler):
+    """Follows redirects carrying the Authorization header only to the same scheme, host and port: a token for the
+    Hub is never sent to the CDN (or any other host) that a file URL redirects to. The header is added as an
+    "unredirected" one, which urllib drops on every redirect; this puts it back where the origin is unchanged."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        auth = req.unredirected_hdrs.get("Authorization")
+        if new is not None and auth and _origin(newurl) == _origin(req.full_url):
+            new.add_unredirected_header("Authorization", auth)
+        return new
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme.lower(), parts.netloc.lower()
+
+
+HttpErrorHook = Callable[[int, str, object, str], "Exception | None"]  # (status, reason, headers, URL) -> error
+
+
 @contextlib.contextmanager
-def _open_http(url: str, timeout: float) -> Iterator[tuple[object, int | None]]:
+def open_http(
+    url: str, timeout: float, *, token: str | None = None, on_error: HttpErrorHook | None = None
+) -> Iterator[tuple[object, int | None]]:
+    """(response, declared size) of a GET; ``token`` goes as a bearer token to ``url``'s own host only (never on a
+    redirect to another one); ``on_error`` may turn an HTTP error status into a clearer permanent error."""
     request = urllib.request.Request(url, headers={"User-Agent": "mimscale", "Accept-Encoding": "identity"})
+    if token:
+        request.add_unredirected_header("Authorization", f"Bearer {token}")
     try:
-        response = urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 - the scheme is checked above
+        response = urllib.request.build_opener(_SameHostAuth).open(request, timeout=timeout)
     except urllib.error.HTTPError as err:
         err.close()
+        custom = on_error(err.code, str(err.reason), err.headers, err.geturl() or url) if on_error else None
+        if custom is not None:
+            raise custom from None
         if err.code in (404, 410):
             raise RemoteNotFound(f"{url}: HTTP {err.code} {err.reason}; check the URL") from None
         if err.code in (401, 403):
@@ -266,7 +301,13 @@ def _open_http(url: str, timeout: float) -> Iterator[tuple[object, int | None]]:
 
 
 @contextlib.contextmanager
-def _open_pipe(location: str) -> Iterator[tuple[object, None]]:
+def _open_http(location: str, kind: str, timeout: float) -> Iterator[tuple[object, int | None]]:
+    with open_http(location, timeout) as opened:
+        yield opened
+
+
+@contextlib.contextmanager
+def _open_pipe(location: str, kind: str, timeout: float) -> Iterator[tuple[object, None]]:
     try:
         from webdataset.gopen import gopen
     except ImportError as err:
@@ -307,14 +348,8 @@ def open_location(location: str, timeout: float = 60.0) -> Iterator[tuple[object
         if kind in ("", "file"):
             with open_regular(file_url_path(location) if kind else location) as handle:
                 yield handle, os.fstat(handle.fileno()).st_size
-        elif kind in ("http", "https"):
-            with _open_http(location, timeout) as opened:
-                yield opened
-        elif kind == "pipe":
-            with _open_pipe(location) as opened:
-                yield opened
         else:
-            with _open_object(location, kind, timeout) as opened:
+            with SCHEME_TABLE[kind].open(location, kind, timeout) as opened:
                 yield opened
     except (RemoteError, _Transient):
         raise
@@ -520,3 +555,41 @@ def sibling(location: str, name: str) -> str:
             "location instead"
         )
     return f"{folder}/{name}" if folder else name
+
+
+# ----------------------------------------------------------------------------------------------- the scheme table
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """How one kind of location is listed and read: ``expand(kind, brace-expanded candidates, shown, key)`` gives
+    its shard locations, ``open(location, kind, timeout)`` a context manager of (reader, declared size or None)
+    that raises RemoteError / RemoteNotFound for permanent failures and _Transient for ones worth retrying."""
+
+    expand: Callable[[str, list[str], str, str], list[str]]
+    open: Callable[[str, str, float], contextlib.AbstractContextManager]
+    package: str = ""  # the optional package it needs (named in the error when missing), "" when none
+
+
+def _expand_hub(kind: str, candidates: list[str], shown: str, key: str) -> list[str]:
+    from mimscale.storage import hub  # hub builds on this module's client and errors
+
+    return hub.expand(candidates, shown, key)
+
+
+def _open_hub(location: str, kind: str, timeout: float) -> contextlib.AbstractContextManager:
+    from mimscale.storage import hub
+
+    return hub.open_file(location, timeout)
+
+
+SCHEME_TABLE: dict[str, Scheme] = {
+    "http": Scheme(_expand_http, _open_http),
+    "https": Scheme(_expand_http, _open_http),
+    "s3": Scheme(_expand_object_store, _open_object, "s3fs"),
+    "gs": Scheme(_expand_object_store, _open_object, "gcsfs"),
+    "gcs": Scheme(_expand_object_store, _open_object, "gcsfs"),
+    "hf": Scheme(_expand_hub, _open_hub),
+    "pipe": Scheme(_expand_pipe, _open_pipe),
+}
+SCHEMES = ("file", *SCHEME_TABLE)
