@@ -93,8 +93,8 @@ class DataConfig:
     )
     cache_dir: str = _doc(
         "",
-        "Node-local folder where remote shards (http(s)://, s3://, gs://, pipe:) are downloaded, shared by every "
-        "rank and worker of the node; empty = <tmp>/mimscale-shards-<uid>. Never a shared filesystem (flock).",
+        "Node-local folder where remote shards (http(s)://, s3://, gs://, hf://, pipe:) are downloaded, shared by "
+        "every rank and worker of the node; empty = <tmp>/mimscale-shards-<uid>. Never a shared filesystem (flock).",
     )
     cache_limit_gb: float = _doc(
         20.0, "Size limit of data.cache_dir in GB (1e9 bytes); least recently used shards nobody reads are evicted."

@@ -17,9 +17,11 @@ import torch
 from hub_serve import HubServer
 from PIL import Image
 
+from mimscale.cli import main as cli_main
 from mimscale.config import load_config
 from mimscale.pipeline.masking import build_mask_generator
 from mimscale.pipeline.stream import build_train_loader, iter_eval_batches
+from mimscale.shards.index import SetIndex
 from mimscale.shards.sets import open_shard_set
 from mimscale.storage import hub, remote, shard_cache
 
@@ -116,11 +118,27 @@ def test_a_gated_set_needs_hf_token_which_never_leaves_the_hub(hub_server, tmp_p
     assert not any(hub_server.cdn.authorizations)
 
 
-def test_hf_hub_offline_is_honoured_and_named(hub_server, monkeypatch):
+def test_hf_hub_offline_is_honoured_and_a_cached_set_opens_without_the_hub(hub_server, tmp_path, monkeypatch):
+    data_cfg = load_config(None, [f"data.cache_dir={tmp_path / 'cache'}"]).data
+    pattern = "hf://datasets/test/sample/sample-{000..003}.tar"  # braces: no listing needed
+    online = open_shard_set(pattern, data_cfg=data_cfg)
+    images = [online.read(n) for n in range(len(online))]  # every shard now in the node cache
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    asked = len(hub_server.requests)
     with pytest.raises(remote.RemoteError, match=r"HF_HUB_OFFLINE=1 forbids reaching the Hub; unset it"):
         remote.expand("hf://datasets/test/sample/")
-    assert not hub_server.requests
+    offline = open_shard_set(pattern, data_cfg=data_cfg)  # the saved manifest, the cached index and shards
+    assert [offline.read(n) for n in range(len(offline))] == images
+    assert len(hub_server.requests) == asked
+
+
+def test_shards_index_cli_on_an_hf_dataset(hub_server, tmp_path, capsys):
+    assert cli_main(["shards", "index", "hf://datasets/test/bare/", "--cache", str(tmp_path / "cache")]) == 0
+    assert "4 shards, 384 samples" in capsys.readouterr().out
+    built = SetIndex(next((tmp_path / "cache" / "index").glob("*.idx")))
+    local = SetIndex(SAMPLE / "samples.idx")
+    assert built.names == local.names
+    assert all(np.array_equal(built.shard_rows(n), local.shard_rows(n)) for n in range(len(NAMES)))
 
 
 def test_training_and_eval_streams_from_hf_are_the_local_streams(hub_server, tmp_path):
