@@ -81,7 +81,7 @@ def test_hf_listing_follows_pages_and_takes_braces_globs_and_revisions(hub_serve
         remote.expand("hf://datasets/test/sample@v9/")
 
 
-def test_a_missing_repo_or_file_is_a_404_naming_the_repo_revision_and_path(hub_server, tmp_path):
+def test_a_missing_file_is_a_404_naming_repo_revision_and_path_and_cdn_faults_are_retried(hub_server, tmp_path):
     cache = shard_cache.ShardCache(tmp_path / "cache", 10**9, backoff_s=0.01)
     with pytest.raises(
         remote.RemoteNotFound, match=r"EntryNotFound.*dataset test/sample, revision main, path 'no.tar'"
@@ -91,6 +91,10 @@ def test_a_missing_repo_or_file_is_a_404_naming_the_repo_revision_and_path(hub_s
         remote.expand("hf://datasets/test/nothere/train/")
     path = cache.local_path("hf://datasets/test/sample@v1/data/sample-001.tar")  # through the CDN redirect
     assert path.read_bytes() == (SAMPLE / "sample-001.tar").read_bytes()
+    hub_server.cdn.faults["test/bare/main/sample-000.tar"] = ["500", "close"]  # retried like any https read
+    path = cache.local_path("hf://datasets/test/bare/sample-000.tar")
+    assert path.read_bytes() == (SAMPLE / "sample-000.tar").read_bytes()
+    assert hub_server.cdn.requests["test/bare/main/sample-000.tar"] == 3
 
 
 def test_a_gated_set_needs_hf_token_which_never_leaves_the_hub(hub_server, tmp_path, monkeypatch):
@@ -219,6 +223,12 @@ def test_hub_endpoint_and_revision_quoting(monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "https://mirror.example/")
     where = hub.parse("hf://datasets/org/set@refs%2Fconvert%2Fwds/train/a b.tar")
     assert where.revision == "refs/convert/wds"
+    assert hub.parse("hf://datasets/org/set@refs/convert/wds/train/a b.tar") == hub.HubPath(
+        "org/set", "refs/convert/wds", "train/a b.tar"
+    )
+    assert hub.parse("hf://datasets/org/set@refs/pr/12/x.tar").file_url("https://h") == (
+        "https://h/datasets/org/set/resolve/refs%2Fpr%2F12/x.tar"
+    )
     assert where.file_url(hub.endpoint()) == (
         "https://mirror.example/datasets/org/set/resolve/refs%2Fconvert%2Fwds/train/a%20b.tar"
     )

@@ -34,8 +34,11 @@ from mimscale.storage.remote import RemoteError, RemoteNotFound
 DEFAULT_ENDPOINT = "https://huggingface.co"
 MAX_PAGE_BYTES = 64 << 20  # one page of the tree API (the Hub sends 1,000 entries, ~300 kB)
 MAX_PAGES = 100_000
+_REVISION = (
+    r"refs/convert/[\w-]+|refs/pr/\d+|[^/?#]+"  # the Hub's special refs may be written unquoted, as in HfFileSystem
+)
 _LOCATION = re.compile(
-    r"^hf://(?P<kind>[^/]*)/(?P<org>[^/@?#]+)/(?P<name>[^/@?#]+)(?:@(?P<rev>[^/?#]+))?(?:/(?P<path>[^?#]*))?$",
+    rf"^hf://(?P<kind>[^/]*)/(?P<org>[^/@?#]+)/(?P<name>[^/@?#]+)(?:@(?P<rev>{_REVISION}))?(?:/(?P<path>[^?#]*))?$",
     re.IGNORECASE,
 )
 _REPO_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -45,8 +48,8 @@ _USAGE = "hf://datasets/ORG/NAME[@REVISION]/path/shard-{0000..0099}.tar"
 
 @dataclass(frozen=True)
 class HubPath:
-    """One parsed location: the dataset repo, the revision as the user spelled it (URL-quoted if it holds a '/'),
-    and the path inside the repo ('' for its root)."""
+    """One parsed location: the dataset repo, the revision as the user spelled it (a '/' in it URL-quoted, except in
+    the Hub's ``refs/convert/NAME`` and ``refs/pr/N``), and the path inside the repo ('' for its root)."""
 
     repo: str
     rev_spelled: str
