@@ -246,3 +246,44 @@ def test_a_remote_counted_set_downloads_only_what_it_streams(tmp_path):
     assert server.requests["samples.idx"] <= 1 and server.requests["shardindex.json"] == 1
     assert sum(server.requests[n.replace(".tar", "_stats.json")] for n in names) == 16
     assert not list((tmp_path / "cache/index").glob("*.idx"))  # no samples.idx built: rows per shard read
+
+
+# ----------------------------------------------------------------------------------------------- split indexing
+
+
+SAMPLE_IDX_SHA256 = "1557969619d265260504a0704c4c43d1bee3b6747979e9ed775af716483753d9"  # tests/test_data_pins.py
+
+
+def test_shards_index_split_across_nodes_joins_into_the_same_bytes(tmp_path, capsys):
+    """Where no counts exist: three "nodes" each index their share (--part K/3), one joins the pieces; the joined
+    samples.idx is byte for byte the one a single `shards index` writes, for a local folder and a URL set."""
+    import hashlib
+
+    from http_serve import ShardServer
+
+    from mimscale.cli import main as cli_main
+
+    folder, pieces = bare_copy(tmp_path), tmp_path / "pieces"
+    for part in (2, 0):
+        assert cli_main(["shards", "index", str(folder), "--part", f"{part}/3", "--out", str(pieces)]) == 0
+    assert cli_main(["shards", "index", str(folder), "--join", str(pieces)]) != 0
+    assert "pieces [1] of 3 are missing" in capsys.readouterr().err and not (folder / "samples.idx").exists()
+    assert cli_main(["shards", "index", str(folder), "--part", "1/3", "--out", str(pieces)]) == 0
+    assert sorted(p.name for p in pieces.iterdir()) == [f"samples.idx.part-{k}-of-3" for k in range(3)]
+    shares = [SetIndex(pieces / f"samples.idx.part-{k}-of-3").names for k in range(3)]
+    assert shares == [NAMES[:1], NAMES[1:2], NAMES[2:]]  # contiguous, near-equal shares
+    assert cli_main(["shards", "index", str(folder), "--join", str(pieces)]) == 0
+    assert hashlib.sha256((folder / "samples.idx").read_bytes()).hexdigest() == SAMPLE_IDX_SHA256
+    served, url_pieces = bare_copy(tmp_path, "served"), tmp_path / "url-pieces"
+    with ShardServer(served) as server:
+        pattern, cache = server.url("sample-{000..003}.tar"), str(tmp_path / "cache")
+        for part in range(2):
+            args = ["shards", "index", pattern, "--part", f"{part}/2", "--out", str(url_pieces), "--cache", cache]
+            assert cli_main(args) == 0
+        assert all(server.requests[name] == 1 for name in NAMES)  # each shard downloaded by one node, once
+        assert cli_main(["shards", "index", pattern, "--join", str(url_pieces), "--cache", cache]) == 0
+    [joined] = (tmp_path / "cache/index").glob("*.idx")
+    assert hashlib.sha256(joined.read_bytes()).hexdigest() == SAMPLE_IDX_SHA256
+    (url_pieces / "samples.idx.part-1-of-2").write_bytes(b"MIMSIDX\0" + bytes(100))  # a damaged piece is named
+    assert cli_main(["shards", "index", pattern, "--join", str(url_pieces), "--cache", cache]) != 0
+    assert "part-1-of-2 is unusable" in capsys.readouterr().err

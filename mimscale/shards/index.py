@@ -21,6 +21,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import re
 import stat
 import struct
 import sys
@@ -760,3 +761,60 @@ class LazySetIndex:
             atomic_write(self._kept_path(name), payload, durable=False)
         except OSError as err:
             print(f"mimscale data: the rows of shard {name} cannot be kept in {self.rows_dir} ({err})", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------- split across nodes
+
+
+PART_NAME = re.compile(r"samples\.idx\.part-(\d{1,6})-of-(\d{1,6})")
+
+
+def part_range(total: int, part: int, parts: int) -> range:
+    """The shard numbers node ``part`` of ``parts`` indexes: a contiguous, near-equal share."""
+    if not 0 <= part < parts:
+        raise ShardError(f"--part {part}/{parts}: K must be in [0, N)")
+    return range(part * total // parts, (part + 1) * total // parts)
+
+
+def write_part(
+    folder: str, names: list[str], part: int, parts: int, out_dir: Path, *, cache=None, locations=None, workers=1
+) -> Path:
+    """Index one node's share of a folder's shards into ``out_dir/samples.idx.part-K-of-N`` (an index file of its
+    own, same format): local tars are scanned ``workers`` at a time, remote ones downloaded through ``cache``."""
+    chosen = [names[number] for number in part_range(len(names), part, parts)]
+    if remote.is_local(folder):
+        paths = [Path(folder) / name for name in chosen]
+        scans = _progress(_scan_many(paths, workers), len(paths), folder, paths)
+    else:
+        locations = locations or {name: f"{folder}/{name}" for name in names}
+        scans = _remote_scans([locations[name] for name in chosen], chosen, cache, max(1, workers))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return write_index(out_dir / f"{INDEX_NAME}.part-{part}-of-{parts}", scans, chosen)
+
+
+def join_parts(names: list[str], parts_dir: Path, target: Path) -> SetIndex:
+    """One samples.idx at ``target`` from the pieces in ``parts_dir`` (all N of them, each shard in exactly one):
+    byte for byte the index one node would have built. The pieces are index files, checked as such."""
+    found = {}
+    for path in sorted(parts_dir.iterdir()) if parts_dir.is_dir() else []:
+        match = PART_NAME.fullmatch(path.name)
+        if match:
+            found[(int(match[1]), int(match[2]))] = path
+    totals = {parts for _, parts in found}
+    if len(totals) != 1:
+        raise ShardError(f"{parts_dir} holds no pieces, or pieces of different splits ({sorted(found)[:6]})")
+    parts = totals.pop()
+    missing = [part for part in range(parts) if (part, parts) not in found]
+    if missing:
+        raise ShardError(f"{parts_dir}: pieces {missing[:8]} of {parts} are missing; run `--part K/{parts}` for them")
+    owner: dict[str, SetIndex] = {}
+    for part in range(parts):
+        piece = SetIndex(found[(part, parts)])
+        for name in piece.names:
+            if owner.setdefault(name, piece) is not piece:
+                raise ShardError(f"shard {name} is in two pieces ({owner[name].path} and {piece.path})")
+    absent = [name for name in names if name not in owner]
+    if absent:
+        raise ShardError(f"the pieces in {parts_dir} lack {len(absent)} shard(s), e.g. {absent[0]}")
+    with _locked(target):
+        return SetIndex(write_index(target, (next(_kept_scans(owner[n], [n])) for n in names), names))

@@ -25,13 +25,17 @@ from mimscale.shards.format import (
 )
 from mimscale.shards.images import BadImage
 from mimscale.shards.index import (
+    INDEX_NAME,
     REMOTE_SCAN_THREADS,
     LazySetIndex,
     SetIndex,
+    cache_path,
     folder_index,
     has_local_index,
+    join_parts,
     remote_folder_index,
     rows_folder,
+    write_part,
 )
 from mimscale.storage import remote, shard_cache
 
@@ -325,3 +329,40 @@ def _folder_set(
         locations=members,
         named_index=named_index,
     )
+
+
+def index_split(
+    pattern: str, data_cfg: DataConfig, *, part: str = "", out: str = "", join: str = "", workers=0
+) -> Path:
+    """`mimscale shards index SRC --part K/N --out DIR` (this node's share into DIR/samples.idx.part-K-of-N) or
+    `--join DIR` (the pieces into the samples.idx training finds: beside a writable local folder, else the cache).
+    One folder at a time: the pieces name shards by file name."""
+    locations = expand_locations(pattern, "SRC")
+    folders = shard_folders(locations, f"SRC={pattern!r}")
+    if len(folders) != 1:
+        raise ShardError(f"SRC={pattern!r} spans {len(folders)} folders; split and join the index one folder at a time")
+    [(folder, members)] = folders.items()
+    local = remote.is_local(folder)
+    if part:
+        try:
+            number, parts = (int(value) for value in part.split("/"))
+        except ValueError as err:
+            raise ShardError(f"--part {part!r}: give K/N, e.g. --part 0/8 on the first of 8 nodes") from err
+        if not out:
+            raise ShardError("--part needs --out DIR, a folder every node and the joining one can reach")
+        cache = None if local else shard_cache.ShardCache.from_config(data_cfg)
+        if cache is not None:
+            expect_checksums(cache, locations)
+        return write_part(
+            folder,
+            list(members),
+            number,
+            parts,
+            Path(out),
+            cache=cache,
+            locations=members,
+            workers=workers or (1 if local else REMOTE_SCAN_THREADS),
+        )
+    beside = local and os.access(folder, os.W_OK) and not data_cfg.cache_dir
+    target = Path(folder) / INDEX_NAME if beside else cache_path(folder, data_cfg.cache_dir or None)
+    return join_parts(list(members), Path(join), target).path
