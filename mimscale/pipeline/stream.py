@@ -1,8 +1,9 @@
 """The resumable training stream: exact data position, independent of world size and worker count, read locally.
 
-Shards are opened and indexed once (shards/sets.py, shards/index.py: samples.idx, memory-mapped, O(shards) at start-up). The order of an
-epoch comes from pipeline/order.py: a keyed shard permutation cut into C canonical streams (``data.streams``, fixed
-when the run starts), samples shuffled within windows of ``data.shuffle_window`` shards; it depends only on
+Shards are opened and indexed once (shards/sets.py, shards/index.py: samples.idx, memory-mapped, O(shards) at
+start-up; a set without one that publishes per-shard counts is counted instead, shards/counts.py, and each shard is
+indexed when first read). The order of an epoch comes from pipeline/order.py: a keyed shard permutation cut into C
+canonical streams (``data.streams``, fixed when the run starts), samples shuffled within windows of ``data.shuffle_window`` shards; it depends only on
 (seed, epoch, C, window, the shard set). Global micro-batch m takes g = G/C samples from each stream and rank r
 takes the r-th slice of B, so with W dividing C a rank reads only its own streams' shards, a window at a time.
 Each DataLoader worker builds whole micro-batches (batch t goes to worker t % num_workers), so the DataLoader's

@@ -2,7 +2,8 @@
 
 :func:`open_shard_set` is the one way a pattern becomes readable shards, for training (pipeline/stream.py), eval,
 `mimscale shards index` and `inspect` alike: expand the pattern (storage/remote.py), group the shards by folder,
-find or build each folder's samples.idx (shards/index.py), and, for remote sets, make the node's ShardCache under
+find or build each folder's samples.idx (shards/index.py; with ``counts``, a folder without one that publishes
+per-shard counts is not scanned: shards/counts.py, LazySetIndex), and, for remote sets, make the node's ShardCache under
 ``<data.cache_dir>/shards`` (its index cache is ``<data.cache_dir>/index``) with the manifests' sha256s.
 """
 
