@@ -105,6 +105,15 @@ def test_each_counts_source_is_read_in_order_of_preference(tmp_path):
     assert found.counts == SAMPLE_SHARDS and found.source.endswith("manifest.json")
 
 
+def test_an_old_manifest_counts_nothing_and_its_set_is_indexed_as_ever(tmp_path):
+    folder = bare_copy(tmp_path)
+    old = {"format": "mimscale-shards/1", "shards": [{"name": n, "samples": [{"key": "a"}]} for n in NAMES]}
+    write_json(folder / "manifest.json", old)
+    assert find_counts(str(folder), NAMES, {name: str(folder / name) for name in NAMES}) is None
+    table = open_shard_set(f"{folder}/*.tar", data_cfg=cfg_for("x", tmp_path).data, counts=True)
+    assert isinstance(table.indexes[0], SetIndex) and list(table.counts) == SAMPLE_SHARDS
+
+
 def test_a_source_that_misses_a_shard_gives_way_to_the_next(tmp_path):
     folder = bare_copy(tmp_path)
     locations = {name: str(folder / name) for name in NAMES}

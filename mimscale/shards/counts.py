@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
-from mimscale.shards.format import MANIFEST_NAME, ShardError, load_manifest, load_remote_manifest
+from mimscale.shards.format import MANIFEST_FORMAT, MANIFEST_NAME, ShardError, load_manifest, load_remote_manifest
 from mimscale.storage import remote
 
 WIDS_INDEX_NAME = "shardindex.json"  # widsindex create's default --output
@@ -121,8 +121,11 @@ def parse_stats(raw: bytes, shown: str) -> int:
 
 
 def manifest_counts(manifest: dict, shown: str) -> dict[str, tuple[int, int]]:
-    """{name: (samples, bytes)} of a manifest parsed by format.parse_manifest (entries lacking either are left out)."""
+    """{name: (samples, bytes)} of a manifest parsed by format.parse_manifest (entries lacking either are left out).
+    Only this format's: an older manifest (per-sample lists) counts nothing, and its set is indexed again as ever."""
     found: dict[str, tuple[int, int]] = {}
+    if manifest.get("format") != MANIFEST_FORMAT:
+        return found
     for entry in manifest["shards"]:
         if "samples" not in entry:
             continue
