@@ -187,6 +187,9 @@ def test_a_counted_set_streams_the_same_ids_and_labels_as_the_indexed_set(tmp_pa
     assert again.indexes[0].scanned == 0  # the kept rows served it
     full = SetIndex(SAMPLE / "samples.idx")
     assert np.array_equal(again.indexes[0].shard_rows(2), full.shard_rows(2))
+    shutil.rmtree(tmp_path / "cache")  # DataLoader workers: each builds (and keeps) the rows of what it reads
+    workers = streamed(cfg_for(f"{folder}/*.tar", tmp_path, "data.num_workers=2"), batches=8)
+    assert workers[0] == indexed[0][:128] and workers[1] == indexed[1][:128]
 
 
 def test_an_index_beside_the_shards_still_wins_over_counts(tmp_path):
