@@ -2,6 +2,7 @@
 shuffle quality of windowed streams on a class-sorted set.
 
     nice -n 10 python bench/bench_scale.py scale --samples 10000000 --dir /tmp/scale [--keep] [--skip-index]
+    nice -n 10 python bench/bench_scale.py counts --samples 1000000 --dir /tmp/scale
     python bench/bench_scale.py quality [--classes 100 --shards 1000 --per-shard 100 --global-batch 256]
 
 scale    writes N samples (a tiny real JPEG each, one of 16 encoded once, reused; 1000 per tar, no manifest: a
@@ -11,6 +12,10 @@ scale    writes N samples (a tiny real JPEG each, one of 16 encoded once, reused
                      private memory (USS from /proc/self/smaps_rollup) it adds; also after the epoch plan of C=64
                      streams and after reading index rows for one window of every stream
          The shard set is deleted afterwards unless --keep.
+counts   the same synthetic set published with counts only (a widsindex ``shardindex.json``, issue 23): time to the
+         first batch of a fresh process (one rank, C=8, windows of 8 shards) with counts only, then with a full
+         samples.idx; and the bytes a remote counted set (tests/http_serve.py on 127.0.0.1) downloads before its
+         first batch, from the server's request log, against the whole set and the two windows per stream
 quality  class mix per global batch when every shard holds one class (the worst case, a class-sorted set),
          for several (streams, window) settings against a full shuffle: mean distinct classes per batch and the
          total-variation distance between a batch's class histogram and the set's.
@@ -141,7 +146,7 @@ def drop_page_cache_of(folder: Path) -> None:
             os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
-def bench_index(folder: Path, samples: int) -> None:
+def bench_index(folder: Path, samples: int) -> float:
     """One-time `shards index --workers 2` of the foreign folder, in a fresh process, from a cold page cache."""
     (folder / "samples.idx").unlink(missing_ok=True)
     drop_page_cache_of(folder)
@@ -150,6 +155,7 @@ def bench_index(folder: Path, samples: int) -> None:
                    check=True, stdout=subprocess.DEVNULL)  # fmt: skip
     index_s = time.perf_counter() - start
     print(f"shards index --workers 2 (cold page cache): {index_s:.1f} s ({samples / index_s:,.0f} samples/s)")
+    return index_s
 
 
 def bench_scale(args) -> None:
@@ -171,6 +177,91 @@ def bench_scale(args) -> None:
               f"{uss[1] / 1e6:.1f} MB after plan ({uss[1] / args.samples:.2f} B/sample); after one window per "
               f"stream: USS +{uss[2] / 1e6:.1f} MB of which anonymous (heap) +{anon[2] / 1e6:.1f} MB, the rest "
               "index pages mapped from the page cache (clean, reclaimable, shared with ranks reading them)")  # fmt: skip
+    if not args.keep:
+        shutil.rmtree(folder)
+        print(f"deleted {folder}")
+
+
+FIRST_BATCH = r"""
+import json, sys, time
+start = time.perf_counter()
+from mimscale.config import load_config
+from mimscale.pipeline.masking import build_mask_generator
+from mimscale.pipeline.stream import build_train_loader
+cfg = load_config(None, [f"data.shards={sys.argv[1]}", "data.batch_size=64", "data.image_size=16", "data.streams=8",
+                         "data.shuffle_window=8", "data.num_workers=0", "mask.patch_size=16", f"data.cache_dir={sys.argv[2]}"])
+mask = build_mask_generator("random_tokens", image_size=16, token_stride=8, ratio=0.5, cell_size=16)
+imported = time.perf_counter()
+stream = build_train_loader(cfg, rank=0, world_size=1, mask_generator=mask)
+opened = time.perf_counter()
+batch = next(iter(stream))
+done = time.perf_counter()
+index = type(stream.table.indexes[0]).__name__
+print(json.dumps({"open_s": opened - imported, "first_batch_s": done - imported, "index": index,
+                  "ids": [int(i) for i in batch["sample_id"]]}))
+"""  # fmt: skip
+
+
+def first_batch(spec: str, cache: Path) -> dict:
+    """A fresh process's first batch: its timings, plus ``process_s`` from launch to exit (what a user waits)."""
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", FIRST_BATCH, spec, str(cache)], capture_output=True, text=True)
+    if result.returncode:
+        raise SystemExit(result.stderr[-3000:])
+    return {**json.loads(result.stdout.strip().splitlines()[-1]), "process_s": time.perf_counter() - start}
+
+
+def best(runs: list[dict], key: str) -> float:
+    return min(run[key] for run in runs)
+
+
+def write_wids_index(folder: Path) -> None:
+    """What `widsindex create` writes beside the shards: url, nsamples, filesize per shard."""
+    shards = []
+    for path in sorted(folder.glob("*.tar")):
+        size = path.stat().st_size
+        shards.append({"url": path.name, "nsamples": (size - 2 * BLOCK) // (2 * BLOCK), "filesize": size})
+    index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "shardlist": shards}
+    (folder / "shardindex.json").write_text(json.dumps(index))
+
+
+def bench_counts(args) -> None:
+    folder = Path(args.dir) / f"synthetic-{args.samples}"
+    if not folder.exists():
+        print(f"generating {args.samples:,} samples in {folder} ...", flush=True)
+        print(f"  generated in {generate(folder, args.samples):.0f} s", flush=True)
+    tars = sorted(folder.glob("*.tar"))
+    size = sum(p.stat().st_size for p in tars)
+    print(f"set: {args.samples:,} samples, {len(tars):,} tars, {size / 1e9:.2f} GB", flush=True)
+    (folder / "samples.idx").unlink(missing_ok=True)
+    write_wids_index(folder)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from http_serve import ShardServer
+
+    cache = Path(args.dir) / "bench-cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    with ShardServer(folder) as server:
+        spec = server.url(f"{{000000..{len(tars) - 1:06d}}}.tar")
+        remote = first_batch(spec, cache / "remote")
+        requests = dict(server.requests)
+    fetched = [name for name in requests if name.endswith(".tar")]
+    fetched_bytes = sum((folder / name).stat().st_size * requests[name] for name in fetched)
+    other = {name: n for name, n in requests.items() if not name.endswith(".tar")}
+    print(f"remote, counts only: first batch {remote['process_s']:.2f} s after launch; downloaded {len(fetched)} of "
+          f"{len(tars)} shards ({fetched_bytes / 1e6:.1f} MB of {size / 1e9:.2f} GB; 8 streams x 2 windows x 8 "
+          f"shards = 128 shards at most), plus {len(other)} small files {sorted(other)}", flush=True)  # fmt: skip
+    counted = [first_batch(str(folder), cache / f"counted{n}") for n in range(args.repeat)]
+    index_s = bench_index(folder, args.samples)
+    indexed = [first_batch(str(folder), cache / f"indexed{n}") for n in range(args.repeat)]
+    for name, runs in (("counts only", counted), ("samples.idx", indexed)):
+        print(f"local, {name} ({runs[0]['index']}), best of {args.repeat}: launch to first batch "
+              f"{best(runs, 'process_s'):.2f} s; after imports: table {best(runs, 'open_s'):.2f} s, first batch "
+              f"{best(runs, 'first_batch_s'):.2f} s")  # fmt: skip
+    same = counted[0]["ids"] == indexed[0]["ids"] == remote["ids"]
+    print(f"counts only / samples.idx: launch to first batch {best(counted, 'process_s') / best(indexed, 'process_s'):.2f}x, "
+          f"after imports {best(counted, 'first_batch_s') / best(indexed, 'first_batch_s'):.2f}x; without counts the "
+          f"set must first be indexed ({index_s:.1f} s); the same sample ids in all three runs: {same}")  # fmt: skip
+    shutil.rmtree(cache, ignore_errors=True)
     if not args.keep:
         shutil.rmtree(folder)
         print(f"deleted {folder}")
@@ -218,6 +309,11 @@ def main(argv: list[str] | None = None) -> int:
     scale.add_argument("--dir", default="/tmp/mimscale-scale")
     scale.add_argument("--keep", action="store_true")
     scale.add_argument("--skip-index", action="store_true", help="reuse the set's samples.idx (kept set)")
+    counts = commands.add_parser("counts")
+    counts.add_argument("--samples", type=int, default=1_000_000)
+    counts.add_argument("--dir", default="/tmp/mimscale-scale")
+    counts.add_argument("--keep", action="store_true")
+    counts.add_argument("--repeat", type=int, default=2, help="fresh processes per measurement (best is kept)")
     quality = commands.add_parser("quality")
     quality.add_argument("--classes", type=int, default=100)
     quality.add_argument("--shards", type=int, default=1000)
@@ -226,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     quality.add_argument("--streams", type=int, nargs="+", default=[1, 8, 64])
     quality.add_argument("--windows", type=int, nargs="+", default=[1, 4, 16, 64])
     args = parser.parse_args(argv)
-    bench_scale(args) if args.command == "scale" else bench_quality(args)
+    {"scale": bench_scale, "counts": bench_counts, "quality": bench_quality}[args.command](args)
     return 0
 
 

@@ -112,6 +112,17 @@ class DataConfig:
         "to give the index of a pipe: set (its commands are never edited into other commands) or of pre-signed URLs "
         "(never edited); empty = beside the shards, or, for those two, built from the shards (downloaded once).",
     )
+    counts: str = _doc(
+        "",
+        "Location (path or URL) of per-shard sample counts for data.shards without a samples.idx: JSON "
+        "{shard file name: count} or a WebDataset widsindex file; used after manifest.json, shardindex.json and "
+        "img2dataset's *_stats.json beside the shards. With counts a run starts without scanning the set.",
+    )
+    count_mismatch: str = _doc(
+        "error",
+        "A counted shard (see data.counts) whose tar holds another number of samples: error (names the shard and "
+        "both numbers) or skip (its samples are served as corrupt: replaced and counted, the order unchanged).",
+    )
     streams: int = _doc(
         0,
         "Canonical data streams C: the order interleaves C streams of shards, and rank r of W reads only C/W of "
@@ -362,6 +373,7 @@ RULES: dict[str, Rule] = {
     "run.device": _one_of(("auto", "cpu", "cuda")),
     "model.pos_embed_init": _one_of(("timm", "sincos", "sincos_frozen")),
     "eval.pool": _one_of(("cls", "mean")),
+    "data.count_mismatch": _one_of(("error", "skip")),
     "data.cache_dir": _folder_or_absent,
 }
 

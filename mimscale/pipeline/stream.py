@@ -1,8 +1,9 @@
 """The resumable training stream: exact data position, independent of world size and worker count, read locally.
 
-Shards are opened and indexed once (shards/sets.py, shards/index.py: samples.idx, memory-mapped, O(shards) at start-up). The order of an
-epoch comes from pipeline/order.py: a keyed shard permutation cut into C canonical streams (``data.streams``, fixed
-when the run starts), samples shuffled within windows of ``data.shuffle_window`` shards; it depends only on
+Shards are opened and indexed once (shards/sets.py, shards/index.py: samples.idx, memory-mapped, O(shards) at
+start-up; a set without one that publishes per-shard counts is counted instead, shards/counts.py, and each shard is
+indexed when first read). The order of an epoch comes from pipeline/order.py: a keyed shard permutation cut into C
+canonical streams (``data.streams``, fixed when the run starts), samples shuffled within windows of ``data.shuffle_window`` shards; it depends only on
 (seed, epoch, C, window, the shard set). Global micro-batch m takes g = G/C samples from each stream and rank r
 takes the r-th slice of B, so with W dividing C a rank reads only its own streams' shards, a window at a time.
 Each DataLoader worker builds whole micro-batches (batch t goes to worker t % num_workers), so the DataLoader's
@@ -385,7 +386,7 @@ def build_train_loader(
     streams = cfg.data.streams or world_size  # a fresh run with data.streams=0: one stream per rank
     if state and cfg.data.streams == 0 and "streams" in state:
         streams = int(state["streams"])  # fixed at the run's start
-    table = open_shard_set(cfg.data.shards, "data.shards", data_cfg=cfg.data)
+    table = open_shard_set(cfg.data.shards, "data.shards", data_cfg=cfg.data, counts=True)
     if table.cache is not None:
         _check_cache_room(table, cfg, streams, world_size)
     stream = TrainStream(
@@ -406,7 +407,7 @@ def _check_cache_room(table: ShardTable, cfg: Config, streams: int, world_size: 
     """The node cache must hold, for every rank on the node, two windows (read + fetched ahead) of its streams."""
     per_rank = -(-streams // world_size) if world_size <= streams else 2  # W not dividing C: parts of two streams
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    largest = max(table.shard_bytes(shard) for shard in range(len(table.locations)))
+    largest = max(table.shard_bytes(shard) for shard in range(len(table.locations)))  # -1: not known (counted set)
     need = local_ranks * per_rank * 2 * min(cfg.data.shuffle_window, len(table.locations)) * largest
     table.cache.check_window(
         need,
@@ -463,7 +464,7 @@ def iter_eval_batches(
     samples are skipped with a message. ``key`` names the config key in errors (e.g. eval.val_shards).
     Remote shards go through the node cache of ``data_cfg`` (a DataConfig; the defaults when None).
     """
-    table = open_shard_set(pattern, key, data_cfg=data_cfg)
+    table = open_shard_set(pattern, key, data_cfg=data_cfg, counts=True)
     dataset = _EvalBatches(table, image_size=image_size, batch_size=batch_size, mean=list(mean), std=list(std))
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers)
     for images, labels in loader:

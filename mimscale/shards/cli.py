@@ -29,7 +29,7 @@ from mimscale.shards.format import (
 )
 from mimscale.shards.images import BadImage, decode_rgb
 from mimscale.shards.index import INDEX_NAME, SetIndex, published_index, scan_tar
-from mimscale.shards.sets import expand_locations, open_shard_set, shard_folders
+from mimscale.shards.sets import expand_locations, index_split, open_shard_set, shard_folders
 from mimscale.storage import remote
 from mimscale.storage.shard_cache import ShardCache
 
@@ -363,6 +363,10 @@ def cmd_index(args) -> int:
     shards, or with --cache in DIR/index (data.cache_dir=DIR); URL sets always index into the cache."""
     start = time.perf_counter()
     data_cfg = DataConfig(cache_dir=args.cache, cache_limit_gb=args.cache_limit_gb)
+    if args.part or args.join:  # split across nodes: shards/sets.py index_split
+        written = index_split(args.src, data_cfg, part=args.part, out=args.out, join=args.join, workers=args.workers)
+        print(f"{'piece' if args.part else 'joined index'} -> {written} in {time.perf_counter() - start:.1f} s")
+        return 0
     table = open_shard_set(
         args.src,
         "SRC",
@@ -453,6 +457,9 @@ def register(subparsers) -> None:
         default=0,
         help="parallel processes scanning local tars (default 1), or downloads at once for URL sets (default 8)",
     )
+    index.add_argument("--part", default="", help="K/N: index only this node's share of the shards, into --out DIR")
+    index.add_argument("--out", default="", help="folder for the --part piece (reachable by the joining node)")
+    index.add_argument("--join", default="", help="DIR: join the N pieces written there into one samples.idx")
     index.add_argument(
         "--cache-limit-gb", type=float, default=DataConfig().cache_limit_gb, help="shard cache size while indexing URLs"
     )

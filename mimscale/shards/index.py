@@ -21,6 +21,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import re
 import stat
 import struct
 import sys
@@ -342,21 +343,28 @@ class SetIndex:
                 self._rows = mapped.view(np.ndarray)  # same mapped pages; plain slices are much cheaper
         return self._rows
 
-    def shard_rows(self, number: int) -> np.ndarray:
-        """Shard ``number``'s rows, bounds-checked against its size the first time they are used."""
+    def shard_rows(self, number: int, local_path=None) -> np.ndarray:
+        """Shard ``number``'s rows, bounds-checked against its size the first time they are used (``local_path``:
+        LazySetIndex's signature; this index has every shard's rows already)."""
         rows = self.rows[self.starts[number] : self.starts[number + 1]]
         if number not in self._checked:
-            ends = rows["block"].astype(np.int64) * BLOCK + rows["size"]
-            if len(rows) and (
-                rows["block"].min() < 1 or rows["size"].min() < 1 or ends.max() > self.shard_bytes[number]
-            ):
-                raise self._fail(
-                    f"shard {self.names[number]}'s sample offsets point outside its {self.shard_bytes[number]} bytes"
-                )
-            if len(rows) and (rows["label"].min() < -1):
-                raise self._fail(f"shard {self.names[number]} has labels below -1")
+            problem = rows_problem(rows, int(self.shard_bytes[number]))
+            if problem:
+                raise self._fail(f"shard {self.names[number]}: {problem}")
             self._checked.add(number)
         return rows
+
+
+def rows_problem(rows: np.ndarray, nbytes: int) -> str:
+    """Why a shard's sample rows cannot be true of a tar of ``nbytes`` bytes ('' when they can)."""
+    if not len(rows):
+        return ""
+    ends = rows["block"].astype(np.int64) * BLOCK + rows["size"]
+    if rows["block"].min() < 1 or rows["size"].min() < 1 or ends.max() > nbytes:
+        return f"its sample offsets point outside its {nbytes} bytes"
+    if rows["label"].min() < -1:
+        return "labels below -1"
+    return ""
 
 
 def write_index(path: str | Path, scans: Iterable[ShardScan], names: list[str]) -> Path:
@@ -508,6 +516,12 @@ def folder_index(
         return build_folder_index(folder, known, target, workers, reuse=index)
 
 
+def has_local_index(folder: str, cache_dir: str | Path | None) -> bool:
+    """Whether a local folder has an index file, beside it or cached (current or not: folder_index brings it up to
+    date), so the index path is taken exactly as before counts existed."""
+    return any(path.is_file() for path in (Path(folder) / INDEX_NAME, cache_path(folder, cache_dir)))
+
+
 def published_index(location: str) -> str | None:
     """Where the samples.idx published beside a remote shard would be, or None where no location may be derived
     from the shard's: a ``pipe:`` command or a pre-signed URL (remote.sibling_folder)."""
@@ -523,13 +537,15 @@ def remote_folder_index(
     workers: int = REMOTE_SCAN_THREADS,
     locations: dict[str, str] | None = None,
     named_index: str = "",
-) -> SetIndex:
+    build_missing: bool = True,
+) -> SetIndex | None:
     """The index of shards under a URL prefix: ``named_index`` when the user names one (data.index), else a
     samples.idx published beside them (never for pipe: commands or signed URLs: published_index), either one
     downloaded once per node through the shard cache; else one in the index cache, else built by downloading and
     scanning each shard once, ``workers`` at a time (``mimscale shards index URL --cache DIR`` does that ahead of
     training). When the index found lacks some shards, only those are downloaded to complete it; its rows for the
-    others are kept. ``locations`` maps each name to its shard's location (default: ``folder/name``)."""
+    others are kept (``build_missing=False``: None where no index covers any shard). ``locations`` maps each name to its shard's location (default:
+    ``folder/name``)."""
     locations = locations or {name: f"{folder}/{name}" for name in names}
     candidates: list[Path] = [cache_path(folder, cache_dir)]
     published = named_index or (published_index(locations[names[0]]) if names else None)
@@ -550,6 +566,8 @@ def remote_folder_index(
         if index is not None and all(name in index.position for name in names):
             return index
         partial = partial or index
+    if partial is None and not build_missing:
+        return None  # no index at all: the caller looks for counts (shards/counts.py) before building one
     target = cache_path(folder, cache_dir)
     with _locked(target):
         index = _open_if_valid(target) or partial  # another rank may have completed it while this one waited
@@ -614,3 +632,189 @@ def _kept_scans(index: SetIndex, names: list[str]) -> Iterator[ShardScan]:
         number = index.position[name]
         rows = np.array(index.shard_rows(number))
         yield ShardScan(name, int(index.shard_bytes[number]), rows, unusable=int(index.unusable[number]))
+
+
+# ----------------------------------------------------------------------------------------------- lazy
+
+
+ROWS_MAGIC = b"MIMSROW\0"
+ROWS_HEADER = struct.Struct("<8sQQQ")  # magic, shard bytes, samples, unusable samples
+MAX_LAZY_SHARDS_HELD = 256  # shards whose rows a process keeps in memory (the rest stay in the index cache)
+
+
+def rows_folder(folder: str, cache_dir: str | Path | None) -> Path:
+    """Where a counted (not indexed) set's per-shard rows are kept on this node: beside its cached index."""
+    return cache_path(folder, cache_dir).with_suffix(".rows")
+
+
+class LazySetIndex:
+    """A shard folder known by its per-shard counts only (shards/counts.py): the order needs nothing more, and each
+    shard's rows are built when this node first reads the shard, from its tar headers (scan_tar: TarWalk over the
+    copy the node reads anyway), then kept in ``rows_dir`` so no other process of the node scans it again.
+
+    A shard whose tar holds another number of samples than its count is a ShardError naming both numbers (the
+    order of every later sample would shift); with ``on_mismatch="skip"`` its samples are served as corrupt
+    instead (rows of size 0: the stream replaces and counts them). Same interface as SetIndex for ShardTable."""
+
+    def __init__(
+        self, names: list[str], counts, sizes, *, source: str, rows_dir: Path, on_mismatch: str = "error"
+    ) -> None:
+        self.names, self.source, self.rows_dir, self.on_mismatch = list(names), source, Path(rows_dir), on_mismatch
+        self.path = Path(source)  # for messages, as SetIndex.path
+        self.counts = np.asarray(counts, dtype=np.int64).reshape(-1)
+        self.shard_bytes = np.asarray(sizes, dtype=np.int64).reshape(-1)  # -1: not known until the shard is read
+        self.unusable = np.zeros(len(self.names), np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
+        self.num_samples = int(self.starts[-1])
+        self.position = {name: number for number, name in enumerate(self.names)}
+        self._held: dict[int, np.ndarray] = {}
+        self.scanned = 0  # shards this process scanned (tests, benches)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_held"] = {}  # each process loads the rows it reads
+        return state
+
+    def shard_rows(self, number: int, local_path=None) -> np.ndarray:
+        """Shard ``number``'s rows: held, else kept on this node, else scanned from ``local_path()`` (its local copy)."""
+        rows = self._held.get(number)
+        if rows is None:
+            if local_path is None:
+                raise ShardError(f"shard {self.names[number]} has not been read yet; its rows come from its tar")
+            rows = self._load(number, str(local_path()))
+            if len(self._held) >= MAX_LAZY_SHARDS_HELD:
+                self._held.pop(next(iter(self._held)))
+            self._held[number] = rows
+        return rows
+
+    def _load(self, number: int, path: str) -> np.ndarray:
+        name, count = self.names[number], int(self.counts[number])
+        try:
+            nbytes = os.stat(path).st_size
+        except OSError as err:
+            raise ShardError(f"shard {path} is not readable ({err})") from err
+        kept = self._kept(name, nbytes)
+        scan = None
+        if kept is None:
+            scan = scan_tar(path)
+            scan.name = name
+            report_scan(scan, path)
+            self.scanned += 1
+            kept = scan.rows, scan.unusable
+        rows, unusable = kept
+        known = int(self.shard_bytes[number])
+        if known >= 0 and known != nbytes:
+            raise ShardError(
+                f"shard {name} is {nbytes} bytes but {self.source} says {known}: fix or remove {self.source}, "
+                "or index the set with `mimscale shards index`"
+            )
+        if len(rows) != count:
+            return self._mismatch(number, len(rows), unusable)
+        self.shard_bytes[number], self.unusable[number] = nbytes, unusable
+        if scan is not None:
+            self._keep(name, nbytes, rows, unusable)
+        return rows
+
+    def _mismatch(self, number: int, found: int, unusable: int) -> np.ndarray:
+        name, count = self.names[number], int(self.counts[number])
+        message = (
+            f"shard {name}: {self.source} says {count} samples, its tar holds {found} usable ones "
+            f"({unusable} without an image)"
+        )
+        if self.on_mismatch != "skip":
+            raise ShardError(
+                f"{message}; the order would shift: fix or remove {self.source} (then `mimscale shards index` "
+                "indexes the set), or set data.count_mismatch=skip to serve its samples as corrupt"
+            )
+        print(f"mimscale data: {message}; its {count} samples are skipped as corrupt", file=sys.stderr)
+        return np.zeros(count, SAMPLE_DTYPE)  # size 0: ShardTable serves them as corrupt
+
+    def _kept_path(self, name: str) -> Path:
+        return self.rows_dir / f"{name}.rows"
+
+    def _kept(self, name: str, nbytes: int) -> tuple[np.ndarray, int] | None:
+        """The rows another process of this node kept for the shard, if they fit its ``nbytes`` (hostile: checked)."""
+        path = self._kept_path(name)
+        try:
+            with remote.open_regular(path) as handle:
+                header = handle.read(ROWS_HEADER.size)
+                if len(header) != ROWS_HEADER.size:
+                    return None
+                magic, kept_bytes, samples, unusable = ROWS_HEADER.unpack(header)
+                size = os.fstat(handle.fileno()).st_size
+                if magic != ROWS_MAGIC or kept_bytes != nbytes or samples > nbytes // (2 * BLOCK):
+                    return None
+                if size != ROWS_HEADER.size + samples * SAMPLE_DTYPE.itemsize or unusable >= MAX_SHARD_SAMPLES:
+                    return None
+                rows = np.frombuffer(handle.read(samples * SAMPLE_DTYPE.itemsize), SAMPLE_DTYPE)
+        except (OSError, remote.RemoteError):
+            return None
+        return (rows, int(unusable)) if not rows_problem(rows, nbytes) else None
+
+    def _keep(self, name: str, nbytes: int, rows: np.ndarray, unusable: int) -> None:
+        """Best effort (a read-only cache only costs a rescan elsewhere): the one atomic writer, without fsync."""
+        from mimscale.storage.atomic import atomic_write
+
+        payload = ROWS_HEADER.pack(ROWS_MAGIC, nbytes, len(rows), unusable) + rows.astype(SAMPLE_DTYPE).tobytes()
+        try:
+            self.rows_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(self._kept_path(name), payload, durable=False)
+        except OSError as err:
+            print(f"mimscale data: the rows of shard {name} cannot be kept in {self.rows_dir} ({err})", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------- split across nodes
+
+
+PART_NAME = re.compile(r"samples\.idx\.part-(\d{1,6})-of-(\d{1,6})")
+
+
+def part_range(total: int, part: int, parts: int) -> range:
+    """The shard numbers node ``part`` of ``parts`` indexes: a contiguous, near-equal share."""
+    if not 0 <= part < parts:
+        raise ShardError(f"--part {part}/{parts}: K must be in [0, N)")
+    return range(part * total // parts, (part + 1) * total // parts)
+
+
+def write_part(
+    folder: str, names: list[str], part: int, parts: int, out_dir: Path, *, cache=None, locations=None, workers=1
+) -> Path:
+    """Index one node's share of a folder's shards into ``out_dir/samples.idx.part-K-of-N`` (an index file of its
+    own, same format): local tars are scanned ``workers`` at a time, remote ones downloaded through ``cache``."""
+    chosen = [names[number] for number in part_range(len(names), part, parts)]
+    if remote.is_local(folder):
+        paths = [Path(folder) / name for name in chosen]
+        scans = _progress(_scan_many(paths, workers), len(paths), folder, paths)
+    else:
+        locations = locations or {name: f"{folder}/{name}" for name in names}
+        scans = _remote_scans([locations[name] for name in chosen], chosen, cache, max(1, workers))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return write_index(out_dir / f"{INDEX_NAME}.part-{part}-of-{parts}", scans, chosen)
+
+
+def join_parts(names: list[str], parts_dir: Path, target: Path) -> SetIndex:
+    """One samples.idx at ``target`` from the pieces in ``parts_dir`` (all N of them, each shard in exactly one):
+    byte for byte the index one node would have built. The pieces are index files, checked as such."""
+    found = {}
+    for path in sorted(parts_dir.iterdir()) if parts_dir.is_dir() else []:
+        match = PART_NAME.fullmatch(path.name)
+        if match:
+            found[(int(match[1]), int(match[2]))] = path
+    totals = {parts for _, parts in found}
+    if len(totals) != 1:
+        raise ShardError(f"{parts_dir} holds no pieces, or pieces of different splits ({sorted(found)[:6]})")
+    parts = totals.pop()
+    missing = [part for part in range(parts) if (part, parts) not in found]
+    if missing:
+        raise ShardError(f"{parts_dir}: pieces {missing[:8]} of {parts} are missing; run `--part K/{parts}` for them")
+    owner: dict[str, SetIndex] = {}
+    for part in range(parts):
+        piece = SetIndex(found[(part, parts)])
+        for name in piece.names:
+            if owner.setdefault(name, piece) is not piece:
+                raise ShardError(f"shard {name} is in two pieces ({owner[name].path} and {piece.path})")
+    absent = [name for name in names if name not in owner]
+    if absent:
+        raise ShardError(f"the pieces in {parts_dir} lack {len(absent)} shard(s), e.g. {absent[0]}")
+    with _locked(target):
+        return SetIndex(write_index(target, (next(_kept_scans(owner[n], [n])) for n in names), names))

@@ -2,7 +2,8 @@
 
 :func:`open_shard_set` is the one way a pattern becomes readable shards, for training (pipeline/stream.py), eval,
 `mimscale shards index` and `inspect` alike: expand the pattern (storage/remote.py), group the shards by folder,
-find or build each folder's samples.idx (shards/index.py), and, for remote sets, make the node's ShardCache under
+find or build each folder's samples.idx (shards/index.py; with ``counts``, a folder without one that publishes
+per-shard counts is not scanned: shards/counts.py, LazySetIndex), and, for remote sets, make the node's ShardCache under
 ``<data.cache_dir>/shards`` (its index cache is ``<data.cache_dir>/index``) with the manifests' sha256s.
 """
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from mimscale.config import DataConfig
+from mimscale.shards.counts import find_counts
 from mimscale.shards.format import (
     BLOCK,
     ShardError,
@@ -23,7 +25,19 @@ from mimscale.shards.format import (
     member_name_before,
 )
 from mimscale.shards.images import BadImage
-from mimscale.shards.index import REMOTE_SCAN_THREADS, SetIndex, folder_index, remote_folder_index
+from mimscale.shards.index import (
+    INDEX_NAME,
+    REMOTE_SCAN_THREADS,
+    LazySetIndex,
+    SetIndex,
+    cache_path,
+    folder_index,
+    has_local_index,
+    join_parts,
+    remote_folder_index,
+    rows_folder,
+    write_part,
+)
 from mimscale.storage import remote, shard_cache
 
 MAX_OPEN_SHARDS = 64
@@ -108,7 +122,7 @@ class ShardTable:
         self,
         locations: list[str],
         folders: list[str],
-        indexes: list[SetIndex],
+        indexes: list[SetIndex | LazySetIndex],
         numbers: list[tuple[int, int]],
         cache=None,
     ):
@@ -122,12 +136,13 @@ class ShardTable:
         self.cache = cache
         self._handles: dict[int, object] = {}
         self._pinned: dict[int, str] = {}
-        if cache is not None:  # downloads are checked against the indexed size
+        if cache is not None:  # downloads are checked against the indexed size (a counted set's where it is known)
             for shard, location in enumerate(locations):
-                if not remote.is_local(location):
+                if not remote.is_local(location) and self.shard_bytes(shard) >= 0:
                     cache.expect(location, int(self.shard_bytes(shard)))
 
     def shard_bytes(self, shard: int) -> int:
+        """The shard's size in bytes; -1 for a counted set's shard that no process here has read yet."""
         return int(self.indexes[self.set_of[shard]].shard_bytes[self.number_in_set[shard]])
 
     def __len__(self) -> int:
@@ -162,7 +177,8 @@ class ShardTable:
     def locate(self, sample_id: int) -> tuple[int, np.void]:
         """(shard number, the sample's index row: block, size, label)."""
         shard = int(np.searchsorted(self.starts, sample_id, "right")) - 1
-        rows = self.indexes[self.set_of[shard]].shard_rows(int(self.number_in_set[shard]))
+        index = self.indexes[self.set_of[shard]]
+        rows = index.shard_rows(int(self.number_in_set[shard]), lambda: self._local_path(shard))
         return shard, rows[sample_id - int(self.starts[shard])]
 
     def label(self, sample_id: int) -> int:
@@ -188,7 +204,7 @@ class ShardTable:
             except OSError as err:
                 raise BadImage("unreadable_shard", str(err)) from err
             size = os.fstat(handle.fileno()).st_size
-            if size != self.shard_bytes(shard):
+            if size != self.shard_bytes(shard) and self.shard_bytes(shard) >= 0:
                 handle.close()
                 raise ShardError(
                     f"shard {self.locations[shard]} is {size} bytes but its index says {self.shard_bytes(shard)}: it "
@@ -205,6 +221,8 @@ class ShardTable:
         """(encoded image bytes, label) of one sample, with one index lookup."""
         shard, row = self.locate(sample_id)
         block, size, label = row.item()
+        if size == 0:  # a counted shard whose content disagrees with its count, skipped by data.count_mismatch=skip
+            raise BadImage("count_mismatch", f"shard {self.locations[shard]} does not hold the samples counted for it")
         handle = self._handle(shard)
         handle.seek(block * BLOCK)
         payload = handle.read(size)
@@ -221,6 +239,7 @@ def open_shard_set(
     index_workers: int = 0,
     prefer_cache: bool = False,
     require_samples: bool = True,
+    counts: bool = False,
 ) -> ShardTable:
     """The shard set of a pattern with its index: samples.idx beside the shards or cached, else built once.
 
@@ -229,9 +248,10 @@ def open_shard_set(
     that many shards at once when an index must be built; ``prefer_cache`` puts a new local index in the cache
     folder instead of beside the shards (`mimscale shards index --cache`). For ``data.shards``, data.index names the
     index of a remote set (the way to index a pipe: set or pre-signed URLs without building it from the shards).
+    With ``counts`` (training, eval), a folder without an index but with per-shard counts (shards/counts.py) is
+    not scanned: its shards are indexed as they are first read (LazySetIndex).
     """
     data_cfg = data_cfg or DataConfig()
-    cache_dir = data_cfg.cache_dir or None
     locations = expand_locations(pattern, key)
     folders = shard_folders(locations, f"{key}={pattern!r}")
     cache, named_index = None, data_cfg.index if key == "data.shards" else ""
@@ -245,16 +265,15 @@ def open_shard_set(
                 "folders; index them as one set or unset it"
             )
     sets = [
-        folder_index(folder, list(members), cache_dir=cache_dir, workers=index_workers or 1, prefer_cache=prefer_cache)
-        if remote.is_local(folder)
-        else remote_folder_index(
+        _folder_set(
             folder,
-            list(members),
+            members,
             cache,
-            cache_dir=cache_dir,
-            workers=index_workers or REMOTE_SCAN_THREADS,
-            locations=members,
+            data_cfg,
+            workers=index_workers,
+            prefer_cache=prefer_cache,
             named_index=named_index,
+            counts=counts,
         )
         for folder, members in folders.items()
     ]
@@ -267,3 +286,84 @@ def open_shard_set(
     if require_samples and len(table) == 0:
         raise ShardError(f"{key}={pattern!r}: the {len(locations)} shard(s) hold no image samples (.jpg/.png/.webp)")
     return table
+
+
+def _folder_set(
+    folder: str,
+    members: dict[str, str],
+    cache,
+    data_cfg: DataConfig,
+    *,
+    workers: int,
+    prefer_cache: bool,
+    named_index: str,
+    counts: bool,
+) -> SetIndex | LazySetIndex:
+    """One folder's index: samples.idx as ever where one exists (brought up to date as ever); else, with ``counts``,
+    its per-shard counts (LazySetIndex); else samples.idx built from the shards."""
+    cache_dir, names, local = data_cfg.cache_dir or None, list(members), remote.is_local(folder)
+    if counts and not (local and has_local_index(folder, cache_dir)):
+        if not local:
+            kwargs = {"cache_dir": cache_dir, "locations": members, "named_index": named_index}
+            found_index = remote_folder_index(folder, names, cache, build_missing=False, **kwargs)
+            if found_index is not None:
+                return found_index
+        keep_in = cache.dir / shard_cache.MANIFEST_DIR if cache is not None else None
+        found = find_counts(folder, names, members, user_counts=data_cfg.counts, keep_in=keep_in)
+        if found is not None:
+            return LazySetIndex(
+                names,
+                found.counts,
+                found.sizes,
+                source=found.source,
+                rows_dir=rows_folder(folder, cache_dir),
+                on_mismatch=data_cfg.count_mismatch,
+            )
+    if local:
+        return folder_index(folder, names, cache_dir=cache_dir, workers=workers or 1, prefer_cache=prefer_cache)
+    return remote_folder_index(
+        folder,
+        names,
+        cache,
+        cache_dir=cache_dir,
+        workers=workers or REMOTE_SCAN_THREADS,
+        locations=members,
+        named_index=named_index,
+    )
+
+
+def index_split(
+    pattern: str, data_cfg: DataConfig, *, part: str = "", out: str = "", join: str = "", workers=0
+) -> Path:
+    """`mimscale shards index SRC --part K/N --out DIR` (this node's share into DIR/samples.idx.part-K-of-N) or
+    `--join DIR` (the pieces into the samples.idx training finds: beside a writable local folder, else the cache).
+    One folder at a time: the pieces name shards by file name."""
+    locations = expand_locations(pattern, "SRC")
+    folders = shard_folders(locations, f"SRC={pattern!r}")
+    if len(folders) != 1:
+        raise ShardError(f"SRC={pattern!r} spans {len(folders)} folders; split and join the index one folder at a time")
+    [(folder, members)] = folders.items()
+    local = remote.is_local(folder)
+    if part:
+        try:
+            number, parts = (int(value) for value in part.split("/"))
+        except ValueError as err:
+            raise ShardError(f"--part {part!r}: give K/N, e.g. --part 0/8 on the first of 8 nodes") from err
+        if not out:
+            raise ShardError("--part needs --out DIR, a folder every node and the joining one can reach")
+        cache = None if local else shard_cache.ShardCache.from_config(data_cfg)
+        if cache is not None:
+            expect_checksums(cache, locations)
+        return write_part(
+            folder,
+            list(members),
+            number,
+            parts,
+            Path(out),
+            cache=cache,
+            locations=members,
+            workers=workers or (1 if local else REMOTE_SCAN_THREADS),
+        )
+    beside = local and os.access(folder, os.W_OK) and not data_cfg.cache_dir
+    target = Path(folder) / INDEX_NAME if beside else cache_path(folder, data_cfg.cache_dir or None)
+    return join_parts(list(members), Path(join), target).path
