@@ -555,9 +555,9 @@ def config_to_yaml(cfg: Config) -> str:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config atomically (a crash never leaves half a file)."""
+    """Write the resolved config atomically (a crash never leaves half a file), never through a planted link."""
+    from mimscale.storage.atomic import atomic_write
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(config_to_yaml(cfg))
-    tmp.replace(path)
+    atomic_write(path, config_to_yaml(cfg))

@@ -11,6 +11,7 @@ from mimscale.engine import checkpoint as ckpt
 from mimscale.engine.deepspeed import build_deepspeed_config
 from mimscale.engine.metrics import MetricAccumulator, format_step_line
 from mimscale.engine.optim import build_scheduler, param_groups, warmup_cosine
+from mimscale.storage.atomic import atomic_write
 
 
 def test_warmup_then_cosine_to_min():
@@ -104,8 +105,8 @@ def test_prune_keeps_last_k_every_m_and_the_protected_one(tmp_path):
 
 def test_atomic_write_replaces_whole_file(tmp_path):
     target = tmp_path / "latest"
-    ckpt.write_atomic(target, "step_00000001")
-    ckpt.write_atomic(target, "step_00000002")
+    atomic_write(target, "step_00000001")
+    atomic_write(target, "step_00000002")
     assert target.read_text() == "step_00000002"
     assert not list(tmp_path.glob("*.tmp"))
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from mimscale.config import Config
 from mimscale.engine.optim import build_optimizer, build_scheduler
+from mimscale.storage.atomic import atomic_write
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -66,9 +67,10 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def write_deepspeed_config(config: dict, output_dir: str | Path) -> Path:
+    """The JSON for reference, replaced atomically (a link planted at its name is replaced, never written through)."""
     path = Path(output_dir) / "deepspeed_config.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(config, indent=2))
+    atomic_write(path, json.dumps(config, indent=2))
     return path
 
 

@@ -20,6 +20,8 @@ import re
 import sys
 from pathlib import Path
 
+from mimscale.storage.atomic import atomic_write
+
 REQUEUE_MARKER_ENV = "MIMSCALE_REQUEUE_MARKER"
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
 
@@ -112,13 +114,12 @@ def fill_rendezvous_env(environ=os.environ) -> None:
 
 
 def write_requeue_marker(tag_dir: Path) -> Path | None:
-    """Rank 0, after a complete checkpoint on a stop signal: tell the job script to requeue (None if not asked)."""
-    from mimscale.engine.checkpoint import write_atomic
-
+    """Rank 0, after a complete checkpoint on a stop signal: tell the job script to requeue (None if not asked).
+    Written atomically without following a link planted at the marker's name."""
     marker = os.environ.get(REQUEUE_MARKER_ENV)
     if not marker:
         return None
     path = Path(marker)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, f"{tag_dir}\n")
+    atomic_write(path, f"{tag_dir}\n")
     return path
