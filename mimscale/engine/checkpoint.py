@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from mimscale.engine import distributed, faults
+from mimscale.engine.ckpt_meta import MetaError, check_meta
 from mimscale.engine.safe_load import (
     UnsafeCheckpointError,
     checkpoints_trusted,
@@ -50,7 +51,6 @@ MARKER = "mimscale.json"
 UNIVERSAL_DIR = "universal"  # DeepSpeed universal checkpoint of a tag, made when the world size changes
 TAG_PATTERN = re.compile(r"^step_(\d{8,})$")
 RNG_FILE = re.compile(r"^rng_rank\d+\.pt$")
-META_KEYS = ("step", "samples_seen", "world_size", "zero_stage", "data_state", "config")
 
 
 def tag_for_step(step: int) -> str:
@@ -172,21 +172,6 @@ def _check_file(tag_dir: Path, name: str, expected: dict | None, trusted: bool) 
     return None
 
 
-def _well_formed_record(files) -> bool:
-    """mimscale.json is hostile too: names must stay inside the checkpoint, sizes be ints, hashes be hex strings."""
-    if not isinstance(files, dict):
-        return False
-    for name, record in files.items():
-        parts = Path(name).parts
-        if Path(name).is_absolute() or ".." in parts or not parts:
-            return False
-        if not isinstance(record, dict) or not isinstance(record.get("size"), int):
-            return False
-        if not (isinstance(record.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", record["sha256"])):
-            return False
-    return True
-
-
 def verify_checkpoint(tag_dir: Path, rank: int = 0, world_size: int = 1, trusted: bool | None = None) -> list:
     """Problems of a complete checkpoint as [(kind, message)], the same list on every rank (collective).
 
@@ -198,9 +183,7 @@ def verify_checkpoint(tag_dir: Path, rank: int = 0, world_size: int = 1, trusted
         meta = read_meta(tag_dir)
     except CheckpointDamagedError as err:
         return [("damaged", str(err))]
-    expected = meta.get("files") or {}
-    if not _well_formed_record(expected):
-        return [("damaged", f"{tag_dir / MARKER} has a malformed file record (names, sizes or sha256s)")]
+    expected = meta.get("files") or {}  # its names, sizes and sha256s were checked by read_meta's schema
     names = None
     if rank == 0:
         present = [p.relative_to(tag_dir).as_posix() for p in sorted(tag_dir.rglob("*.pt")) if ".tmp" not in p.name]
@@ -292,10 +275,10 @@ def read_meta(tag_dir: Path) -> dict:
         meta = json.loads(marker.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointDamagedError(f"{marker} is not valid JSON ({err}); the checkpoint record is damaged") from err
-    missing = [key for key in META_KEYS if key not in meta] if isinstance(meta, dict) else list(META_KEYS)
-    if missing:
-        raise CheckpointDamagedError(f"{marker} lacks {', '.join(missing)}; the checkpoint record is damaged")
-    return meta
+    try:
+        return check_meta(meta, str(marker))
+    except MetaError as err:
+        raise CheckpointDamagedError(f"{err}; the checkpoint record is damaged") from err
 
 
 class CheckpointWriteError(RuntimeError):
