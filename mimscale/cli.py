@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:  # first thing, before the slow imports: a stop signal in start-up is never a crash
+        from mimscale.engine import preempt
+
+        preempt.install_stop_handlers()
     if argv[:1] == ["launch"]:  # `deepspeed`'s own arguments follow, unparsed (see mimscale.engine.launcher)
         from mimscale.engine.launcher import main as launch
 

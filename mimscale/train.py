@@ -40,11 +40,20 @@ def add_trust_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mimscale.engine import preempt
+
+    cfg = load_config(args.config, args.overrides)
+    preempt.set_stop_timeout(cfg.run.stop_timeout_s)
+    early = preempt.exit_if_stopped_during_startup("config loaded")  # before the slow imports below
+    if early is not None:
+        from mimscale.engine.slurm import requeue_stopped_startup
+
+        requeue_stopped_startup(cfg.run.output_dir, early, preempt.EXIT_REQUEUE)
+        return early
     from mimscale.engine.checkpoint import CheckpointWriteError
     from mimscale.engine.loop import TrainingError, train
     from mimscale.eval.probe import in_run_knn
 
-    cfg = load_config(args.config, args.overrides)
     evaluators = [in_run_knn(cfg)] if cfg.eval.knn_every else []  # the engine never imports eval/ itself
     try:
         summary = train(cfg, resume=args.resume, evaluators=evaluators)

@@ -123,3 +123,9 @@ def write_requeue_marker(tag_dir: Path) -> Path | None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, f"{tag_dir}\n")
     return path
+
+
+def requeue_stopped_startup(output_dir: str | Path, exit_code: int, requeue_code: int = 75) -> None:
+    """A stop signal during start-up (nothing to save): rank 0 still asks the job script to requeue."""
+    if exit_code == requeue_code and os.environ.get("RANK", "0") == "0":
+        write_requeue_marker(Path(output_dir) / "checkpoints")
