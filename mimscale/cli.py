@@ -50,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
 
         preempt.install_stop_handlers()
     if argv[:1] == ["launch"]:  # `deepspeed`'s own arguments follow, unparsed (see mimscale.engine.launcher)
+        from mimscale.engine.deepspeed import pin_torch_extensions_dir
         from mimscale.engine.launcher import main as launch
+
+        pin_torch_extensions_dir()  # the ranks inherit this environment's own extensions folder
 
         return launch(argv[1:])
     parser = build_parser()

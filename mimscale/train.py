@@ -50,6 +50,9 @@ def run(args: argparse.Namespace) -> int:
 
         requeue_stopped_startup(cfg.run.output_dir, early, preempt.EXIT_REQUEUE)
         return early
+    from mimscale.engine.deepspeed import pin_torch_extensions_dir
+
+    pin_torch_extensions_dir()  # before deepspeed builds its CPU communication op in init_distributed
     from mimscale.engine.checkpoint import CheckpointWriteError
     from mimscale.engine.loop import TrainingError, train
     from mimscale.eval.probe import in_run_knn

@@ -44,6 +44,7 @@ from mimscale.engine.safe_load import (
     checkpoints_trusted,
     deepspeed_loads_weights_only,
     load_file,
+    refuse_forced_unsafe_loading,
 )
 from mimscale.storage.atomic import atomic_write, is_inside
 
@@ -433,6 +434,8 @@ def convert_to_universal(tag_dir: Path, workers: int = 2) -> Path:
     Runs DeepSpeed's own converter (with --inject_missing_state, which ZeRO-1/2 checkpoints need) into a
     temporary folder that is renamed when complete, so a killed conversion is simply redone.
     """
+    if not checkpoints_trusted():
+        refuse_forced_unsafe_loading()  # the converter's loads are forced weights-only; torch refuses both
     target = universal_dir(tag_dir)
     if target.is_symlink():
         raise CheckpointDamagedError(

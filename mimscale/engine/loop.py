@@ -25,6 +25,7 @@ from mimscale.engine.deepspeed import DTYPES, gathered_own_parameters, initializ
 from mimscale.engine.metrics import MetricAccumulator, StepLogger, memory_gib, peak_tflops, progress_wanted
 from mimscale.engine.optim import restore_adamw_implementation
 from mimscale.engine.runlock import lock_output_dir
+from mimscale.engine.safe_load import checkpoints_trusted, refuse_forced_unsafe_loading
 from mimscale.engine.slurm import requeue_stopped_startup, write_requeue_marker
 from mimscale.methods.base import COMPILE_ZERO3_NOTE, MIMMethod
 from mimscale.pipeline.device_decode import DeviceDecodedStream, DeviceDecoder
@@ -217,6 +218,8 @@ def plan_resume(cfg: Config, root: Path, resume: str, info: distributed.DistInfo
     )
     if tag_dir is None:
         return None
+    if not checkpoints_trusted():
+        refuse_forced_unsafe_loading()  # say so now, not after the engine is built
     meta = ckpt.read_meta(tag_dir)
     changed = meta["world_size"] != info.world_size or meta["zero_stage"] != cfg.deepspeed.zero_stage
     universal = changed and max(meta["zero_stage"], cfg.deepspeed.zero_stage) > 0
