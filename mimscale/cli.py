@@ -24,7 +24,9 @@ COMMAND_MODULES = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(modules: list[str] = COMMAND_MODULES) -> argparse.ArgumentParser:
+    """The parser with the sub-commands of ``modules`` (all by default; ``train`` alone skips the slow imports
+    of the others, torch and timm among them, so a stop signal in start-up is acted on within a second)."""
     parser = argparse.ArgumentParser(prog="mimscale", description="Masked image modeling pretraining at scale.")
     parser.add_argument(
         "--trust-checkpoint",
@@ -33,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="load checkpoint files without the weights-only allowlist (only for checkpoints you wrote yourself)",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    for name in modules:
         importlib.import_module(name).register(subparsers)
     subparsers.add_parser(  # handled in main() before parsing: everything after it is DeepSpeed's runner's
         "launch",
@@ -54,9 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         from mimscale.engine.launcher import main as launch
 
         pin_torch_extensions_dir()  # the ranks inherit this environment's own extensions folder
-
         return launch(argv[1:])
-    parser = build_parser()
+    parser = build_parser(["mimscale.train"] if argv[:1] == ["train"] else COMMAND_MODULES)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

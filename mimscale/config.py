@@ -47,7 +47,7 @@ class RunConfig:
     )
     stop_timeout_s: float = _doc(
         300.0,
-        "After SIGTERM/SIGUSR1/Ctrl-C a rank must reach a step boundary (where the ranks agree to checkpoint) within "
+        "After SIGTERM/SIGUSR1/Ctrl-C a rank must finish its current step (then the ranks agree to checkpoint) within "
         "this many seconds; a rank wedged past it prints its Python stacks and exits 124 (README: Signals).",
     )
 

@@ -507,6 +507,8 @@ class Trainer:
         first_step = self.step + 1
         while self.step < cfg.train.max_steps:
             self.train_step(iterator)
+            if self.stop_signal:  # this rank reached a step boundary after the signal: it is not wedged
+                preempt.acknowledge_stop()
             if self.step == first_step:  # start-up (workers spawned, first batch) is over on every rank
                 distributed.set_collective_timeout(cfg.run.collective_timeout_s)
             logger.advance()
@@ -519,8 +521,6 @@ class Trainer:
             if self.evaluators and cfg.eval.knn_every and (self.step % cfg.eval.knn_every == 0 or at_end):
                 self.evaluate(logger)
             stop_signal = self.stop_agreed
-            if stop_signal:
-                preempt.acknowledge_stop()  # every rank reached this boundary: the stop deadline is met
             if self.step % cfg.checkpoint.every_steps == 0 or at_end or stop_signal:
                 self.save(stream, logger)
             if stop_signal:

@@ -99,7 +99,8 @@ def set_stop_timeout(seconds: float) -> None:
 
 
 def acknowledge_stop() -> None:
-    """The loop has agreed to stop at a step boundary and is saving: the stop deadline no longer applies."""
+    """This rank finished a step after the signal (it is not wedged; a stalled peer is the collective timeout's
+    to name): the stop deadline no longer applies."""
     _acknowledged.set()
 
 
