@@ -39,16 +39,28 @@ def add_trust_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _stopped_during_startup(where: str, output_dir: str | None = None) -> int | None:
+    """The exit code (75, or 130 for Ctrl-C) if a stop signal arrived before training began; rank 0 then asks the
+    job script to requeue. None when no signal came."""
+    from mimscale.engine import preempt
+    from mimscale.engine.slurm import requeue_stopped_startup
+
+    early = preempt.exit_if_stopped_during_startup(where)
+    if early is not None:
+        requeue_stopped_startup(output_dir, early, preempt.EXIT_REQUEUE)
+    return early
+
+
 def run(args: argparse.Namespace) -> int:
     from mimscale.engine import preempt
 
-    cfg = load_config(args.config, args.overrides)
-    preempt.set_stop_timeout(cfg.run.stop_timeout_s)
-    early = preempt.exit_if_stopped_during_startup("config loaded")  # before the slow imports below
+    early = _stopped_during_startup("before reading the config")
     if early is not None:
-        from mimscale.engine.slurm import requeue_stopped_startup
-
-        requeue_stopped_startup(cfg.run.output_dir, early, preempt.EXIT_REQUEUE)
+        return early
+    cfg = load_config(args.config, args.overrides)  # seconds: validation imports the method registry (torch)
+    preempt.set_stop_timeout(cfg.run.stop_timeout_s)
+    early = _stopped_during_startup("config loaded", cfg.run.output_dir)  # before the slow imports below
+    if early is not None:
         return early
     from mimscale.engine.deepspeed import pin_torch_extensions_dir
 
