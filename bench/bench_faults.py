@@ -1,21 +1,26 @@
 """Reliability figures: for each fault, what was lost and how long recovery took, on the tiny CPU demo model.
 
 Every fault is real: `kill -9` of the whole launcher group, SIGTERM to the whole group (as scancel sends it),
-a truncated rank file in the newest checkpoint, a planted code-running pickle, a second run into a busy folder.
+a truncated rank file in the newest checkpoint, a planted code-running pickle, a second run into a busy folder;
+then one row per class of issue 20's run-folder probes: links planted in the run folder, a mistyped mimscale.json,
+a stored config naming a file for timm, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD, and every signal at every moment
+(start-up SIGTERM, Ctrl-C, a second Ctrl-C and a wedged rank, on one rank through `mimscale train`).
 "Lost" is training steps that must be redone; "recover" is from the restart command to the resumed run's first
 step line (or to the refusal). Prints a markdown table for bench/RESULTS.md.
 
 The node cache, remote locations and index probes (issue 20: what the cache deletes and trusts, pipe: and signed
 locations, bounded time and memory, full or read-only cache) run without the launcher: each is the real test in
 tests/test_storage_safety.py (real HTTP server, real files, a real tmpfs), so the bench and the suite cannot drift;
-``--only storage`` prints just their table.
+``--only storage`` prints just their table; ``--only issue20`` runs only the run-folder, metadata and
+signal probes of issue 20.
 
-    PYTHONPATH=. python bench/bench_faults.py [--ranks 2] [--out /tmp/bench_faults] [--only all|launch|storage]
+    PYTHONPATH=. python bench/bench_faults.py [--ranks 2] [--out /tmp/bench_faults] [--only all|launch|storage|issue20]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -188,15 +193,251 @@ def storage_probes(out: Path) -> list[dict]:
     return rows
 
 
+PRECIOUS = "a file outside the run: must survive\n"
+
+
+def run_to_end(ranks: int, run_dir: Path, *extra: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        command(ranks, run_dir, *extra),
+        cwd=REPO,
+        env={**env_for_probe(), **env},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def env_for_probe() -> dict:
+    environ = env()
+    environ.pop("MIMSCALE_INJECT_FAULT", None)
+    return environ
+
+
+def planted_lock_link(ranks: int, run_dir: Path, outside: Path) -> dict:
+    target = outside / "lock-target"
+    target.write_text(PRECIOUS)
+    run_dir.mkdir(parents=True)
+    (run_dir / ".mimscale.lock").symlink_to(target)
+    begin = time.time()
+    result = run_to_end(ranks, run_dir, "train.max_steps=4")
+    assert result.returncode != 0 and "is a symbolic link" in result.stdout + result.stderr, result.stderr[-2000:]
+    assert target.read_text() == PRECIOUS
+    (run_dir / ".mimscale.lock").unlink()
+    return {
+        "fault": ".mimscale.lock planted as a link to another file",
+        "lost": "nothing; refused by name, the file it points to untouched",
+        "stop": "-",
+        "recover": time.time() - begin,
+    }
+
+
+def planted_run_folder_links(ranks: int, run_dir: Path, outside: Path) -> dict:
+    names = ["config.yaml", "config.yaml.tmp", "deepspeed_config.json", "checkpoints/latest", "checkpoints/latest.tmp"]
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    targets = []
+    for name in names:
+        targets.append(outside / name.replace("/", "_"))
+        targets[-1].write_text(PRECIOUS)
+        (run_dir / name).symlink_to(targets[-1])
+    linked_step = outside / "step_folder"
+    linked_step.mkdir()
+    targets.append(linked_step / "mimscale.json")
+    targets[-1].write_text(PRECIOUS)
+    (run_dir / "checkpoints" / "step_00000004").symlink_to(linked_step, target_is_directory=True)
+    begin = time.time()
+    result = run_to_end(ranks, run_dir, "train.max_steps=8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert all(target.read_text() == PRECIOUS for target in targets) and os.listdir(linked_step) == ["mimscale.json"]
+    assert not (run_dir / "checkpoints" / "step_00000004").is_symlink()
+    return {
+        "fault": "links planted at config.yaml(.tmp), deepspeed_config.json, latest(.tmp), step_00000004",
+        "lost": "nothing; trained to step 8, every link replaced, no target written",
+        "stop": "-",
+        "recover": time.time() - begin,
+    }
+
+
+def edit_record(tag_dir: Path, **changes) -> None:
+    record = tag_dir / "mimscale.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), **changes}))
+
+
+def mistyped_record(ranks: int, run_dir: Path) -> dict:
+    edit_record(run_dir / "checkpoints" / "step_00000008", step="x")
+    begin = time.time()
+    process = start(ranks, run_dir)
+    step, at, output = until_step(process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert step == 5 and "step must be an integer of at least 0" in output, output[-3000:]
+    return {
+        "fault": 'mimscale.json of the newest checkpoint says step: "x"',
+        "lost": "4 steps (named file and key, fell back to step 4)",
+        "stop": "-",
+        "recover": at - begin,
+    }
+
+
+def stored_config_reads_a_file(run_dir: Path, out: Path) -> dict:
+    tag_dir = run_dir / "checkpoints" / "step_00000004"
+    config = json.loads((tag_dir / "mimscale.json").read_text())["config"]
+    config["model"]["student_args"]["checkpoint_path"] = "/etc/passwd"
+    edit_record(tag_dir, config=config)
+    begin = time.time()
+    result = subprocess.run(
+        [sys.executable, "-m", "mimscale.cli", "export", str(run_dir), str(out / "export")],
+        cwd=REPO,
+        env=env_for_probe(),
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "model.student_args.checkpoint_path='/etc/passwd'" in result.stderr
+    return {
+        "fault": "stored config: model.student_args.checkpoint_path=/etc/passwd, then export",
+        "lost": "nothing; refused before timm opens it",
+        "stop": "-",
+        "recover": time.time() - begin,
+    }
+
+
+def forced_unsafe_env(ranks: int, run_dir: Path) -> dict:
+    begin = time.time()
+    result = run_to_end(ranks, run_dir, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 is set in the environment" in output
+    return {
+        "fault": "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 in the environment, then resume",
+        "lost": "nothing; the variable named with what to do (was torch's 'Only one of ...')",
+        "stop": "-",
+        "recover": time.time() - begin,
+    }
+
+
+def single(run_dir: Path, *extra: str, **extra_env: str) -> subprocess.Popen:
+    """`mimscale train` on one rank (Ctrl-C reaches a rank itself; the launchers' SIGINT handling is theirs)."""
+    sets = [arg for item in [*TINY, f"run.output_dir={run_dir}", *extra] for arg in ("--set", item)]
+    return subprocess.Popen(
+        [sys.executable, "-m", "mimscale.cli", "train", "--config", str(REPO / "configs" / "demo_cpu.yaml"), *sets],
+        cwd=REPO,
+        env={**env_for_probe(), **extra_env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def handles(pid: int, signum: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(mask, 16) >> (signum - 1) & 1)
+
+
+def until_text(process: subprocess.Popen, text: str) -> str:
+    seen = []
+    for line in iter(process.stdout.readline, ""):
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+    raise RuntimeError(f"run ended before {text!r}:\n" + "".join(seen)[-3000:])
+
+
+def complete(run_dir: Path) -> int:
+    return len([p for p in (run_dir / "checkpoints").glob("step_*") if (p / "mimscale.json").is_file()])
+
+
+def seconds_to_exit(process: subprocess.Popen, signum: int) -> tuple[float, str]:
+    """Send ``signum``; (seconds until the process itself exits, its remaining output). Timed on the process, not
+    on its output pipe, which forked DataLoader workers keep open until they notice their parent is gone."""
+    sent = time.time()
+    process.send_signal(signum)
+    while process.poll() is None:
+        time.sleep(0.02)
+    return time.time() - sent, process.communicate(timeout=300)[0]
+
+
+def startup_sigterm(run_dir: Path) -> dict:
+    process = single(run_dir)
+    while not handles(process.pid, signal.SIGTERM):
+        time.sleep(0.005)
+    seconds, output = seconds_to_exit(process, signal.SIGTERM)
+    assert process.returncode == 75 and "during start-up" in output and complete(run_dir) == 0, output[-3000:]
+    return {
+        "fault": "SIGTERM in the first second of start-up (1 rank)",
+        "lost": "nothing to save; exit 75 (was 143)",
+        "stop": seconds,
+        "recover": "-",
+    }
+
+
+def ctrl_c(run_dir: Path) -> dict:
+    process = single(run_dir)
+    step, _, _ = until_step(process, 6)
+    seconds, output = seconds_to_exit(process, signal.SIGINT)
+    assert process.returncode == 130 and newest_checkpoint(run_dir) >= step, output[-3000:]
+    return {
+        "fault": "Ctrl-C (SIGINT) at step 6 (1 rank)",
+        "lost": "0 steps (checkpointed, exit 130; was a KeyboardInterrupt and nothing saved)",
+        "stop": seconds,
+        "recover": "-",
+    }
+
+
+def second_ctrl_c(run_dir: Path) -> dict:
+    process = single(run_dir, MIMSCALE_INJECT_FAULT="hang:rank=0:step=1")
+    until_text(process, "hangs at step 1")
+    process.send_signal(signal.SIGINT)
+    time.sleep(1)
+    seconds, output = seconds_to_exit(process, signal.SIGINT)
+    assert process.returncode == 130 and "second Ctrl-C" in output, output[-3000:]
+    return {
+        "fault": "two Ctrl-C, the rank wedged in its first step (1 rank)",
+        "lost": "nothing (no step done); exit 130 at the second",
+        "stop": seconds,
+        "recover": "-",
+    }
+
+
+def wedged_rank(run_dir: Path) -> dict:
+    process = single(run_dir, "run.stop_timeout_s=5", MIMSCALE_INJECT_FAULT="hang:rank=0:step=1")
+    until_text(process, "hangs at step 1")
+    seconds, output = seconds_to_exit(process, signal.SIGTERM)
+    assert process.returncode == 124 and "in maybe_hang" in output, output[-3000:]
+    return {
+        "fault": "SIGTERM to a rank wedged before its first step, run.stop_timeout_s=5 (1 rank)",
+        "lost": "nothing (no step done); its Python stack printed, exit 124 (was: only SIGKILL ended it)",
+        "stop": seconds,
+        "recover": "-",
+    }
+
+
+def issue20_rows(ranks: int, out: Path) -> list[dict]:
+    run_dir, outside = out / "links", out / "outside"
+    outside.mkdir(parents=True)
+    rows = [
+        planted_lock_link(ranks, run_dir, outside),
+        planted_run_folder_links(ranks, run_dir, outside),
+        mistyped_record(ranks, run_dir),
+        stored_config_reads_a_file(run_dir, out),
+        forced_unsafe_env(ranks, run_dir),
+    ]
+    return rows + [
+        startup_sigterm(out / "startup"),
+        ctrl_c(out / "ctrl_c"),
+        second_ctrl_c(out / "ctrl_c2"),
+        wedged_rank(out / "wedged"),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--out", default="/tmp/bench_faults")
-    parser.add_argument("--only", choices=("all", "launch", "storage"), default="all")
+    parser.add_argument("--only", choices=("all", "launch", "storage", "issue20"), default="all")
     args = parser.parse_args()
     run_dir = Path(args.out) / "run"
     shutil.rmtree(args.out, ignore_errors=True)
-    if args.only != "launch":
+    if args.only in ("all", "storage"):
         storage = storage_probes(Path(args.out))
         passed = sum(row["lost"] not in ("FAILED", "skipped") for row in storage)
         print(f"| storage probe ({passed} of {len(storage)} passed) | outcome | - | probe time |")
@@ -205,15 +446,26 @@ def main() -> None:
             print(f"| {row['fault']} | {row['lost']} | - | {row['recover']:.1f} s |")
         if args.only == "storage":
             return
-    rows = [kill_9(args.ranks, run_dir), sigterm_group(args.ranks, run_dir), truncated_rank_file(args.ranks, run_dir),
-            planted_pickle(args.ranks, run_dir), busy_folder(args.ranks, run_dir)]  # fmt: skip
+    rows = []
+    if args.only in ("all", "launch"):
+        rows = [
+            kill_9(args.ranks, run_dir),
+            sigterm_group(args.ranks, run_dir),
+            truncated_rank_file(args.ranks, run_dir),
+            planted_pickle(args.ranks, run_dir),
+            busy_folder(args.ranks, run_dir),
+        ]
+    if args.only in ("all", "issue20"):
+        rows += issue20_rows(args.ranks, Path(args.out) / "issue20")
     print(
         f"| fault ({args.ranks} CPU ranks, mimscale launch) | what was lost | signal to exit | restart to first step / refusal |"
     )
     print("|---|---|---|---|")
     for row in rows:
-        stop = row["stop"] if isinstance(row["stop"], str) else f"{row['stop']:.1f} s"
-        print(f"| {row['fault']} | {row['lost']} | {stop} | {row['recover']:.1f} s |")
+        stop, recover = (
+            value if isinstance(value, str) else f"{value:.1f} s" for value in (row["stop"], row["recover"])
+        )
+        print(f"| {row['fault']} | {row['lost']} | {stop} | {recover} |")
 
 
 if __name__ == "__main__":

@@ -23,10 +23,12 @@ COMMAND_MODULES = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(modules: list[str] = COMMAND_MODULES) -> argparse.ArgumentParser:
+    """The parser with the sub-commands of ``modules`` (all by default; ``train`` alone skips the slow imports
+    of the others, torch and timm among them, so a stop signal in start-up is acted on within a second)."""
     parser = argparse.ArgumentParser(prog="mimscale", description="Masked image modeling pretraining at scale.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    for name in modules:
         importlib.import_module(name).register(subparsers)
     subparsers.add_parser(  # handled in main() before parsing: everything after it is DeepSpeed's runner's
         "launch",
@@ -38,11 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:  # first thing, before the slow imports: a stop signal in start-up is never a crash
+        from mimscale.engine import preempt
+
+        preempt.install_stop_handlers()
     if argv[:1] == ["launch"]:  # `deepspeed`'s own arguments follow, unparsed (see mimscale.engine.launcher)
+        from mimscale.engine.deepspeed import pin_torch_extensions_dir
         from mimscale.engine.launcher import main as launch
 
+        pin_torch_extensions_dir()  # the ranks inherit this environment's own extensions folder
         return launch(argv[1:])
-    parser = build_parser()
+    parser = build_parser(["mimscale.train"] if argv[:1] == ["train"] else COMMAND_MODULES)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

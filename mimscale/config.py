@@ -52,6 +52,11 @@ class RunConfig:
         "Joining the rendezvous and start-up (engine build, checkpoint load, first step) may take this long: ranks "
         "start unevenly on a loaded node, so this is separate from, and usually larger than, collective_timeout_s.",
     )
+    stop_timeout_s: float = _doc(
+        300.0,
+        "After SIGTERM/SIGUSR1/Ctrl-C a rank must finish its current step (then the ranks agree to checkpoint) within "
+        "this many seconds; a rank wedged past it prints its Python stacks and exits 124 (README: Signals).",
+    )
 
 
 @dataclass(kw_only=True)
@@ -333,6 +338,7 @@ RULES: dict[str, Rule] = {
     "run.seed": _number(0, 2**32 - 1),
     "run.collective_timeout_s": POSITIVE,
     "run.startup_timeout_s": POSITIVE,
+    "run.stop_timeout_s": POSITIVE,
     "train.max_steps": AT_LEAST_ONE,
     "train.log_every": AT_LEAST_ONE,
     "train.grad_accum_steps": AT_LEAST_ONE,
@@ -593,7 +599,7 @@ def config_to_yaml(cfg: Config) -> str:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config atomically (a crash never leaves half a file)."""
+    """Write the resolved config atomically (a crash never leaves half a file), never through a planted link."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, config_to_yaml(cfg))

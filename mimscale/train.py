@@ -31,12 +31,36 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
+def _stopped_during_startup(where: str, output_dir: str | None = None) -> int | None:
+    """The exit code (75, or 130 for Ctrl-C) if a stop signal arrived before training began; rank 0 then asks the
+    job script to requeue. None when no signal came."""
+    from mimscale.engine import preempt
+    from mimscale.engine.slurm import requeue_stopped_startup
+
+    early = preempt.exit_if_stopped_during_startup(where)
+    if early is not None:
+        requeue_stopped_startup(output_dir, early, preempt.EXIT_REQUEUE)
+    return early
+
+
 def run(args: argparse.Namespace) -> int:
+    from mimscale.engine import preempt
+
+    early = _stopped_during_startup("before reading the config")
+    if early is not None:
+        return early
+    cfg = load_config(args.config, args.overrides)
+    preempt.set_stop_timeout(cfg.run.stop_timeout_s)
+    early = _stopped_during_startup("config loaded", cfg.run.output_dir)  # before the slow imports below
+    if early is not None:
+        return early
+    from mimscale.engine.deepspeed import pin_torch_extensions_dir
+
+    pin_torch_extensions_dir()  # before deepspeed builds its CPU communication op in init_distributed
     from mimscale.engine.checkpoint import CheckpointWriteError
     from mimscale.engine.loop import TrainingError, train
     from mimscale.eval.evaluators import in_run_monitors
 
-    cfg = load_config(args.config, args.overrides)
     evaluators = in_run_monitors(cfg)  # eval.monitor every eval.knn_every steps; the engine never imports eval/
     try:
         summary = train(cfg, resume=args.resume, evaluators=evaluators)

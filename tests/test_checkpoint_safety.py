@@ -118,3 +118,19 @@ def test_model_mismatch_names_the_differing_keys():
     saved = {"model": {"student": "vit_tiny_patch16_224", "student_args": {"depth": 2}}, "optim": {"lr": 1.0}}
     now = {"model": {"student": "vit_tiny_patch16_224", "student_args": {"depth": 4}}, "optim": {"lr": 2.0}}
     assert ckpt.model_config_diff(saved, now) == ["  model.student_args: {'depth': 2} -> {'depth': 4}"]
+
+
+def test_torch_force_no_weights_only_load_is_named_with_what_to_do(tmp_path, monkeypatch):
+    """torch refuses its own two FORCE variables together: without this check every resume (and every conversion)
+    failed with torch's "Only one of ..." and no word of which variable or what to do."""
+    monkeypatch.delenv(safe_load.TRUST_ENV, raising=False)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    tag_dir = make_checkpoint(tmp_path / "checkpoints", 2)
+    expected = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 is set in the environment.*unset.*--trust-checkpoint"
+    with pytest.raises(ValueError, match=expected), safe_load.deepspeed_loads_weights_only():
+        torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)  # as DeepSpeed calls it
+    with pytest.raises(ValueError, match=expected):
+        ckpt.convert_to_universal(tag_dir)
+    assert not ckpt.universal_dir(tag_dir).exists()
+    with safe_load.deepspeed_loads_weights_only(trusted=True):  # the user's own checkpoints: their choice
+        torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)

@@ -1,6 +1,7 @@
 """Engine pieces that need no launcher: schedule, weight-decay groups, DeepSpeed JSON, checkpoint bookkeeping."""
 
 import json
+from pathlib import Path
 
 import pytest
 import timm
@@ -11,6 +12,9 @@ from mimscale.engine import checkpoint as ckpt
 from mimscale.engine.deepspeed import build_deepspeed_config
 from mimscale.engine.metrics import MetricAccumulator, format_step_line
 from mimscale.engine.optim import build_scheduler, param_groups, warmup_cosine
+from mimscale.storage.atomic import atomic_write
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_warmup_then_cosine_to_min():
@@ -104,8 +108,8 @@ def test_prune_keeps_last_k_every_m_and_the_protected_one(tmp_path):
 
 def test_atomic_write_replaces_whole_file(tmp_path):
     target = tmp_path / "latest"
-    ckpt.write_atomic(target, "step_00000001")
-    ckpt.write_atomic(target, "step_00000002")
+    atomic_write(target, "step_00000001")
+    atomic_write(target, "step_00000002")
     assert target.read_text() == "step_00000002"
     assert not list(tmp_path.glob("*.tmp"))
 
@@ -135,3 +139,24 @@ def test_uint8_batches_are_normalised_like_the_worker_path():
     assert moved["mask"].dtype == torch.bool and moved["label"].dtype == torch.int64
     as_bf16 = _to_device(batch, torch.device("cpu"), torch.bfloat16, cfg.data)["image"]
     assert as_bf16.dtype == torch.bfloat16 and torch.equal(as_bf16, moved["image"].to(torch.bfloat16))
+
+
+def test_each_python_environment_gets_its_own_torch_extensions_folder(tmp_path, monkeypatch):
+    """Two environments sharing ~/.cache/torch_extensions/py311_cpu rebuild DeepSpeed's CPU op at every start."""
+    import subprocess
+    import sys
+
+    from mimscale.engine.deepspeed import pin_torch_extensions_dir
+
+    mine = pin_torch_extensions_dir({"XDG_CACHE_HOME": str(tmp_path)})
+    assert mine.startswith(f"{tmp_path}/torch_extensions/py") and mine == pin_torch_extensions_dir(
+        {"XDG_CACHE_HOME": str(tmp_path)}
+    )
+    assert pin_torch_extensions_dir({"TORCH_EXTENSIONS_DIR": "/mine"}) == "/mine"  # the user's choice stands
+    venv = tmp_path / "venv"  # another environment on the same Python: a different folder
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)], check=True)
+    code = "import sys; sys.path.insert(0, sys.argv[1]); from mimscale.engine.deepspeed import pin_torch_extensions_dir"
+    code += "; print(pin_torch_extensions_dir({'XDG_CACHE_HOME': sys.argv[2]}))"
+    command = [str(venv / "bin" / "python"), "-c", code, str(REPO), str(tmp_path)]
+    other = subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip()
+    assert other.startswith(f"{tmp_path}/torch_extensions/py") and other != mine

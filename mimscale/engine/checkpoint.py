@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import random
@@ -37,18 +38,20 @@ import numpy as np
 import torch
 
 from mimscale.engine import distributed, faults
+from mimscale.engine.ckpt_meta import MetaError, check_meta
 from mimscale.engine.safe_load import (
     UnsafeCheckpointError,
     checkpoints_trusted,
     deepspeed_loads_weights_only,
     load_file,
+    refuse_forced_unsafe_loading,
 )
+from mimscale.storage.atomic import atomic_write, is_inside
 
 MARKER = "mimscale.json"
 UNIVERSAL_DIR = "universal"  # DeepSpeed universal checkpoint of a tag, made when the world size changes
 TAG_PATTERN = re.compile(r"^step_(\d{8,})$")
 RNG_FILE = re.compile(r"^rng_rank\d+\.pt$")
-META_KEYS = ("step", "samples_seen", "world_size", "zero_stage", "data_state", "config")
 
 
 def tag_for_step(step: int) -> str:
@@ -62,14 +65,16 @@ def step_of(tag: str) -> int:
     return int(match.group(1))
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file, fsync, rename: readers see the old or the new file, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
+def remove_entry(path: Path) -> None:
+    """Delete what is at ``path`` without following a link: a link (or a file) is unlinked, only a real folder is
+    removed with its contents, so a link planted in the run folder never makes us delete what it points to."""
+    try:
+        if path.is_symlink() or not path.is_dir():
+            path.unlink()
+        else:
+            shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
 
 
 def rng_state() -> dict:
@@ -151,6 +156,8 @@ def _check_file(tag_dir: Path, name: str, expected: dict | None, trusted: bool) 
     path = tag_dir / name
     if not path.exists():  # a missing RNG file costs exactness only: load_checkpoint warns about it
         return None if RNG_FILE.match(name) else ("damaged", f"{name} is missing")
+    if not is_inside(path, tag_dir):  # a folder on the way is a link: never read (or hash) what it points to
+        return "damaged", f"{name} lies outside the checkpoint folder (reached through a symbolic link)"
     if path.is_symlink() or not path.is_file():
         return "damaged", f"{name} is not a regular file"
     if name.endswith(".pt") and not trusted:
@@ -170,21 +177,6 @@ def _check_file(tag_dir: Path, name: str, expected: dict | None, trusted: bool) 
     return None
 
 
-def _well_formed_record(files) -> bool:
-    """mimscale.json is hostile too: names must stay inside the checkpoint, sizes be ints, hashes be hex strings."""
-    if not isinstance(files, dict):
-        return False
-    for name, record in files.items():
-        parts = Path(name).parts
-        if Path(name).is_absolute() or ".." in parts or not parts:
-            return False
-        if not isinstance(record, dict) or not isinstance(record.get("size"), int):
-            return False
-        if not (isinstance(record.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", record["sha256"])):
-            return False
-    return True
-
-
 def verify_checkpoint(tag_dir: Path, rank: int = 0, world_size: int = 1, trusted: bool | None = None) -> list:
     """Problems of a complete checkpoint as [(kind, message)], the same list on every rank (collective).
 
@@ -196,9 +188,7 @@ def verify_checkpoint(tag_dir: Path, rank: int = 0, world_size: int = 1, trusted
         meta = read_meta(tag_dir)
     except CheckpointDamagedError as err:
         return [("damaged", str(err))]
-    expected = meta.get("files") or {}
-    if not _well_formed_record(expected):
-        return [("damaged", f"{tag_dir / MARKER} has a malformed file record (names, sizes or sha256s)")]
+    expected = meta.get("files") or {}  # its names, sizes and sha256s were checked by read_meta's schema
     names = None
     if rank == 0:
         present = [p.relative_to(tag_dir).as_posix() for p in sorted(tag_dir.rglob("*.pt")) if ".tmp" not in p.name]
@@ -217,11 +207,17 @@ def is_complete(tag_dir: Path) -> bool:
 
 
 def list_checkpoints(root: Path) -> list[Path]:
-    """Checkpoint folders under ``root`` (complete or not), oldest first."""
+    """Checkpoint folders under ``root`` (complete or not), oldest first. A ``step_*`` link is never one: we would
+    resume from, or prune, whatever it points to."""
     if not root.is_dir():
         return []
-    tags = [path for path in root.iterdir() if path.is_dir() and TAG_PATTERN.match(path.name)]
+    tags = [p for p in root.iterdir() if TAG_PATTERN.match(p.name) and p.is_dir() and not p.is_symlink()]
     return sorted(tags, key=lambda path: step_of(path.name))
+
+
+def linked_tags(root: Path) -> list[Path]:
+    """``step_*`` entries of ``root`` that are symbolic links (reported, never resumed from or deleted through)."""
+    return sorted(p for p in root.iterdir() if TAG_PATTERN.match(p.name) and p.is_symlink()) if root.is_dir() else []
 
 
 def find_resume_checkpoint(root: Path, log=print, rank: int = 0, world_size: int = 1) -> Path | None:
@@ -231,6 +227,8 @@ def find_resume_checkpoint(root: Path, log=print, rank: int = 0, world_size: int
     would hide an attack. No verifiable checkpoint among existing ones is an error, never a silent fresh start.
     """
     skipped = []
+    for link in linked_tags(root):
+        log(f"{link} is a symbolic link, not a checkpoint this run wrote; ignoring it (remove it)")
     for tag_dir in reversed(list_checkpoints(root)):
         if not is_complete(tag_dir):
             log(f"checkpoint {tag_dir} is incomplete (no {MARKER}: the run died while writing it); skipping it")
@@ -277,16 +275,18 @@ def read_meta(tag_dir: Path) -> dict:
     marker = tag_dir / MARKER
     if not marker.is_file():
         raise FileNotFoundError(f"{tag_dir} is not a complete mimscale checkpoint ({MARKER} is missing)")
+    if marker.is_symlink():
+        raise CheckpointDamagedError(f"{marker} is a symbolic link, not the record mimscale wrote: damaged")
     if marker.stat().st_size > 64 << 20:
         raise CheckpointDamagedError(f"{marker} is {marker.stat().st_size} bytes, far too big for a checkpoint record")
     try:
         meta = json.loads(marker.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointDamagedError(f"{marker} is not valid JSON ({err}); the checkpoint record is damaged") from err
-    missing = [key for key in META_KEYS if key not in meta] if isinstance(meta, dict) else list(META_KEYS)
-    if missing:
-        raise CheckpointDamagedError(f"{marker} lacks {', '.join(missing)}; the checkpoint record is damaged")
-    return meta
+    try:
+        return check_meta(meta, str(marker))
+    except MetaError as err:
+        raise CheckpointDamagedError(f"{err}; the checkpoint record is damaged") from err
 
 
 class CheckpointWriteError(RuntimeError):
@@ -301,8 +301,8 @@ def save_checkpoint(engine, root: Path, step: int, meta: dict, rank: int) -> Pat
     """
     tag = tag_for_step(step)
     tag_dir = root / tag
-    if rank == 0 and tag_dir.exists():  # a leftover from a run that died while writing this very step
-        shutil.rmtree(tag_dir)
+    if rank == 0 and (tag_dir.exists() or tag_dir.is_symlink()):  # a leftover of a run that died writing this step
+        remove_entry(tag_dir)  # (a link planted there is removed, never written or deleted through)
     distributed.barrier()
     error = _write_shards(engine, root, tag, meta, rank)
     faults.maybe_kill_in_save(rank, step)
@@ -322,8 +322,8 @@ def save_checkpoint(engine, root: Path, step: int, meta: dict, rank: int) -> Pat
         error = f"could not read back {unreadable[0]}"
     if rank == 0 and not error:
         try:
-            write_atomic(tag_dir / MARKER, json.dumps(meta, indent=2, default=str))
-            write_atomic(root / "latest", tag)
+            atomic_write(tag_dir / MARKER, json.dumps(meta, indent=2, default=str))
+            atomic_write(root / "latest", tag)
         except OSError as err:
             error = str(err)
     if distributed.all_reduce_max(1.0 if error else 0.0)[0] > 0:
@@ -335,9 +335,9 @@ def _write_shards(engine, root: Path, tag: str, meta: dict, rank: int) -> str:
     """This rank's part of a checkpoint; returns an error message instead of raising, so ranks can agree."""
     try:
         engine.save_checkpoint(str(root), tag=tag, client_state={"mimscale": meta}, save_latest=False)
-        rng_path = root / tag / f"rng_rank{rank}.pt"
-        torch.save(rng_state(), rng_path.with_name(rng_path.name + ".tmp"))
-        os.replace(rng_path.with_name(rng_path.name + ".tmp"), rng_path)
+        buffer = io.BytesIO()
+        torch.save(rng_state(), buffer)  # a few KB; written by the one no-follow atomic writer
+        atomic_write(root / tag / f"rng_rank{rank}.pt", buffer.getvalue())
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
         return f"{type(err).__name__}: {err}"
     return ""
@@ -416,7 +416,7 @@ def prune_checkpoints(root: Path, *, keep_last: int, keep_every: int, protect=()
     keep |= {Path(path) for path in protect if path is not None}
     removed = []
     for path in complete:
-        if path not in keep:
+        if path not in keep and not path.is_symlink():  # list_checkpoints skips links; checked again before deleting
             (path / MARKER).unlink()  # first make it incomplete, so a kill mid-delete never looks complete
             shutil.rmtree(path)
             removed.append(path)
@@ -441,11 +441,18 @@ def convert_to_universal(tag_dir: Path, workers: int = 2) -> Path:
     Runs DeepSpeed's own converter (with --inject_missing_state, which ZeRO-1/2 checkpoints need) into a
     temporary folder that is renamed when complete, so a killed conversion is simply redone.
     """
+    if not checkpoints_trusted():
+        refuse_forced_unsafe_loading()  # the converter's loads are forced weights-only; torch refuses both
     target = universal_dir(tag_dir)
+    if target.is_symlink():
+        raise CheckpointDamagedError(
+            f"{target} is a symbolic link, not a universal checkpoint mimscale made; remove it and convert again"
+        )
     if target.is_dir():
         return target
     tmp = tag_dir / (UNIVERSAL_DIR + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_entry(tmp)  # a leftover of a killed conversion, or a planted link: removed, never written through
+    tmp.mkdir()
     command = [
         sys.executable,
         "-c",
@@ -463,7 +470,7 @@ def convert_to_universal(tag_dir: Path, workers: int = 2) -> Path:
     env = os.environ if checkpoints_trusted() else {**os.environ, "TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_entry(tmp)
         tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
         raise RuntimeError(f"converting {tag_dir} to a universal checkpoint failed:\n{tail}")
     tmp.replace(target)
@@ -502,8 +509,6 @@ def load_fp32_state(tag_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     meta = read_meta(tag_dir)
     if meta.get("zero_stage", 0) == 0:
         return meta, _zero0_fp32_state(tag_dir, meta)
-    import io
-
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     quiet = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())  # chatty

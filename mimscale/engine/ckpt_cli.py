@@ -38,7 +38,7 @@ def info(args: argparse.Namespace) -> int:
         print(f"DAMAGED      {err}")
         return 1
     files = meta.get("files")
-    size = sum(p.stat().st_size for p in tag_dir.rglob("*") if p.is_file())
+    size = sum(p.stat().st_size for p in tag_dir.rglob("*") if p.is_file() and not p.is_symlink())
     print(f"step         {meta['step']}")
     print(f"samples seen {meta['samples_seen']}")
     print(f"world size   {meta['world_size']}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 
@@ -43,6 +44,7 @@ def maybe_corrupt_loss(loss: torch.Tensor, rank: int, step: int) -> torch.Tensor
 def maybe_hang(rank: int, step: int) -> None:
     """Stall this rank (as a dead GPU or a stuck filesystem would) if a hang fault is set for it."""
     if FAULTS and ("hang", rank, step) in FAULTS:
+        print(f"fault injection: rank {rank} hangs at step {step}", file=sys.stderr, flush=True)
         time.sleep(10**6)
 
 

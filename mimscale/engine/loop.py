@@ -25,12 +25,13 @@ from mimscale.engine.deepspeed import DTYPES, gathered_own_parameters, initializ
 from mimscale.engine.metrics import MetricAccumulator, StepLogger, memory_gib, peak_tflops, progress_wanted
 from mimscale.engine.optim import restore_adamw_implementation
 from mimscale.engine.runlock import lock_output_dir
-from mimscale.engine.slurm import write_requeue_marker
+from mimscale.engine.safe_load import checkpoints_trusted, refuse_forced_unsafe_loading
+from mimscale.engine.slurm import requeue_stopped_startup, write_requeue_marker
 from mimscale.methods.base import COMPILE_ZERO3_NOTE, MIMMethod
 from mimscale.pipeline.device_decode import DeviceDecodedStream, DeviceDecoder
 from mimscale.pipeline.transforms import normalise_on_device
 
-EXIT_REQUEUE = 75  # EX_TEMPFAIL: checkpointed after SIGTERM/SIGUSR1; the job script requeues on this code
+EXIT_REQUEUE = preempt.EXIT_REQUEUE  # checkpointed after SIGTERM/SIGUSR1; the job script requeues on this code
 HISTORY_LENGTH = 1000  # (step, loss) pairs of the most recent log steps kept in memory
 # An in-run evaluation: given the student backbone (gathered under ZeRO-3), returns scalars to log.
 Evaluator = Callable[[torch.nn.Module], dict[str, float]]
@@ -55,11 +56,24 @@ def train(cfg: Config, resume: str = "auto", evaluators: Sequence[Evaluator] = (
 
     ``evaluators`` run every ``eval.knn_every`` steps and at the end (the entry point passes the kNN monitor).
     """
-    preempt.install_stop_handlers(reset=True)  # a stop signal during start-up is acted on at the first step
+    preempt.install_stop_handlers()  # mimscale.cli installed them before its imports; a direct caller gets them here
+    preempt.set_stop_timeout(cfg.run.stop_timeout_s)
+    try:
+        return _start_and_train(cfg, resume, evaluators)
+    finally:
+        preempt.forget_stop()  # in-process callers may train again: this run's signal is spent
+
+
+def _start_and_train(cfg: Config, resume: str, evaluators: Sequence[Evaluator]) -> dict:
+    """train() from the output-folder check on: a stop before the process group exists exits with nothing saved."""
     check_output_dir(Path(cfg.run.output_dir))
     metrics.require_loggers(cfg.train.loggers)  # every rank, before any rank waits for the others
     device_kind = distributed.resolve_device_kind(cfg.run.device)
     faults.maybe_slow_start(int(os.environ.get("RANK", "0")))
+    early = preempt.exit_if_stopped_during_startup("before joining the other ranks")
+    if early is not None:
+        requeue_stopped_startup(cfg.run.output_dir, early, EXIT_REQUEUE)
+        return {"step": 0, "last_loss": float("nan"), "output_dir": cfg.run.output_dir, "exit_code": early}
     info = distributed.init_distributed(device_kind, timeout_s=cfg.run.startup_timeout_s)
     run_lock = lock_output_dir(Path(cfg.run.output_dir), info.rank)  # one run per folder; dies with the process
     try:
@@ -208,6 +222,8 @@ def plan_resume(cfg: Config, root: Path, resume: str, info: distributed.DistInfo
     )
     if tag_dir is None:
         return None
+    if not checkpoints_trusted():
+        refuse_forced_unsafe_loading()  # say so now, not after the engine is built
     meta = ckpt.read_meta(tag_dir)
     changed = meta["world_size"] != info.world_size or meta["zero_stage"] != cfg.deepspeed.zero_stage
     universal = changed and max(meta["zero_stage"], cfg.deepspeed.zero_stage) > 0
@@ -463,6 +479,15 @@ class Trainer:
             pruned = f" (pruned {', '.join(path.name for path in removed)})" if removed else ""
             logger.text(f"saved checkpoint {tag_dir}{pruned}")
 
+    def _stopped(self, stop_signal: int, logger: StepLogger) -> int:
+        """After the checkpoint of a stop: rank 0 asks the job script to requeue (not after Ctrl-C); the exit code."""
+        exit_code = preempt.exit_code_for(stop_signal)
+        if exit_code == EXIT_REQUEUE and self.info.is_main:  # the checkpoint is complete and no rank has exited
+            write_requeue_marker(self.root / ckpt.tag_for_step(self.step))
+        then = "requeue me" if exit_code == EXIT_REQUEUE else f"exiting {exit_code} (Ctrl-C)"
+        logger.text(f"stopped by signal {int(stop_signal)} at step {self.step} after checkpointing; {then}")
+        return exit_code
+
     # ------------------------------------------------------------------------------------------ the loop
     def fit(self, stream, logger: StepLogger) -> int:
         """Step until max_steps (or stop_at_step, or a stop signal); returns the process exit code."""
@@ -487,6 +512,8 @@ class Trainer:
         first_step = self.step + 1
         while self.step < cfg.train.max_steps:
             self.train_step(iterator)
+            if self.stop_signal:  # this rank reached a step boundary after the signal: it is not wedged
+                preempt.acknowledge_stop()
             if self.step == first_step:  # start-up (workers spawned, first batch) is over on every rank
                 distributed.set_collective_timeout(cfg.run.collective_timeout_s)
             logger.advance()
@@ -502,10 +529,7 @@ class Trainer:
             if self.step % cfg.checkpoint.every_steps == 0 or at_end or stop_signal:
                 self.save(stream, logger)
             if stop_signal:
-                if self.info.is_main:  # the checkpoint is complete and no rank has exited yet: the job may requeue
-                    write_requeue_marker(self.root / ckpt.tag_for_step(self.step))
-                logger.text(f"stopped by signal {int(stop_signal)} at step {self.step} after checkpointing; requeue me")
-                return EXIT_REQUEUE
+                return self._stopped(stop_signal, logger)
             if self.step == cfg.train.stop_at_step:
                 break
         return 0

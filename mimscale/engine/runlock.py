@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import time
 from pathlib import Path
 
@@ -24,6 +25,13 @@ class OutputDirBusyError(ValueError):
     """Another live run writes into the same run.output_dir."""
 
 
+class UnsafeLockFileError(ValueError):
+    """The lock file's place holds a link, a folder or a device: never opened, written or removed by mimscale."""
+
+
+_LOCK_FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | os.O_NONBLOCK
+
+
 class RunLock:
     """Held by rank 0 from start-up to exit. Never open the lock file a second time in the holding process:
     closing any descriptor of it releases a POSIX lock."""
@@ -32,8 +40,33 @@ class RunLock:
         self.path = Path(output_dir) / LOCK_NAME
         self.fd: int | None = None
 
+    def _open(self) -> int:
+        """The lock file, opened without following a link (O_NOFOLLOW) or blocking on a FIFO (O_NONBLOCK); anything
+        but a regular file there is refused by name, so a planted link never makes us truncate its target."""
+        try:
+            fd = os.open(self.path, _LOCK_FLAGS, 0o644)
+        except OSError as err:
+            if err.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.EMLINK):
+                raise
+            raise UnsafeLockFileError(self._refusal()) from err
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise UnsafeLockFileError(self._refusal())
+        return fd
+
+    def _refusal(self) -> str:
+        try:
+            kind = _describe_kind(os.lstat(self.path).st_mode)
+        except OSError:
+            kind = "not a regular file"
+        return (
+            f"{self.path} is {kind}, not the regular lock file mimscale keeps there; mimscale never writes through "
+            f"it. Remove it (rm {self.path}) if you did not put it there on purpose, or set run.output_dir to "
+            "another folder"
+        )
+
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._open()
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
@@ -57,6 +90,18 @@ class RunLock:
             self.fd = None
 
 
+_KINDS = (
+    (stat.S_ISLNK, "a symbolic link"),
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _describe_kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
 def describe_holder(text: str) -> str:
     try:
         record = json.loads(text)
@@ -70,13 +115,13 @@ def lock_output_dir(output_dir: Path, rank: int) -> RunLock:
     from mimscale.engine import distributed
 
     lock = RunLock(output_dir)
-    error = ""
+    error: tuple[str, str] | None = None
     if rank == 0:
         try:
             lock.acquire()
-        except OutputDirBusyError as err:
-            error = str(err)
+        except (OutputDirBusyError, UnsafeLockFileError) as err:
+            error = (type(err).__name__, str(err))
     error = distributed.broadcast_object(error)
     if error:
-        raise OutputDirBusyError(error)
+        raise {cls.__name__: cls for cls in (OutputDirBusyError, UnsafeLockFileError)}[error[0]](error[1])
     return lock

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 TRUST_ENV = "MIMSCALE_TRUST_CHECKPOINTS"  # "1": load checkpoint pickles without the allowlist (the user wrote them)
+FORCE_UNSAFE_ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"  # torch's switch to unpickle anything; clashes with ours
 
 
 class UnsafeCheckpointError(ValueError):
@@ -46,6 +47,24 @@ def trust_checkpoints_from(args: argparse.Namespace) -> None:
 def checkpoints_trusted() -> bool:
     """--trust-checkpoint on this process's command, or MIMSCALE_TRUST_CHECKPOINTS=1 set by the user."""
     return _TRUSTED_BY_FLAG or os.environ.get(TRUST_ENV, "") == "1"
+
+
+class UnsafeLoadingEnvironmentError(ValueError):
+    """TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set while mimscale must force weights-only loads."""
+
+
+def refuse_forced_unsafe_loading() -> None:
+    """Name TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD and what to do, instead of torch's "Only one of ..." mid-resume.
+
+    torch reads it (1/y/yes/true) in every torch.load, and refuses it together with the
+    TORCH_FORCE_WEIGHTS_ONLY_LOAD we set while DeepSpeed loads; left to torch, every resume fails with that."""
+    if os.environ.get(FORCE_UNSAFE_ENV, "0").lower() in ("1", "y", "yes", "true"):
+        raise UnsafeLoadingEnvironmentError(
+            f"{FORCE_UNSAFE_ENV}={os.environ[FORCE_UNSAFE_ENV]} is set in the environment: it asks torch to unpickle "
+            "checkpoint files without weights_only, which could run code planted in them, so mimscale will not "
+            f"load checkpoints with it. Unset it (`unset {FORCE_UNSAFE_ENV}`); for checkpoints you wrote yourself, "
+            f"pass --trust-checkpoint (or set {TRUST_ENV}=1) instead"
+        )
 
 
 def deepspeed_safe_globals() -> list:
@@ -119,6 +138,7 @@ def deepspeed_loads_weights_only(trusted: bool | None = None):
     if checkpoints_trusted() if trusted is None else trusted:
         yield
         return
+    refuse_forced_unsafe_loading()
     previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:

@@ -116,8 +116,9 @@ def fill_rendezvous_env(environ=os.environ) -> None:
         environ["MASTER_PORT"] = str(20000 + int(job_id) % 20000)
 
 
-def write_requeue_marker(tag_dir: Path) -> Path | None:
-    """Rank 0, after a complete checkpoint on a stop signal: tell the job script to requeue (None if not asked)."""
+def write_requeue_marker(tag_dir: Path | str) -> Path | None:
+    """Rank 0, after a complete checkpoint on a stop signal: tell the job script to requeue (None if not asked).
+    Written atomically without following a link planted at the marker's name."""
     marker = os.environ.get(REQUEUE_MARKER_ENV)
     if not marker:
         return None
@@ -125,3 +126,11 @@ def write_requeue_marker(tag_dir: Path) -> Path | None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, f"{tag_dir}\n")
     return path
+
+
+def requeue_stopped_startup(output_dir: str | Path | None, exit_code: int, requeue_code: int = 75) -> None:
+    """A stop signal during start-up (nothing to save): rank 0 still asks the job script to requeue. The marker
+    names the run's checkpoints folder (no new checkpoint), or says start-up when the config was not read yet."""
+    if exit_code == requeue_code and os.environ.get("RANK", "0") == "0":
+        where = Path(output_dir) / "checkpoints" if output_dir else "nothing new (stopped during start-up)"
+        write_requeue_marker(where)

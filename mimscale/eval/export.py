@@ -24,6 +24,7 @@ from torch import nn
 
 from mimscale.config import Config, from_dict, load_config
 from mimscale.engine import checkpoint as ckpt
+from mimscale.engine.ckpt_meta import refuse_weight_loading_args
 from mimscale.engine.safe_load import add_trust_argument
 from mimscale.models.students import Student, build_student
 
@@ -62,6 +63,7 @@ def load_student(path: str | Path, tag: str | None = None) -> tuple[Student, Con
     """Rebuild the trained student from a checkpoint: (student, config, metadata, full fp32 method state)."""
     tag_dir = ckpt.checkpoint_dir(Path(path), tag)
     meta, state = ckpt.load_fp32_state(tag_dir)
+    refuse_weight_loading_args(meta["config"], str(tag_dir / ckpt.MARKER))  # the model is built from it below
     cfg = from_dict(meta["config"])
     torch.manual_seed(cfg.run.seed)
     student = build_student(cfg)
@@ -186,6 +188,9 @@ def random_init_config(target: str, overrides: Sequence[str] = ()) -> Config:
                 "(`mimscale train` writes the resolved config.yaml into its run.output_dir)"
             )
         path = path / "config.yaml"
+        cfg = load_config(path, list(overrides))
+        refuse_weight_loading_args(cfg.to_dict(), str(path))  # a run folder's stored config, not the user's own
+        return cfg
     return load_config(path, list(overrides))
 
 

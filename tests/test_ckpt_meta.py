@@ -1,0 +1,126 @@
+"""mimscale.json is parsed with one schema (issue 20, section 5): a wrong type or range is named with the file and
+the key by every reader (resume, `ckpt info`, `export`), and a stored config never makes timm open a file."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from mimscale.cli import main as cli_main
+from mimscale.config import load_config
+from mimscale.engine import checkpoint as ckpt
+from mimscale.engine.ckpt_meta import DATA_STATE_KEYS, WEIGHT_LOADING_ARGS
+
+TINY = ["model.student_args.depth=1", "data.image_size=32", "model.student_args.patch_size=16"]
+
+
+def write_checkpoint(root, **changes):
+    """A real ZeRO-0 checkpoint folder at step 2 (model file, rng file, record); its mimscale.json carries
+    ``changes`` over what the trainer writes."""
+    tag_dir = root / "checkpoints" / ckpt.tag_for_step(2)
+    tag_dir.mkdir(parents=True)
+    torch.save({"module": {"w": torch.randn(4, 4)}, "ds_version": "0.19.8"}, tag_dir / ckpt.ZERO0_MODEL_FILE)
+    torch.save(ckpt.rng_state(), tag_dir / "rng_rank0.pt")
+    state = {"version": 2, "epoch": 0, "consumed": 8, "seed": 0, "streams": 1, "shuffle_window": 8,
+             "fingerprint": "abc", "num_samples": 64, "global_batch": 4, "corrupt_count": 0}  # fmt: skip
+    meta = {"step": 2, "samples_seen": 8, "world_size": 1, "zero_stage": 0, "precision": "fp32",
+            "data_state": state, "config": {}, "time": 1.5, "frozen_params": []}  # fmt: skip
+    meta["files"] = ckpt._record_files(tag_dir, rank=0, world_size=1)
+    meta.update(changes)
+    (tag_dir / ckpt.MARKER).write_text(json.dumps(meta))
+    return tag_dir
+
+
+BAD = [
+    ("step", "x", "step must be an integer of at least 0"),
+    ("step", math.nan, "step must be an integer"),
+    ("step", -5, "step must be an integer of at least 0"),
+    ("step", True, "step must be an integer"),
+    ("samples_seen", [1], "samples_seen must be an integer"),
+    ("world_size", 0, "world_size must be an integer of at least 1"),
+    ("zero_stage", 7, "zero_stage must be an integer of at least 0 and at most 3"),
+    ("data_state", "garbage", "data_state must be a mapping"),
+    ("data_state", {"streams": 0}, "data_state key 'streams' must be an integer of at least 1"),
+    ("data_state", {"consumed": "8"}, "data_state key 'consumed' must be an integer"),
+    ("config", [], "config must be a mapping of config sections"),
+    ("files", 5, "files must be a mapping"),
+    ("files", {"a.pt": {"size": 1, "sha256": "0" * 64, "path": "/etc"}}, "entry 'a.pt' must be exactly"),
+    ("precision", "fp8", "precision must be one of fp32, bf16, fp16"),
+    ("time", math.inf, "time must be a finite number"),
+    ("frozen_params", "pos_embed", "frozen_params must be a list"),
+    ("surprise", 1, "unknown keys surprise"),
+]
+
+
+@pytest.mark.parametrize("key,value,message", BAD, ids=[f"{key}={value!r}" for key, value, _ in BAD])
+def test_a_wrong_type_or_range_is_named_with_the_file_and_key(tmp_path, key, value, message):
+    tag_dir = write_checkpoint(tmp_path, **{key: value})
+    with pytest.raises(ckpt.CheckpointDamagedError) as caught:
+        ckpt.read_meta(tag_dir)
+    assert str(tag_dir / ckpt.MARKER) in str(caught.value) and message in str(caught.value)
+    messages = []
+    with pytest.raises(ckpt.CheckpointDamagedError, match="no checkpoint in .* verifies"):
+        ckpt.find_resume_checkpoint(tmp_path / "checkpoints", log=messages.append)  # resume: skipped, then refused
+    assert message in messages[0]
+
+
+def test_the_schema_accepts_what_the_trainer_writes(tmp_path):
+    import inspect
+    import re
+
+    from mimscale.pipeline.stream import TrainStream
+
+    written = set(re.findall(r'"(\w+)":', inspect.getsource(TrainStream.state_dict)))
+    assert written == set(DATA_STATE_KEYS)  # the schema types exactly the keys the stream saves
+    tag_dir = write_checkpoint(tmp_path, config=load_config(None, TINY).to_dict())
+    assert ckpt.read_meta(tag_dir)["step"] == 2 and ckpt.verify_checkpoint(tag_dir) == []
+
+
+@pytest.mark.parametrize("key,value", [("config", []), ("files", 5), ("step", "x")])
+def test_ckpt_info_and_export_report_a_bad_record_without_a_traceback(tmp_path, capsys, key, value):
+    tag_dir = write_checkpoint(tmp_path, **{key: value})
+    assert cli_main(["ckpt", "info", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert f"DAMAGED      {tag_dir / ckpt.MARKER}: {key} must be" in out
+    assert cli_main(["export", str(tmp_path), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tag_dir / ckpt.MARKER}: {key} must be" in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("section,key", [("model", "student_args"), ("teacher", "model_args")])
+@pytest.mark.parametrize("argument", ["checkpoint_path", "pretrained_cfg_overlay"])
+def test_export_refuses_a_stored_config_that_makes_timm_open_a_file(tmp_path, capsys, section, key, argument):
+    config = load_config(None, TINY).to_dict()
+    value = "/etc/passwd" if argument == "checkpoint_path" else {"file": "/etc/passwd"}
+    config[section][key] = {**config[section][key], argument: value}
+    tag_dir = write_checkpoint(tmp_path, config=config)
+    assert cli_main(["export", str(tmp_path), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tag_dir / ckpt.MARKER}: the stored config sets {section}.{key}.{argument}=" in err
+    assert "never does that from a stored config" in err and not (tmp_path / "out").exists()
+
+
+def test_evaluating_random_init_of_a_run_folder_refuses_its_stored_file_loading_args(tmp_path):
+    from mimscale.eval.export import load_backbone
+
+    config = load_config(None, TINY).to_dict()
+    config["model"]["student_args"]["checkpoint_path"] = "/etc/passwd"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match="model.student_args.checkpoint_path='/etc/passwd'"):
+        load_backbone(f"random:{tmp_path}")
+
+
+def test_every_file_loading_argument_of_timm_and_open_clip_is_refused():
+    import inspect
+
+    import open_clip
+    import timm
+
+    timm_args = set(inspect.signature(timm.create_model).parameters) - {"model_name", "kwargs"}
+    clip_args = set(inspect.signature(open_clip.create_model).parameters)
+    loading = {name for name in timm_args | clip_args if any(w in name for w in ("pretrained", "path", "cache"))}
+    assert loading <= WEIGHT_LOADING_ARGS, loading - WEIGHT_LOADING_ARGS
