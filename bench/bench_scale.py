@@ -85,8 +85,10 @@ def write_tar(job: tuple[str, int, int]) -> int:
 
 def generate(folder: Path, samples: int, workers: int = 2) -> float:
     folder.mkdir(parents=True, exist_ok=True)
-    jobs = [(str(folder / f"{n:06d}.tar"), n * PER_SHARD, min(PER_SHARD, samples - n * PER_SHARD))
-            for n in range(-(-samples // PER_SHARD))]  # fmt: skip
+    jobs = [
+        (str(folder / f"{n:06d}.tar"), n * PER_SHARD, min(PER_SHARD, samples - n * PER_SHARD))
+        for n in range(-(-samples // PER_SHARD))
+    ]
     start = time.perf_counter()
     with multiprocessing.get_context("fork").Pool(workers) as pool:
         for _ in pool.imap_unordered(write_tar, jobs, chunksize=16):
@@ -146,8 +148,11 @@ def bench_index(folder: Path, samples: int) -> None:
     (folder / "samples.idx").unlink(missing_ok=True)
     drop_page_cache_of(folder)
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "mimscale.cli", "shards", "index", str(folder), "--workers", "2"],
-                   check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "mimscale.cli", "shards", "index", str(folder), "--workers", "2"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     index_s = time.perf_counter() - start
     print(f"shards index --workers 2 (cold page cache): {index_s:.1f} s ({samples / index_s:,.0f} samples/s)")
 
@@ -166,11 +171,13 @@ def bench_scale(args) -> None:
     for attempt in range(2):
         probe = run_probe(folder)
         uss, anon = probe["uss"], probe["anon"]
-        print(f"rank start-up #{attempt + 1}: table {probe['load_s']:.2f} s, + plan (C=64) {probe['plan_s']:.2f} s; "
-              f"private memory (USS) added: {uss[0] / 1e6:.1f} MB after load ({uss[0] / args.samples:.2f} B/sample), "
-              f"{uss[1] / 1e6:.1f} MB after plan ({uss[1] / args.samples:.2f} B/sample); after one window per "
-              f"stream: USS +{uss[2] / 1e6:.1f} MB of which anonymous (heap) +{anon[2] / 1e6:.1f} MB, the rest "
-              "index pages mapped from the page cache (clean, reclaimable, shared with ranks reading them)")  # fmt: skip
+        print(
+            f"rank start-up #{attempt + 1}: table {probe['load_s']:.2f} s, + plan (C=64) {probe['plan_s']:.2f} s; "
+            f"private memory (USS) added: {uss[0] / 1e6:.1f} MB after load ({uss[0] / args.samples:.2f} B/sample), "
+            f"{uss[1] / 1e6:.1f} MB after plan ({uss[1] / args.samples:.2f} B/sample); after one window per "
+            f"stream: USS +{uss[2] / 1e6:.1f} MB of which anonymous (heap) +{anon[2] / 1e6:.1f} MB, the rest "
+            "index pages mapped from the page cache (clean, reclaimable, shared with ranks reading them)"
+        )
     if not args.keep:
         shutil.rmtree(folder)
         print(f"deleted {folder}")
@@ -196,13 +203,17 @@ def bench_quality(args) -> None:
     counts = np.full(args.shards, args.per_shard)
     labels = np.repeat(np.arange(args.shards) * args.classes // args.shards, args.per_shard)  # class-sorted shards
     total, batch = len(labels), args.global_batch
-    print(f"{args.shards} shards x {args.per_shard} samples, {args.classes} classes, each shard one class "
-          f"(class-sorted); global batch {batch}; means over one epoch")  # fmt: skip
+    print(
+        f"{args.shards} shards x {args.per_shard} samples, {args.classes} classes, each shard one class "
+        f"(class-sorted); global batch {batch}; means over one epoch"
+    )
     print(f"{'order':<34} {'classes/batch':>14} {'TV to uniform':>14}")
     full = KeyedPermutation(total, (0, 0))
     ids = np.fromiter((full[p] for p in range(total)), dtype=np.int64, count=total)
-    print(f"{'full shuffle (global permutation)':<34} {class_mix(ids, labels, batch, args.classes)[0]:>14.1f} "
-          f"{class_mix(ids, labels, batch, args.classes)[1]:>14.3f}")  # fmt: skip
+    print(
+        f"{'full shuffle (global permutation)':<34} {class_mix(ids, labels, batch, args.classes)[0]:>14.1f} "
+        f"{class_mix(ids, labels, batch, args.classes)[1]:>14.3f}"
+    )
     for streams in args.streams:
         for window in args.windows:
             ids = epoch_sequence(counts, seed=0, epoch=0, streams=streams, window=window, global_batch=batch)
