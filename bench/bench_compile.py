@@ -42,8 +42,10 @@ def main() -> None:
     runs = {"eager": make(False), "compiled": make(True)}
     generator, rng = mask_generator_for(cfg, runs["eager"][0]), np.random.default_rng(0)
     size, batch_size = cfg.data.image_size, cfg.data.batch_size
-    batch = {"image": torch.randn(batch_size, 3, size, size),
-             "mask": torch.from_numpy(np.stack([generator(rng) for _ in range(batch_size)]))}  # fmt: skip
+    batch = {
+        "image": torch.randn(batch_size, 3, size, size),
+        "mask": torch.from_numpy(np.stack([generator(rng) for _ in range(batch_size)])),
+    }
 
     def step(method, optimizer) -> None:
         method(batch)["loss"].backward()

@@ -86,9 +86,17 @@ def bench_stream(
     shard_dir: Path, size: int, count: int, repeats: int, scale=(0.67, 1.0), workers: int = 0, uint8: bool = False
 ) -> float:
     batch = 32
-    cfg = load_config(None, [f"data.shards={shard_dir}", f"data.batch_size={batch}", f"data.image_size={size}",
-                             f"data.num_workers={workers}", "mask.patch_size=32",
-                             f"data.crop_scale=[{scale[0]}, {scale[1]}]"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            f"data.shards={shard_dir}",
+            f"data.batch_size={batch}",
+            f"data.image_size={size}",
+            f"data.num_workers={workers}",
+            "mask.patch_size=32",
+            f"data.crop_scale=[{scale[0]}, {scale[1]}]",
+        ],
+    )
     mask = build_mask_generator("random_cells", image_size=size, token_stride=16, ratio=0.6, cell_size=32)
     steps = count // batch
 
@@ -119,10 +127,14 @@ def bench_torchvision(payloads: list[bytes], size: int, repeats: int) -> float:
     """The usual pipeline for comparison: PIL decode, torchvision RandomResizedCrop, flip, ToTensor, Normalize."""
     from torchvision import transforms
 
-    pipeline = transforms.Compose([
-        transforms.RandomResizedCrop(size, scale=(0.67, 1.0)), transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(), transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
-    ])  # fmt: skip
+    pipeline = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(size, scale=(0.67, 1.0)),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        ]
+    )
 
     def run():
         torch.stack([pipeline(Image.open(io.BytesIO(payload)).convert("RGB")) for payload in payloads])

@@ -32,8 +32,16 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["model.student_args.depth=2", "data.batch_size=4", "data.num_workers=1", "train.log_every=1",
-        "checkpoint.every_steps=4", "checkpoint.keep_last=3", "eval.knn_every=0", "train.max_steps=400"]  # fmt: skip
+TINY = [
+    "model.student_args.depth=2",
+    "data.batch_size=4",
+    "data.num_workers=1",
+    "train.log_every=1",
+    "checkpoint.every_steps=4",
+    "checkpoint.keep_last=3",
+    "eval.knn_every=0",
+    "train.max_steps=400",
+]
 
 
 def port() -> str:
@@ -44,8 +52,21 @@ def port() -> str:
 
 def command(ranks: int, run_dir: Path, *extra: str) -> list[str]:
     sets = [arg for item in [*TINY, f"run.output_dir={run_dir}", *extra] for arg in ("--set", item)]
-    return [sys.executable, "-m", "mimscale.cli", "launch", "--num_gpus", str(ranks), "--master_port", port(),
-            "--module", "mimscale.train", "--config", str(REPO / "configs" / "demo_cpu.yaml"), *sets]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "mimscale.cli",
+        "launch",
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        port(),
+        "--module",
+        "mimscale.train",
+        "--config",
+        str(REPO / "configs" / "demo_cpu.yaml"),
+        *sets,
+    ]
 
 
 def env() -> dict:
@@ -53,8 +74,15 @@ def env() -> dict:
 
 
 def start(ranks: int, run_dir: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(command(ranks, run_dir, *extra), cwd=REPO, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        command(ranks, run_dir, *extra),
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def until_step(process: subprocess.Popen, step: int | None = None) -> tuple[int, float, str]:
@@ -90,8 +118,12 @@ def kill_9(ranks: int, run_dir: Path) -> dict:
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     resumed_at, seconds = resume_and_time(ranks, run_dir)
-    return {"fault": "kill -9 of the whole launcher group", "lost": f"{step - resumed_at} steps (since step "
-            f"{resumed_at})", "stop": "instant", "recover": seconds}  # fmt: skip
+    return {
+        "fault": "kill -9 of the whole launcher group",
+        "lost": f"{step - resumed_at} steps (since step {resumed_at})",
+        "stop": "instant",
+        "recover": seconds,
+    }
 
 
 def sigterm_group(ranks: int, run_dir: Path) -> dict:
@@ -104,8 +136,12 @@ def sigterm_group(ranks: int, run_dir: Path) -> dict:
     assert process.returncode == 75, process.returncode
     resumed_at, seconds = resume_and_time(ranks, run_dir)
     lost = step - resumed_at if resumed_at < step else 0  # it saved the step it was on (or the next)
-    return {"fault": "SIGTERM to the whole process group (scancel)", "lost": f"{lost} steps (checkpointed step "
-            f"{resumed_at}, exit 75)", "stop": stopped, "recover": seconds}  # fmt: skip
+    return {
+        "fault": "SIGTERM to the whole process group (scancel)",
+        "lost": f"{lost} steps (checkpointed step {resumed_at}, exit 75)",
+        "stop": stopped,
+        "recover": seconds,
+    }
 
 
 def truncated_rank_file(ranks: int, run_dir: Path) -> dict:
@@ -115,8 +151,12 @@ def truncated_rank_file(ranks: int, run_dir: Path) -> dict:
     victim.write_bytes(victim.read_bytes()[:1000])
     resumed_at, seconds = resume_and_time(ranks, run_dir)
     assert resumed_at == previous, (resumed_at, previous)
-    return {"fault": f"truncated rng_rank{ranks - 1}.pt in the newest checkpoint", "lost": f"{newest - previous} "
-            f"steps (fell back to step {previous})", "stop": "-", "recover": seconds}  # fmt: skip
+    return {
+        "fault": f"truncated rng_rank{ranks - 1}.pt in the newest checkpoint",
+        "lost": f"{newest - previous} steps (fell back to step {previous})",
+        "stop": "-",
+        "recover": seconds,
+    }
 
 
 def planted_pickle(ranks: int, run_dir: Path) -> dict:
@@ -127,8 +167,12 @@ def planted_pickle(ranks: int, run_dir: Path) -> dict:
     begin = time.time()
     result = subprocess.run(command(ranks, run_dir), cwd=REPO, env=env(), capture_output=True, text=True)
     assert result.returncode != 0 and "rng_rank0.pt" in result.stdout + result.stderr and not marker.exists()
-    return {"fault": "planted code-running pickle in rng_rank0.pt", "lost": "nothing; no code ran, refused by name",
-            "stop": "-", "recover": time.time() - begin}  # fmt: skip
+    return {
+        "fault": "planted code-running pickle in rng_rank0.pt",
+        "lost": "nothing; no code ran, refused by name",
+        "stop": "-",
+        "recover": time.time() - begin,
+    }
 
 
 def busy_folder(ranks: int, run_dir: Path) -> dict:
@@ -141,48 +185,85 @@ def busy_folder(ranks: int, run_dir: Path) -> dict:
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert second.returncode != 0 and "in use by another run" in second.stdout + second.stderr
-    return {"fault": "second run into the same run.output_dir", "lost": "nothing; refused naming host/pid/start",
-            "stop": "-", "recover": seconds}  # fmt: skip
+    return {
+        "fault": "second run into the same run.output_dir",
+        "lost": "nothing; refused naming host/pid/start",
+        "stop": "-",
+        "recover": seconds,
+    }
 
 
 STORAGE_PROBES = {  # test in tests/test_storage_safety.py -> (fault, what happens when it passes)
     "test_eviction_never_deletes_or_counts_files_the_cache_did_not_write": (
-        "user's own files in the cache folder while eviction runs", "kept, not counted, named once"),
+        "user's own files in the cache folder while eviction runs",
+        "kept, not counted, named once",
+    ),
     "test_planted_lock_links_are_refused_and_never_followed": (
-        "symlinks planted in .locks/ (and .locks itself a link)", "refused by name; nothing created outside"),
+        "symlinks planted in .locks/ (and .locks itself a link)",
+        "refused by name; nothing created outside",
+    ),
     "test_a_poisoned_cached_shard_is_dropped_and_fetched_again": (
         "same-size poisoned cached shard (mtime put back), one planted without a record, a manifest mismatch",
-        "dropped and fetched again with a message; never served"),
+        "dropped and fetched again with a message; never served",
+    ),
     "test_the_default_cache_folder_is_private": (
-        "default cache folder mode 0777 / owned by another user", "refused, saying why; created 0700"),
+        "default cache folder mode 0777 / owned by another user",
+        "refused, saying why; created 0700",
+    ),
     "test_a_pipe_set_runs_one_command_per_shard_and_nothing_else": (
-        "pipe: set with no index", "one command per shard, none derived; data.index used when named"),
+        "pipe: set with no index",
+        "one command per shard, none derived; data.index used when named",
+    ),
     "test_signed_urls_are_never_edited_to_look_for_siblings": (
         "pre-signed URLs (query with slashes) on a store answering 403 to edited URLs",
-        "no sibling request; indexed from its shards; same fingerprint as the local set"),
+        "no sibling request; indexed from its shards; same fingerprint as the local set",
+    ),
     "test_a_trickling_server_is_cut_off_by_the_download_deadline": (
         "server trickling 1 byte / 0.1 s (per-read timeout never fires)",
-        "cut off at size/min_rate + timeout, retried"),
+        "cut off at size/min_rate + timeout, retried",
+    ),
     "test_download_min_rate_and_index_are_config_keys": (
-        "data.download_min_rate=0; the new keys reach the cache", "refused by the config rule; passed through"),
+        "data.download_min_rate=0; the new keys reach the cache",
+        "refused by the config rule; passed through",
+    ),
     "test_hostile_index_headers_are_refused_before_anything_is_allocated": (
-        "sparse 4 KB samples.idx claiming 10^7 shards; wrapped u64 counts; ../ names", "refused before allocating"),
+        "sparse 4 KB samples.idx claiming 10^7 shards; wrapped u64 counts; ../ names",
+        "refused before allocating",
+    ),
     "test_a_full_or_read_only_cache_folder_is_named": (
         "full disk (300 KB tmpfs) while reserving or writing; read-only cache",
-        "'no space left on <dir>' / 'not writable'"),
+        "'no space left on <dir>' / 'not writable'",
+    ),
     "test_a_shard_the_cache_cannot_fetch_stops_the_stream_by_name_not_as_corrupt_samples": (
-        "a shard deleted from the store after the index was read", "the stream stops naming the URL (HTTP 404)"),
+        "a shard deleted from the store after the index was read",
+        "the stream stops naming the URL (HTTP 404)",
+    ),
     "test_inspect_names_a_manifest_whose_classes_is_not_a_list": (
-        'shards inspect with a manifest "classes": 5', "clear error naming the key"),
-}  # fmt: skip
+        'shards inspect with a manifest "classes": 5',
+        "clear error naming the key",
+    ),
+}
 
 
 def storage_probes(out: Path) -> list[dict]:
     """Run the storage probes (the tests themselves) and turn each outcome into a row."""
     report = out / "storage.xml"
     out.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
-                    str(REPO / "tests" / "test_storage_safety.py")], cwd=REPO, env=env(), check=False)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"--junitxml={report}",
+            str(REPO / "tests" / "test_storage_safety.py"),
+        ],
+        cwd=REPO,
+        env=env(),
+        check=False,
+    )
     rows = []
     for case in ElementTree.parse(report).getroot().iter("testcase"):
         fault, outcome = STORAGE_PROBES.get(case.get("name"), (case.get("name"), "passed"))

@@ -39,9 +39,18 @@ from mimscale.shards.create import CreateOptions, create_shards  # noqa: E402
 
 def run_stream(shards: str, args, cache_dir: str) -> tuple[float, int]:
     """(seconds, images) for --epochs epochs of the training stream, from building the loader to the last batch."""
-    cfg = load_config(None, [f"data.shards={shards}", f"data.batch_size={args.batch}", f"data.image_size={args.size}",
-                             f"data.num_workers={args.workers}", f"data.cache_dir={cache_dir}",
-                             f"data.shuffle_window={args.window}", f"data.cache_limit_gb={args.cache_mb / 1000}"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            f"data.shards={shards}",
+            f"data.batch_size={args.batch}",
+            f"data.image_size={args.size}",
+            f"data.num_workers={args.workers}",
+            f"data.cache_dir={cache_dir}",
+            f"data.shuffle_window={args.window}",
+            f"data.cache_limit_gb={args.cache_mb / 1000}",
+        ],
+    )
     mask = build_mask_generator("random_tokens", image_size=args.size, token_stride=16, ratio=0.6, cell_size=32)
     start = time.perf_counter()
     stream = build_train_loader(cfg, rank=0, world_size=1, mask_generator=mask)
@@ -102,9 +111,11 @@ def main() -> None:
         manifest = create_shards(str(root / "jpegs"), root / "shards", CreateOptions(samples_per_shard=args.samples))
         names = [entry["name"] for entry in manifest["shards"]]
         size_mb = manifest["totals"]["bytes"] / 1e6
-        print(f"{len(names)} shards x {args.samples} samples ({size_mb:.1f} MB), latency {args.latency_ms:g} ms, "
-              f"{args.workers} workers, batch {args.batch}, crop {args.size}, {args.epochs} epochs, window "
-              f"{args.window}, cache {args.cache_mb:g} MB")  # fmt: skip
+        print(
+            f"{len(names)} shards x {args.samples} samples ({size_mb:.1f} MB), latency {args.latency_ms:g} ms, "
+            f"{args.workers} workers, batch {args.batch}, crop {args.size}, {args.epochs} epochs, window "
+            f"{args.window}, cache {args.cache_mb:g} MB"
+        )
         if args.index:
             compare_index(root, names, args)
             return
@@ -116,8 +127,10 @@ def main() -> None:
                 server.requests.clear()
                 remote.append(run_stream(server.url(pattern), args, str(root / f"cache{repeat}")))
                 requests.append(max(server.requests[name] for name in names))
-                print(f"  repeat {repeat}: local {local[-1][1] / local[-1][0]:7.1f} img/s   remote "
-                      f"{remote[-1][1] / remote[-1][0]:7.1f} img/s   max GETs per shard {requests[-1]}")  # fmt: skip
+                print(
+                    f"  repeat {repeat}: local {local[-1][1] / local[-1][0]:7.1f} img/s   remote "
+                    f"{remote[-1][1] / remote[-1][0]:7.1f} img/s   max GETs per shard {requests[-1]}"
+                )
         best_local = max(images / seconds for seconds, images in local)
         best_remote = max(images / seconds for seconds, images in remote)
         print(f"local  {best_local:8.1f} img/s (best of {args.repeats})")

@@ -90,8 +90,10 @@ def write_tar(job: tuple[str, int, int]) -> int:
 
 def generate(folder: Path, samples: int, workers: int = 2) -> float:
     folder.mkdir(parents=True, exist_ok=True)
-    jobs = [(str(folder / f"{n:06d}.tar"), n * PER_SHARD, min(PER_SHARD, samples - n * PER_SHARD))
-            for n in range(-(-samples // PER_SHARD))]  # fmt: skip
+    jobs = [
+        (str(folder / f"{n:06d}.tar"), n * PER_SHARD, min(PER_SHARD, samples - n * PER_SHARD))
+        for n in range(-(-samples // PER_SHARD))
+    ]
     start = time.perf_counter()
     with multiprocessing.get_context("fork").Pool(workers) as pool:
         for _ in pool.imap_unordered(write_tar, jobs, chunksize=16):
@@ -151,8 +153,11 @@ def bench_index(folder: Path, samples: int) -> float:
     (folder / "samples.idx").unlink(missing_ok=True)
     drop_page_cache_of(folder)
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "mimscale.cli", "shards", "index", str(folder), "--workers", "2"],
-                   check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "mimscale.cli", "shards", "index", str(folder), "--workers", "2"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     index_s = time.perf_counter() - start
     print(f"shards index --workers 2 (cold page cache): {index_s:.1f} s ({samples / index_s:,.0f} samples/s)")
     return index_s
@@ -172,11 +177,13 @@ def bench_scale(args) -> None:
     for attempt in range(2):
         probe = run_probe(folder)
         uss, anon = probe["uss"], probe["anon"]
-        print(f"rank start-up #{attempt + 1}: table {probe['load_s']:.2f} s, + plan (C=64) {probe['plan_s']:.2f} s; "
-              f"private memory (USS) added: {uss[0] / 1e6:.1f} MB after load ({uss[0] / args.samples:.2f} B/sample), "
-              f"{uss[1] / 1e6:.1f} MB after plan ({uss[1] / args.samples:.2f} B/sample); after one window per "
-              f"stream: USS +{uss[2] / 1e6:.1f} MB of which anonymous (heap) +{anon[2] / 1e6:.1f} MB, the rest "
-              "index pages mapped from the page cache (clean, reclaimable, shared with ranks reading them)")  # fmt: skip
+        print(
+            f"rank start-up #{attempt + 1}: table {probe['load_s']:.2f} s, + plan (C=64) {probe['plan_s']:.2f} s; "
+            f"private memory (USS) added: {uss[0] / 1e6:.1f} MB after load ({uss[0] / args.samples:.2f} B/sample), "
+            f"{uss[1] / 1e6:.1f} MB after plan ({uss[1] / args.samples:.2f} B/sample); after one window per "
+            f"stream: USS +{uss[2] / 1e6:.1f} MB of which anonymous (heap) +{anon[2] / 1e6:.1f} MB, the rest "
+            "index pages mapped from the page cache (clean, reclaimable, shared with ranks reading them)"
+        )
     if not args.keep:
         shutil.rmtree(folder)
         print(f"deleted {folder}")
@@ -199,7 +206,7 @@ done = time.perf_counter()
 index = type(stream.table.indexes[0]).__name__
 print(json.dumps({"open_s": opened - imported, "first_batch_s": done - imported, "index": index,
                   "ids": [int(i) for i in batch["sample_id"]]}))
-"""  # fmt: skip
+"""
 
 
 def first_batch(spec: str, cache: Path) -> dict:
@@ -247,20 +254,27 @@ def bench_counts(args) -> None:
     fetched = [name for name in requests if name.endswith(".tar")]
     fetched_bytes = sum((folder / name).stat().st_size * requests[name] for name in fetched)
     other = {name: n for name, n in requests.items() if not name.endswith(".tar")}
-    print(f"remote, counts only: first batch {remote['process_s']:.2f} s after launch; downloaded {len(fetched)} of "
-          f"{len(tars)} shards ({fetched_bytes / 1e6:.1f} MB of {size / 1e9:.2f} GB; 8 streams x 2 windows x 8 "
-          f"shards = 128 shards at most), plus {len(other)} small files {sorted(other)}", flush=True)  # fmt: skip
+    print(
+        f"remote, counts only: first batch {remote['process_s']:.2f} s after launch; downloaded {len(fetched)} of "
+        f"{len(tars)} shards ({fetched_bytes / 1e6:.1f} MB of {size / 1e9:.2f} GB; 8 streams x 2 windows x 8 "
+        f"shards = 128 shards at most), plus {len(other)} small files {sorted(other)}",
+        flush=True,
+    )
     counted = [first_batch(str(folder), cache / f"counted{n}") for n in range(args.repeat)]
     index_s = bench_index(folder, args.samples)
     indexed = [first_batch(str(folder), cache / f"indexed{n}") for n in range(args.repeat)]
     for name, runs in (("counts only", counted), ("samples.idx", indexed)):
-        print(f"local, {name} ({runs[0]['index']}), best of {args.repeat}: launch to first batch "
-              f"{best(runs, 'process_s'):.2f} s; after imports: table {best(runs, 'open_s'):.2f} s, first batch "
-              f"{best(runs, 'first_batch_s'):.2f} s")  # fmt: skip
+        print(
+            f"local, {name} ({runs[0]['index']}), best of {args.repeat}: launch to first batch "
+            f"{best(runs, 'process_s'):.2f} s; after imports: table {best(runs, 'open_s'):.2f} s, first batch "
+            f"{best(runs, 'first_batch_s'):.2f} s"
+        )
     same = counted[0]["ids"] == indexed[0]["ids"] == remote["ids"]
-    print(f"counts only / samples.idx: launch to first batch {best(counted, 'process_s') / best(indexed, 'process_s'):.2f}x, "
-          f"after imports {best(counted, 'first_batch_s') / best(indexed, 'first_batch_s'):.2f}x; without counts the "
-          f"set must first be indexed ({index_s:.1f} s); the same sample ids in all three runs: {same}")  # fmt: skip
+    print(
+        f"counts only / samples.idx: launch to first batch {best(counted, 'process_s') / best(indexed, 'process_s'):.2f}x, "
+        f"after imports {best(counted, 'first_batch_s') / best(indexed, 'first_batch_s'):.2f}x; without counts the "
+        f"set must first be indexed ({index_s:.1f} s); the same sample ids in all three runs: {same}"
+    )
     shutil.rmtree(cache, ignore_errors=True)
     if not args.keep:
         shutil.rmtree(folder)
@@ -287,13 +301,17 @@ def bench_quality(args) -> None:
     counts = np.full(args.shards, args.per_shard)
     labels = np.repeat(np.arange(args.shards) * args.classes // args.shards, args.per_shard)  # class-sorted shards
     total, batch = len(labels), args.global_batch
-    print(f"{args.shards} shards x {args.per_shard} samples, {args.classes} classes, each shard one class "
-          f"(class-sorted); global batch {batch}; means over one epoch")  # fmt: skip
+    print(
+        f"{args.shards} shards x {args.per_shard} samples, {args.classes} classes, each shard one class "
+        f"(class-sorted); global batch {batch}; means over one epoch"
+    )
     print(f"{'order':<34} {'classes/batch':>14} {'TV to uniform':>14}")
     full = KeyedPermutation(total, (0, 0))
     ids = np.fromiter((full[p] for p in range(total)), dtype=np.int64, count=total)
-    print(f"{'full shuffle (global permutation)':<34} {class_mix(ids, labels, batch, args.classes)[0]:>14.1f} "
-          f"{class_mix(ids, labels, batch, args.classes)[1]:>14.3f}")  # fmt: skip
+    print(
+        f"{'full shuffle (global permutation)':<34} {class_mix(ids, labels, batch, args.classes)[0]:>14.1f} "
+        f"{class_mix(ids, labels, batch, args.classes)[1]:>14.3f}"
+    )
     for streams in args.streams:
         for window in args.windows:
             ids = epoch_sequence(counts, seed=0, epoch=0, streams=streams, window=window, global_batch=batch)

@@ -207,9 +207,14 @@ SWIN = ("simmim_swin_base.yaml", ["data.batch_size=256"])
 VIT_SMOKE = ("demo_cpu.yaml", ["model.student_args.depth=2", "data.batch_size=4"])
 SWIN_SMOKE = (
     "simmim_swin_base.yaml",
-    ["model.student=swin_tiny_patch4_window7_224", "data.image_size=64", "data.batch_size=4", "mask.patch_size=32",
-     "model.student_args={window_size: 4, embed_dim: 24, depths: [2, 2], num_heads: [1, 2]}"],
-)  # fmt: skip
+    [
+        "model.student=swin_tiny_patch4_window7_224",
+        "data.image_size=64",
+        "data.batch_size=4",
+        "mask.patch_size=32",
+        "model.student_args={window_size: 4, embed_dim: 24, depths: [2, 2], num_heads: [1, 2]}",
+    ],
+)
 RANDOM_TEACHER = ["teacher.random_init=true", "teacher.pretrained="]
 
 
@@ -249,11 +254,15 @@ def section_compile_swin(suite: Suite) -> list[Row]:
 
 def section_distill(suite: Suite) -> list[Row]:
     if suite.smoke:
-        runs = {name: (f"demo_{name}.yaml", ["model.student_args.depth=2", "data.batch_size=4"])
-                for name in ("maskdistill", "maskalign")}  # fmt: skip
+        runs = {
+            name: (f"demo_{name}.yaml", ["model.student_args.depth=2", "data.batch_size=4"])
+            for name in ("maskdistill", "maskalign")
+        }
     else:
-        runs = {name: (f"{name}_vit_base_clip_b16.yaml", [*RANDOM_TEACHER, "data.batch_size=256"])
-                for name in ("maskdistill", "maskalign")}  # fmt: skip
+        runs = {
+            name: (f"{name}_vit_base_clip_b16.yaml", [*RANDOM_TEACHER, "data.batch_size=256"])
+            for name in ("maskdistill", "maskalign")
+        }
     results = {}
     for name, (config, settings) in runs.items():
         results[name] = measure_training(suite, config, settings, **_steps(suite))
@@ -261,8 +270,15 @@ def section_distill(suite: Suite) -> list[Row]:
             suite.memory[config] = (results[name]["cfg"], results[name]["peak_bytes"])
     ratio = results["maskalign"]["images_per_s"] / results["maskdistill"]["images_per_s"]
     value = ", ".join(f"{name} {r['images_per_s']:,.0f} img/s" for name, r in results.items())
-    return [Row("distill", "MaskAlign / MaskDistill images/s, ViT-B/16 + CLIP-B/16 (random)", f"{value}: {ratio:.2f}x",
-                "MaskAlign >= 2x", "met" if ratio >= 2 else "not met")]  # fmt: skip
+    return [
+        Row(
+            "distill",
+            "MaskAlign / MaskDistill images/s, ViT-B/16 + CLIP-B/16 (random)",
+            f"{value}: {ratio:.2f}x",
+            "MaskAlign >= 2x",
+            "met" if ratio >= 2 else "not met",
+        )
+    ]
 
 
 def jpeg_shards(suite: Suite) -> tuple[str, int]:
@@ -309,8 +325,17 @@ def train_stream(shards: str, size: int, decode: str, workers: int = 0):
     from mimscale.pipeline.masking import build_mask_generator
     from mimscale.pipeline.stream import build_train_loader
 
-    cfg = load_config(None, [f"data.shards={shards}", "data.batch_size=32", f"data.image_size={size}",
-                             f"data.num_workers={workers}", f"data.decode={decode}", "mask.patch_size=32"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            f"data.shards={shards}",
+            "data.batch_size=32",
+            f"data.image_size={size}",
+            f"data.num_workers={workers}",
+            f"data.decode={decode}",
+            "mask.patch_size=32",
+        ],
+    )
     mask = build_mask_generator("random_cells", image_size=size, token_stride=16, ratio=0.6, cell_size=32)
     return build_train_loader(cfg, rank=0, world_size=1, mask_generator=mask, normalise_on_device=True)
 
@@ -348,15 +373,21 @@ def device_stream_row(suite: Suite, shards: str, size: int, reference: list[dict
     synchronize(suite.device)
     rate = count * 32 / (time.perf_counter() - start)
     batches.close()
-    same_ids = all(torch.equal(a["sample_id"], b["sample_id"]) and torch.equal(a["mask"], b["mask"].cpu())
-                   for a, b in zip(reference, got, strict=True))  # fmt: skip
+    same_ids = all(
+        torch.equal(a["sample_id"], b["sample_id"]) and torch.equal(a["mask"], b["mask"].cpu())
+        for a, b in zip(reference, got, strict=True)
+    )
     pairs = zip(reference, got, strict=True)
     diff = torch.cat([(a["image"].int() - b["image"].cpu().int()).abs().flatten() for a, b in pairs])
     mean, worst = float(diff.float().mean()), int(diff.max())
     verdict = "met" if same_ids and mean < 2.0 else "not met"
-    return Row("decode", f"data.decode=device end to end ({workers} workers, producer thread), vs the worker path",
-               f"{rate:,.0f} img/s; same ids/masks: {same_ids}; pixel diff mean {mean:.2f}, max {worst}",
-               "same samples, mean diff < 2 levels", verdict)  # fmt: skip
+    return Row(
+        "decode",
+        f"data.decode=device end to end ({workers} workers, producer thread), vs the worker path",
+        f"{rate:,.0f} img/s; same ids/masks: {same_ids}; pixel diff mean {mean:.2f}, max {worst}",
+        "same samples, mean diff < 2 levels",
+        verdict,
+    )
 
 
 def decoder_rate(suite: Suite, host: list[dict], size: int, backend: str) -> float:
@@ -392,7 +423,7 @@ def section_decode(suite: Suite) -> list[Row]:
             "decode",
             "data.decode=device, worker side (read, header, crop box, mask), one core",
             f"{deferred_rate:,.0f} img/s ({deferred_rate / worker_rate:.1f}x the worker path)",
-        ),  # fmt: skip
+        ),
     ]
     try:
         rows.append(
@@ -409,9 +440,15 @@ def section_decode(suite: Suite) -> list[Row]:
             rows.append(failed_row("decode", f"device decoder ({backend})", err))
             continue
         ratio = rate / worker_rate
-        rows.append(Row("decode", f"device decoder ({backend}, {suite.device.type}): decode+crop+resize+flip",
-                        f"{rate:,.0f} img/s = {ratio:.1f}x one worker core", ">= 5x one worker core",
-                        "met" if ratio >= 5 else "not met"))  # fmt: skip
+        rows.append(
+            Row(
+                "decode",
+                f"device decoder ({backend}, {suite.device.type}): decode+crop+resize+flip",
+                f"{rate:,.0f} img/s = {ratio:.1f}x one worker core",
+                ">= 5x one worker core",
+                "met" if ratio >= 5 else "not met",
+            )
+        )
     return rows
 
 
@@ -434,21 +471,33 @@ def section_planner(suite: Suite) -> list[Row]:
         measured = suite.memory.get(config, (None, None))[1]
         what = f"{config} batch {batch}: predicted peak"
         if measured is None:
-            rows.append(Row("planner", what, f"{predicted / 2**30:.2f} GiB; measured n/a (no CUDA)", "within 15 %",
-                            "n/a"))  # fmt: skip
+            rows.append(
+                Row("planner", what, f"{predicted / 2**30:.2f} GiB; measured n/a (no CUDA)", "within 15 %", "n/a")
+            )
             continue
         error = predicted / measured - 1
-        rows.append(Row("planner", what + " vs max_memory_allocated",
-                        f"{predicted / 2**30:.2f} vs {measured / 2**30:.2f} GiB ({error:+.1%})", "within 15 %",
-                        "met" if abs(error) <= 0.15 else "not met"))  # fmt: skip
+        rows.append(
+            Row(
+                "planner",
+                what + " vs max_memory_allocated",
+                f"{predicted / 2**30:.2f} vs {measured / 2**30:.2f} GiB ({error:+.1%})",
+                "within 15 %",
+                "met" if abs(error) <= 0.15 else "not met",
+            )
+        )
     return rows
 
 
 def section_zero3(suite: Suite) -> list[Row]:
     if suite.smoke:
         config = "demo_maskdistill.yaml"
-        settings = ["model.student_args.depth=1", "data.batch_size=2", "deepspeed.zero_stage=3",
-                    "deepspeed.precision=bf16", "deepspeed.activation_checkpointing=true"]  # fmt: skip
+        settings = [
+            "model.student_args.depth=1",
+            "data.batch_size=2",
+            "deepspeed.zero_stage=3",
+            "deepspeed.precision=bf16",
+            "deepspeed.activation_checkpointing=true",
+        ]
     else:
         config = "maskdistill_vit_giant_1b.yaml"
         settings = [*RANDOM_TEACHER, "model.student_args.depth=4", "data.batch_size=32"]
@@ -456,9 +505,15 @@ def section_zero3(suite: Suite) -> list[Row]:
     memory = f", peak {result['peak_bytes'] / 2**30:.1f} GiB" if "peak_bytes" in result else ""
     finite = np.isfinite(result["loss"])
     depth = "1 block, tiny" if suite.smoke else "full width, 4 blocks, batch 32, CLIP-L/14 random teacher"
-    return [Row("zero3", f"{config}, ZeRO-3 bf16 + checkpointing ({depth}): one step",
-                f"{result['step_s']:.2f} s/step, loss {result['loss']:.4f}{memory}", "runs, finite loss",
-                "met" if finite else "not met")]  # fmt: skip
+    return [
+        Row(
+            "zero3",
+            f"{config}, ZeRO-3 bf16 + checkpointing ({depth}): one step",
+            f"{result['step_s']:.2f} s/step, loss {result['loss']:.4f}{memory}",
+            "runs, finite loss",
+            "met" if finite else "not met",
+        )
+    ]
 
 
 SECTIONS: list[tuple[str, float, Callable[[Suite], list[Row]]]] = [
@@ -532,9 +587,11 @@ def describe_machine(device: torch.device, smoke: bool) -> str:
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     mode = "--smoke (tiny sizes, not figures)" if smoke else "full"
-    return (f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {name}; torch {torch.__version__}, "
-            f"deepspeed {deepspeed.__version__}, timm {timm.__version__}, JPEG decoder {jpeg_backend()}; "
-            f"mode {mode}.")  # fmt: skip
+    return (
+        f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {name}; torch {torch.__version__}, "
+        f"deepspeed {deepspeed.__version__}, timm {timm.__version__}, JPEG decoder {jpeg_backend()}; "
+        f"mode {mode}."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

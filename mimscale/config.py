@@ -369,7 +369,7 @@ RULES: dict[str, Rule] = {
     "eval.k": AT_LEAST_ONE,
     "eval.temperature": POSITIVE,
     # choice lists, each imported from the code that implements the choices
-    "method.name": _one_of(tuple(PRESETS)),
+    "method.name": _one_of(PRESETS),
     "deepspeed.precision": _one_of(tuple(PRECISIONS)),
     "data.decode": _one_of(DECODE_MODES),
     "teacher.kind": _one_of(TEACHER_KINDS),

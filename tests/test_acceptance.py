@@ -77,9 +77,14 @@ def test_a_worker_error_ends_the_process_although_workers_block_sigterm(sample_c
     """Workers inherit blocked SIGTERM (engine/preempt.py); if they are still alive at exit, multiprocessing's
     terminate() + join() waits on them forever: a run stopped by a data error (e.g. a shard server gone) hung."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen([sys.executable, str(ROOT / "tests/acceptance_worker_error.py"), str(sample_copy)],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests/acceptance_worker_error.py"), str(sample_copy)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         output, _ = process.communicate(timeout=180)  # ~4 s when it works; a hang is forever
     except subprocess.TimeoutExpired:

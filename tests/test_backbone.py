@@ -79,3 +79,25 @@ def test_backbone_answers_for_every_family(kind):
 def test_an_unknown_model_is_named():
     with pytest.raises(UnknownBackboneError, match="Linear is not a timm backbone"):
         Backbone(torch.nn.Linear(2, 2))
+
+
+# family, layer decay fine-tuning starts from (SimMIM: 0.65 ViT, 0.9 Swin), attention within windows
+FINETUNE_ANSWERS = {
+    "vit": ("vit", 0.65, False),
+    "swin": ("swin", 0.9, True),
+    "swinv2": ("swin", 0.9, True),
+    "beit": ("beit", 0.65, False),
+}
+
+
+@pytest.mark.parametrize("kind", list(TINY))
+def test_a_classifier_is_answered_by_its_family_for_finetune_and_analysis(kind):
+    """finetune and analyze ask their family questions of timm classifiers (a head on top) through Backbone."""
+    from mimscale.eval.finetune import default_layer_decay
+
+    name, args = TINY[kind]
+    classifier = timm.create_model(name, pretrained=False, num_classes=3, **args)
+    arch = Backbone(classifier)
+    assert (arch.name, arch.layer_decay, arch.windowed_attention) == FINETUNE_ANSWERS[kind]
+    assert arch.image_size == args["img_size"]
+    assert default_layer_decay(classifier) == FINETUNE_ANSWERS[kind][1]

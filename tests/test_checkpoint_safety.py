@@ -105,8 +105,10 @@ def test_unreadable_mimscale_json_is_named_in_train_and_ckpt_info(tmp_path, caps
 def test_rng_files_hold_only_tensors_and_old_numpy_ones_still_load(tmp_path):
     random.seed(3), np.random.seed(4), torch.manual_seed(5)
     torch.save(ckpt.rng_state(), tmp_path / "rng_rank0.pt")
-    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
-               tmp_path / "rng_rank1.pt")  # fmt: skip
+    torch.save(
+        {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+        tmp_path / "rng_rank1.pt",
+    )
     expected = (random.random(), np.random.rand(), torch.rand(1))
     for name in ("rng_rank0.pt", "rng_rank1.pt"):
         random.seed(0), np.random.seed(0), torch.manual_seed(0)

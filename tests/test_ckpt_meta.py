@@ -25,10 +25,29 @@ def write_checkpoint(root, **changes):
     tag_dir.mkdir(parents=True)
     torch.save({"module": {"w": torch.randn(4, 4)}, "ds_version": "0.19.8"}, tag_dir / ckpt.ZERO0_MODEL_FILE)
     torch.save(ckpt.rng_state(), tag_dir / "rng_rank0.pt")
-    state = {"version": 2, "epoch": 0, "consumed": 8, "seed": 0, "streams": 1, "shuffle_window": 8,
-             "fingerprint": "abc", "num_samples": 64, "global_batch": 4, "corrupt_count": 0}  # fmt: skip
-    meta = {"step": 2, "samples_seen": 8, "world_size": 1, "zero_stage": 0, "precision": "fp32",
-            "data_state": state, "config": {}, "time": 1.5, "frozen_params": []}  # fmt: skip
+    state = {
+        "version": 2,
+        "epoch": 0,
+        "consumed": 8,
+        "seed": 0,
+        "streams": 1,
+        "shuffle_window": 8,
+        "fingerprint": "abc",
+        "num_samples": 64,
+        "global_batch": 4,
+        "corrupt_count": 0,
+    }
+    meta = {
+        "step": 2,
+        "samples_seen": 8,
+        "world_size": 1,
+        "zero_stage": 0,
+        "precision": "fp32",
+        "data_state": state,
+        "config": {},
+        "time": 1.5,
+        "frozen_params": [],
+    }
     meta["files"] = ckpt._record_files(tag_dir, rank=0, world_size=1)
     meta.update(changes)
     (tag_dir / ckpt.MARKER).write_text(json.dumps(meta))

@@ -101,8 +101,11 @@ def _bad_values(tp) -> list:
 
     wrong_type = {str: [5, ["a"]], bool: ["maybe", 2], dict: [[1], "x"], int: ["7", 2.5, True], float: ["x", [1.0]]}
     if typing.get_origin(tp) is list:
-        return [{"a": 1}, [], ["text"], [float("nan")] * 3, [-1e9] * 3] if typing.get_args(tp) == (float,) else [
-            {"a": 1}, [], ["text"], [1.5]]  # fmt: skip
+        return (
+            [{"a": 1}, [], ["text"], [float("nan")] * 3, [-1e9] * 3]
+            if typing.get_args(tp) == (float,)
+            else [{"a": 1}, [], ["text"], [1.5]]
+        )
     if tp in (int, float):
         return [*wrong_type[tp], -(10**9), *([float("nan"), float("inf"), -float("inf")] if tp is float else [])]
     return wrong_type.get(tp, ["x"])
@@ -119,11 +122,28 @@ def test_every_key_refuses_wrong_type_out_of_range_and_wrong_length_by_name(sect
 
 @pytest.mark.parametrize(
     "override",
-    ["data.crop_scale=[0.5]", "data.std=[0,0,0]", "optim.lr=.nan", "optim.lr=.inf", "optim.lr=nan", "optim.lr=inf",
-     "optim.grad_clip=-1", "data.hflip=7", "optim.betas=[0.9]", "train.max_bad_steps=-1", "run.collective_timeout_s=0",
-     "checkpoint.keep_every=-3", "train.stop_at_step=-1", "eval.k=0", "run.output_dir=", "data.mean=[1]",
-     "data.crop_scale=[1.0, 0.5]", "model.drop_path_rate=1.0", "run.seed=-1"],
-)  # fmt: skip
+    [
+        "data.crop_scale=[0.5]",
+        "data.std=[0,0,0]",
+        "optim.lr=.nan",
+        "optim.lr=.inf",
+        "optim.lr=nan",
+        "optim.lr=inf",
+        "optim.grad_clip=-1",
+        "data.hflip=7",
+        "optim.betas=[0.9]",
+        "train.max_bad_steps=-1",
+        "run.collective_timeout_s=0",
+        "checkpoint.keep_every=-3",
+        "train.stop_at_step=-1",
+        "eval.k=0",
+        "run.output_dir=",
+        "data.mean=[1]",
+        "data.crop_scale=[1.0, 0.5]",
+        "model.drop_path_rate=1.0",
+        "run.seed=-1",
+    ],
+)
 def test_reported_bad_values_are_config_errors_naming_the_key(override):
     with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
         load_config(None, [override])

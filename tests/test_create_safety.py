@@ -77,8 +77,13 @@ def test_folder_and_csv_with_fifo_devices_and_huge_files(tmp_path, capsys):
     assert manifest["rejects"]["by_reason"] == {"not_regular_file": 3, "too_large": 1}
     assert {item["reason"] for item in manifest["rejects"]["items"] if "zero" in item["source"]} == {"not_regular_file"}
     assert peak_rss_bytes() - rss < 256 << 20  # nothing near 1 GiB was ever read into memory
-    small = within(120, create_shards, str(src / "cat/good.png").rsplit("/", 1)[0], tmp_path / "small",
-                   CreateOptions(max_bytes=100))  # fmt: skip
+    small = within(
+        120,
+        create_shards,
+        str(src / "cat/good.png").rsplit("/", 1)[0],
+        tmp_path / "small",
+        CreateOptions(max_bytes=100),
+    )
     assert small["totals"]["samples"] == 0 and small["rejects"]["by_reason"]["too_large"] == 2
     with pytest.raises(ShardError, match="--max-bytes must be positive"):
         create_shards(str(src), tmp_path / "bad", CreateOptions(max_bytes=0))
@@ -92,8 +97,11 @@ def write_hostile_tar(path: Path) -> None:
                 info = tarfile.TarInfo(name)
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
-            for name, kind, target in (("sym.png", tarfile.SYMTYPE, "good.png"), ("hard.png", tarfile.LNKTYPE, "good.png"),
-                                       ("pipe.png", tarfile.FIFOTYPE, "")):  # fmt: skip
+            for name, kind, target in (
+                ("sym.png", tarfile.SYMTYPE, "good.png"),
+                ("hard.png", tarfile.LNKTYPE, "good.png"),
+                ("pipe.png", tarfile.FIFOTYPE, ""),
+            ):
                 info = tarfile.TarInfo(name)
                 info.type, info.linkname = kind, target
                 tar.addfile(info)
@@ -118,8 +126,12 @@ def test_tar_source_counts_link_members_and_never_reads_a_huge_member(tmp_path):
     assert manifest["totals"]["samples"] == 2  # good and after
     assert manifest["rejects"]["by_reason"] == {"link_member": 2, "not_regular_member": 1, "too_large": 1}
     sources = {item["source"].rsplit(":", 1)[1]: item["reason"] for item in manifest["rejects"]["items"]}
-    assert sources == {"sym.png": "link_member", "hard.png": "link_member", "pipe.png": "not_regular_member",
-                       "huge": "too_large"}  # fmt: skip
+    assert sources == {
+        "sym.png": "link_member",
+        "hard.png": "link_member",
+        "pipe.png": "not_regular_member",
+        "huge": "too_large",
+    }
     os.mkfifo(src / "00001.tar")
     with pytest.raises(ShardError, match="00001.tar is not a regular file"):
         within(60, create_shards, str(src), tmp_path / "out2", CreateOptions())

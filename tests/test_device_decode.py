@@ -37,8 +37,17 @@ BACKENDS = ["torchvision"] + (["torchcodec"] if jpeg_backend() == "torchcodec" e
 
 
 def _stream(shards: str, decode: str, *, batch: int = 16, size: int = 64, workers: int = 0, state=None):
-    cfg = load_config(None, [f"data.shards={shards}", f"data.batch_size={batch}", f"data.image_size={size}",
-                             f"data.num_workers={workers}", f"data.decode={decode}", "mask.patch_size=32"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            f"data.shards={shards}",
+            f"data.batch_size={batch}",
+            f"data.image_size={size}",
+            f"data.num_workers={workers}",
+            f"data.decode={decode}",
+            "mask.patch_size=32",
+        ],
+    )
     mask = build_mask_generator("random_cells", image_size=size, token_stride=16, ratio=0.6, cell_size=32)
     return build_train_loader(cfg, rank=0, world_size=1, mask_generator=mask, normalise_on_device=True, state=state)
 

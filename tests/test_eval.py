@@ -354,9 +354,14 @@ def test_layer_features_pick_the_right_vit_block_and_swin_stage() -> None:
     assert torch.allclose(feats, second[:, 1:].mean(dim=1), atol=1e-6)
 
     swin = timm.create_model(
-        "swin_tiny_patch4_window7_224", num_classes=0, img_size=64, embed_dim=24, depths=[1, 1, 1, 1],
-        num_heads=[1, 1, 2, 2], window_size=4,
-    ).eval()  # fmt: skip
+        "swin_tiny_patch4_window7_224",
+        num_classes=0,
+        img_size=64,
+        embed_dim=24,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 1, 2, 2],
+        window_size=4,
+    ).eval()
     x = torch.randn(2, 3, 64, 64)
     assert layer_features(swin, x, 1).shape == (2, 16, 16, 24)  # stage 1, NHWC like forward_features
     assert torch.allclose(swin.norm(layer_features(swin, x, -1)), swin.forward_features(x), atol=1e-5)

@@ -69,9 +69,14 @@ def test_layer_decay_scales_each_block_and_the_schedule_applies_them(one_torch_t
     schedule.step_update(10)
     assert max(group["lr"] for group in optimizer.param_groups) == pytest.approx(0.0, abs=1e-12)
     swin = timm.create_model(
-        "swin_tiny_patch4_window7_224", num_classes=2, img_size=32, embed_dim=24, depths=[1, 1], num_heads=[1, 2],
+        "swin_tiny_patch4_window7_224",
+        num_classes=2,
+        img_size=32,
+        embed_dim=24,
+        depths=[1, 1],
+        num_heads=[1, 2],
         window_size=4,
-    )  # fmt: skip
+    )
     assert build_optimizer_and_schedule(swin, Recipe(steps=1))[2] == 0.9  # SimMIM's Swin default
 
 

@@ -26,8 +26,17 @@ def _launch_two_ranks(*settings: str, timeout: int = 300) -> subprocess.Complete
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))
     env.pop("MIMSCALE_INJECT_FAULT", None)
-    command = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "mimscale.train",
-               "--config", str(DEMO)]  # fmt: skip
+    command = [
+        "deepspeed",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "--module",
+        "mimscale.train",
+        "--config",
+        str(DEMO),
+    ]
     for item in settings:
         command += ["--set", item]
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -87,8 +96,14 @@ def test_compile_parts_trace_without_breaks_or_hitting_the_recompile_limit(
 
     from mimscale.methods import build_method
 
-    cfg = _build_cfg(None, f"model.student={student}", f"model.student_args={args}", f"data.image_size={size}",
-                     "model.drop_path_rate=0.1", "mask.patch_size=32")  # fmt: skip
+    cfg = _build_cfg(
+        None,
+        f"model.student={student}",
+        f"model.student_args={args}",
+        f"data.image_size={size}",
+        "model.drop_path_rate=0.1",
+        "mask.patch_size=32",
+    )
     torch.manual_seed(0)
     method = build_method(cfg)
     reference = build_method(cfg)
@@ -168,9 +183,16 @@ def test_host_syncs_per_micro_batch(monkeypatch, nan_guard, one_torch_thread, on
     from mimscale.engine.loop import Trainer
     from mimscale.pipeline.masking import mask_generator_for
 
-    cfg = _build_cfg("demo_maskalign.yaml", "model.student_args.depth=2", "data.batch_size=4", "run.device=cpu",
-                     "deepspeed.zero_stage=0", "deepspeed.precision=fp32", "train.grad_accum_steps=2",
-                     f"train.nan_guard={str(nan_guard).lower()}")  # fmt: skip
+    cfg = _build_cfg(
+        "demo_maskalign.yaml",
+        "model.student_args.depth=2",
+        "data.batch_size=4",
+        "run.device=cpu",
+        "deepspeed.zero_stage=0",
+        "deepspeed.precision=fp32",
+        "train.grad_accum_steps=2",
+        f"train.nan_guard={str(nan_guard).lower()}",
+    )
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # undone below, so later launcher tests on a GPU box use CUDA
     info = init_distributed("cpu")
     trainer = Trainer(cfg, info)

@@ -22,8 +22,15 @@ def test_gpu_suite_smoke_runs_every_section_and_writes_its_table(tmp_path):
     results.write_text(before)
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))
-    command = [sys.executable, str(REPO / "bench" / "gpu_suite.py"), "--smoke", "--results", str(results),
-               "--out-dir", str(tmp_path / "out")]  # fmt: skip
+    command = [
+        sys.executable,
+        str(REPO / "bench" / "gpu_suite.py"),
+        "--smoke",
+        "--results",
+        str(results),
+        "--out-dir",
+        str(tmp_path / "out"),
+    ]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     rows = json.loads((tmp_path / "out" / "rows.json").read_text())

@@ -72,8 +72,9 @@ def test_a_job_script_without_srun_trains_as_one_process(capsys) -> None:
     try:
         for name in [key for key in os.environ if key.startswith(("SLURM_", "MASTER_"))] + ["RANK", "WORLD_SIZE"]:
             os.environ.pop(name, None)
-        os.environ.update(SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NTASKS="4", SLURM_JOB_ID="9",
-                          SLURM_JOB_NODELIST="gpu[01-02]")  # fmt: skip
+        os.environ.update(
+            SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NTASKS="4", SLURM_JOB_ID="9", SLURM_JOB_NODELIST="gpu[01-02]"
+        )
         fill_single_process_env()
         assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"]) == ("0", "1", "127.0.0.1")
         assert "SLURM_NTASKS=4, no srun step" in capsys.readouterr().err

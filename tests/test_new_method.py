@@ -1,4 +1,4 @@
-"""A fifth method is its own code plus one PRESETS entry: the toy feature-regression method below is planned,
+"""A new method is its own code plus one PRESETS entry: the toy feature-regression method below is planned,
 trained by the real loop and exported without a change anywhere else in mimscale."""
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.usefixtures("one_torch_thread")
-def test_a_fifth_method_is_planned_trained_and_exported(tmp_path, monkeypatch):
+def test_a_new_method_is_planned_trained_and_exported(tmp_path, monkeypatch):
     import timm
 
     from mimscale.eval.export import export_checkpoint, load_student

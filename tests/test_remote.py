@@ -42,14 +42,17 @@ def cache_in(tmp_path: Path, limit: int = 10**9, **options) -> ShardCache:
 def run_python(code: str, **kwargs) -> subprocess.Popen:
     """A fresh interpreter on this tree (PYTHONPATH kept, so subprocesses test this checkout, not main)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, **kwargs)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
+    )
 
 
 def test_expand_urls_local_paths_and_errors(tmp_path, server):
     assert remote.expand(server.url("sample-{000..001}.tar") + "::" + server.url("sample-003.tar")) == [
-        server.url(NAMES[0]), server.url(NAMES[1]), server.url(NAMES[3])
-    ]  # fmt: skip
+        server.url(NAMES[0]),
+        server.url(NAMES[1]),
+        server.url(NAMES[3]),
+    ]
     assert remote.expand("pipe:cat /d/x-{0..1}.tar") == ["pipe:cat /d/x-0.tar", "pipe:cat /d/x-1.tar"]
     assert remote.expand(f"file://{SAMPLE}/sample-{{000..001}}.tar") == [str(SAMPLE / n) for n in NAMES[:2]]
     assert remote.expand(str(SAMPLE)) == [str(SAMPLE / n) for n in NAMES]
@@ -141,9 +144,11 @@ def test_killed_download_leaves_no_partial_file_and_no_stuck_lock(tmp_path, serv
     nobody ever sees the half file, and its leftover is cleaned."""
     url = server.url(NAMES[0])
     server.faults[NAMES[0]] = ["hang"]
-    code = (f"from mimscale.storage.shard_cache import ShardCache; import hashlib; "
-            f"p = ShardCache({str(tmp_path / 'cache')!r}, 10**9, backoff_s=0.01).local_path({url!r}); "
-            f"print(hashlib.sha256(p.read_bytes()).hexdigest())")  # fmt: skip
+    code = (
+        f"from mimscale.storage.shard_cache import ShardCache; import hashlib; "
+        f"p = ShardCache({str(tmp_path / 'cache')!r}, 10**9, backoff_s=0.01).local_path({url!r}); "
+        f"print(hashlib.sha256(p.read_bytes()).hexdigest())"
+    )
     first = run_python(code)
     assert server.hanging.wait(60), first.communicate()
     parts = list((tmp_path / "cache").glob(".*.part-*"))
@@ -164,11 +169,13 @@ def test_one_download_per_node_with_racing_processes(tmp_path):
     go = tmp_path / "go"
     with ShardServer(SAMPLE, latency_s=0.3) as server:
         urls = [server.url(NAMES[0]), server.url(NAMES[1])]
-        code = (f"import os, time, hashlib; from mimscale.storage.shard_cache import ShardCache\n"
-                f"c = ShardCache({str(tmp_path / 'cache')!r}, 10**9)\n"
-                f"while not os.path.exists({str(go)!r}): time.sleep(0.01)\n"
-                f"c.prefetch({urls!r})\n"
-                f"print(' '.join(hashlib.sha256(c.local_path(u).read_bytes()).hexdigest() for u in {urls!r}))")  # fmt: skip
+        code = (
+            f"import os, time, hashlib; from mimscale.storage.shard_cache import ShardCache\n"
+            f"c = ShardCache({str(tmp_path / 'cache')!r}, 10**9)\n"
+            f"while not os.path.exists({str(go)!r}): time.sleep(0.01)\n"
+            f"c.prefetch({urls!r})\n"
+            f"print(' '.join(hashlib.sha256(c.local_path(u).read_bytes()).hexdigest() for u in {urls!r}))"
+        )
         racers = [run_python(code) for _ in range(3)]
         time.sleep(2.0)  # let every interpreter start and wait at the line
         go.touch()
@@ -337,9 +344,18 @@ def test_waiting_for_space_ends_when_a_pin_is_released(tmp_path, server):
 def stream_cfg(shards: str, cache_dir: Path, workers: int = 2, *extra: str):
     from mimscale.config import load_config
 
-    return load_config(None, [f"data.shards={shards}", "data.batch_size=8", "data.image_size=32",
-                              f"data.num_workers={workers}", f"data.cache_dir={cache_dir}", "data.shuffle_window=2",
-                              *extra])  # fmt: skip
+    return load_config(
+        None,
+        [
+            f"data.shards={shards}",
+            "data.batch_size=8",
+            "data.image_size=32",
+            f"data.num_workers={workers}",
+            f"data.cache_dir={cache_dir}",
+            "data.shuffle_window=2",
+            *extra,
+        ],
+    )
 
 
 def test_training_and_eval_streams_over_http_are_the_local_streams(tmp_path, server):
@@ -351,8 +367,9 @@ def test_training_and_eval_streams_over_http_are_the_local_streams(tmp_path, ser
     from mimscale.pipeline.stream import build_train_loader, iter_eval_batches
 
     mask = build_mask_generator("random_tokens", image_size=32, token_stride=8, ratio=0.5, cell_size=32)
-    local = build_train_loader(stream_cfg(str(SAMPLE / "*.tar"), tmp_path / "unused"), rank=1, world_size=2,
-                               mask_generator=mask)  # fmt: skip
+    local = build_train_loader(
+        stream_cfg(str(SAMPLE / "*.tar"), tmp_path / "unused"), rank=1, world_size=2, mask_generator=mask
+    )
     expected = list(itertools.islice(iter(local), 14))
     bare = tmp_path / "bare"  # a foreign folder: no manifest.json, no samples.idx
     bare.mkdir()
@@ -363,8 +380,9 @@ def test_training_and_eval_streams_over_http_are_the_local_streams(tmp_path, ser
             (server.url("sample-{000..003}.tar"), "published"),
             (bare_server.url("sample-{000..003}.tar"), "bare"),
         ):
-            remote_stream = build_train_loader(stream_cfg(url, tmp_path / cache_dir), rank=1, world_size=2,
-                                               mask_generator=mask)  # fmt: skip
+            remote_stream = build_train_loader(
+                stream_cfg(url, tmp_path / cache_dir), rank=1, world_size=2, mask_generator=mask
+            )
             assert remote_stream.table.fingerprint == local.table.fingerprint
             got = list(itertools.islice(iter(remote_stream), 14))
             for a, b in zip(expected, got, strict=True):
@@ -374,8 +392,9 @@ def test_training_and_eval_streams_over_http_are_the_local_streams(tmp_path, ser
     assert max(fetched) == 1 and 0 < sum(fetched) < len(NAMES) and server.requests["samples.idx"] == 1
     kwargs = {"image_size": 32, "batch_size": 50, "mean": [0.5] * 3, "std": [0.25] * 3, "num_workers": 2}
     here = list(iter_eval_batches(str(SAMPLE), **kwargs))
-    there = list(iter_eval_batches(server.url("sample-{000..003}.tar"), data_cfg=stream_cfg("x", tmp_path / "ev").data,
-                                   **kwargs))  # fmt: skip
+    there = list(
+        iter_eval_batches(server.url("sample-{000..003}.tar"), data_cfg=stream_cfg("x", tmp_path / "ev").data, **kwargs)
+    )
     assert len(here) == len(there) and all(
         torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(here, there, strict=True)
     )

@@ -58,8 +58,16 @@ def test_train_with_a_fifo_lock_exits_2_naming_it_without_a_traceback(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     os.mkfifo(run / LOCK_NAME)
-    command = [sys.executable, "-m", "mimscale.cli", "train", "--config", str(REPO / "configs" / "demo_cpu.yaml"),
-               "--set", f"run.output_dir={run}"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "mimscale.cli",
+        "train",
+        "--config",
+        str(REPO / "configs" / "demo_cpu.yaml"),
+        "--set",
+        f"run.output_dir={run}",
+    ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-3000:]

@@ -40,8 +40,12 @@ def bucket(monkeypatch):
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     endpoint = "http://{}:{}".format(*server.get_host_and_port())
-    for name, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": endpoint}.items():  # fmt: skip
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL_S3": endpoint,
+    }.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     s3fs.S3FileSystem.clear_instance_cache()
@@ -81,9 +85,17 @@ def test_training_and_eval_streams_from_s3_are_the_local_streams(bucket, tmp_pat
     labels and sample ids as from the local files, with the published index, and with none (built once)."""
 
     def cfg(shards: str, cache: str):
-        return load_config(None, [f"data.shards={shards}", "data.batch_size=8", "data.image_size=32",
-                                  "data.num_workers=2", f"data.cache_dir={tmp_path / cache}",
-                                  "data.shuffle_window=2"])  # fmt: skip
+        return load_config(
+            None,
+            [
+                f"data.shards={shards}",
+                "data.batch_size=8",
+                "data.image_size=32",
+                "data.num_workers=2",
+                f"data.cache_dir={tmp_path / cache}",
+                "data.shuffle_window=2",
+            ],
+        )
 
     local = build_train_loader(cfg(str(SAMPLE), "unused"), rank=1, world_size=2, mask_generator=MASK)
     expected = list(itertools.islice(iter(local), 10))

@@ -95,8 +95,11 @@ def test_folder_round_trip_to_stream(tmp_path):
     assert manifest["totals"]["samples"] == 10 and manifest["totals"]["shards"] == 4  # 14 inputs in chunks of 4
     assert manifest["rejects"]["by_reason"] == expected_rejects
     assert {Path(item["source"]).name for item in manifest["rejects"]["items"]} == {
-        "garbage.jpg", "empty.png", "truncated.png", "tiny.png"
-    }  # fmt: skip
+        "garbage.jpg",
+        "empty.png",
+        "truncated.png",
+        "tiny.png",
+    }
     assert json.loads((out / "classes.json").read_text()) == ["cat", "dog"]
     labels = Counter()
     for path in expand_shards(str(out)):
@@ -152,8 +155,11 @@ def write_img2dataset_shard(path: Path, count: int) -> None:
             out = io.BytesIO()
             Image.fromarray(np.roll(gradient((64, 48)), number, axis=1)).save(out, format="JPEG")
             key = f"{number:09d}"
-            members = {"jpg": out.getvalue(), "txt": f"caption {number}".encode(),
-                       "json": json.dumps({"key": key, "url": f"http://x/{number}"}).encode()}  # fmt: skip
+            members = {
+                "jpg": out.getvalue(),
+                "txt": f"caption {number}".encode(),
+                "json": json.dumps({"key": key, "url": f"http://x/{number}"}).encode(),
+            }
             for ext, payload in members.items():
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(payload)
@@ -213,8 +219,19 @@ def test_reshard_keeps_labels_and_csv_list_with_names_and_byte_limit(tmp_path):
 
 def test_killed_create_resumes_and_matches_an_uninterrupted_parallel_run(tmp_path):
     make_image_folder(tmp_path / "src")
-    args = [sys.executable, "-m", "mimscale.cli", "shards", "create", str(tmp_path / "src"), str(tmp_path / "out"),
-            "--samples-per-shard", "2", "--max-side", "32"]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "mimscale.cli",
+        "shards",
+        "create",
+        str(tmp_path / "src"),
+        str(tmp_path / "out"),
+        "--samples-per-shard",
+        "2",
+        "--max-side",
+        "32",
+    ]
     killed = subprocess.run(args, env={**os.environ, CRASH_ENV: "3"}, capture_output=True, text=True, timeout=120)
     assert killed.returncode == 137, killed.stderr
     out = tmp_path / "out"
@@ -471,8 +488,12 @@ def test_ranks_starting_together_build_a_foreign_index_once(tmp_path):
         f"t = load_table({str(foreign)!r}, 'data.shards'); print(len(t), t.fingerprint)"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    ranks = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(3)]  # fmt: skip
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(3)
+    ]
     results = [rank.communicate(timeout=120) for rank in ranks]
     assert all(rank.returncode == 0 for rank in ranks), results
     assert len({out for out, _ in results}) == 1 and results[0][0].startswith("30 ")

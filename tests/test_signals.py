@@ -18,8 +18,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["model.student_args.depth=2", "data.batch_size=4", "data.num_workers=1", "train.log_every=1",
-        "train.max_steps=400", "checkpoint.every_steps=1000", "eval.knn_every=0"]  # fmt: skip
+TINY = [
+    "model.student_args.depth=2",
+    "data.batch_size=4",
+    "data.num_workers=1",
+    "train.log_every=1",
+    "train.max_steps=400",
+    "checkpoint.every_steps=1000",
+    "eval.knn_every=0",
+]
 
 pytestmark = pytest.mark.slow
 
@@ -33,8 +40,15 @@ class Run:
         environ = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **env)
         if "MIMSCALE_INJECT_FAULT" not in env:
             environ.pop("MIMSCALE_INJECT_FAULT", None)
-        self.process = subprocess.Popen([*command, *sets], cwd=REPO, env=environ, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+        self.process = subprocess.Popen(
+            [*command, *sets],
+            cwd=REPO,
+            env=environ,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         self.lines: list[str] = []
         threading.Thread(target=self._collect, daemon=True).start()
 

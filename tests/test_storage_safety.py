@@ -224,8 +224,12 @@ def test_hostile_index_headers_are_refused_before_anything_is_allocated(tmp_path
     sample = idx.SetIndex(SAMPLE / "samples.idx")
     counts, sizes = [int(c) for c in sample.counts], [int(b) for b in sample.shard_bytes]
     wrapped = tmp_path / "wrapped.idx"  # 2^64-1 samples read as -1 would balance the extra one: the sum still matches
-    _forge_index(wrapped, NAMES[:2], [(sizes[0], counts[0] + counts[1] + 1, 0), (sizes[1], 2**64 - 1, 0)],
-                 samples=counts[0] + counts[1])  # fmt: skip
+    _forge_index(
+        wrapped,
+        NAMES[:2],
+        [(sizes[0], counts[0] + counts[1] + 1, 0), (sizes[1], 2**64 - 1, 0)],
+        samples=counts[0] + counts[1],
+    )
     with pytest.raises(idx.IndexFileError, match="out of range .a wrapped 64-bit value"):
         idx.SetIndex(wrapped)
     for hostile in ("../../../../etc/passwd", "..", "a\0b.tar"):
@@ -266,8 +270,13 @@ def _in_small_mount(tmp_path: Path, code: str, *, read_only: bool = False) -> su
     if probe.returncode != 0:
         pytest.skip(f"cannot mount in a private namespace here: {probe.stderr.decode()[:200]}")
     command = [sys.executable, "-c", code]
-    return subprocess.run(["unshare", *flags, "sh", "-c", f'{steps} && exec "$@"', "sh", *command],
-                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    return subprocess.run(
+        ["unshare", *flags, "sh", "-c", f'{steps} && exec "$@"', "sh", *command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_a_full_or_read_only_cache_folder_is_named(tmp_path, server):

@@ -31,9 +31,14 @@ MASK = build_mask_generator("random_tokens", image_size=32, token_stride=8, rati
 def make_cfg(shards: str = SAMPLE, batch_size: int = 8, workers: int = 0, seed: int = 0):
     return load_config(
         None,
-        [f"data.shards={shards}", f"data.batch_size={batch_size}", "data.image_size=32",
-         f"data.num_workers={workers}", f"run.seed={seed}"],
-    )  # fmt: skip
+        [
+            f"data.shards={shards}",
+            f"data.batch_size={batch_size}",
+            "data.image_size=32",
+            f"data.num_workers={workers}",
+            f"run.seed={seed}",
+        ],
+    )
 
 
 def order(global_batch: int, streams: int, counts=SAMPLE_SHARDS, epoch: int = 0, window: int = 8) -> list[int]:
@@ -95,12 +100,14 @@ def test_resume_same_world_size_replays_identical_batches_with_other_worker_coun
 
 
 def test_resume_on_one_rank_with_doubled_batch_continues_the_global_order():
-    two = [take(build_train_loader(make_cfg(batch_size=8), rank=r, world_size=2, mask_generator=MASK), 30)
-           for r in (0, 1)]  # fmt: skip
+    two = [
+        take(build_train_loader(make_cfg(batch_size=8), rank=r, world_size=2, mask_generator=MASK), 30) for r in (0, 1)
+    ]
     stopped = build_train_loader(make_cfg(batch_size=8), rank=0, world_size=2, mask_generator=MASK)
     take(stopped, 20)  # 20 steps of 16 = 320 of 384: the run crosses the epoch end after the resume
-    one = build_train_loader(make_cfg(batch_size=16), rank=0, world_size=1, mask_generator=MASK,
-                             state=stopped.state_dict())  # fmt: skip
+    one = build_train_loader(
+        make_cfg(batch_size=16), rank=0, world_size=1, mask_generator=MASK, state=stopped.state_dict()
+    )
     for step, got in enumerate(take(one, 10), start=20):
         expected_ids = torch.cat([two[0][step]["sample_id"], two[1][step]["sample_id"]])
         assert torch.equal(got["sample_id"], expected_ids), step
@@ -306,8 +313,9 @@ def test_several_sets_joined_with_double_colon():
 def test_resume_with_another_global_batch_continues_every_stream_where_it_stopped():
     stopped = build_train_loader(make_cfg(batch_size=8), rank=0, world_size=2, mask_generator=MASK)
     take(stopped, 3)  # 48 samples consumed: 24 of each of the 2 streams
-    resumed = build_train_loader(make_cfg(batch_size=24), rank=0, world_size=1, mask_generator=MASK,
-                                 state=stopped.state_dict())  # fmt: skip
+    resumed = build_train_loader(
+        make_cfg(batch_size=24), rank=0, world_size=1, mask_generator=MASK, state=stopped.state_dict()
+    )
     ids = torch.cat([b["sample_id"] for b in take(resumed, 2)]).tolist()
     plan = EpochPlan(SAMPLE_SHARDS, seed=0, epoch=0, streams=2, window=8)
     expected = [plan.sample(s, k) for start in (24, 36) for s in (0, 1) for k in range(start, start + 12)]

@@ -80,8 +80,15 @@ def launcher_cmd(ranks: int, *args: str) -> list[str]:
 def run_capped(command: list[str], *, env=None, timeout: float = 400) -> subprocess.CompletedProcess:
     """Run a command in its own session; past ``timeout`` kill the whole tree (launcher, ranks, workers, so nothing
     lingers to load the next test) and fail with what it printed, so a hang shows where it stopped."""
-    process = subprocess.Popen(command, cwd=REPO, env=env or env_with(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=env or env_with(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -96,8 +103,9 @@ def launch(ranks: int, *args: str, env=None, timeout=400) -> subprocess.Complete
 
 
 def train_single(*args: str, env=None, timeout=400) -> subprocess.CompletedProcess:
-    return run_capped([sys.executable, "-m", "mimscale.cli", "train", "--config", str(DEMO), *args], env=env,
-                      timeout=timeout)  # fmt: skip
+    return run_capped(
+        [sys.executable, "-m", "mimscale.cli", "train", "--config", str(DEMO), *args], env=env, timeout=timeout
+    )
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -255,8 +263,14 @@ def test_planted_pickles_are_refused_and_a_damaged_checkpoint_is_skipped(referen
     model_file = run_dir / "checkpoints" / "step_00000002" / "zero_pp_rank_0_mp_rank_00_model_states.pt"
     model_file.write_bytes(planted_pickle(marker))
     cli = [sys.executable, "-m", "mimscale.cli"]
-    export = subprocess.run([*cli, "export", str(run_dir), str(tmp_path / "out"), "--tag", "step_00000002"],
-                            cwd=REPO, env=env_with(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    export = subprocess.run(
+        [*cli, "export", str(run_dir), str(tmp_path / "out"), "--tag", "step_00000002"],
+        cwd=REPO,
+        env=env_with(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert export.returncode == 2 and "zero_pp_rank_0_mp_rank_00_model_states.pt" in export.stderr
     knn = [*cli, "eval", "knn", "--model", str(run_dir / "checkpoints" / "step_00000002"), "--train", "x", "--val", "y"]
     evaluated = subprocess.run(knn, cwd=REPO, env=env_with(), capture_output=True, text=True, timeout=120)
@@ -327,8 +341,10 @@ def _wait_for_step(process: subprocess.Popen, lines: list[str], deadline: float)
             return
 
 
-@pytest.mark.parametrize("target,signum", [("runner", signal.SIGUSR1), ("launch.py", signal.SIGTERM),
-                                           ("ranks", signal.SIGUSR1), ("group", signal.SIGTERM)])  # fmt: skip
+@pytest.mark.parametrize(
+    "target,signum",
+    [("runner", signal.SIGUSR1), ("launch.py", signal.SIGTERM), ("ranks", signal.SIGUSR1), ("group", signal.SIGTERM)],
+)
 def test_preemption_signal_anywhere_checkpoints_once_and_exits_75(tmp_path, target, signum):
     """A stop signal sent to the runner, the node launcher, the ranks or the whole process group (as scancel sends
     it) ends in one complete checkpoint and exit 75 within a bounded time; DataLoader workers survive it. While
@@ -336,8 +352,15 @@ def test_preemption_signal_anywhere_checkpoints_once_and_exits_75(tmp_path, targ
     run_dir = tmp_path / "preempted"
     command = [sys.executable, "-m", "mimscale.cli", "launch", *launcher_cmd(2)[1:]]
     command += overrides(run_dir, "train.max_steps=400", "checkpoint.every_steps=1000", "train.log_every=1")
-    process = subprocess.Popen(command, cwd=REPO, env=env_with(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)  # fmt: skip
+    process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=env_with(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     lines: list[str] = []
     _wait_for_step(process, lines, deadline=time.time() + 240)
     ranks = _processes_to_signal("ranks", process.pid)

@@ -32,8 +32,9 @@ def reference_normalise(images: torch.Tensor) -> torch.Tensor:
 def crops(count: int, size: int = 48) -> tuple[list[torch.Tensor], list[bool]]:
     images, flips = [], []
     for seed in range(count):
-        image, flip = train_crop(photo_jpeg(), size=size, scale=(0.3, 1.0), ratio=(0.75, 1.333), hflip=0.5,
-                                 rng=np.random.default_rng(seed))  # fmt: skip
+        image, flip = train_crop(
+            photo_jpeg(), size=size, scale=(0.3, 1.0), ratio=(0.75, 1.333), hflip=0.5, rng=np.random.default_rng(seed)
+        )
         images.append(image)
         flips.append(flip)
     return images, flips
@@ -43,8 +44,9 @@ def test_train_crop_and_transform_draw_the_same_randomness():
     images, flips = crops(8)
     assert any(flips) and not all(flips)  # both branches are exercised
     for seed, (image, flip) in enumerate(zip(images, flips, strict=True)):
-        whole = train_transform(photo_jpeg(), size=48, scale=(0.3, 1.0), ratio=(0.75, 1.333), hflip=0.5,
-                                rng=np.random.default_rng(seed))  # fmt: skip
+        whole = train_transform(
+            photo_jpeg(), size=48, scale=(0.3, 1.0), ratio=(0.75, 1.333), hflip=0.5, rng=np.random.default_rng(seed)
+        )
         assert torch.equal(whole, image.flip(-1) if flip else image)
 
 

@@ -106,8 +106,9 @@ def test_wandb_gets_the_tensorboard_scalars_and_config_and_a_resume_continues_th
 def test_wandb_without_the_package_is_a_clear_error_before_training(tmp_path: Path) -> None:
     hide_wandb = "import sys; sys.modules['wandb'] = None; from mimscale.cli import main; sys.exit(main(sys.argv[1:]))"
     args = ["train", "--config", str(DEMO), *overrides(tmp_path / "run", "train.loggers=[wandb]")]
-    done = subprocess.run([sys.executable, "-c", hide_wandb, *args], cwd=REPO, env=env_with(), capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", hide_wandb, *args], cwd=REPO, env=env_with(), capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 2, done.stderr[-2000:]
     assert "train.loggers includes wandb but the wandb package is not installed" in done.stderr
     assert "pip install 'mimscale[wandb]'" in done.stderr

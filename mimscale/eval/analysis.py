@@ -189,9 +189,9 @@ def analyze_model(model: nn.Module, images: torch.Tensor, *, ratios=DEFAULT_MASK
         result["uniform_attention_distance"] = float(patch_distances(grid, patch).mean())
     else:
         features = block_features(model, images)
-        why = "Swin attends within shifted windows (distances not comparable)"
-        if not arch.is_swin_like:
-            why = f"{type(model).__name__} blocks have no timm Attention to recompute the maps from"
+        why = f"{type(model).__name__} blocks have no timm Attention to recompute the maps from"
+        if arch.windowed_attention:
+            why = "Swin attends within shifted windows (distances not comparable)"
         result["note"] = f"attention metrics skipped: {why}"
     result["cka"] = cka_matrix([f.float() for f in features])
     cell = max(patch, images.shape[-1] // 8)  # ViT: one patch; Swin (4-px patches): an 8 x 8 grid of cells

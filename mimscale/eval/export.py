@@ -7,8 +7,9 @@ so that ``timm.create_model("local-dir:OUT", pretrained=True)`` rebuilds the pre
 the fp32 master weights (engine.checkpoint.load_fp32_state: ZeRO 1-3 shards merged, ZeRO-0 bf16 runs keep them in the
 optimizer's fp32 groups), never the bf16 copy the forward pass used.
 
-The same loaders serve the evaluation commands: ``load_backbone(spec)`` accepts an exported folder, a run or
-checkpoint folder, or ``random:<config.yaml | run folder>`` (the same architecture at random init, the baseline).
+The same loaders serve the evaluation commands: ``resolve_model_spec(spec)`` is the one reading of ``--model`` (an
+exported folder, a run or checkpoint folder, or ``random:<config.yaml | run folder>``: the same architecture at
+random init, the baseline) for probe, finetune and analyze; ``load_backbone(spec)`` loads what it names.
 """
 
 from __future__ import annotations
@@ -194,32 +195,88 @@ def random_init_config(target: str, overrides: Sequence[str] = ()) -> Config:
     return load_config(path, list(overrides))
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a ``--model`` argument names, resolved once for probe, finetune, analyze and the benches alike.
+
+    ``kind``: ``export`` (a folder with config.json + model.safetensors, loaded through timm), ``checkpoint`` (a run,
+    its checkpoints/ folder or a step_* folder) or ``random`` (``random:<config.yaml | run folder>``, the same
+    architecture at random init). ``overrides`` (``--set``) are kept for ``random`` only.
+    """
+
+    text: str
+    kind: str
+    path: Path
+    overrides: tuple[str, ...] = ()
+
+    def config(self) -> Config:
+        """The mimscale config of a checkpoint or a random twin (an export has none: its config.json is timm's)."""
+        if self.kind == "random":
+            return random_init_config(str(self.path), self.overrides)
+        if self.kind == "checkpoint":
+            return from_dict(ckpt.read_meta(ckpt.checkpoint_dir(self.path))["config"])
+        raise ValueError(f"{self.text} is a timm export: it has no mimscale config")
+
+
+def resolve_model_spec(spec: str, overrides: Sequence[str] = ()) -> ModelSpec:
+    """The one reading of ``--model``; ``--set`` overrides on anything but ``random:`` are refused here."""
+    if spec.startswith("random:"):
+        return ModelSpec(spec, "random", Path(spec[len("random:") :]), tuple(overrides))
+    if overrides:
+        raise ValueError(
+            f"--set only applies to random:<config> models; {spec} keeps its trained architecture "
+            f"(drop --set {' '.join(overrides)})"
+        )
+    path = Path(spec)
+    is_export = (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+    return ModelSpec(spec, "export" if is_export else "checkpoint", path)
+
+
+def input_settings(spec: ModelSpec) -> dict:
+    """Input size and normalisation the backbone was trained with, read from its config (no weights loaded)."""
+    if spec.kind != "export":
+        data = spec.config().data
+        return {"image_size": data.image_size, "mean": list(data.mean), "std": list(data.std)}
+    path = spec.path / "config.json"
+    if path.stat().st_size > 1 << 20:
+        raise ValueError(f"{path} is over 1 MiB: not a timm config.json (re-export with `mimscale export`)")
+    try:
+        pcfg = json.loads(path.read_text())["pretrained_cfg"]
+        return {"image_size": int(pcfg["input_size"][-1]), "mean": list(pcfg["mean"]), "std": list(pcfg["std"])}
+    except (ValueError, KeyError, TypeError, IndexError) as err:
+        raise ValueError(f"{path} has no usable pretrained_cfg ({err!r}); re-export with `mimscale export`") from err
+
+
+def student_backbone(spec: ModelSpec) -> tuple[nn.Module, Config]:
+    """The trained backbone of a checkpoint, or the random twin `mimscale train` would start from (seeded with
+    run.seed), with its config; an export is loaded through timm instead (``load_backbone``)."""
+    if spec.kind == "random":
+        cfg = spec.config()
+        torch.manual_seed(cfg.run.seed)
+        return build_student(cfg).backbone, cfg
+    if spec.kind == "checkpoint":
+        student, cfg, _, _ = load_student(spec.path)
+        return student.backbone, cfg
+    raise ValueError(f"{spec.text} is a timm export, not a mimscale checkpoint")
+
+
 def load_backbone(spec: str, overrides: Sequence[str] = ()) -> LoadedBackbone:
     """An exported folder, a run/checkpoint folder, or ``random:<config.yaml | run folder>`` -> backbone in eval mode.
 
     ``overrides`` (``section.key=value``, as ``--set``) apply to ``random:`` specs only: trained models keep the
     architecture they were trained with.
     """
-    if spec.startswith("random:"):
-        cfg = random_init_config(spec[len("random:") :], overrides)
-        torch.manual_seed(cfg.run.seed)
-        backbone = build_student(cfg).backbone.eval()
-        return LoadedBackbone(backbone, cfg.data.image_size, list(cfg.data.mean), list(cfg.data.std), spec)
-    if overrides:
-        raise ValueError(
-            f"--set {' '.join(overrides)} only applies to random:<config> models; {spec} keeps its trained architecture"
-        )
-    path = Path(spec)
-    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+    resolved = resolve_model_spec(spec, overrides)
+    if resolved.kind == "export":
         import timm
 
-        model = timm.create_model(f"local-dir:{path}", pretrained=True).eval()
+        model = timm.create_model(f"local-dir:{resolved.path}", pretrained=True).eval()
         data_cfg = model.pretrained_cfg
         return LoadedBackbone(
             model, int(data_cfg["input_size"][-1]), list(data_cfg["mean"]), list(data_cfg["std"]), spec
         )
-    student, cfg, _, _ = load_student(path)
-    return LoadedBackbone(student.backbone, cfg.data.image_size, list(cfg.data.mean), list(cfg.data.std), spec)
+    backbone, cfg = student_backbone(resolved)
+    return LoadedBackbone(backbone.eval(), cfg.data.image_size, list(cfg.data.mean), list(cfg.data.std), spec)
 
 
 def run_export(args: argparse.Namespace) -> int:

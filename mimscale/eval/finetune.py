@@ -36,15 +36,15 @@ import math
 import random
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mimscale.models.backbone import Backbone
+
 SIMMIM_BASE_LR = 1.25e-3  # per 512 images
-LAYER_DECAY = {"vit": 0.65, "swin": 0.9}
 RAND_AUGMENT = "rand-m9-mstd0.5-inc1"  # SimMIM's AUG.AUTO_AUGMENT, MAE's --aa
 PAPER_MIXUP, PAPER_CUTMIX, PAPER_REPROB = 0.8, 1.0, 0.25  # SimMIM's AUG.MIXUP / CUTMIX / REPROB (MAE's README)
 PAPER_CROP_SCALE = 0.08  # timm's RandomResizedCrop default area range (0.08, 1), as both papers use it
@@ -102,38 +102,8 @@ class Recipe:
 
 
 def default_layer_decay(model: nn.Module) -> float:
-    return LAYER_DECAY["swin" if hasattr(model, "layers") and not hasattr(model, "blocks") else "vit"]
-
-
-def is_export(spec: str) -> bool:
-    path = Path(spec)
-    return (
-        not spec.startswith("random:") and (path / "config.json").is_file() and (path / "model.safetensors").is_file()
-    )
-
-
-def data_config(spec: str, overrides=()) -> dict:
-    """Input size and normalisation the backbone was trained with, read from its config (no weights loaded)."""
-    from mimscale.config import from_dict
-    from mimscale.engine import checkpoint as ckpt
-    from mimscale.eval.export import random_init_config
-
-    if is_export(spec):
-        path = Path(spec) / "config.json"
-        if path.stat().st_size > 1 << 20:
-            raise ValueError(f"{path} is over 1 MiB: not a timm config.json (re-export with `mimscale export`)")
-        try:
-            pcfg = json.loads(path.read_text())["pretrained_cfg"]
-            return {"image_size": int(pcfg["input_size"][-1]), "mean": list(pcfg["mean"]), "std": list(pcfg["std"])}
-        except (ValueError, KeyError, TypeError, IndexError) as err:
-            raise ValueError(
-                f"{path} has no usable pretrained_cfg ({err!r}); re-export with `mimscale export`"
-            ) from err
-    if spec.startswith("random:"):
-        cfg = random_init_config(spec[len("random:") :], overrides)
-    else:
-        cfg = from_dict(ckpt.read_meta(ckpt.checkpoint_dir(Path(spec)))["config"])
-    return {"image_size": cfg.data.image_size, "mean": list(cfg.data.mean), "std": list(cfg.data.std)}
+    """The papers' layer decay for the model's family (0.65 ViT, 0.9 Swin), which models/backbone.py knows."""
+    return Backbone(model).layer_decay
 
 
 def build_classifier(spec: str, num_classes: int, *, drop_path: float, overrides=()) -> nn.Module:
@@ -145,24 +115,17 @@ def build_classifier(spec: str, num_classes: int, *, drop_path: float, overrides
     """
     import timm
 
-    if overrides and not spec.startswith("random:"):
-        raise ValueError(f"--set only applies to random:<config> models; {spec} keeps its trained architecture")
-    if is_export(spec):
-        return timm.create_model(
-            f"local-dir:{spec}", pretrained=True, num_classes=num_classes, drop_path_rate=drop_path
-        )
-    from mimscale.eval.export import load_student, random_init_config
-    from mimscale.models.students import build_student
+    from mimscale.eval.export import resolve_model_spec, student_backbone
 
-    if spec.startswith("random:"):
-        cfg = random_init_config(spec[len("random:") :], overrides)
-        seed = torch.get_rng_state()
-        torch.manual_seed(cfg.run.seed)  # exactly the twin `mimscale train` would start from
-        backbone = build_student(cfg).backbone
+    resolved = resolve_model_spec(spec, overrides)
+    if resolved.kind == "export":
+        return timm.create_model(
+            f"local-dir:{resolved.text}", pretrained=True, num_classes=num_classes, drop_path_rate=drop_path
+        )
+    seed = torch.get_rng_state()
+    backbone, cfg = student_backbone(resolved)  # a random twin is exactly the one `mimscale train` would start from
+    if resolved.kind == "random":
         torch.set_rng_state(seed)
-    else:
-        student, cfg, _, _ = load_student(spec)
-        backbone = student.backbone
     kwargs = {"img_size": cfg.data.image_size, **cfg.model.student_args}
     model = timm.create_model(cfg.model.student, **kwargs, num_classes=num_classes, drop_path_rate=drop_path)
     missing, unexpected = model.load_state_dict(backbone.state_dict(), strict=False)
@@ -439,17 +402,18 @@ def recipe_from_args(args: argparse.Namespace, steps: int) -> Recipe:
 
 def run_finetune(args: argparse.Namespace) -> int:
     from mimscale.engine.distributed import resolve_device_kind
+    from mimscale.eval.export import input_settings, resolve_model_spec
 
     recipe_from_args(args, steps=1)  # a bad option fails before any data or weights are loaded
     device = torch.device(resolve_device_kind(args.device))
-    data = data_config(args.model, args.set)
+    data = input_settings(resolve_model_spec(args.model, args.set))
     data["image_size"] = args.image_size or data["image_size"]
     train = load_labelled(args.train, "--train", data)
     val = load_labelled(args.val, "--val", data)
     num_classes = int(max(train[1].max(), val[1].max())) + 1
     torch.manual_seed(args.seed)  # the new head's init and drop path: the same for every backbone compared
     model = build_classifier(args.model, num_classes, drop_path=args.drop_path, overrides=args.set)
-    if data["image_size"] != int(model.patch_embed.img_size[0]):
+    if data["image_size"] != Backbone(model).image_size:
         from mimscale.eval.probe import resize_input
 
         resize_input(model, data["image_size"])

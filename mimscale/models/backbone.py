@@ -29,6 +29,8 @@ class Family:
     None when the blocks need the full grid (windows, relative position tables).
     ``plain_attention``: every block's ``attn`` has a fused ``qkv`` Linear (timm's ViT ``Attention``, or Beit's with
     its q/v biases and relative position biases), so its attention map can be recomputed from the module's input.
+    ``windowed_attention``: blocks attend within (shifted) windows, so whole-image attention maps do not exist.
+    ``layer_decay``: the layer-wise lr decay the papers fine-tune this family with (SimMIM: 0.65 ViT, 0.9 Swin).
     """
 
     name: str
@@ -37,6 +39,8 @@ class Family:
     levels: str
     drop_point: str | None
     plain_attention: bool
+    windowed_attention: bool
+    layer_decay: float
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -47,6 +51,8 @@ FAMILIES: tuple[Family, ...] = (
         levels="blocks",
         drop_point="patch_drop",
         plain_attention=True,
+        windowed_attention=False,
+        layer_decay=0.65,
     ),
     Family(
         # timm's Beit (BEiT, BEiT v2, the SimMIM / MaskDistill ViTs): no absolute position embedding when
@@ -58,6 +64,8 @@ FAMILIES: tuple[Family, ...] = (
         levels="blocks",
         drop_point=None,
         plain_attention=True,
+        windowed_attention=False,
+        layer_decay=0.65,
     ),
     Family(
         name="swin",  # SwinTransformer and SwinTransformerV2
@@ -66,11 +74,14 @@ FAMILIES: tuple[Family, ...] = (
         levels="layers",
         drop_point=None,
         plain_attention=False,
+        windowed_attention=True,
+        layer_decay=0.9,
     ),
 )
 
 
 def find_family(model: nn.Module) -> Family | None:
+    """The first family whose identifying attributes the model has (timm classifiers included), else None."""
     return next((f for f in FAMILIES if all(hasattr(model, attr) for attr in f.requires)), None)
 
 
@@ -146,6 +157,11 @@ class Backbone:
             raise ValueError(f"{type(self.model).__name__} has non-square patches {self.patch_size}")
         return height
 
+    @property
+    def image_size(self) -> int:
+        """The input side the model is built for (timm keeps it on the patch embedding; square inputs)."""
+        return as_pair(self.model.patch_embed.img_size)[0]
+
     def grid(self, image_size: int | None = None) -> tuple[int, int]:
         """Patch tokens per side: for ``image_size`` pixels, or the grid the model was built for."""
         if image_size is None:
@@ -203,3 +219,13 @@ class Backbone:
     @property
     def plain_attention(self) -> bool:
         return self.family.plain_attention and all(hasattr(block, "attn") for block in self.blocks)
+
+    @property
+    def windowed_attention(self) -> bool:
+        """Blocks attend within shifted windows (Swin): attention distances over the whole image do not apply."""
+        return self.family.windowed_attention
+
+    @property
+    def layer_decay(self) -> float:
+        """The layer-wise lr decay fine-tuning uses for this family by default."""
+        return self.family.layer_decay

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimscale.config import ConfigError, DataConfig, TeacherConfig
+from mimscale.models.backbone import Backbone, find_family
 from mimscale.models.teacher_kinds import TEACHER_KINDS
 
 OUTPUTS = ("block", "norm", "projected")
@@ -209,14 +210,16 @@ class TimmTeacher(FrozenTeacher):
     """A timm VisionTransformer (e.g. vit_base_patch16_clip_224.openai, a DINOv2 or an EVA-style ViT)."""
 
     def __init__(self, model: nn.Module, cfg: TeacherConfig, output: str, data: DataConfig):
-        if not all(hasattr(model, name) for name in ("patch_embed", "_pos_embed", "blocks", "norm")):
+        family = find_family(model)
+        if family is None or family.name != "vit":  # embed() runs the ViT family's own embedding steps
             raise ConfigError(f"teacher.name={cfg.name!r} is not a timm VisionTransformer; pick a timm ViT")
         if output == "projected":
             raise ConfigError("teacher.output=projected is for open_clip teachers; use norm or block for timm")
-        self.patch_size = int(model.patch_embed.patch_size[0])
+        arch = Backbone(model)
+        self.patch_size = arch.patch_size[0]
         self.width = int(model.embed_dim)
-        self.num_prefix_tokens = int(model.num_prefix_tokens)
-        size = int(model.patch_embed.img_size[0])
+        self.num_prefix_tokens = arch.num_prefix_tokens
+        size = arch.image_size
         pcfg = getattr(model, "pretrained_cfg", {}) or {}
         norm = (pcfg.get("mean", data.mean), pcfg.get("std", data.std))
         super().__init__(model, list(cfg.layers), output, size, (data.mean, data.std), norm)
