@@ -20,13 +20,30 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mimscale.shards.format import image_size_stats, write_manifest, write_shard
 from mimscale.shards.images import encode, to_rgb
+from mimscale.shards.writer import image_size_stats, write_manifest, write_shard
 
 PHOTOS = (
-    "astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins", "colorwheel", "grass",
-    "gravel", "hubble_deep_field", "immunohistochemistry", "logo", "moon", "page", "retina", "rocket", "text",
-)  # fmt: skip
+    "astronaut",
+    "brick",
+    "camera",
+    "cell",
+    "chelsea",
+    "clock",
+    "coffee",
+    "coins",
+    "colorwheel",
+    "grass",
+    "gravel",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "logo",
+    "moon",
+    "page",
+    "retina",
+    "rocket",
+    "text",
+)
 TRAIN_SHARD_SIZES = (120, 104, 88, 72)  # uneven on purpose: the stream must not assume equal shards
 VAL_SHARD_SIZES = (72, 56)
 CROP_SIDE = 96
