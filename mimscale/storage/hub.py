@@ -1,7 +1,7 @@
 """``hf://datasets/ORG/NAME[@REVISION]/path`` locations: WebDataset shards published on the Hugging Face Hub.
 
 A location resolves to the Hub's file URL, ``{HF_ENDPOINT}/datasets/ORG/NAME/resolve/{revision}/{path}``, read by
-the same bounded, retried standard-library client as https (storage/remote.py); folders and globs are listed with
+the same bounded, retried standard-library client as https (storage/http_client.py); folders and globs are listed with
 the Hub's tree API, ``/api/datasets/ORG/NAME/tree/{revision}/{folder}``, page after page (the ``Link: rel="next"``
 header). ``HF_ENDPOINT`` (default https://huggingface.co), ``HF_TOKEN`` and ``HF_HUB_OFFLINE`` mean what they mean
 to huggingface_hub, read when a location is used (not once at import). The token goes as a bearer token to the
@@ -28,8 +28,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import quote, unquote, urljoin
 
-from mimscale.storage import remote
-from mimscale.storage.remote import RemoteError, RemoteNotFound
+from mimscale.storage import http_client
+from mimscale.storage.http_client import RemoteError, RemoteNotFound
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 MAX_PAGE_BYTES = 64 << 20  # one page of the tree API (the Hub sends 1,000 entries, ~300 kB)
@@ -108,7 +108,7 @@ def _check_online(location: str) -> None:
         )
 
 
-def _error_hook(where: HubPath, shown: str, base: str, token: str | None) -> remote.HttpErrorHook:
+def _error_hook(where: HubPath, shown: str, base: str, token: str | None) -> http_client.HttpErrorHook:
     """Clear permanent errors for the Hub's own answers (not the CDN's: those keep the https meaning)."""
 
     def hook(status: int, reason: str, headers, url: str) -> Exception | None:
@@ -139,7 +139,7 @@ def open_file(location: str, timeout: float) -> Iterator[tuple[object, int | Non
     where, base, token = parse(location, "location"), endpoint(), _token()
     _check_online(location)
     hook = _error_hook(where, location, base, token)
-    with remote.open_http(where.file_url(base), timeout, token=token, on_error=hook) as opened:
+    with http_client.open_http(where.file_url(base), timeout, token=token, on_error=hook) as opened:
         yield opened
 
 
@@ -197,21 +197,21 @@ def _list_files(where: HubPath, shown: str, folder: str, recursive: bool) -> lis
     raise RemoteError(f"{shown}: the Hub's listing has more than {MAX_PAGES} pages; name the shards with braces")
 
 
-def _page(url: str, shown: str, token: str | None, hook: remote.HttpErrorHook) -> tuple[bytes, str]:
+def _page(url: str, shown: str, token: str | None, hook: http_client.HttpErrorHook) -> tuple[bytes, str]:
     def attempt() -> tuple[bytes, str]:
         buffer = io.BytesIO()
         try:
-            with remote.open_http(url, 60.0, token=token, on_error=hook) as (response, declared):
-                remote.copy_bounded(
+            with http_client.open_http(url, 60.0, token=token, on_error=hook) as (response, declared):
+                http_client.copy_bounded(
                     response, buffer, location=shown, declared=declared, bound=MAX_PAGE_BYTES, timeout_s=60.0
                 )
                 return buffer.getvalue(), response.headers.get("Link", "")
         except RemoteError:  # a 404 is a FileNotFoundError too: permanent, not a reset
             raise
         except (OSError, http.client.HTTPException) as err:  # reset or timeout while reading the body
-            raise remote._Transient(f"{type(err).__name__}: {err}") from None
+            raise http_client.TransientError(f"{type(err).__name__}: {err}") from None
 
-    return remote.with_retries(f"the Hub's listing for {shown}", attempt, retries=3, backoff_s=0.5)
+    return http_client.with_retries(f"the Hub's listing for {shown}", attempt, retries=3, backoff_s=0.5)
 
 
 def _files_of(body: bytes, folder: str, shown: str) -> list[str]:

@@ -19,19 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import hashlib
 import http.client
 import importlib
 import io
-import math
 import os
-import random
 import re
 import stat
 import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,30 +33,28 @@ from urllib.parse import unquote, urlsplit
 
 from braceexpand import braceexpand
 
+from mimscale.storage import hub
 from mimscale.storage.atomic import fsync_dir
+from mimscale.storage.http_client import (  # the re-exported names keep remote.X working for every caller
+    CHUNK,  # noqa: F401 - re-exported
+    MAX_BACKOFF_S,  # noqa: F401 - re-exported
+    HttpErrorHook,  # noqa: F401 - re-exported
+    RemoteError,
+    RemoteNotFound,
+    SinkError,  # noqa: F401 - re-exported
+    TransientError,
+    copy_bounded,
+    open_http,
+    with_retries,
+)
 
-CHUNK = 1 << 20
 DEFAULT_MIN_RATE = 100e3  # bytes/s: data.download_min_rate's default; a 1 GB shard may take 10^4 s
 PART_MARK = ".part-"  # a download in progress: .<name>.part-<pid>-<thread>, renamed when complete
-MAX_BACKOFF_S = 30.0
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-
-
-class RemoteError(ValueError):
-    """A shard location cannot be used: unknown scheme, missing package or credentials, a full cache, or a network
-    failure that outlasted the retries. The message names the location (or config key) and what to do."""
-
-
-class RemoteNotFound(RemoteError, FileNotFoundError):
-    """The location does not exist (HTTP 404, missing object or file)."""
 
 
 class NotRegularFile(RemoteError):
     """A local path is a FIFO, device, socket or directory (or a symlink to one): never read."""
-
-
-class _Transient(Exception):
-    """A failure worth retrying (connection reset, timeout, HTTP 5xx, truncated body); the message is the reason."""
 
 
 # ----------------------------------------------------------------------------------------------- locations
@@ -204,7 +196,7 @@ def _store_error(location: str, err: Exception) -> Exception:
             f"{location}: access denied or no credentials ({name}: {err}); set AWS_ACCESS_KEY_ID/"
             "AWS_SECRET_ACCESS_KEY or AWS_PROFILE for s3://, GOOGLE_APPLICATION_CREDENTIALS for gs://"
         )
-    return _Transient(f"{name}: {err}")
+    return TransientError(f"{name}: {err}")
 
 
 def _expand_object_store(kind: str, candidates: list[str], shown: str, key: str) -> list[str]:
@@ -247,59 +239,6 @@ def open_regular(path: str | os.PathLike) -> io.BufferedReader:
     return os.fdopen(fd, "rb")
 
 
-class _SameHostAuth(urllib.request.HTTPRedirectHandler):
-    """Follows redirects carrying the Authorization header only to the same scheme, host and port: a token for the
-    Hub is never sent to the CDN (or any other host) that a file URL redirects to. The header is added as an
-    "unredirected" one, which urllib drops on every redirect; this puts it back where the origin is unchanged."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        auth = req.unredirected_hdrs.get("Authorization")
-        if new is not None and auth and _origin(newurl) == _origin(req.full_url):
-            new.add_unredirected_header("Authorization", auth)
-        return new
-
-
-def _origin(url: str) -> tuple[str, str]:
-    parts = urlsplit(url)
-    return parts.scheme.lower(), parts.netloc.lower()
-
-
-HttpErrorHook = Callable[[int, str, object, str], "Exception | None"]  # (status, reason, headers, URL) -> error
-
-
-@contextlib.contextmanager
-def open_http(
-    url: str, timeout: float, *, token: str | None = None, on_error: HttpErrorHook | None = None
-) -> Iterator[tuple[object, int | None]]:
-    """(response, declared size) of a GET; ``token`` goes as a bearer token to ``url``'s own host only (never on a
-    redirect to another one); ``on_error`` may turn an HTTP error status into a clearer permanent error."""
-    request = urllib.request.Request(url, headers={"User-Agent": "mimscale", "Accept-Encoding": "identity"})
-    if token:
-        request.add_unredirected_header("Authorization", f"Bearer {token}")
-    try:
-        response = urllib.request.build_opener(_SameHostAuth).open(request, timeout=timeout)
-    except urllib.error.HTTPError as err:
-        err.close()
-        custom = on_error(err.code, str(err.reason), err.headers, err.geturl() or url) if on_error else None
-        if custom is not None:
-            raise custom from None
-        if err.code in (404, 410):
-            raise RemoteNotFound(f"{url}: HTTP {err.code} {err.reason}; check the URL") from None
-        if err.code in (401, 403):
-            raise RemoteError(
-                f"{url}: HTTP {err.code} {err.reason}; check the credentials (expired signed URL?)"
-            ) from None
-        if err.code in (408, 425, 429) or err.code >= 500:
-            raise _Transient(f"HTTP {err.code} {err.reason}") from None
-        raise RemoteError(f"{url}: HTTP {err.code} {err.reason}") from None
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
-        raise _Transient(f"{type(err).__name__}: {getattr(err, 'reason', err)}") from None
-    length = response.headers.get("Content-Length", "")
-    with response:
-        yield response, int(length) if length.isdigit() else None
-
-
 @contextlib.contextmanager
 def _open_http(location: str, kind: str, timeout: float) -> Iterator[tuple[object, int | None]]:
     with open_http(location, timeout) as opened:
@@ -321,7 +260,7 @@ def _open_pipe(location: str, kind: str, timeout: float) -> Iterator[tuple[objec
         stream.stream.close()
         status = stream.proc.wait()
         if status != 0:
-            raise _Transient(f"command exited with status {status}")
+            raise TransientError(f"command exited with status {status}")
     finally:
         if stream.proc.poll() is None:
             stream.proc.kill()
@@ -342,7 +281,7 @@ def _open_object(location: str, kind: str, timeout: float) -> Iterator[tuple[obj
 
 @contextlib.contextmanager
 def open_location(location: str, timeout: float = 60.0) -> Iterator[tuple[object, int | None]]:
-    """(reader, declared size or None) for any supported location; failures worth retrying raise _Transient."""
+    """(reader, declared size or None) for any supported location; failures worth retrying raise TransientError."""
     kind = check_scheme(location, "location")
     try:
         if kind in ("", "file"):
@@ -351,94 +290,10 @@ def open_location(location: str, timeout: float = 60.0) -> Iterator[tuple[object
         else:
             with SCHEME_TABLE[kind].open(location, kind, timeout) as opened:
                 yield opened
-    except (RemoteError, _Transient):
+    except (RemoteError, TransientError):
         raise
     except (OSError, http.client.HTTPException) as err:  # reset, timeout, broken pipe while reading
-        raise _Transient(f"{type(err).__name__}: {err}") from None
-
-
-class SinkError(RemoteError):
-    """Writing the local copy failed (a full disk, a read-only folder): not the source's fault, never retried."""
-
-    def __init__(self, err: OSError):
-        super().__init__(f"{err.strerror or err}")
-        self.error = err
-
-
-def copy_bounded(
-    reader,
-    sink,
-    *,
-    location: str,
-    declared: int | None,
-    expected: int | None = None,
-    sha256: str | None = None,
-    bound: int,
-    digest=None,
-    min_rate: float | None = None,
-    timeout_s: float = 0.0,
-) -> int:
-    """Copy reader to sink, never reading more than the size we expect; returns the bytes copied.
-
-    The expected size is the manifest's when known, else what the server declared, else ``bound``. A server that
-    declares or sends more is refused (RemoteError); a short body or a sha256 mismatch is retryable. ``digest`` (a
-    hashlib object) is fed every byte as it streams, so a caller records the file's sha256 without a second read.
-    With ``min_rate`` (bytes/s) the whole copy must end within expected size / min_rate + ``timeout_s`` (the
-    per-read timeout): a source trickling bytes just fast enough to defeat the per-read timeout is cut off (and
-    retried). Reads take what has arrived (``read1``), so the deadline is checked between small reads. A failing
-    write to ``sink`` raises SinkError.
-    """
-    if expected is not None and declared is not None and declared != expected:
-        raise RemoteError(
-            f"{location}: the source reports {declared} bytes but the manifest says {expected}; the shard changed "
-            "since the manifest was written: re-index the shard set or restore the original file"
-        )
-    limit = next(size for size in (expected, declared, bound) if size is not None)
-    digest = digest if digest is not None else (hashlib.sha256() if sha256 else None)
-    allowed = limit / min_rate + timeout_s if min_rate else math.inf
-    deadline = time.monotonic() + allowed
-    read = getattr(reader, "read1", None) or reader.read
-    total = 0
-    while True:
-        chunk = read(min(CHUNK, limit + 1 - total))
-        if not chunk:
-            break
-        total += len(chunk)
-        if total > limit:
-            raise RemoteError(f"{location}: the source sent more than the {limit} bytes expected; refusing it")
-        try:
-            sink.write(chunk)
-        except OSError as err:
-            raise SinkError(err) from err
-        if digest is not None:
-            digest.update(chunk)
-        if time.monotonic() > deadline:
-            raise _Transient(
-                f"{total} of {limit} bytes after {allowed:.0f} s, slower than data.download_min_rate={min_rate:g} "
-                "bytes/s allows"
-            )
-    wanted = expected if expected is not None else declared
-    if wanted is not None and total != wanted:
-        raise _Transient(f"the transfer ended after {total} of {wanted} bytes")
-    if sha256 and digest.hexdigest() != sha256:
-        raise _Transient(f"sha256 {digest.hexdigest()[:12]}... differs from the manifest's {sha256[:12]}...")
-    return total
-
-
-def with_retries(location: str, attempt: Callable[[], object], *, retries: int, backoff_s: float):
-    """Run attempt(), retrying _Transient failures with jittered exponential backoff; then a RemoteError."""
-    start, reason = time.monotonic(), ""
-    for number in range(retries + 1):
-        try:
-            return attempt()
-        except _Transient as err:
-            reason = str(err)
-        if number < retries:
-            time.sleep(min(MAX_BACKOFF_S, backoff_s * 2**number) * random.uniform(0.5, 1.5))
-    raise RemoteError(
-        f"could not read {location}: {reason} ({retries + 1} attempts over {time.monotonic() - start:.1f} s); "
-        "check the URL, the network and the credentials, then resume the run"
-    )
+        raise TransientError(f"{type(err).__name__}: {err}") from None
 
 
 def read_small(
@@ -564,7 +419,7 @@ def sibling(location: str, name: str) -> str:
 class Scheme:
     """How one kind of location is listed and read: ``expand(kind, brace-expanded candidates, shown, key)`` gives
     its shard locations, ``open(location, kind, timeout)`` a context manager of (reader, declared size or None)
-    that raises RemoteError / RemoteNotFound for permanent failures and _Transient for ones worth retrying."""
+    that raises RemoteError / RemoteNotFound for permanent failures and TransientError for ones worth retrying."""
 
     expand: Callable[[str, list[str], str, str], list[str]]
     open: Callable[[str, str, float], contextlib.AbstractContextManager]
@@ -572,14 +427,10 @@ class Scheme:
 
 
 def _expand_hub(kind: str, candidates: list[str], shown: str, key: str) -> list[str]:
-    from mimscale.storage import hub  # hub builds on this module's client and errors
-
     return hub.expand(candidates, shown, key)
 
 
 def _open_hub(location: str, kind: str, timeout: float) -> contextlib.AbstractContextManager:
-    from mimscale.storage import hub
-
     return hub.open_file(location, timeout)
 
 
