@@ -115,7 +115,7 @@ class NodeFanOut:
     def _report_failure(self, rank: int, code: int) -> None:
         why = " (ssh: connection lost, or the node's processes were killed)" if code == 255 else ""
         print(
-            f"mimscale launch: node {rank} ({self.hosts[rank]}) exited with code {code}{why}; stopping the other "
+            f"mimscale launch: node rank {rank} ({self.hosts[rank]}) exited with code {code}{why}; stopping the other "
             f"nodes (their ranks are killed if they have not stopped within {FAIL_GRACE_S:.0f} s)",
             file=sys.stderr,
             flush=True,

@@ -1,0 +1,292 @@
+"""Many nodes for real: `mimscale launch --hostfile` across the namespace cluster of tests/cluster.py.
+
+Two nodes x 1 CPU rank (gloo over the nodes' veths) against the same world size and global batch on one node:
+the same losses step for step, a stop signal to the runner on node 1 or only to node 2's processes ends in one
+checkpoint by every rank and exit 75, the relaunch continues exactly (on 1 node or on 2), a node whose processes
+are killed or that fails to start ends the job quickly, naming it, and no process of a run is left on any node.
+Few launches, each checked for several things: the file adds about 4 minutes on a quiet 2-core machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_train_e2e import DEMO, REPO, env_with, overrides, scalars
+
+STOP_AT = 16  # the reference stops here; a preempted run stops earlier, its relaunch continues to here
+SETTINGS = [
+    "deepspeed.zero_stage=3",
+    "deepspeed.precision=bf16",
+    "train.max_steps=40",
+    f"train.stop_at_step={STOP_AT}",
+    "checkpoint.every_steps=4",
+    "checkpoint.keep_last=10",
+    "train.progress_bar=false",
+]
+LAUNCH_LIMIT_S = 400  # one launch at load average 6 (the runs take 30-50 s on a quiet machine)
+STOP_LIMIT_S = 180  # from a stop signal to the job's exit
+NODE_LOSS_LIMIT_S = 90  # from a node's death to the job's exit (the fan-out waits 10 s, then kills: see README)
+NODE_START_LIMIT_S = 150  # from the launch to the exit when a node cannot start (not run.startup_timeout_s=900)
+_ports = iter(range(29400, 29500))
+
+
+def _env(tmp_path: Path) -> dict:
+    """The test environment, plus the variables every node needs, in a DeepSpeed environment file (as a user's
+    .deepspeed_env): only PYTHON*-prefixed variables reach other nodes by themselves."""
+    env_file = tmp_path / "deepspeed_env"
+    env_file.write_text("HF_HUB_OFFLINE=1\nOMP_NUM_THREADS=1\n")
+    return env_with(DS_ENV_FILE=str(env_file))
+
+
+def _one_node(run_dir: Path, *extra: str, timeout: float = LAUNCH_LIMIT_S) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "mimscale.cli", "launch", "--num_gpus", "2", "--master_port", str(next(_ports))]
+    command += ["--module", "mimscale.train", "--config", str(DEMO), *overrides(run_dir, *SETTINGS, *extra)]
+    result = subprocess.run(command, cwd=REPO, env=env_with(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+class TwoNodeRun:
+    """`mimscale launch --hostfile` started on node 1, read line by line; always ends with no process left."""
+
+    def __init__(self, cluster, tmp_path: Path, run_dir: Path, *extra: str, slots: int = 1, port: int = 0) -> None:
+        self.cluster, self.run_dir, self.lines = cluster, run_dir, []
+        command = [sys.executable, "-m", "mimscale.cli", "launch", "--hostfile", str(cluster.hostfile(slots)),
+                   "--master_addr", cluster.address(1), "--master_port", str(port or next(_ports)),
+                   "--module", "mimscale.train", "--config", str(DEMO), *overrides(run_dir, *SETTINGS, *extra)]  # fmt: skip
+        self.process = cluster.popen(1, command, cwd=REPO, env=_env(tmp_path), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+
+    @property
+    def runner(self):
+        import psutil
+
+        return psutil.Process(self.process.pid).children()[0]  # nsenter's child: the runner, on node 1
+
+    def wait_for_step(self, step: int, timeout: float = LAUNCH_LIMIT_S) -> None:
+        """Read the output until rank 0 logs ``step`` (the step lines pad the number: 'step   2/40 | loss ...')."""
+        pattern = re.compile(rf"\bstep +{step}/")
+        deadline = time.monotonic() + timeout
+        for line in iter(self.process.stdout.readline, ""):
+            self.lines.append(line)
+            if pattern.search(line):
+                return
+            if time.monotonic() > deadline:
+                break
+        pytest.fail(f"no step {step} line within {timeout} s:\n{self.output[-4000:]}")
+
+    def finish(self, timeout: float) -> tuple[int, float]:
+        """(exit code, seconds it took) once the runner has exited."""
+        start = time.monotonic()
+        try:
+            rest = self.process.communicate(timeout=timeout)[0]
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"the job still ran {timeout} s later:\n{self.output[-4000:]}")
+        self.lines.append(rest)
+        return self.process.returncode, time.monotonic() - start
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def leftovers(self) -> dict[int, list[str]]:
+        """The processes of this run still alive on each node (found by its run folder in their command lines)."""
+        found = {}
+        for node in range(1, self.cluster.nodes + 1):
+            alive = [" ".join(p.cmdline())[:120] for p in self.cluster.processes_mentioning(node, str(self.run_dir))]
+            if alive:
+                found[node] = alive
+        return found
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.cluster.kill_mentioning(str(self.run_dir))
+
+
+@pytest.fixture
+def two_node_run(cluster, tmp_path):
+    """Start two-node runs; whatever a test asserts, every process of them is killed on every node afterwards."""
+    runs: list[TwoNodeRun] = []
+
+    def start(run_dir: Path, *extra: str, slots: int = 1, port: int = 0) -> TwoNodeRun:
+        runs.append(TwoNodeRun(cluster, tmp_path, run_dir, *extra, slots=slots, port=port))
+        return runs[-1]
+
+    yield start
+    for run in runs:
+        run.kill()
+
+
+def _python_processes_of(cluster, node: int, run_dir: Path) -> list:
+    """The run's Python processes on ``node`` (node launcher, ranks, DataLoader workers), not the ssh shell."""
+    return [p for p in cluster.processes_mentioning(node, str(run_dir)) if "python" in Path(p.cmdline()[0]).name]
+
+
+def _stopped_step(run_dir: Path) -> int:
+    tag = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert (run_dir / "checkpoints" / tag / "mimscale.json").is_file()
+    return int(tag.split("_")[1])
+
+
+def _assert_every_rank_saved(run_dir: Path, step: int, ranks: int) -> None:
+    saved = sorted(p.name for p in (run_dir / "checkpoints" / f"step_{step:08d}").glob("*optim_states.pt"))
+    assert len(saved) == ranks, saved
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """One node, 2 ranks, the same global batch: the losses every two-node run must reproduce."""
+    run_dir = tmp_path_factory.mktemp("one-node") / "run"
+    _one_node(run_dir)
+    return run_dir
+
+
+@pytest.mark.slow
+def test_two_nodes_train_like_one_stop_together_on_sigterm_and_resume_on_one_node(reference, two_node_run, tmp_path):
+    run_dir = tmp_path / "two-nodes"
+    run = two_node_run(run_dir)
+    run.wait_for_step(2)
+    run.runner.send_signal(signal.SIGTERM)  # what a scheduler sends to the job's first node
+    code, took = run.finish(STOP_LIMIT_S)
+    output = run.output
+    assert code == 75, output[-4000:]
+    assert took < STOP_LIMIT_S
+    assert "network: GLOO_SOCKET_IFNAME=eth0 (10." in output  # rank 0 says which interface it chose
+    step = _stopped_step(run_dir)
+    assert 2 <= step < STOP_AT and "stopped by signal 15" in output
+    _assert_every_rank_saved(run_dir, step, ranks=2)
+    assert not run.leftovers()
+    losses = scalars(run_dir, "train/loss")
+    expected = scalars(reference, "train/loss")
+    assert losses == {s: v for s, v in expected.items() if s <= step}  # same training, step for step
+
+    resumed = _one_node(run_dir)  # the same job relaunched on one node, 2 ranks: continues exactly
+    assert f"at step {step}" in resumed.stdout
+    assert scalars(run_dir, "train/loss") == expected
+    assert scalars(run_dir, "data/sample_id_sum") == scalars(reference, "data/sample_id_sum")
+
+
+@pytest.mark.slow
+def test_one_node_checkpoint_resumes_on_two_nodes_and_a_signal_to_node_2_only_stops_all(
+    reference, two_node_run, cluster, tmp_path
+):
+    run_dir = tmp_path / "grown"
+    shutil.copytree(reference / "checkpoints" / "step_00000004", run_dir / "checkpoints" / "step_00000004")
+    (run_dir / "checkpoints" / "latest").write_text("step_00000004")
+    run = two_node_run(run_dir)
+    run.wait_for_step(6)
+    victims = _python_processes_of(cluster, 2, run_dir)
+    assert victims, run.output[-3000:]
+    for process in victims:  # as a scheduler may signal one node's share of the job
+        process.send_signal(signal.SIGTERM)
+    code, _ = run.finish(STOP_LIMIT_S)
+    output = run.output
+    assert code == 75, output[-4000:]
+    assert "at step 4" in output
+    step = _stopped_step(run_dir)
+    assert 6 <= step < STOP_AT
+    _assert_every_rank_saved(run_dir, step, ranks=2)
+    assert not run.leftovers()
+    expected = scalars(reference, "train/loss")
+    assert scalars(run_dir, "train/loss") == {s: v for s, v in expected.items() if 4 < s <= step}
+
+
+@pytest.mark.slow
+def test_a_node_that_dies_ends_the_job_in_bounded_time_leaving_nothing(two_node_run, cluster, tmp_path):
+    run_dir = tmp_path / "node-dies"
+    run = two_node_run(run_dir, "train.stop_at_step=0", "train.max_steps=100")
+    run.wait_for_step(2)
+    for process in cluster.processes_mentioning(2, str(run_dir)):  # every process of the run on node 2
+        process.kill()
+    code, took = run.finish(NODE_LOSS_LIMIT_S)
+    output = run.output
+    print(f"node 2 killed: the job exited {code} after {took:.1f} s\n{output[-3000:]}")
+    assert code != 0 and took < NODE_LOSS_LIMIT_S, output[-4000:]
+    assert f"node rank 1 ({cluster.address(2)}) exited with code" in output, output[-4000:]
+    assert not run.leftovers()
+
+
+@pytest.mark.slow
+def test_a_node_that_cannot_start_ends_the_job_at_once_naming_it(two_node_run, cluster, tmp_path):
+    """The master port is taken on node 1: its rank fails to open the store, and node 2's rank, waiting in the
+    rendezvous, is stopped within seconds instead of after run.startup_timeout_s."""
+    run_dir = tmp_path / "no-start"
+    port = next(_ports)
+    blocker = cluster.popen(1, [sys.executable, "-c", f"import socket,time; s=socket.socket(); "
+                            f"s.bind(('0.0.0.0', {port})); s.listen(); time.sleep(600)"])  # fmt: skip
+    try:
+        run = two_node_run(run_dir, "run.startup_timeout_s=900", port=port)
+        code, took = run.finish(LAUNCH_LIMIT_S)
+    finally:
+        blocker.kill()
+    output = run.output
+    print(f"node 1 could not start: the job exited {code} {took:.1f} s after the launch")
+    assert code != 0 and took < NODE_START_LIMIT_S, output[-4000:]
+    assert "EADDRINUSE" in output and f"node rank 0 ({cluster.address(1)}) exited with code 1" in output
+    assert not run.leftovers()
+
+
+CHOOSE = """
+import json, os, sys
+from mimscale.engine.distributed import choose_socket_interface
+for device, variables in json.loads(sys.argv[1]):
+    environ = dict(os.environ, **variables)
+    try:
+        print(choose_socket_interface(device, environ), environ.get("NCCL_SOCKET_IFNAME"))
+    except RuntimeError as err:
+        print("error:", err)
+"""
+
+
+def test_ranks_take_the_interface_that_routes_to_the_master_and_refuse_loopback_routes(tmp_path):
+    """In a namespace with a cluster interface (data0, 10.213.10.1/24) and an address on lo: the route to a master
+    on the cluster subnet names data0 (NCCL gets '=data0'); a master whose route is the loopback interface, or a
+    loopback master for a job spanning nodes, fails at once naming the variable to set; a set variable is kept."""
+    from cluster import unavailable_reason
+
+    if unavailable_reason():
+        pytest.skip(unavailable_reason())
+    netns = f"mtif{os.getpid()}"
+    setup = [["netns", "add", netns], ["-n", netns, "link", "add", "data0", "type", "veth", "peer", "name", "data1"],
+             ["-n", netns, "addr", "add", "10.213.10.1/24", "dev", "data0"], ["-n", netns, "link", "set", "data0", "up"],
+             ["-n", netns, "link", "set", "data1", "up"], ["-n", netns, "link", "set", "lo", "up"],
+             ["-n", netns, "addr", "add", "10.213.9.1/32", "dev", "lo"]]  # fmt: skip
+    cases = [
+        ("cpu", {"MASTER_ADDR": "10.213.10.7"}),
+        ("cuda", {"MASTER_ADDR": "10.213.10.7"}),
+        ("cpu", {"MASTER_ADDR": "10.213.9.1"}),
+        ("cpu", {"MASTER_ADDR": "127.0.0.1"}),
+        ("cpu", {"MASTER_ADDR": "127.0.0.1", "LOCAL_SIZE": "2"}),
+        ("cpu", {"MASTER_ADDR": "10.213.9.1", "GLOO_SOCKET_IFNAME": "data1"}),
+    ]
+    env = env_with(WORLD_SIZE="2", LOCAL_SIZE="1", MASTER_PORT="29500")
+    for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        env.pop(name, None)
+    try:
+        for step in setup:
+            subprocess.run(["ip", *step], check=True, capture_output=True)
+        command = ["ip", "netns", "exec", netns, sys.executable, "-c", CHOOSE, json.dumps(cases)]
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+        chosen, nccl, through_lo, loopback, one_node, kept = result.stdout.splitlines()[-len(cases) :]
+        assert "network: GLOO_SOCKET_IFNAME=data0 (10.213.10.1, the route to MASTER_ADDR=10.213.10.7)" in chosen
+        assert "NCCL_SOCKET_IFNAME==data0 " in nccl
+        assert through_lo.startswith("error:") and "leaves through lo" in through_lo
+        assert "set GLOO_SOCKET_IFNAME to the interface of the cluster network" in through_lo
+        assert "loopback address" in loopback and "--master_addr" in loopback and "WORLD_SIZE=2" in loopback
+        assert one_node.startswith("None")  # one node on loopback: nothing to choose
+        assert "GLOO_SOCKET_IFNAME=data1 (set by the job)" in kept
+    finally:
+        subprocess.run(["ip", "netns", "del", netns], capture_output=True)
