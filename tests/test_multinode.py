@@ -56,14 +56,15 @@ def _one_node(run_dir: Path, *extra: str, timeout: float = LAUNCH_LIMIT_S) -> su
 
 
 class TwoNodeRun:
-    """`mimscale launch --hostfile` started on node 1, read line by line; always ends with no process left."""
+    """launch/multi_node.sh (`mimscale launch --hostfile`) started on node 1 as a user would, its master address the
+    hostfile's first host; read line by line; the fixture leaves no process of it on any node."""
 
     def __init__(self, cluster, tmp_path: Path, run_dir: Path, *extra: str, slots: int = 1, port: int = 0) -> None:
         self.cluster, self.run_dir, self.lines = cluster, run_dir, []
-        command = [sys.executable, "-m", "mimscale.cli", "launch", "--hostfile", str(cluster.hostfile(slots)),
-                   "--master_addr", cluster.address(1), "--master_port", str(port or next(_ports)),
-                   "--module", "mimscale.train", "--config", str(DEMO), *overrides(run_dir, *SETTINGS, *extra)]  # fmt: skip
-        self.process = cluster.popen(1, command, cwd=REPO, env=_env(tmp_path), stdout=subprocess.PIPE,
+        env = dict(_env(tmp_path), HOSTFILE=str(cluster.hostfile(slots)), CONFIG=str(DEMO),
+                   MASTER_PORT=str(port or next(_ports)))  # fmt: skip
+        command = ["launch/multi_node.sh", *overrides(run_dir, *SETTINGS, *extra)]  # exec's `mimscale launch`
+        self.process = cluster.popen(1, command, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
 
     @property
@@ -190,12 +191,12 @@ def test_one_node_checkpoint_resumes_on_two_nodes_and_a_signal_to_node_2_only_st
     run.wait_for_step(6)
     victims = _python_processes_of(cluster, 2, run_dir)
     assert victims, run.output[-3000:]
-    for process in victims:  # as a scheduler may signal one node's share of the job
-        process.send_signal(signal.SIGTERM)
+    for process in victims:  # as a scheduler may signal one node's share of the job (SLURM's --signal=USR1@T)
+        process.send_signal(signal.SIGUSR1)
     code, _ = run.finish(STOP_LIMIT_S)
     output = run.output
     assert code == 75, output[-4000:]
-    assert "at step 4" in output
+    assert "at step 4" in output and f"stopped by signal {int(signal.SIGUSR1)}" in output
     step = _stopped_step(run_dir)
     assert 6 <= step < STOP_AT
     _assert_every_rank_saved(run_dir, step, ranks=2)
@@ -216,6 +217,7 @@ def test_a_node_that_dies_ends_the_job_in_bounded_time_leaving_nothing(two_node_
     print(f"node 2 killed: the job exited {code} after {took:.1f} s\n{output[-3000:]}")
     assert code != 0 and took < NODE_LOSS_LIMIT_S, output[-4000:]
     assert f"node rank 1 ({cluster.address(2)}) exited with code" in output, output[-4000:]
+    assert f"Connection closed by peer [{cluster.address(2)}]" in output  # node 1's rank names who went away
     assert not run.leftovers()
 
 
