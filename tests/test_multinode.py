@@ -292,3 +292,18 @@ def test_ranks_take_the_interface_that_routes_to_the_master_and_refuse_loopback_
         assert "GLOO_SOCKET_IFNAME=data1 (set by the job)" in kept
     finally:
         subprocess.run(["ip", "netns", "del", netns], capture_output=True)
+
+
+def test_the_fan_out_reads_deepspeeds_pdsh_command_and_combines_node_exit_codes():
+    from mimscale.engine.fanout import combine_exit_codes, split_pdsh_command
+
+    hosts, parts = split_pdsh_command(["pdsh", "-S", "-f", "1024", "-w", "a,b", "export X=1; ", "cd /r;", "python",
+                                       "-u", "-m", "mimscale.engine.node_launcher", "--node_rank=%n", "train.py"])  # fmt: skip
+    assert hosts == ["a", "b"] and parts[0] == "export X=1; " and parts[-2:] == ["--node_rank=%n", "train.py"]
+    with pytest.raises(ValueError, match="--launcher_args"):
+        split_pdsh_command(
+            ["pdsh", "-S", "-f", "1", "-w", "a", "-R", "rsh", "cd /r;", "python", "-m", "mimscale.engine.node_launcher"]
+        )
+    assert combine_exit_codes([0, 0]) == 0
+    assert combine_exit_codes([75, 75]) == 75 and combine_exit_codes([0, 75]) == 75  # one node had finished
+    assert combine_exit_codes([255, 1]) == 255 and combine_exit_codes([75, 1]) == 1  # the first failure wins

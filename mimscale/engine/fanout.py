@@ -53,11 +53,13 @@ def split_pdsh_command(command: list[str]) -> tuple[list[str], list[str]]:
     if command[:2] != ["pdsh", "-S"] or command[2] != "-f" or command[4] != "-w":
         raise ValueError(f"unexpected pdsh command from DeepSpeed's runner: {' '.join(command[:8])}")
     parts = command[6:]
-    if NODE_LAUNCHER not in parts:
+    if not parts or not parts[0].startswith(("export ", "source ", "cd ")):  # DeepSpeed's remote command starts so
         raise ValueError(
             "mimscale launch starts the nodes with ssh itself, so --launcher_args (pdsh options) cannot be used; "
             "put ssh options in PDSH_SSH_ARGS_APPEND or ~/.ssh/config"
         )
+    if NODE_LAUNCHER not in parts:
+        raise ValueError(f"DeepSpeed's remote command does not start {NODE_LAUNCHER}: {' '.join(parts)[:300]}")
     return command[5].split(","), parts
 
 
