@@ -207,9 +207,11 @@ def test_one_node_checkpoint_resumes_on_two_nodes_and_a_signal_to_node_2_only_st
 
 @pytest.mark.slow
 def test_a_node_that_dies_ends_the_job_in_bounded_time_leaving_nothing(two_node_run, cluster, tmp_path):
+    """2 nodes x 2 ranks train; then every process of the run on node 2 is killed (kill -9)."""
     run_dir = tmp_path / "node-dies"
-    run = two_node_run(run_dir, "train.stop_at_step=0", "train.max_steps=100")
+    run = two_node_run(run_dir, "train.stop_at_step=0", "train.max_steps=100", "data.batch_size=2", slots=2)
     run.wait_for_step(2)
+    assert run.output.count("dist_world_size=4") == 2  # both node launchers started 2 ranks of a world of 4
     for process in cluster.processes_mentioning(2, str(run_dir)):  # every process of the run on node 2
         process.kill()
     code, took = run.finish(NODE_LOSS_LIMIT_S)
@@ -217,7 +219,8 @@ def test_a_node_that_dies_ends_the_job_in_bounded_time_leaving_nothing(two_node_
     print(f"node 2 killed: the job exited {code} after {took:.1f} s\n{output[-3000:]}")
     assert code != 0 and took < NODE_LOSS_LIMIT_S, output[-4000:]
     assert f"node rank 1 ({cluster.address(2)}) exited with code" in output, output[-4000:]
-    assert f"Connection closed by peer [{cluster.address(2)}]" in output  # node 1's rank names who went away
+    # node 1's rank names who went away ("Connection closed by peer [A]:port" or "Read error [A]:port: ...reset")
+    assert re.search(rf"\[{re.escape(cluster.address(2))}\]:\d+", output), output[-4000:]
     assert not run.leftovers()
 
 
