@@ -173,6 +173,14 @@ def test_two_nodes_train_like_one_stop_together_on_sigterm_and_resume_on_one_nod
     losses = scalars(run_dir, "train/loss")
     expected = scalars(reference, "train/loss")
     assert losses == {s: v for s, v in expected.items() if s <= step}  # same training, step for step
+    tag = f"step_{step:08d}"  # written by ranks of both nodes on the shared filesystem: verifies and exports
+    cli = [sys.executable, "-m", "mimscale.cli"]
+    info = subprocess.run([*cli, "ckpt", "info", str(run_dir / "checkpoints" / tag)], cwd=REPO, env=env_with(),
+                          capture_output=True, text=True, timeout=LAUNCH_LIMIT_S)  # fmt: skip
+    assert info.returncode == 0 and "integrity    ok: sizes and sha256 match" in info.stdout, info.stdout + info.stderr
+    exported = subprocess.run([*cli, "export", str(run_dir), str(tmp_path / "export"), "--tag", tag], cwd=REPO,
+                              env=env_with(), capture_output=True, text=True, timeout=LAUNCH_LIMIT_S)  # fmt: skip
+    assert exported.returncode == 0 and any((tmp_path / "export").iterdir()), exported.stderr[-3000:]
 
     resumed = _one_node(run_dir)  # the same job relaunched on one node, 2 ranks: continues exactly
     assert f"at step {step}" in resumed.stdout
@@ -310,3 +318,28 @@ def test_the_fan_out_reads_deepspeeds_pdsh_command_and_combines_node_exit_codes(
     assert combine_exit_codes([0, 0]) == 0
     assert combine_exit_codes([75, 75]) == 75 and combine_exit_codes([0, 75]) == 75  # one node had finished
     assert combine_exit_codes([255, 1]) == 255 and combine_exit_codes([75, 1]) == 1  # the first failure wins
+
+
+@pytest.mark.slow
+def test_torchrun_c10d_rendezvous_on_two_nodes_trains_like_one_node(reference, cluster, tmp_path):
+    """One torchrun per node (`--nnodes 2 --rdzv-backend c10d`): node 1 hosts the store (`is_host`, since the
+    nodes' hostnames do not resolve) and each node names its own address (`--local-addr`)."""
+    run_dir, port = tmp_path / "torchrun", next(_ports)
+    runs = []
+    try:
+        for node in (1, 2):
+            command = ["torchrun", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                       "--rdzv-endpoint", f"{cluster.address(1)}:{port}", "--rdzv-id", "multinode-test",
+                       "--rdzv-conf", f"is_host={int(node == 1)}", "--local-addr", cluster.address(node),
+                       "-m", "mimscale.train", "--config", str(DEMO),
+                       *overrides(run_dir, *SETTINGS, "train.stop_at_step=4")]  # fmt: skip
+            runs.append(cluster.popen(node, command, cwd=REPO, env=env_with(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))  # fmt: skip
+        outputs = [run.communicate(timeout=LAUNCH_LIMIT_S)[0] for run in runs]
+    finally:
+        for run in runs:
+            run.kill()
+        cluster.kill_mentioning(str(run_dir))
+    assert [run.returncode for run in runs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "network: GLOO_SOCKET_IFNAME=eth0" in outputs[0]
+    assert scalars(run_dir, "train/loss") == {s: v for s, v in scalars(reference, "train/loss").items() if s <= 4}
