@@ -36,6 +36,7 @@ LAUNCH_LIMIT_S = 400  # one launch at load average 6 (the runs take 30-50 s on a
 STOP_LIMIT_S = 180  # from a stop signal to the job's exit
 NODE_LOSS_LIMIT_S = 90  # from a node's death to the job's exit (the fan-out waits 10 s, then kills: see README)
 NODE_START_LIMIT_S = 150  # from the launch to the exit when a node cannot start (not run.startup_timeout_s=900)
+PARTITION_LIMIT_S = 150  # ssh keep-alive 30 s + 10 s grace, or the node launcher's 30 s of silence, plus load
 _ports = iter(range(29400, 29500))
 
 
@@ -230,6 +231,30 @@ def test_a_node_that_dies_ends_the_job_in_bounded_time_leaving_nothing(two_node_
     # node 1's rank names who went away ("Connection closed by peer [A]:port" or "Read error [A]:port: ...reset")
     assert re.search(rf"\[{re.escape(cluster.address(2))}\]:\d+", output), output[-4000:]
     assert not run.leftovers()
+
+
+@pytest.mark.slow
+def test_a_network_partition_ends_the_job_on_both_sides_of_it(two_node_run, cluster, tmp_path):
+    """Node 2's link goes down mid-run: the runner's ssh to it gives up (keep-alive, 30 s), node 1's ranks are
+    killed 10 s later and the job exits naming node 2; node 2's launcher, hearing no heartbeat for 30 s, kills its
+    ranks. Nothing of the run is left on either side."""
+    run_dir = tmp_path / "partition"
+    run = two_node_run(run_dir, "train.stop_at_step=0", "train.max_steps=400")
+    run.wait_for_step(2)
+    link = ["ip", "-n", cluster.netns(2), "link", "set", "eth0"]
+    subprocess.run([*link, "down"], check=True)
+    try:
+        code, took = run.finish(PARTITION_LIMIT_S)
+        deadline = time.monotonic() + PARTITION_LIMIT_S
+        while run.leftovers().get(2) and time.monotonic() < deadline:
+            time.sleep(1)
+        left = run.leftovers()
+    finally:
+        subprocess.run([*link, "up"], check=True)
+    output = run.output
+    print(f"node 2 cut off: the job exited {code} after {took:.1f} s")
+    assert code != 0 and f"node rank 1 ({cluster.address(2)}) exited with code 255" in output, output[-4000:]
+    assert not left
 
 
 @pytest.mark.slow

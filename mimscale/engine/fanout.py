@@ -15,8 +15,10 @@ launcher (mimscale.engine.node_launcher ``--mimscale_control=stdin``):
 - when a node exits with a failure, the others get ``FAIL_GRACE_S`` to stop on their own (their ranks see the
   broken collective and say which peer went away), then their ranks are killed; the job exits with the first
   failing node's code, naming it;
-- when the control channel closes (this runner killed, its ssh killed, a node cut off) the node launcher kills
-  its ranks: no rank outlives the job on any node.
+- when the control channel closes (this runner killed, its ssh killed) or falls silent (a line is written every
+  ``HEARTBEAT_S``; silence means a network partition) the node launcher kills its ranks: no rank outlives the job
+  on any node; on this side ssh's keep-alive (``SSH_KEEPALIVE``) ends a cut-off node's ssh within 30 s, which
+  counts as that node failing.
 
 The ssh clients run in their own sessions, so a signal to the runner's process group (what schedulers send)
 reaches the ranks once, through the runner, and they die with the runner (PR_SET_PDEATHSIG).
@@ -38,6 +40,8 @@ FAIL_GRACE_S = 10.0
 CONTROL_FLAG = "--mimscale_control=stdin"
 NODE_LAUNCHER = "mimscale.engine.node_launcher"
 KILL_WORD = "kill"
+HEARTBEAT_S = 5.0  # the runner writes a line this often; a node launcher that hears nothing for 6x that stops
+SSH_KEEPALIVE = ["-o", "ServerAliveInterval=10", "-o", "ServerAliveCountMax=3"]  # a cut-off node: ssh exits in 30 s
 
 
 def _die_with_parent() -> None:
@@ -82,7 +86,7 @@ class NodeFanOut:
         ssh_options = shlex.split(env.get("PDSH_SSH_ARGS_APPEND", ""))
         self.nodes: list[subprocess.Popen] = []
         for rank, host in enumerate(self.hosts):
-            command = ["ssh", "-a", "-x", *ssh_options, host, remote.replace("%n", str(rank))]
+            command = ["ssh", "-a", "-x", *ssh_options, *SSH_KEEPALIVE, host, remote.replace("%n", str(rank))]
             self.nodes.append(
                 subprocess.Popen(
                     command, env=env, stdin=subprocess.PIPE, start_new_session=True, preexec_fn=_die_with_parent
@@ -91,6 +95,7 @@ class NodeFanOut:
         self.finished: list[tuple[int, int]] = []  # (node rank, exit code) in the order they ended
         self.returncode: int | None = None
         self._killing_at: float | None = None
+        self._heartbeat_at = time.monotonic() + HEARTBEAT_S
 
     def _tell(self, word: str, nodes: list[int] | None = None) -> None:
         for rank in range(len(self.nodes)) if nodes is None else nodes:
@@ -126,6 +131,9 @@ class NodeFanOut:
 
     def poll(self) -> int | None:
         self._reap()
+        if time.monotonic() >= self._heartbeat_at:
+            self._tell("alive")
+            self._heartbeat_at = time.monotonic() + HEARTBEAT_S
         if self._killing_at is not None and time.monotonic() >= self._killing_at:
             self._tell(KILL_WORD)
             self._killing_at = float("inf")  # told once
