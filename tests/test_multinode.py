@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 from test_train_e2e import DEMO, REPO, env_with, overrides, scalars
 
+from mimscale.engine.fanout import FAIL_GRACE_S
+
 STOP_AT = 16  # the reference stops here; a preempted run stops earlier, its relaunch continues to here
 SETTINGS = [
     "deepspeed.zero_stage=3",
@@ -60,10 +62,11 @@ class TwoNodeRun:
     """launch/multi_node.sh (`mimscale launch --hostfile`) started on node 1 as a user would, its master address the
     hostfile's first host; read line by line; the fixture leaves no process of it on any node."""
 
-    def __init__(self, cluster, tmp_path: Path, run_dir: Path, *extra: str, slots: int = 1, port: int = 0) -> None:
+    def __init__(self, cluster, tmp_path: Path, run_dir: Path, *extra: str, slots: int = 1, port: int = 0,
+                 ssh_args: str = "") -> None:  # fmt: skip
         self.cluster, self.run_dir, self.lines = cluster, run_dir, []
         env = dict(_env(tmp_path), HOSTFILE=str(cluster.hostfile(slots)), CONFIG=str(DEMO),
-                   MASTER_PORT=str(port or next(_ports)))  # fmt: skip
+                   MASTER_PORT=str(port or next(_ports)), PDSH_SSH_ARGS_APPEND=ssh_args)  # fmt: skip
         command = ["launch/multi_node.sh", *overrides(run_dir, *SETTINGS, *extra)]  # exec's `mimscale launch`
         self.process = cluster.popen(1, command, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
@@ -123,8 +126,8 @@ def two_node_run(cluster, tmp_path):
     """Start two-node runs; whatever a test asserts, every process of them is killed on every node afterwards."""
     runs: list[TwoNodeRun] = []
 
-    def start(run_dir: Path, *extra: str, slots: int = 1, port: int = 0) -> TwoNodeRun:
-        runs.append(TwoNodeRun(cluster, tmp_path, run_dir, *extra, slots=slots, port=port))
+    def start(run_dir: Path, *extra: str, **options) -> TwoNodeRun:
+        runs.append(TwoNodeRun(cluster, tmp_path, run_dir, *extra, **options))
         return runs[-1]
 
     yield start
@@ -235,11 +238,13 @@ def test_a_node_that_dies_ends_the_job_in_bounded_time_leaving_nothing(two_node_
 
 @pytest.mark.slow
 def test_a_network_partition_ends_the_job_on_both_sides_of_it(two_node_run, cluster, tmp_path):
-    """Node 2's link goes down mid-run: the runner's ssh to it gives up (keep-alive, 30 s), node 1's ranks are
-    killed 10 s later and the job exits naming node 2; node 2's launcher, hearing no heartbeat for 30 s, kills its
-    ranks. Nothing of the run is left on either side."""
+    """Node 2's link goes down mid-run: the runner's ssh to it gives up (keep-alive: 3 x 2 s, set here through
+    PDSH_SSH_ARGS_APPEND, which wins over the default 3 x 10 s), node 1's ranks are killed 10 s later and the job
+    exits naming node 2; node 2's launcher, hearing no heartbeat for 30 s, kills its ranks. Nothing of the run is
+    left on either side."""
     run_dir = tmp_path / "partition"
-    run = two_node_run(run_dir, "train.stop_at_step=0", "train.max_steps=400")
+    keepalive = "-o ServerAliveInterval=2 -o ServerAliveCountMax=3"
+    run = two_node_run(run_dir, "train.stop_at_step=0", "train.max_steps=400", ssh_args=keepalive)
     run.wait_for_step(2)
     link = ["ip", "-n", cluster.netns(2), "link", "set", "eth0"]
     subprocess.run([*link, "down"], check=True)
@@ -254,6 +259,7 @@ def test_a_network_partition_ends_the_job_on_both_sides_of_it(two_node_run, clus
     output = run.output
     print(f"node 2 cut off: the job exited {code} after {took:.1f} s")
     assert code != 0 and f"node rank 1 ({cluster.address(2)}) exited with code 255" in output, output[-4000:]
+    assert took < 6 + FAIL_GRACE_S + 20  # the keep-alive given, not the default 30 s (20 s: margin for load)
     assert not left
 
 

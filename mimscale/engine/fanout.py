@@ -35,7 +35,7 @@ import time
 
 from mimscale.engine.preempt import STOP_SIGNALS
 
-EXIT_REQUEUE = 75
+EXIT_REQUEUE = 75  # the ranks checkpointed on a stop signal (mimscale.engine.loop's code)
 FAIL_GRACE_S = 10.0
 CONTROL_FLAG = "--mimscale_control=stdin"
 NODE_LAUNCHER = "mimscale.engine.node_launcher"
@@ -57,7 +57,7 @@ def split_pdsh_command(command: list[str]) -> tuple[list[str], list[str]]:
     if command[:2] != ["pdsh", "-S"] or command[2] != "-f" or command[4] != "-w":
         raise ValueError(f"unexpected pdsh command from DeepSpeed's runner: {' '.join(command[:8])}")
     parts = command[6:]
-    if not parts or not parts[0].startswith(("export ", "source ", "cd ")):  # DeepSpeed's remote command starts so
+    if not parts or not parts[0].startswith(("export ", "source ", "cd ")):  # how DeepSpeed's remote part begins
         raise ValueError(
             "mimscale launch starts the nodes with ssh itself, so --launcher_args (pdsh options) cannot be used; "
             "put ssh options in PDSH_SSH_ARGS_APPEND or ~/.ssh/config"

@@ -25,11 +25,10 @@ import tempfile
 import types
 from pathlib import Path
 
-from mimscale.engine.fanout import FinishedCommand, NodeFanOut
+from mimscale.engine.fanout import EXIT_REQUEUE, FinishedCommand, NodeFanOut
 from mimscale.engine.preempt import STOP_SIGNALS
 from mimscale.engine.slurm import REQUEUE_MARKER_ENV
 
-EXIT_REQUEUE = 75
 NODE_LAUNCHER = "mimscale.engine.node_launcher"
 _DEEPSPEED_NODE_LAUNCHER = re.compile(r"\bdeepspeed\.launcher\.launch\b")
 
