@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Several nodes through the deepspeed launcher (`mimscale launch`: deepspeed's, with SIGTERM/SIGUSR1 forwarded so
-# the ranks checkpoint) and a hostfile (passwordless ssh between nodes, the same repository path and Python
-# environment on every node, shards on a shared filesystem).
+# Several nodes through the deepspeed launcher (`mimscale launch`: deepspeed's, starting each node over ssh with
+# SIGTERM/SIGUSR1 forwarded to every node so all ranks checkpoint and the job exits 75, and a failed or dead node
+# ending the job) and a hostfile (passwordless ssh between nodes, the same repository path and Python environment
+# on every node, shards on a shared filesystem). Tested on two namespace nodes: see launch/local_cluster.sh.
 #   launch/multi_node.sh [TRAIN ARGS]                      e.g. --set data.shards=/data/in1k/train-{000000..001023}.tar
 #   launch/multi_node.sh [LAUNCHER FLAGS] -- [TRAIN ARGS]  flags before `--` go to the deepspeed launcher
 #                                                          (e.g. --no_ssh_check --master_addr 10.0.0.1 --include ...)
@@ -11,8 +12,10 @@
 #   CONFIG       config file (default configs/simmim_vit_base.yaml)
 # One host: a hostfile whose only line names this machine (`localhost slots=8`) runs locally, without the
 # launcher's ssh check (DeepSpeed would otherwise ssh to localhost and stop when that fails), on 127.0.0.1.
-# NCCL settings that often matter on clusters (export them here; the launcher forwards variables listed in
-# ~/.deepspeed_env or exported with the NCCL_ prefix): NCCL_SOCKET_IFNAME, NCCL_IB_HCA.
+# Only PYTHON*/NCCL_* variables reach the other nodes by themselves; put others (HF_HUB_OFFLINE, OMP_NUM_THREADS)
+# in .deepspeed_env (home or this folder) or a file named by DS_ENV_FILE, one NAME=value per line. Each rank sets
+# GLOO_SOCKET_IFNAME (NCCL_SOCKET_IFNAME on GPUs) to the interface that routes to MASTER_ADDR unless you set it;
+# NCCL_IB_HCA often matters too. pdsh must be installed (DeepSpeed's runner checks for it; ssh starts the nodes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 HOSTFILE=${HOSTFILE:-launch/hostfile}

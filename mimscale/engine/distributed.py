@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import glob
+import ipaddress
 import os
 import socket
 from dataclasses import dataclass
@@ -57,6 +58,63 @@ def resolve_device_kind(requested: str) -> str:
     return requested
 
 
+IFNAME_VARIABLES = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+
+
+def _interface_with_address(address: str) -> str | None:
+    import psutil
+
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(entry.address.split("%")[0] == address for entry in addresses):
+            return name
+    return None
+
+
+def choose_socket_interface(device_kind: str, environ=os.environ) -> str | None:
+    """Set GLOO_SOCKET_IFNAME (NCCL_SOCKET_IFNAME on GPUs) to the interface this node reaches MASTER_ADDR through.
+
+    Left alone, gloo binds to whatever this machine's hostname resolves to, often 127.0.1.1 (Debian's /etc/hosts),
+    and advertises it to ranks on other nodes, which then cannot connect ("connectFullMesh failed ...
+    remote=[127.0.0.1]"). The route the kernel would take to the master is the one the cluster network uses, so
+    its local address names the interface. A variable the user set is kept. A job that spans nodes (WORLD_SIZE
+    above the local rank count) with a loopback master, or whose route leaves through a loopback interface, fails
+    here, naming the variable to set. Returns a line for rank 0's log, or None when nothing was chosen.
+    """
+    master = environ.get("MASTER_ADDR", "")
+    world = int(environ.get("WORLD_SIZE", "1") or 1)
+    local = int(environ.get("LOCAL_SIZE") or environ.get("LOCAL_WORLD_SIZE") or world)
+    variable = IFNAME_VARIABLES[1] if device_kind == "cuda" else IFNAME_VARIABLES[0]
+    if not master or environ.get(variable):
+        return f"network: {variable}={environ[variable]} (set by the job)" if environ.get(variable) else None
+    how = f"set {variable} to the interface of the cluster network on every node (e.g. in .deepspeed_env)"
+    try:
+        address = socket.getaddrinfo(master, None, proto=socket.IPPROTO_UDP)[0][4][0]
+    except OSError as err:
+        raise RuntimeError(f"MASTER_ADDR={master} does not resolve on {socket.gethostname()}: {err}") from err
+    if ipaddress.ip_address(address).is_loopback:
+        if world > local:
+            raise RuntimeError(
+                f"MASTER_ADDR={master} is a loopback address ({address}) but the job spans nodes (WORLD_SIZE={world}, "
+                f"{local} ranks here): give the launcher the master node's address on the cluster network "
+                f"(--master_addr), or {how}"
+            )
+        return None
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:  # connect() on UDP only looks the route up
+        probe.connect((address, int(environ.get("MASTER_PORT", "29500") or 29500)))
+        local_address = probe.getsockname()[0]
+    interface = _interface_with_address(local_address)
+    if interface is None or ipaddress.ip_address(local_address).is_loopback or interface.startswith("lo"):
+        raise RuntimeError(
+            f"the route from {socket.gethostname()} to MASTER_ADDR={master} leaves through {interface or '?'} "
+            f"({local_address}), a loopback interface that ranks on other nodes cannot reach: {how}"
+        )
+    environ[variable] = interface if device_kind != "cuda" else f"={interface}"  # NCCL: '=' means this exact name
+    if device_kind == "cuda":
+        environ.setdefault(IFNAME_VARIABLES[0], interface)
+    return f"network: {variable}={environ[variable]} ({local_address}, the route to MASTER_ADDR={master})"
+
+
 def init_distributed(device_kind: str, timeout_s: float = 900.0) -> DistInfo:
     """Initialise the process group (NCCL on GPU, gloo on CPU) through DeepSpeed, which also reads MPI/SLURM envs.
 
@@ -66,6 +124,9 @@ def init_distributed(device_kind: str, timeout_s: float = 900.0) -> DistInfo:
     if device_kind == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must be set before deepspeed is imported
     fill_single_process_env()
+    chosen = choose_socket_interface(device_kind)
+    if chosen and os.environ.get("RANK", "0") == "0":
+        print(chosen, flush=True)
     import deepspeed
 
     deepspeed.init_distributed(

@@ -8,6 +8,10 @@ with the same signals forwarded to the ranks instead of killing them). Whether t
 the node launcher, the ranks or the whole process group, the ranks finish their step, write one complete
 checkpoint and exit 75, and so does this command. The ranks' requeue marker (MIMSCALE_REQUEUE_MARKER, set here to
 a private file when the job script did not set one) decides the exit code, whatever the launchers report.
+
+With a hostfile naming several hosts, DeepSpeed's runner would start the nodes through pdsh; here they are started
+by mimscale.engine.fanout (one ssh per node with a control channel), which forwards the stop signals to every
+node, ends the job when a node fails or dies, and leaves no rank behind (see that module for why pdsh cannot).
 """
 
 from __future__ import annotations
@@ -21,10 +25,10 @@ import tempfile
 import types
 from pathlib import Path
 
+from mimscale.engine.fanout import EXIT_REQUEUE, FinishedCommand, NodeFanOut
 from mimscale.engine.preempt import STOP_SIGNALS
 from mimscale.engine.slurm import REQUEUE_MARKER_ENV
 
-EXIT_REQUEUE = 75
 NODE_LAUNCHER = "mimscale.engine.node_launcher"
 _DEEPSPEED_NODE_LAUNCHER = re.compile(r"\bdeepspeed\.launcher\.launch\b")
 
@@ -35,12 +39,32 @@ def _node_launcher_subprocess(children: list) -> types.SimpleNamespace:
     def popen(command, *args, **kwargs):
         if isinstance(command, (list, tuple)):
             command = [_DEEPSPEED_NODE_LAUNCHER.sub(NODE_LAUNCHER, str(part)) for part in command]
+            if command[:1] == ["pdsh"]:  # the multi-node runner: its start command, or its pkill on a signal
+                if any(part.startswith("pkill") for part in command):
+                    return FinishedCommand()
+                process = NodeFanOut(command, kwargs.get("env") or dict(os.environ))
+                children.append(process)
+                return process
         process = subprocess.Popen(command, *args, **kwargs)
         children.append(process)
         return process
 
     namespace = types.SimpleNamespace(**{name: getattr(subprocess, name) for name in dir(subprocess)})
     namespace.Popen = popen
+    return namespace
+
+
+def _signal_module_keeping_ours() -> types.SimpleNamespace:
+    """``signal`` as DeepSpeed's runner sees it: its multi-node SIGINT/SIGTERM handler (pkill every DeepSpeed job
+    on every host, exit 1) is not installed; ours forward the signal to the nodes and wait for their exit codes."""
+
+    def install(signum, handler):
+        if signum in (signal.SIGINT, *STOP_SIGNALS):
+            return signal.getsignal(signum)
+        return signal.signal(signum, handler)
+
+    namespace = types.SimpleNamespace(**{name: getattr(signal, name) for name in dir(signal)})
+    namespace.signal = install
     return namespace
 
 
@@ -55,14 +79,21 @@ def main(argv: list[str]) -> int:
         os.environ[REQUEUE_MARKER_ENV] = marker
     children: list[subprocess.Popen] = []
     runner.subprocess = _node_launcher_subprocess(children)
+    runner.signal = _signal_module_keeping_ours()
 
     def forward(signum, _frame):
         for child in children:
             if child.poll() is None:
                 child.send_signal(signum)
 
+    def interrupt(signum, frame):
+        if not any(isinstance(child, NodeFanOut) for child in children):
+            raise KeyboardInterrupt
+        forward(signum, frame)  # the fan-out kills every node's ranks, then the runner returns their codes
+
     for signum in STOP_SIGNALS:
         signal.signal(signum, forward)
+    signal.signal(signal.SIGINT, interrupt)
     try:
         runner.main(argv)
         code = 0

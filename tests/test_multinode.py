@@ -1,0 +1,376 @@
+"""Many nodes for real: `mimscale launch --hostfile` across the namespace cluster of tests/cluster.py.
+
+Two nodes x 1 CPU rank (gloo over the nodes' veths) against the same world size and global batch on one node:
+the same losses step for step, a stop signal to the runner on node 1 or only to node 2's processes ends in one
+checkpoint by every rank and exit 75, the relaunch continues exactly (on 1 node or on 2), a node whose processes
+are killed or that fails to start ends the job quickly, naming it, and no process of a run is left on any node.
+Few launches, each checked for several things: the file adds about 4 minutes on a quiet 2-core machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_train_e2e import DEMO, REPO, env_with, overrides, scalars
+
+from mimscale.engine.fanout import FAIL_GRACE_S
+
+STOP_AT = 16  # the reference stops here; a preempted run stops earlier, its relaunch continues to here
+SETTINGS = [
+    "deepspeed.zero_stage=3",
+    "deepspeed.precision=bf16",
+    "train.max_steps=40",
+    f"train.stop_at_step={STOP_AT}",
+    "checkpoint.every_steps=4",
+    "checkpoint.keep_last=10",
+    "train.progress_bar=false",
+]
+LAUNCH_LIMIT_S = 400  # one launch at load average 6 (the runs take 30-50 s on a quiet machine)
+STOP_LIMIT_S = 180  # from a stop signal to the job's exit
+NODE_LOSS_LIMIT_S = 90  # from a node's death to the job's exit (the fan-out waits 10 s, then kills: see README)
+NODE_START_LIMIT_S = 150  # from the launch to the exit when a node cannot start (not run.startup_timeout_s=900)
+PARTITION_LIMIT_S = 150  # ssh keep-alive 30 s + 10 s grace, or the node launcher's 30 s of silence, plus load
+_ports = iter(range(29400, 29500))
+
+
+def _env(tmp_path: Path) -> dict:
+    """The test environment, plus the variables every node needs, in a DeepSpeed environment file (as a user's
+    .deepspeed_env): only PYTHON*-prefixed variables reach other nodes by themselves."""
+    env_file = tmp_path / "deepspeed_env"
+    env_file.write_text("HF_HUB_OFFLINE=1\nOMP_NUM_THREADS=1\n")
+    return env_with(DS_ENV_FILE=str(env_file))
+
+
+def _one_node(run_dir: Path, *extra: str, timeout: float = LAUNCH_LIMIT_S) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "mimscale.cli", "launch", "--num_gpus", "2", "--master_port", str(next(_ports))]
+    command += ["--module", "mimscale.train", "--config", str(DEMO), *overrides(run_dir, *SETTINGS, *extra)]
+    result = subprocess.run(command, cwd=REPO, env=env_with(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+class TwoNodeRun:
+    """launch/multi_node.sh (`mimscale launch --hostfile`) started on node 1 as a user would, its master address the
+    hostfile's first host; read line by line; the fixture leaves no process of it on any node."""
+
+    def __init__(self, cluster, tmp_path: Path, run_dir: Path, *extra: str, slots: int = 1, port: int = 0,
+                 ssh_args: str = "") -> None:  # fmt: skip
+        self.cluster, self.run_dir, self.lines = cluster, run_dir, []
+        env = dict(_env(tmp_path), HOSTFILE=str(cluster.hostfile(slots)), CONFIG=str(DEMO),
+                   MASTER_PORT=str(port or next(_ports)), PDSH_SSH_ARGS_APPEND=ssh_args)  # fmt: skip
+        command = ["launch/multi_node.sh", *overrides(run_dir, *SETTINGS, *extra)]  # exec's `mimscale launch`
+        self.process = cluster.popen(1, command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+
+    @property
+    def runner(self):
+        import psutil
+
+        return psutil.Process(self.process.pid).children()[0]  # nsenter's child: the runner, on node 1
+
+    def wait_for_step(self, step: int, timeout: float = LAUNCH_LIMIT_S) -> None:
+        """Read the output until rank 0 logs ``step`` (the step lines pad the number: 'step   2/40 | loss ...')."""
+        pattern = re.compile(rf"\bstep +{step}/")
+        deadline = time.monotonic() + timeout
+        for line in iter(self.process.stdout.readline, ""):
+            self.lines.append(line)
+            if pattern.search(line):
+                return
+            if time.monotonic() > deadline:
+                break
+        pytest.fail(f"no step {step} line within {timeout} s:\n{self.output[-4000:]}")
+
+    def finish(self, timeout: float) -> tuple[int, float]:
+        """(exit code, seconds it took) once the runner has exited."""
+        start = time.monotonic()
+        try:
+            rest = self.process.communicate(timeout=timeout)[0]
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"the job still ran {timeout} s later:\n{self.output[-4000:]}")
+        self.lines.append(rest)
+        return self.process.returncode, time.monotonic() - start
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def leftovers(self) -> dict[int, list[str]]:
+        """The processes of this run still alive on each node (found by its run folder in their command lines)."""
+        found = {}
+        for node in range(1, self.cluster.nodes + 1):
+            alive = [" ".join(p.cmdline())[:120] for p in self.cluster.processes_mentioning(node, str(self.run_dir))]
+            if alive:
+                found[node] = alive
+        return found
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.cluster.kill_mentioning(str(self.run_dir))
+
+
+@pytest.fixture
+def two_node_run(cluster, tmp_path):
+    """Start two-node runs; whatever a test asserts, every process of them is killed on every node afterwards."""
+    runs: list[TwoNodeRun] = []
+
+    def start(run_dir: Path, *extra: str, **options) -> TwoNodeRun:
+        runs.append(TwoNodeRun(cluster, tmp_path, run_dir, *extra, **options))
+        return runs[-1]
+
+    yield start
+    for run in runs:
+        run.kill()
+
+
+def _python_processes_of(cluster, node: int, run_dir: Path) -> list:
+    """The run's Python processes on ``node`` (node launcher, ranks, DataLoader workers), not the ssh shell."""
+    return [p for p in cluster.processes_mentioning(node, str(run_dir)) if "python" in Path(p.cmdline()[0]).name]
+
+
+def _stopped_step(run_dir: Path) -> int:
+    tag = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert (run_dir / "checkpoints" / tag / "mimscale.json").is_file()
+    return int(tag.split("_")[1])
+
+
+def _assert_every_rank_saved(run_dir: Path, step: int, ranks: int) -> None:
+    saved = sorted(p.name for p in (run_dir / "checkpoints" / f"step_{step:08d}").glob("*optim_states.pt"))
+    assert len(saved) == ranks, saved
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """One node, 2 ranks, the same global batch: the losses every two-node run must reproduce."""
+    run_dir = tmp_path_factory.mktemp("one-node") / "run"
+    _one_node(run_dir)
+    return run_dir
+
+
+@pytest.mark.slow
+def test_two_nodes_train_like_one_stop_together_on_sigterm_and_resume_on_one_node(reference, two_node_run, tmp_path):
+    run_dir = tmp_path / "two-nodes"
+    run = two_node_run(run_dir)
+    run.wait_for_step(2)
+    run.runner.send_signal(signal.SIGTERM)  # what a scheduler sends to the job's first node
+    code, took = run.finish(STOP_LIMIT_S)
+    output = run.output
+    assert code == 75, output[-4000:]
+    assert took < STOP_LIMIT_S
+    assert "network: GLOO_SOCKET_IFNAME=eth0 (10." in output  # rank 0 says which interface it chose
+    step = _stopped_step(run_dir)
+    assert 2 <= step < STOP_AT and "stopped by signal 15" in output
+    _assert_every_rank_saved(run_dir, step, ranks=2)
+    assert not run.leftovers()
+    losses = scalars(run_dir, "train/loss")
+    expected = scalars(reference, "train/loss")
+    assert losses == {s: v for s, v in expected.items() if s <= step}  # same training, step for step
+    tag = f"step_{step:08d}"  # written by ranks of both nodes on the shared filesystem: verifies and exports
+    cli = [sys.executable, "-m", "mimscale.cli"]
+    info = subprocess.run([*cli, "ckpt", "info", str(run_dir / "checkpoints" / tag)], cwd=REPO, env=env_with(),
+                          capture_output=True, text=True, timeout=LAUNCH_LIMIT_S)  # fmt: skip
+    assert info.returncode == 0 and "integrity    ok: sizes and sha256 match" in info.stdout, info.stdout + info.stderr
+    exported = subprocess.run([*cli, "export", str(run_dir), str(tmp_path / "export"), "--tag", tag], cwd=REPO,
+                              env=env_with(), capture_output=True, text=True, timeout=LAUNCH_LIMIT_S)  # fmt: skip
+    assert exported.returncode == 0 and any((tmp_path / "export").iterdir()), exported.stderr[-3000:]
+
+    resumed = _one_node(run_dir)  # the same job relaunched on one node, 2 ranks: continues exactly
+    assert f"at step {step}" in resumed.stdout
+    assert scalars(run_dir, "train/loss") == expected
+    assert scalars(run_dir, "data/sample_id_sum") == scalars(reference, "data/sample_id_sum")
+
+
+@pytest.mark.slow
+def test_one_node_checkpoint_resumes_on_two_nodes_and_a_signal_to_node_2_only_stops_all(
+    reference, two_node_run, cluster, tmp_path
+):
+    run_dir = tmp_path / "grown"
+    shutil.copytree(reference / "checkpoints" / "step_00000004", run_dir / "checkpoints" / "step_00000004")
+    (run_dir / "checkpoints" / "latest").write_text("step_00000004")
+    run = two_node_run(run_dir)
+    run.wait_for_step(6)
+    victims = _python_processes_of(cluster, 2, run_dir)
+    assert victims, run.output[-3000:]
+    for process in victims:  # as a scheduler may signal one node's share of the job (SLURM's --signal=USR1@T)
+        process.send_signal(signal.SIGUSR1)
+    code, _ = run.finish(STOP_LIMIT_S)
+    output = run.output
+    assert code == 75, output[-4000:]
+    assert "at step 4" in output and f"stopped by signal {int(signal.SIGUSR1)}" in output
+    step = _stopped_step(run_dir)
+    assert 6 <= step < STOP_AT
+    _assert_every_rank_saved(run_dir, step, ranks=2)
+    assert not run.leftovers()
+    expected = scalars(reference, "train/loss")
+    assert scalars(run_dir, "train/loss") == {s: v for s, v in expected.items() if 4 < s <= step}
+
+
+@pytest.mark.slow
+def test_a_node_that_dies_ends_the_job_in_bounded_time_leaving_nothing(two_node_run, cluster, tmp_path):
+    """2 nodes x 2 ranks train; then every process of the run on node 2 is killed (kill -9)."""
+    run_dir = tmp_path / "node-dies"
+    run = two_node_run(run_dir, "train.stop_at_step=0", "train.max_steps=100", "data.batch_size=2", slots=2)
+    run.wait_for_step(2)
+    assert run.output.count("dist_world_size=4") == 2  # both node launchers started 2 ranks of a world of 4
+    for process in cluster.processes_mentioning(2, str(run_dir)):  # every process of the run on node 2
+        process.kill()
+    code, took = run.finish(NODE_LOSS_LIMIT_S)
+    output = run.output
+    print(f"node 2 killed: the job exited {code} after {took:.1f} s\n{output[-3000:]}")
+    assert code != 0 and took < NODE_LOSS_LIMIT_S, output[-4000:]
+    assert f"node rank 1 ({cluster.address(2)}) exited with code" in output, output[-4000:]
+    # node 1's rank names who went away ("Connection closed by peer [A]:port" or "Read error [A]:port: ...reset")
+    assert re.search(rf"\[{re.escape(cluster.address(2))}\]:\d+", output), output[-4000:]
+    assert not run.leftovers()
+
+
+@pytest.mark.slow
+def test_a_network_partition_ends_the_job_on_both_sides_of_it(two_node_run, cluster, tmp_path):
+    """Node 2's link goes down mid-run: the runner's ssh to it gives up (keep-alive: 3 x 2 s, set here through
+    PDSH_SSH_ARGS_APPEND, which wins over the default 3 x 10 s), node 1's ranks are killed 10 s later and the job
+    exits naming node 2; node 2's launcher, hearing no heartbeat for 30 s, kills its ranks. Nothing of the run is
+    left on either side."""
+    run_dir = tmp_path / "partition"
+    keepalive = "-o ServerAliveInterval=2 -o ServerAliveCountMax=3"
+    run = two_node_run(run_dir, "train.stop_at_step=0", "train.max_steps=400", ssh_args=keepalive)
+    run.wait_for_step(2)
+    link = ["ip", "-n", cluster.netns(2), "link", "set", "eth0"]
+    subprocess.run([*link, "down"], check=True)
+    try:
+        code, took = run.finish(PARTITION_LIMIT_S)
+        deadline = time.monotonic() + PARTITION_LIMIT_S
+        while run.leftovers().get(2) and time.monotonic() < deadline:
+            time.sleep(1)
+        left = run.leftovers()
+    finally:
+        subprocess.run([*link, "up"], check=True)
+    output = run.output
+    print(f"node 2 cut off: the job exited {code} after {took:.1f} s")
+    assert code != 0 and f"node rank 1 ({cluster.address(2)}) exited with code 255" in output, output[-4000:]
+    assert took < 6 + FAIL_GRACE_S + 20  # the keep-alive given, not the default 30 s (20 s: margin for load)
+    assert not left
+
+
+@pytest.mark.slow
+def test_a_node_that_cannot_start_ends_the_job_at_once_naming_it(two_node_run, cluster, tmp_path):
+    """The master port is taken on node 1: its rank fails to open the store, and node 2's rank, waiting in the
+    rendezvous, is stopped within seconds instead of after run.startup_timeout_s."""
+    run_dir = tmp_path / "no-start"
+    port = next(_ports)
+    blocker = cluster.popen(1, [sys.executable, "-c", f"import socket,time; s=socket.socket(); "
+                            f"s.bind(('0.0.0.0', {port})); s.listen(); time.sleep(600)"])  # fmt: skip
+    try:
+        run = two_node_run(run_dir, "run.startup_timeout_s=900", port=port)
+        code, took = run.finish(LAUNCH_LIMIT_S)
+    finally:
+        blocker.kill()
+    output = run.output
+    print(f"node 1 could not start: the job exited {code} {took:.1f} s after the launch")
+    assert code != 0 and took < NODE_START_LIMIT_S, output[-4000:]
+    assert "EADDRINUSE" in output and f"node rank 0 ({cluster.address(1)}) exited with code 1" in output
+    assert not run.leftovers()
+
+
+CHOOSE = """
+import json, os, sys
+from mimscale.engine.distributed import choose_socket_interface
+for device, variables in json.loads(sys.argv[1]):
+    environ = dict(os.environ, **variables)
+    try:
+        print(choose_socket_interface(device, environ), environ.get("NCCL_SOCKET_IFNAME"))
+    except RuntimeError as err:
+        print("error:", err)
+"""
+
+
+def test_ranks_take_the_interface_that_routes_to_the_master_and_refuse_loopback_routes(tmp_path):
+    """In a namespace with a cluster interface (data0, 10.213.10.1/24) and an address on lo: the route to a master
+    on the cluster subnet names data0 (NCCL gets '=data0'); a master whose route is the loopback interface, or a
+    loopback master for a job spanning nodes, fails at once naming the variable to set; a set variable is kept."""
+    from cluster import unavailable_reason
+
+    if unavailable_reason():
+        pytest.skip(unavailable_reason())
+    netns = f"mtif{os.getpid()}"
+    setup = [["netns", "add", netns], ["-n", netns, "link", "add", "data0", "type", "veth", "peer", "name", "data1"],
+             ["-n", netns, "addr", "add", "10.213.10.1/24", "dev", "data0"], ["-n", netns, "link", "set", "data0", "up"],
+             ["-n", netns, "link", "set", "data1", "up"], ["-n", netns, "link", "set", "lo", "up"],
+             ["-n", netns, "addr", "add", "10.213.9.1/32", "dev", "lo"]]  # fmt: skip
+    cases = [
+        ("cpu", {"MASTER_ADDR": "10.213.10.7"}),
+        ("cuda", {"MASTER_ADDR": "10.213.10.7"}),
+        ("cpu", {"MASTER_ADDR": "10.213.9.1"}),
+        ("cpu", {"MASTER_ADDR": "127.0.0.1"}),
+        ("cpu", {"MASTER_ADDR": "127.0.0.1", "LOCAL_SIZE": "2"}),
+        ("cpu", {"MASTER_ADDR": "10.213.9.1", "GLOO_SOCKET_IFNAME": "data1"}),
+    ]
+    env = env_with(WORLD_SIZE="2", LOCAL_SIZE="1", MASTER_PORT="29500")
+    for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        env.pop(name, None)
+    try:
+        for step in setup:
+            subprocess.run(["ip", *step], check=True, capture_output=True)
+        command = ["ip", "netns", "exec", netns, sys.executable, "-c", CHOOSE, json.dumps(cases)]
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+        chosen, nccl, through_lo, loopback, one_node, kept = result.stdout.splitlines()[-len(cases) :]
+        assert "network: GLOO_SOCKET_IFNAME=data0 (10.213.10.1, the route to MASTER_ADDR=10.213.10.7)" in chosen
+        assert "NCCL_SOCKET_IFNAME==data0 " in nccl
+        assert through_lo.startswith("error:") and "leaves through lo" in through_lo
+        assert "set GLOO_SOCKET_IFNAME to the interface of the cluster network" in through_lo
+        assert "loopback address" in loopback and "--master_addr" in loopback and "WORLD_SIZE=2" in loopback
+        assert one_node.startswith("None")  # one node on loopback: nothing to choose
+        assert "GLOO_SOCKET_IFNAME=data1 (set by the job)" in kept
+    finally:
+        subprocess.run(["ip", "netns", "del", netns], capture_output=True)
+
+
+def test_the_fan_out_reads_deepspeeds_pdsh_command_and_combines_node_exit_codes():
+    from mimscale.engine.fanout import combine_exit_codes, split_pdsh_command
+
+    hosts, parts = split_pdsh_command(["pdsh", "-S", "-f", "1024", "-w", "a,b", "export X=1; ", "cd /r;", "python",
+                                       "-u", "-m", "mimscale.engine.node_launcher", "--node_rank=%n", "train.py"])  # fmt: skip
+    assert hosts == ["a", "b"] and parts[0] == "export X=1; " and parts[-2:] == ["--node_rank=%n", "train.py"]
+    with pytest.raises(ValueError, match="--launcher_args"):
+        split_pdsh_command(
+            ["pdsh", "-S", "-f", "1", "-w", "a", "-R", "rsh", "cd /r;", "python", "-m", "mimscale.engine.node_launcher"]
+        )
+    assert combine_exit_codes([0, 0]) == 0
+    assert combine_exit_codes([75, 75]) == 75 and combine_exit_codes([0, 75]) == 75  # one node had finished
+    assert combine_exit_codes([255, 1]) == 255 and combine_exit_codes([75, 1]) == 1  # the first failure wins
+
+
+@pytest.mark.slow
+def test_torchrun_c10d_rendezvous_on_two_nodes_trains_like_one_node(reference, cluster, tmp_path):
+    """One torchrun per node (`--nnodes 2 --rdzv-backend c10d`): node 1 hosts the store (`is_host`, since the
+    nodes' hostnames do not resolve) and each node names its own address (`--local-addr`)."""
+    run_dir, port = tmp_path / "torchrun", next(_ports)
+    runs = []
+    try:
+        for node in (1, 2):
+            command = ["torchrun", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                       "--rdzv-endpoint", f"{cluster.address(1)}:{port}", "--rdzv-id", "multinode-test",
+                       "--rdzv-conf", f"is_host={int(node == 1)}", "--local-addr", cluster.address(node),
+                       "-m", "mimscale.train", "--config", str(DEMO),
+                       *overrides(run_dir, *SETTINGS, "train.stop_at_step=4")]  # fmt: skip
+            runs.append(cluster.popen(node, command, cwd=REPO, env=env_with(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))  # fmt: skip
+        outputs = [run.communicate(timeout=LAUNCH_LIMIT_S)[0] for run in runs]
+    finally:
+        for run in runs:
+            run.kill()
+        cluster.kill_mentioning(str(run_dir))
+    assert [run.returncode for run in runs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "network: GLOO_SOCKET_IFNAME=eth0" in outputs[0]
+    assert scalars(run_dir, "train/loss") == {s: v for s, v in scalars(reference, "train/loss").items() if s <= 4}
