@@ -55,9 +55,6 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from mimscale.engine import safe_load
-
-    safe_load.trust_checkpoints_from(args)  # the one trust decision; loaders ask safe_load.checkpoints_trusted()
     try:
         return int(args.func(args) or 0)
     except ConfigError as err:

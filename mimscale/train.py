@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
 
     evaluators = in_run_monitors(cfg)  # eval.monitor every eval.knn_every steps; the engine never imports eval/
     try:
-        summary = train(cfg, resume=args.resume, evaluators=evaluators)
+        summary = train(cfg, resume=args.resume, evaluators=evaluators, trusted=safe_load.trust_decision(args))
     except (TrainingError, CheckpointWriteError) as err:
         print(f"mimscale: training stopped: {err}", file=sys.stderr)
         return 1

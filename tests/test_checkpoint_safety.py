@@ -136,3 +136,26 @@ def test_torch_force_no_weights_only_load_is_named_with_what_to_do(tmp_path, mon
     assert not ckpt.universal_dir(tag_dir).exists()
     with safe_load.deepspeed_loads_weights_only(trusted=True):  # the user's own checkpoints: their choice
         torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)
+
+
+def test_each_caller_gets_its_own_trust_decision(tmp_path, monkeypatch, capsys):
+    """Trust is a value passed down, not process state: a trusted command leaves later untrusted callers in the same
+    process refusing planted pickles (module state set by the first command used to trust them too)."""
+    monkeypatch.delenv(safe_load.TRUST_ENV, raising=False)
+    marker = tmp_path / "code-ran"
+    tag_dir = make_checkpoint(tmp_path / "checkpoints", 2)
+    plant(tag_dir / "rng_rank0.pt", marker)
+    meta = json.loads((tag_dir / ckpt.MARKER).read_text())
+    meta["files"] = ckpt._record_files(tag_dir, rank=0, world_size=1)  # the planted file's hash is the recorded one
+    (tag_dir / ckpt.MARKER).write_text(json.dumps(meta))
+    assert cli_main(["ckpt", "info", str(tmp_path), "--trust-checkpoint"]) == 0
+    assert "pickles not checked (--trust-checkpoint)" in capsys.readouterr().out
+    with pytest.raises(safe_load.UnsafeCheckpointError, match="rng_rank0.pt"):
+        ckpt.find_resume_checkpoint(tmp_path / "checkpoints", log=lambda *_: None)
+    assert ckpt.find_resume_checkpoint(tmp_path / "checkpoints", log=lambda *_: None, trusted=True) == tag_dir
+    assert cli_main(["ckpt", "info", str(tmp_path)]) == 1
+    monkeypatch.setenv(safe_load.TRUST_ENV, "1")  # the user's environment counts where a command reads its args
+    assert cli_main(["ckpt", "info", str(tmp_path)]) == 0
+    with pytest.raises(safe_load.UnsafeCheckpointError):  # ... and nowhere else: a library call decides for itself
+        ckpt.resolve_checkpoint(tag_dir)
+    assert not marker.exists()

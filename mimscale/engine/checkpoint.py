@@ -41,7 +41,6 @@ from mimscale.engine import distributed, faults
 from mimscale.engine.ckpt_meta import MetaError, check_meta
 from mimscale.engine.safe_load import (
     UnsafeCheckpointError,
-    checkpoints_trusted,
     deepspeed_loads_weights_only,
     load_file,
     refuse_forced_unsafe_loading,
@@ -177,13 +176,12 @@ def _check_file(tag_dir: Path, name: str, expected: dict | None, trusted: bool) 
     return None
 
 
-def verify_checkpoint(tag_dir: Path, rank: int = 0, world_size: int = 1, trusted: bool | None = None) -> list:
+def verify_checkpoint(tag_dir: Path, rank: int = 0, world_size: int = 1, trusted: bool = False) -> list:
     """Problems of a complete checkpoint as [(kind, message)], the same list on every rank (collective).
 
     Every file recorded in mimscale.json is checked for size and sha256, and every ``.pt`` file (universal copies
-    included) must load with weights_only; the ranks split the files between them.
+    included) must load with weights_only unless ``trusted``; the ranks split the files between them.
     """
-    trusted = checkpoints_trusted() if trusted is None else trusted
     try:
         meta = read_meta(tag_dir)
     except CheckpointDamagedError as err:
@@ -220,7 +218,9 @@ def linked_tags(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if TAG_PATTERN.match(p.name) and p.is_symlink()) if root.is_dir() else []
 
 
-def find_resume_checkpoint(root: Path, log=print, rank: int = 0, world_size: int = 1) -> Path | None:
+def find_resume_checkpoint(
+    root: Path, log=print, rank: int = 0, world_size: int = 1, *, trusted: bool = False
+) -> Path | None:
     """The newest complete checkpoint whose files verify (collective); others are reported by name and skipped.
 
     A file that would need arbitrary code to load stops everything (UnsafeCheckpointError): falling back past it
@@ -233,7 +233,7 @@ def find_resume_checkpoint(root: Path, log=print, rank: int = 0, world_size: int
         if not is_complete(tag_dir):
             log(f"checkpoint {tag_dir} is incomplete (no {MARKER}: the run died while writing it); skipping it")
             continue
-        problems = verify_checkpoint(tag_dir, rank, world_size)
+        problems = verify_checkpoint(tag_dir, rank, world_size, trusted)
         unsafe = [message for kind, message in problems if kind == "unsafe"]
         if unsafe:
             raise UnsafeCheckpointError(unsafe[0])
@@ -250,12 +250,12 @@ def find_resume_checkpoint(root: Path, log=print, rank: int = 0, world_size: int
     return None
 
 
-def resolve_checkpoint(path: Path, log=print, rank: int = 0, world_size: int = 1) -> Path:
+def resolve_checkpoint(path: Path, log=print, rank: int = 0, world_size: int = 1, *, trusted: bool = False) -> Path:
     """A tag folder, a checkpoints/ folder or a run folder -> the newest complete tag folder in it that verifies."""
     if is_complete(path) or (path.is_dir() and TAG_PATTERN.match(path.name)):
         if not is_complete(path):
             raise FileNotFoundError(f"{path} is incomplete ({MARKER} is missing): the run died while writing it")
-        problems = verify_checkpoint(path, rank, world_size)
+        problems = verify_checkpoint(path, rank, world_size, trusted)
         for kind, message in problems:
             if kind == "unsafe":
                 raise UnsafeCheckpointError(message)
@@ -264,7 +264,7 @@ def resolve_checkpoint(path: Path, log=print, rank: int = 0, world_size: int = 1
             raise CheckpointDamagedError(f"checkpoint {path} is damaged: {reasons}; pick another checkpoint")
         return path
     for root in (path, path / "checkpoints"):
-        found = find_resume_checkpoint(root, log, rank, world_size) if root.is_dir() else None
+        found = find_resume_checkpoint(root, log, rank, world_size, trusted=trusted) if root.is_dir() else None
         if found is not None:
             return found
     raise FileNotFoundError(f"no complete mimscale checkpoint at {path} (give a run folder or a step_* folder)")
@@ -343,11 +343,14 @@ def _write_shards(engine, root: Path, tag: str, meta: dict, rank: int) -> str:
     return ""
 
 
-def load_checkpoint(engine, tag_dir: Path, rank: int, universal: bool = False, config: dict | None = None) -> dict:
+def load_checkpoint(
+    engine, tag_dir: Path, rank: int, universal: bool = False, config: dict | None = None, *, trusted: bool = False
+) -> dict:
     """Restore engine (weights, optimizer, scheduler) and this rank's RNG; returns the checkpoint's meta.
 
     ``universal`` loads the converted copy (the engine must have been built with checkpoint.load_universal).
-    The files must have been verified (verify_checkpoint); DeepSpeed's own loads run with weights_only forced.
+    The files must have been verified (verify_checkpoint); DeepSpeed's own loads run with weights_only forced
+    unless ``trusted``.
     ``config`` (this run's, as a dict) turns a model mismatch into an error naming the differing keys.
     """
     meta = read_meta(tag_dir)
@@ -360,7 +363,7 @@ def load_checkpoint(engine, tag_dir: Path, rank: int, universal: bool = False, c
         )
     load_dir, tag = (tag_dir, UNIVERSAL_DIR) if universal else (tag_dir.parent, tag_dir.name)
     try:
-        with deepspeed_loads_weights_only():
+        with deepspeed_loads_weights_only(trusted):
             load_path, _ = engine.load_checkpoint(
                 str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
             )
@@ -378,7 +381,7 @@ def load_checkpoint(engine, tag_dir: Path, rank: int, universal: bool = False, c
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}; check that its shards are all present")
     if rng_path.is_file():
-        set_rng_state(load_file(rng_path))
+        set_rng_state(load_file(rng_path, trusted))
     return meta
 
 
@@ -435,13 +438,13 @@ _SAFE_CONVERTER = (
 )
 
 
-def convert_to_universal(tag_dir: Path, workers: int = 2) -> Path:
+def convert_to_universal(tag_dir: Path, workers: int = 2, *, trusted: bool = False) -> Path:
     """Turn a sharded ZeRO checkpoint into a DeepSpeed universal checkpoint (loadable on any number of ranks).
 
     Runs DeepSpeed's own converter (with --inject_missing_state, which ZeRO-1/2 checkpoints need) into a
     temporary folder that is renamed when complete, so a killed conversion is simply redone.
     """
-    if not checkpoints_trusted():
+    if not trusted:
         refuse_forced_unsafe_loading()  # the converter's loads are forced weights-only; torch refuses both
     target = universal_dir(tag_dir)
     if target.is_symlink():
@@ -467,7 +470,7 @@ def convert_to_universal(tag_dir: Path, workers: int = 2) -> Path:
         "--num_merge_workers",
         str(max(1, workers // 2)),
     ]
-    env = os.environ if checkpoints_trusted() else {**os.environ, "TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1"}
+    env = os.environ if trusted else {**os.environ, "TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         remove_entry(tmp)
@@ -482,12 +485,12 @@ def convert_to_universal(tag_dir: Path, workers: int = 2) -> Path:
 ZERO0_MODEL_FILE = "mp_rank_00_model_states.pt"  # DeepSpeed's ZeRO-0 model (+ optimizer) file of rank 0
 
 
-def checkpoint_dir(path: Path, tag: str | None = None) -> Path:
+def checkpoint_dir(path: Path, tag: str | None = None, *, trusted: bool = False) -> Path:
     """The complete checkpoint folder to read: ``tag`` inside a run/checkpoints folder, or the newest one."""
     if not path.exists():
         raise FileNotFoundError(f"checkpoint path {path} does not exist; give a run folder or a step_* folder")
     if tag is None:
-        return resolve_checkpoint(path)
+        return resolve_checkpoint(path, trusted=trusted)
     for root in (path, path / "checkpoints"):
         if (root / tag).is_dir():
             if not is_complete(root / tag):
@@ -495,12 +498,14 @@ def checkpoint_dir(path: Path, tag: str | None = None) -> Path:
                     f"{root / tag} is incomplete ({MARKER} is missing): the run died while writing it; "
                     "pick another --tag or leave it out for the newest complete checkpoint"
                 )
-            return resolve_checkpoint(root / tag)  # sizes, sha256s and weights-only loadability verified
+            return resolve_checkpoint(
+                root / tag, trusted=trusted
+            )  # sizes, sha256s and weights-only loadability verified
     tags = [p.name for p in list_checkpoints(path / "checkpoints") or list_checkpoints(path)]
     raise FileNotFoundError(f"no checkpoint {tag} under {path}; available: {', '.join(tags) or 'none'}")
 
 
-def load_fp32_state(tag_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+def load_fp32_state(tag_dir: Path, *, trusted: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
     """(mimscale.json metadata, fp32 state dict of the whole trained method) from a checkpoint of any ZeRO stage.
 
     The weights are the fp32 master weights: ZeRO 1-3 shards merged by DeepSpeed's zero_to_fp32, or at ZeRO-0
@@ -508,11 +513,11 @@ def load_fp32_state(tag_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """
     meta = read_meta(tag_dir)
     if meta.get("zero_stage", 0) == 0:
-        return meta, _zero0_fp32_state(tag_dir, meta)
+        return meta, _zero0_fp32_state(tag_dir, meta, trusted)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     quiet = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())  # chatty
-    with quiet[0], quiet[1], deepspeed_loads_weights_only():
+    with quiet[0], quiet[1], deepspeed_loads_weights_only(trusted):
         state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     return meta, {name: tensor.float() for name, tensor in state.items()}
 
@@ -533,13 +538,13 @@ def _frozen_in_checkpoint(meta: dict) -> set[str]:
     return {"student.backbone.pos_embed"} if model_cfg.get("pos_embed_init") == "sincos_frozen" else set()
 
 
-def _zero0_fp32_state(tag_dir: Path, meta: dict) -> dict[str, torch.Tensor]:
+def _zero0_fp32_state(tag_dir: Path, meta: dict, trusted: bool) -> dict[str, torch.Tensor]:
     """ZeRO-0: the module weights, replaced by the optimizer's fp32 masters when training ran in bf16/fp16.
 
     The optimizer groups hold the trainable parameters only; frozen ones keep their module value."""
     from mimscale.engine.optim import decay_split
 
-    saved = load_file(tag_dir / ZERO0_MODEL_FILE)
+    saved = load_file(tag_dir / ZERO0_MODEL_FILE, trusted)
     module: dict[str, torch.Tensor] = dict(saved["module"])
     fp32_groups = (saved.get("optimizer") or {}).get("fp32_groups")
     if all(t.dtype == torch.float32 for t in module.values()):

@@ -7,8 +7,7 @@ from pathlib import Path
 
 from mimscale.config import Config, from_dict, load_config
 from mimscale.engine import checkpoint as ckpt
-from mimscale.engine import safe_load
-from mimscale.engine.safe_load import add_trust_argument
+from mimscale.engine.safe_load import add_trust_argument, trust_decision
 
 
 def config_diff(saved: dict, current: Config) -> list[str]:
@@ -29,9 +28,10 @@ def _newest(path: Path) -> Path:
 
 def info(args: argparse.Namespace) -> int:
     """Show a checkpoint and verify it; exit 1 (after saying what is wrong) if it is damaged or unsafe."""
+    trusted = trust_decision(args)
     tag_dir = _newest(Path(args.path))
     print(f"checkpoint   {tag_dir}")
-    problems = ckpt.verify_checkpoint(tag_dir)
+    problems = ckpt.verify_checkpoint(tag_dir, trusted=trusted)
     try:
         meta = ckpt.read_meta(tag_dir)
     except ckpt.CheckpointDamagedError as err:
@@ -50,11 +50,7 @@ def info(args: argparse.Namespace) -> int:
         print(f"{kind.upper():<12} {message}")
     if not problems:
         hashes = "sizes and sha256 match" if files else "no hashes recorded (older checkpoint)"
-        safety = (
-            "pickles not checked (--trust-checkpoint)"
-            if safe_load.checkpoints_trusted()
-            else "every .pt file loads weights-only"
-        )
+        safety = "pickles not checked (--trust-checkpoint)" if trusted else "every .pt file loads weights-only"
         print(f"integrity    ok: {hashes}; {safety}")
     saved_cfg = meta["config"]
     from_dict(saved_cfg)  # the stored config must still be a valid config for this version
@@ -67,12 +63,13 @@ def info(args: argparse.Namespace) -> int:
 
 
 def convert(args: argparse.Namespace) -> int:
-    tag_dir = ckpt.resolve_checkpoint(Path(args.path))
+    trusted = trust_decision(args)
+    tag_dir = ckpt.resolve_checkpoint(Path(args.path), trusted=trusted)
     meta = ckpt.read_meta(tag_dir)
     if meta["zero_stage"] == 0:
         print(f"{tag_dir} is a ZeRO-0 checkpoint: it already loads on any number of ranks")
         return 0
-    out = ckpt.convert_to_universal(tag_dir, workers=args.workers)
+    out = ckpt.convert_to_universal(tag_dir, workers=args.workers, trusted=trusted)
     print(f"wrote universal checkpoint {out}; `mimscale train --resume {tag_dir}` loads it on any number of ranks")
     return 0
 

@@ -25,7 +25,7 @@ from mimscale.engine.deepspeed import DTYPES, gathered_own_parameters, initializ
 from mimscale.engine.metrics import MetricAccumulator, StepLogger, memory_gib, peak_tflops, progress_wanted
 from mimscale.engine.optim import restore_adamw_implementation
 from mimscale.engine.runlock import lock_output_dir
-from mimscale.engine.safe_load import checkpoints_trusted, refuse_forced_unsafe_loading
+from mimscale.engine.safe_load import refuse_forced_unsafe_loading
 from mimscale.engine.slurm import requeue_stopped_startup, write_requeue_marker
 from mimscale.methods.base import COMPILE_ZERO3_NOTE, MIMMethod
 from mimscale.pipeline.device_decode import DeviceDecodedStream, DeviceDecoder
@@ -51,20 +51,21 @@ class Window:
     start: float = field(default_factory=time.perf_counter)
 
 
-def train(cfg: Config, resume: str = "auto", evaluators: Sequence[Evaluator] = ()) -> dict:
+def train(cfg: Config, resume: str = "auto", evaluators: Sequence[Evaluator] = (), *, trusted: bool = False) -> dict:
     """Run (or resume) training; returns a summary {step, last_loss, output_dir, exit_code}.
 
     ``evaluators`` run every ``eval.knn_every`` steps and at the end (the entry point passes the kNN monitor).
+    ``trusted`` (the command's safe_load.trust_decision) loads the resumed checkpoint's pickles without the allowlist.
     """
     preempt.install_stop_handlers()  # mimscale.cli installed them before its imports; a direct caller gets them here
     preempt.set_stop_timeout(cfg.run.stop_timeout_s)
     try:
-        return _start_and_train(cfg, resume, evaluators)
+        return _start_and_train(cfg, resume, evaluators, trusted)
     finally:
         preempt.forget_stop()  # in-process callers may train again: this run's signal is spent
 
 
-def _start_and_train(cfg: Config, resume: str, evaluators: Sequence[Evaluator]) -> dict:
+def _start_and_train(cfg: Config, resume: str, evaluators: Sequence[Evaluator], trusted: bool) -> dict:
     """train() from the output-folder check on: a stop before the process group exists exits with nothing saved."""
     check_output_dir(Path(cfg.run.output_dir))
     metrics.require_loggers(cfg.train.loggers)  # every rank, before any rank waits for the others
@@ -77,7 +78,7 @@ def _start_and_train(cfg: Config, resume: str, evaluators: Sequence[Evaluator]) 
     info = distributed.init_distributed(device_kind, timeout_s=cfg.run.startup_timeout_s)
     run_lock = lock_output_dir(Path(cfg.run.output_dir), info.rank)  # one run per folder; dies with the process
     try:
-        summary = _train(cfg, info, resume, evaluators)
+        summary = _train(cfg, info, resume, evaluators, trusted)
     except RuntimeError as err:  # gloo and NCCL report collective timeouts as (subclasses of) RuntimeError
         if not _is_collective_failure(err):
             raise
@@ -159,12 +160,14 @@ def _flops_per_image(cfg: Config, info: distributed.DistInfo) -> float | None:
         return None
 
 
-def _train(cfg: Config, info: distributed.DistInfo, resume: str, evaluators: Sequence[Evaluator]) -> dict:
+def _train(
+    cfg: Config, info: distributed.DistInfo, resume: str, evaluators: Sequence[Evaluator], trusted: bool
+) -> dict:
     from mimscale.pipeline.masking import mask_generator_for
     from mimscale.pipeline.stream import build_train_loader
 
     output_dir = Path(cfg.run.output_dir)
-    plan = plan_resume(cfg, output_dir / "checkpoints", resume, info)
+    plan = plan_resume(cfg, output_dir / "checkpoints", resume, info, trusted=trusted)
     trainer = Trainer(cfg, info, load_universal=bool(plan and plan.universal), evaluators=evaluators)
     if info.is_main:
         save_config(cfg, output_dir / "config.yaml")
@@ -204,9 +207,12 @@ class ResumePlan:
     tag_dir: Path
     meta: dict
     universal: bool  # load DeepSpeed's universal copy: the world size or ZeRO stage changed
+    trusted: bool = False  # the command's trust decision: load its pickles without the allowlist
 
 
-def plan_resume(cfg: Config, root: Path, resume: str, info: distributed.DistInfo) -> ResumePlan | None:
+def plan_resume(
+    cfg: Config, root: Path, resume: str, info: distributed.DistInfo, *, trusted: bool = False
+) -> ResumePlan | None:
     """Decide what to resume from ('auto', 'none' or a path) before the engine exists; convert if needed."""
     log = print if info.is_main else (lambda *_: None)
     if resume == "none":
@@ -218,11 +224,13 @@ def plan_resume(cfg: Config, root: Path, resume: str, info: distributed.DistInfo
         return None
     where = (root, log, info.rank, info.world_size)  # verifying files is collective: the ranks share the hashing
     tag_dir = (
-        ckpt.find_resume_checkpoint(*where) if resume == "auto" else ckpt.resolve_checkpoint(Path(resume), *where[1:])
+        ckpt.find_resume_checkpoint(*where, trusted=trusted)
+        if resume == "auto"
+        else ckpt.resolve_checkpoint(Path(resume), *where[1:], trusted=trusted)
     )
     if tag_dir is None:
         return None
-    if not checkpoints_trusted():
+    if not trusted:
         refuse_forced_unsafe_loading()  # say so now, not after the engine is built
     meta = ckpt.read_meta(tag_dir)
     changed = meta["world_size"] != info.world_size or meta["zero_stage"] != cfg.deepspeed.zero_stage
@@ -233,15 +241,15 @@ def plan_resume(cfg: Config, root: Path, resume: str, info: distributed.DistInfo
             f"this run has {info.world_size} ranks at ZeRO-{cfg.deepspeed.zero_stage}: loading it as a universal "
             "checkpoint"
         )
-        _convert_on_rank0(tag_dir, info)
-    return ResumePlan(tag_dir=tag_dir, meta=meta, universal=universal)
+        _convert_on_rank0(tag_dir, info, trusted)
+    return ResumePlan(tag_dir=tag_dir, meta=meta, universal=universal, trusted=trusted)
 
 
-def _convert_on_rank0(tag_dir: Path, info: distributed.DistInfo) -> None:
+def _convert_on_rank0(tag_dir: Path, info: distributed.DistInfo, trusted: bool) -> None:
     error = ""
     if info.is_main:
         try:
-            ckpt.convert_to_universal(tag_dir)
+            ckpt.convert_to_universal(tag_dir, trusted=trusted)
         except RuntimeError as err:
             error = str(err)
     if distributed.all_reduce_max(1.0 if error else 0.0)[0] > 0:
@@ -339,7 +347,12 @@ class Trainer:
     def resume(self, plan: ResumePlan) -> dict:
         """Load the planned checkpoint into the engine and the counters; returns the saved data position."""
         meta = ckpt.load_checkpoint(
-            self.engine, plan.tag_dir, self.info.rank, universal=plan.universal, config=self.cfg.to_dict()
+            self.engine,
+            plan.tag_dir,
+            self.info.rank,
+            universal=plan.universal,
+            config=self.cfg.to_dict(),
+            trusted=plan.trusted,
         )
         if self.engine.optimizer is not None:
             restore_adamw_implementation(self.engine.optimizer, fused=self.info.device.type == "cuda")

@@ -1,6 +1,10 @@
 """Unpickling checkpoint files without running their code: ``weights_only=True`` with the exact allowlist of
 classes DeepSpeed's states hold, unless the user trusts the folder (``--trust-checkpoint`` or
 MIMSCALE_TRUST_CHECKPOINTS=1). Used before DeepSpeed touches a checkpoint and while it loads one.
+
+The decision is a value, ``trusted``, that each command computes once from its arguments (``trust_decision``) and
+passes down to the loaders; every loader defaults to untrusted. No module state: two callers in one process (tests,
+an in-process evaluator next to a resume) each get their own decision.
 """
 
 from __future__ import annotations
@@ -23,9 +27,6 @@ class UnsafeCheckpointError(ValueError):
     """A checkpoint file would need arbitrary code to load; refused unless the user trusts the folder."""
 
 
-_TRUSTED_BY_FLAG = False  # --trust-checkpoint of this process's command (trust_checkpoints_from)
-
-
 def add_trust_argument(parser: argparse.ArgumentParser) -> None:
     """``--trust-checkpoint`` on a sub-command that loads checkpoint files (train, export, ckpt, eval, analyze)."""
     parser.add_argument(
@@ -36,17 +37,11 @@ def add_trust_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def trust_checkpoints_from(args: argparse.Namespace) -> None:
-    """The entry point's one trust decision (mimscale.cli.main): this process trusts checkpoint files when its
-    command says --trust-checkpoint. Nothing is exported to the environment, so child processes decide for
-    themselves (the launcher's ranks parse the same flag)."""
-    global _TRUSTED_BY_FLAG
-    _TRUSTED_BY_FLAG = bool(getattr(args, "trust_checkpoint", False))
-
-
-def checkpoints_trusted() -> bool:
-    """--trust-checkpoint on this process's command, or MIMSCALE_TRUST_CHECKPOINTS=1 set by the user."""
-    return _TRUSTED_BY_FLAG or os.environ.get(TRUST_ENV, "") == "1"
+def trust_decision(args: argparse.Namespace) -> bool:
+    """A command's one trust decision: --trust-checkpoint on its command line, or MIMSCALE_TRUST_CHECKPOINTS=1 set
+    by the user. Each command passes the result to the loaders as ``trusted``; child processes decide for
+    themselves (the launcher's ranks parse the same flag and see the same environment)."""
+    return bool(getattr(args, "trust_checkpoint", False)) or os.environ.get(TRUST_ENV, "") == "1"
 
 
 class UnsafeLoadingEnvironmentError(ValueError):
@@ -105,15 +100,16 @@ def _refusal(path: Path, err: Exception) -> str:
     )
 
 
-def load_file(path: Path, trusted: bool | None = None, mmap: bool = False):
-    """torch.load a checkpoint file: a regular file, ``weights_only=True`` with DeepSpeed's allowlist unless trusted.
+def load_file(path: Path, trusted: bool = False, mmap: bool = False):
+    """torch.load a checkpoint file: a regular file, ``weights_only=True`` with DeepSpeed's allowlist unless
+    ``trusted`` (the command's trust_decision).
 
     Raises UnsafeCheckpointError naming the file when it would need anything else.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing or not a regular file")
-    if checkpoints_trusted() if trusted is None else trusted:
+    if trusted:
         return torch.load(path, map_location="cpu", weights_only=False)
     try:
         with torch.serialization.safe_globals(_allowlist_for(path)), warnings.catch_warnings():
@@ -129,13 +125,13 @@ def load_file(path: Path, trusted: bool | None = None, mmap: bool = False):
 
 
 @contextlib.contextmanager
-def deepspeed_loads_weights_only(trusted: bool | None = None):
+def deepspeed_loads_weights_only(trusted: bool = False):
     """While DeepSpeed loads (it calls ``torch.load(weights_only=False)``), force weights_only with our allowlist.
 
     torch honours TORCH_FORCE_WEIGHTS_ONLY_LOAD over the caller's argument; files were checked beforehand, this
     is the second line of defence (a file swapped after the check is still refused).
     """
-    if checkpoints_trusted() if trusted is None else trusted:
+    if trusted:
         yield
         return
     refuse_forced_unsafe_loading()

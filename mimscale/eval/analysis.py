@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mimscale.engine.safe_load import add_trust_argument
+from mimscale.engine.safe_load import add_trust_argument, trust_decision
 from mimscale.eval.probe import pool_features
 from mimscale.models.backbone import Backbone
 
@@ -331,8 +331,9 @@ def run_analyze(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
     taken: set[str] = set()
+    trusted = trust_decision(args)
     for spec in [args.model, *args.compare]:
-        loaded = load_backbone(spec, args.set if spec.startswith("random:") else ())
+        loaded = load_backbone(spec, args.set if spec.startswith("random:") else (), trusted=trusted)
         label = _label(spec, taken)
         result = analyze_model(loaded.model, _first_images(args.images, loaded, args.num_images), pool=args.pool)
         results[label] = {"spec": spec, **result}

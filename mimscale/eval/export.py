@@ -26,7 +26,7 @@ from torch import nn
 from mimscale.config import Config, from_dict, load_config
 from mimscale.engine import checkpoint as ckpt
 from mimscale.engine.ckpt_meta import refuse_weight_loading_args
-from mimscale.engine.safe_load import add_trust_argument
+from mimscale.engine.safe_load import add_trust_argument, trust_decision
 from mimscale.models.students import Student, build_student
 
 STUDENT_PREFIX = "student."
@@ -60,10 +60,14 @@ def _exact_frozen_pos_embed(student: Student, student_state: dict, cfg: Config, 
     return {name: exact.clone()}
 
 
-def load_student(path: str | Path, tag: str | None = None) -> tuple[Student, Config, dict, dict]:
-    """Rebuild the trained student from a checkpoint: (student, config, metadata, full fp32 method state)."""
-    tag_dir = ckpt.checkpoint_dir(Path(path), tag)
-    meta, state = ckpt.load_fp32_state(tag_dir)
+def load_student(
+    path: str | Path, tag: str | None = None, *, trusted: bool = False
+) -> tuple[Student, Config, dict, dict]:
+    """Rebuild the trained student from a checkpoint: (student, config, metadata, full fp32 method state).
+
+    ``trusted`` (the command's safe_load.trust_decision) loads its pickles without the weights-only allowlist."""
+    tag_dir = ckpt.checkpoint_dir(Path(path), tag, trusted=trusted)
+    meta, state = ckpt.load_fp32_state(tag_dir, trusted=trusted)
     refuse_weight_loading_args(meta["config"], str(tag_dir / ckpt.MARKER))  # the model is built from it below
     cfg = from_dict(meta["config"])
     torch.manual_seed(cfg.run.seed)
@@ -152,12 +156,12 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def export_checkpoint(
-    path: str | Path, out_dir: str | Path, *, tag: str | None = None, with_head: bool = False
+    path: str | Path, out_dir: str | Path, *, tag: str | None = None, with_head: bool = False, trusted: bool = False
 ) -> Path:
     """Write OUT/model.safetensors + OUT/config.json (and OUT/mim_model.safetensors with ``with_head``)."""
     from safetensors.torch import save_file
 
-    student, cfg, meta, state = load_student(path, tag)
+    student, cfg, meta, state = load_student(path, tag, trusted=trusted)
     source = {"checkpoint": meta["tag_dir"], "step": meta["step"], "method": cfg.method.name}
     out_dir = write_export(student.backbone, cfg, out_dir, source)
     if with_head:
@@ -208,18 +212,20 @@ class ModelSpec:
     kind: str
     path: Path
     overrides: tuple[str, ...] = ()
+    trusted: bool = False  # the command's safe_load.trust_decision, for a checkpoint's pickles
 
     def config(self) -> Config:
         """The mimscale config of a checkpoint or a random twin (an export has none: its config.json is timm's)."""
         if self.kind == "random":
             return random_init_config(str(self.path), self.overrides)
         if self.kind == "checkpoint":
-            return from_dict(ckpt.read_meta(ckpt.checkpoint_dir(self.path))["config"])
+            return from_dict(ckpt.read_meta(ckpt.checkpoint_dir(self.path, trusted=self.trusted))["config"])
         raise ValueError(f"{self.text} is a timm export: it has no mimscale config")
 
 
-def resolve_model_spec(spec: str, overrides: Sequence[str] = ()) -> ModelSpec:
-    """The one reading of ``--model``; ``--set`` overrides on anything but ``random:`` are refused here."""
+def resolve_model_spec(spec: str, overrides: Sequence[str] = (), *, trusted: bool = False) -> ModelSpec:
+    """The one reading of ``--model``; ``--set`` overrides on anything but ``random:`` are refused here. ``trusted``
+    travels with the spec to whatever loads a checkpoint it names."""
     if spec.startswith("random:"):
         return ModelSpec(spec, "random", Path(spec[len("random:") :]), tuple(overrides))
     if overrides:
@@ -229,7 +235,7 @@ def resolve_model_spec(spec: str, overrides: Sequence[str] = ()) -> ModelSpec:
         )
     path = Path(spec)
     is_export = (path / "config.json").is_file() and (path / "model.safetensors").is_file()
-    return ModelSpec(spec, "export" if is_export else "checkpoint", path)
+    return ModelSpec(spec, "export" if is_export else "checkpoint", path, trusted=trusted)
 
 
 def input_settings(spec: ModelSpec) -> dict:
@@ -255,18 +261,18 @@ def student_backbone(spec: ModelSpec) -> tuple[nn.Module, Config]:
         torch.manual_seed(cfg.run.seed)
         return build_student(cfg).backbone, cfg
     if spec.kind == "checkpoint":
-        student, cfg, _, _ = load_student(spec.path)
+        student, cfg, _, _ = load_student(spec.path, trusted=spec.trusted)
         return student.backbone, cfg
     raise ValueError(f"{spec.text} is a timm export, not a mimscale checkpoint")
 
 
-def load_backbone(spec: str, overrides: Sequence[str] = ()) -> LoadedBackbone:
+def load_backbone(spec: str, overrides: Sequence[str] = (), *, trusted: bool = False) -> LoadedBackbone:
     """An exported folder, a run/checkpoint folder, or ``random:<config.yaml | run folder>`` -> backbone in eval mode.
 
     ``overrides`` (``section.key=value``, as ``--set``) apply to ``random:`` specs only: trained models keep the
     architecture they were trained with.
     """
-    resolved = resolve_model_spec(spec, overrides)
+    resolved = resolve_model_spec(spec, overrides, trusted=trusted)
     if resolved.kind == "export":
         import timm
 
@@ -280,7 +286,9 @@ def load_backbone(spec: str, overrides: Sequence[str] = ()) -> LoadedBackbone:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    out_dir = export_checkpoint(args.checkpoint, args.out_dir, tag=args.tag, with_head=args.with_head)
+    out_dir = export_checkpoint(
+        args.checkpoint, args.out_dir, tag=args.tag, with_head=args.with_head, trusted=trust_decision(args)
+    )
     print(f"exported {out_dir}: load it with timm.create_model('local-dir:{out_dir}', pretrained=True)")
     return 0
 

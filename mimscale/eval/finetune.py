@@ -106,18 +106,20 @@ def default_layer_decay(model: nn.Module) -> float:
     return Backbone(model).layer_decay
 
 
-def build_classifier(spec: str, num_classes: int, *, drop_path: float, overrides=()) -> nn.Module:
+def build_classifier(
+    spec: str, num_classes: int, *, drop_path: float, overrides=(), trusted: bool = False
+) -> nn.Module:
     """A timm classifier with a fresh ``num_classes`` head on the backbone ``spec`` names.
 
     An export goes through timm's own loader (``local-dir:``, ``pretrained=True, num_classes=N``), exactly as a
     timm fine-tuning script would; a run folder's trained backbone or a ``random:`` twin is copied into
-    ``timm.create_model(arch, num_classes=N)``.
+    ``timm.create_model(arch, num_classes=N)``. ``trusted``: the command's safe_load.trust_decision.
     """
     import timm
 
     from mimscale.eval.export import resolve_model_spec, student_backbone
 
-    resolved = resolve_model_spec(spec, overrides)
+    resolved = resolve_model_spec(spec, overrides, trusted=trusted)
     if resolved.kind == "export":
         return timm.create_model(
             f"local-dir:{resolved.text}", pretrained=True, num_classes=num_classes, drop_path_rate=drop_path
@@ -402,17 +404,19 @@ def recipe_from_args(args: argparse.Namespace, steps: int) -> Recipe:
 
 def run_finetune(args: argparse.Namespace) -> int:
     from mimscale.engine.distributed import resolve_device_kind
+    from mimscale.engine.safe_load import trust_decision
     from mimscale.eval.export import input_settings, resolve_model_spec
 
     recipe_from_args(args, steps=1)  # a bad option fails before any data or weights are loaded
     device = torch.device(resolve_device_kind(args.device))
-    data = input_settings(resolve_model_spec(args.model, args.set))
+    trusted = trust_decision(args)
+    data = input_settings(resolve_model_spec(args.model, args.set, trusted=trusted))
     data["image_size"] = args.image_size or data["image_size"]
     train = load_labelled(args.train, "--train", data)
     val = load_labelled(args.val, "--val", data)
     num_classes = int(max(train[1].max(), val[1].max())) + 1
     torch.manual_seed(args.seed)  # the new head's init and drop path: the same for every backbone compared
-    model = build_classifier(args.model, num_classes, drop_path=args.drop_path, overrides=args.set)
+    model = build_classifier(args.model, num_classes, drop_path=args.drop_path, overrides=args.set, trusted=trusted)
     if data["image_size"] != Backbone(model).image_size:
         from mimscale.eval.probe import resize_input
 

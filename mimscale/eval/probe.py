@@ -296,10 +296,11 @@ def resize_input(model: nn.Module, size: int) -> None:
 
 
 def _features_for(args: argparse.Namespace) -> tuple[tuple, tuple, int]:
+    from mimscale.engine.safe_load import trust_decision
     from mimscale.eval.export import load_backbone
     from mimscale.pipeline.stream import iter_eval_batches
 
-    loaded = load_backbone(args.model, args.set)
+    loaded = load_backbone(args.model, args.set, trusted=trust_decision(args))
     size = args.image_size or loaded.image_size
     if size != loaded.image_size:
         resize_input(loaded.model, size)
