@@ -23,6 +23,7 @@ from mimscale.shards import index as idx
 from mimscale.shards.format import ShardError
 from mimscale.shards.sets import open_shard_set as load_table
 from mimscale.storage import shard_cache
+from mimscale.storage.atomic import atomic_output
 from mimscale.storage.remote import RemoteError
 from mimscale.storage.shard_cache import ShardCache
 
@@ -316,3 +317,35 @@ def test_inspect_names_a_manifest_whose_classes_is_not_a_list(tmp_path):
     args = argparse.Namespace(out=str(tmp_path / "set"), cache="", sheet="", count=4)
     with pytest.raises(ShardError, match=r'manifest.json: "classes" must be a list of class names, got int 5'):
         cmd_inspect(args)
+
+
+def test_atomic_output_streams_into_place_and_a_failure_keeps_the_old_file(tmp_path):
+    """The streaming form of the one atomic writer (shards, samples.idx, downloads): readers see the old file until
+    the block ends, a failure removes the temporary file, and a link planted at a known temporary name is replaced,
+    never written through."""
+    target = tmp_path / "shard.tar"
+    target.write_bytes(b"old")
+    with atomic_output(target) as sink:
+        sink.write(b"new ")
+        sink.write(b"content")
+        assert target.read_bytes() == b"old"
+        assert len([p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]) == 1
+    assert target.read_bytes() == b"new content" and (target.stat().st_mode & 0o777) == 0o644
+    with pytest.raises(RuntimeError, match="mid-write"), atomic_output(target) as sink:
+        sink.write(b"half")
+        raise RuntimeError("mid-write")
+    assert target.read_bytes() == b"new content"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard.tar"]
+    precious = tmp_path / "precious"
+    precious.write_bytes(b"keep")
+    (tmp_path / "shard.tar.tmp").symlink_to(precious)
+    with atomic_output(target, temp=tmp_path / "shard.tar.tmp") as sink:
+        sink.write(b"third")
+    assert target.read_bytes() == b"third" and precious.read_bytes() == b"keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious", "shard.tar"]
+    (tmp_path / "folder").mkdir()
+    with (
+        pytest.raises(IsADirectoryError, match="folder where mimscale writes a file"),
+        atomic_output(tmp_path / "folder"),
+    ):
+        pass

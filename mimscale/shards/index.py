@@ -43,6 +43,7 @@ from mimscale.shards.format import (
     split_key,
 )
 from mimscale.storage import remote
+from mimscale.storage.atomic import AtomicFile
 from mimscale.storage.shard_cache import cache_dir_for
 
 INDEX_NAME = "samples.idx"
@@ -194,7 +195,7 @@ def _layout(num_shards: int, names_bytes: int) -> tuple[int, int]:
 
 
 class IndexWriter:
-    """Writes an index file shard by shard (O(shards) memory), atomically: ``.tmp``, fsync, rename."""
+    """Writes an index file shard by shard (O(shards) memory), atomically (storage.atomic.AtomicFile)."""
 
     def __init__(self, path: str | Path, names: list[str]):
         for name in names:
@@ -203,10 +204,8 @@ class IndexWriter:
         self.path, self.names = Path(path), names
         self.blob = "\n".join(names).encode()
         self.table = np.zeros(len(names), SHARD_DTYPE)
-        self.tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-        self.tmp.unlink(missing_ok=True)  # a killed builder's (same pid); unlinking a planted link removes only it
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
-        self.handle = os.fdopen(os.open(self.tmp, flags, 0o644), "wb")  # never written through a planted link
+        self.output = AtomicFile(self.path)  # a private temporary name, never written through a planted link
+        self.handle = self.output.handle
         self.handle.seek(_layout(len(names), len(self.blob))[1])
         self.count = 0
 
@@ -227,15 +226,10 @@ class IndexWriter:
         self.handle.write(HEADER.pack(MAGIC, VERSION, 0, len(self.names), total, len(self.blob)))
         self.handle.write(self.table.tobytes())
         self.handle.write(self.blob)
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
-        self.handle.close()
-        os.replace(self.tmp, self.path)
-        return self.path
+        return self.output.commit()
 
     def abort(self) -> None:
-        self.handle.close()
-        self.tmp.unlink(missing_ok=True)
+        self.output.discard()
 
 
 class SetIndex:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from pathlib import Path
 
@@ -16,18 +15,19 @@ import numpy as np
 
 from mimscale.shards.format import MANIFEST_FORMAT, MANIFEST_NAME, ShardError, file_sha256
 from mimscale.shards.index import INDEX_NAME, SAMPLE_DTYPE, ShardScan, report_scan, scan_tar, write_index
-from mimscale.storage.atomic import atomic_write, fsync_dir
+from mimscale.storage.atomic import atomic_output, atomic_write
 
 
 def write_shard(path: str | Path, samples: list[tuple[str, dict[str, bytes]]]) -> dict:
-    """Write samples to ``path`` atomically: ``path.tmp``, fsync, rename. Returns the shard's manifest entry.
+    """Write samples to ``path`` atomically (``path.tmp``, the name create cleans up after a killed job, fsync,
+    rename). Returns the shard's manifest entry, computed from the finished file before it takes ``path``.
 
     Each sample is ``(key, {ext: payload})``; keys may not contain dots (WebDataset would split them). The tar
     is byte-for-byte deterministic (fixed mtime, owner and mode), so re-running a job re-creates identical files.
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
+    with atomic_output(path, temp=tmp) as handle:
         with tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for key, members in samples:
                 if "." in key or "/" in key or not key:
@@ -38,10 +38,7 @@ def write_shard(path: str | Path, samples: list[tuple[str, dict[str, bytes]]]) -
                     info.uname = info.gname = ""
                     tar.addfile(info, io.BytesIO(payload))
         handle.flush()
-        os.fsync(handle.fileno())
-    entry = shard_entry(tmp, name=path.name)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+        entry = shard_entry(tmp, name=path.name)
     return entry
 
 
