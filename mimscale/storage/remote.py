@@ -34,7 +34,7 @@ from urllib.parse import unquote, urlsplit
 from braceexpand import braceexpand
 
 from mimscale.storage import hub
-from mimscale.storage.atomic import fsync_dir
+from mimscale.storage.atomic import atomic_output
 from mimscale.storage.http_client import (  # the re-exported names keep remote.X working for every caller
     CHUNK,  # noqa: F401 - re-exported
     MAX_BACKOFF_S,  # noqa: F401 - re-exported
@@ -296,6 +296,23 @@ def open_location(location: str, timeout: float = 60.0) -> Iterator[tuple[object
         raise TransientError(f"{type(err).__name__}: {err}") from None
 
 
+def _copy_bounded_from(location: str, sink, max_bytes: int, timeout_s: float, min_rate: float) -> None:
+    """One attempt of read_small and download: open ``location``, refuse a declared size over ``max_bytes``, copy
+    at most that many bytes into ``sink`` within the rate and time limits."""
+    with open_location(location, timeout_s) as (reader, declared):
+        if declared is not None and declared > max_bytes:
+            raise RemoteError(f"{location} is {declared} bytes, more than the {max_bytes} allowed for it")
+        copy_bounded(
+            reader,
+            sink,
+            location=location,
+            declared=declared,
+            bound=max_bytes,
+            min_rate=min_rate,
+            timeout_s=timeout_s,
+        )
+
+
 def read_small(
     location: str,
     max_bytes: int,
@@ -312,18 +329,7 @@ def read_small(
 
     def attempt() -> bytes:
         buffer = io.BytesIO()
-        with open_location(location, timeout_s) as (reader, declared):
-            if declared is not None and declared > max_bytes:
-                raise RemoteError(f"{location} is {declared} bytes, more than the {max_bytes} allowed for it")
-            copy_bounded(
-                reader,
-                buffer,
-                location=location,
-                declared=declared,
-                bound=max_bytes,
-                min_rate=min_rate,
-                timeout_s=timeout_s,
-            )
+        _copy_bounded_from(location, buffer, max_bytes, timeout_s, min_rate)
         return buffer.getvalue()
 
     return with_retries(location, attempt, retries=retries, backoff_s=backoff_s)
@@ -339,33 +345,19 @@ def download(
     timeout_s: float = 60.0,
     min_rate: float = DEFAULT_MIN_RATE,
 ) -> Path:
-    """Copy a (possibly large) file to ``dest`` atomically: bounded by max_bytes, retried, tmp + fsync + rename."""
+    """Copy a (possibly large) file to ``dest`` atomically (storage.atomic, under a ``.NAME.part-*`` name while it
+    downloads): bounded by max_bytes, retried, each attempt starting the file over."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}{PART_MARK}{os.getpid()}-{threading.get_ident()}")
+    with atomic_output(dest, temp=tmp) as sink:
 
-    def attempt() -> None:
-        with open(tmp, "wb") as sink, open_location(location, timeout_s) as (reader, declared):
-            if declared is not None and declared > max_bytes:
-                raise RemoteError(f"{location} is {declared} bytes, more than the {max_bytes} allowed for it")
-            copy_bounded(
-                reader,
-                sink,
-                location=location,
-                declared=declared,
-                bound=max_bytes,
-                min_rate=min_rate,
-                timeout_s=timeout_s,
-            )
-            sink.flush()
-            os.fsync(sink.fileno())
+        def attempt() -> None:
+            sink.seek(0)
+            sink.truncate()
+            _copy_bounded_from(location, sink, max_bytes, timeout_s, min_rate)
 
-    try:
         with_retries(location, attempt, retries=retries, backoff_s=backoff_s)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(dest.parent)
     return dest
 
 
