@@ -71,6 +71,7 @@ BAD = [
     ("precision", "fp8", "precision must be one of fp32, bf16, fp16"),
     ("time", math.inf, "time must be a finite number"),
     ("frozen_params", "pos_embed", "frozen_params must be a list"),
+    ("wandb_run_id", 5, "wandb_run_id must be a string"),
     ("surprise", 1, "unknown keys surprise"),
 ]
 
@@ -95,7 +96,7 @@ def test_the_schema_accepts_what_the_trainer_writes(tmp_path):
 
     written = set(re.findall(r'"(\w+)":', inspect.getsource(TrainStream.state_dict)))
     assert written == set(DATA_STATE_KEYS)  # the schema types exactly the keys the stream saves
-    tag_dir = write_checkpoint(tmp_path, config=load_config(None, TINY).to_dict())
+    tag_dir = write_checkpoint(tmp_path, config=load_config(None, TINY).to_dict(), wandb_run_id="r1x2y3")
     assert ckpt.read_meta(tag_dir)["step"] == 2 and ckpt.verify_checkpoint(tag_dir) == []
 
 

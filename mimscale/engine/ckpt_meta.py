@@ -115,6 +115,7 @@ OPTIONAL: dict[str, Check] = {
     "time": _finite,
     "frozen_params": _names,
     "files": _file_record,
+    "wandb_run_id": _text,  # its format is checked where it is used (engine/metrics.py): a bad one starts a new run
 }
 
 # Keyword arguments of timm.create_model / open_clip.create_model that read files, fetch weights or unpickle.
