@@ -25,16 +25,13 @@ import io
 import os
 import re
 import stat
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from braceexpand import braceexpand
 
 from mimscale.storage import hub
-from mimscale.storage.atomic import atomic_output
 from mimscale.storage.http_client import (  # the re-exported names keep remote.X working for every caller
     CHUNK,  # noqa: F401 - re-exported
     MAX_BACKOFF_S,  # noqa: F401 - re-exported
@@ -333,32 +330,6 @@ def read_small(
         return buffer.getvalue()
 
     return with_retries(location, attempt, retries=retries, backoff_s=backoff_s)
-
-
-def download(
-    location: str,
-    dest: str | os.PathLike,
-    max_bytes: int,
-    *,
-    retries: int = 3,
-    backoff_s: float = 0.5,
-    timeout_s: float = 60.0,
-    min_rate: float = DEFAULT_MIN_RATE,
-) -> Path:
-    """Copy a (possibly large) file to ``dest`` atomically (storage.atomic, under a ``.NAME.part-*`` name while it
-    downloads): bounded by max_bytes, retried, each attempt starting the file over."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}{PART_MARK}{os.getpid()}-{threading.get_ident()}")
-    with atomic_output(dest, temp=tmp) as sink:
-
-        def attempt() -> None:
-            sink.seek(0)
-            sink.truncate()
-            _copy_bounded_from(location, sink, max_bytes, timeout_s, min_rate)
-
-        with_retries(location, attempt, retries=retries, backoff_s=backoff_s)
-    return dest
 
 
 def _split_query(location: str) -> tuple[str, str]:
