@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +30,15 @@ def one_rank():
         os.environ.pop(name, None)
         if value is not None:
             os.environ[name] = value
+
+
+@pytest.fixture
+def server():
+    """The bundled sample shards served over HTTP on 127.0.0.1 by the fault-injecting test server."""
+    from http_serve import ShardServer
+
+    with ShardServer(Path(__file__).resolve().parents[1] / "shards" / "sample") as running:
+        yield running
 
 
 @pytest.fixture(scope="session")

@@ -28,12 +28,6 @@ def sha(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-@pytest.fixture
-def server():
-    with ShardServer(SAMPLE) as running:
-        yield running
-
-
 def cache_in(tmp_path: Path, limit: int = 10**9, **options) -> ShardCache:
     options = {"backoff_s": 0.01, "timeout_s": 20.0, **options}
     return ShardCache(tmp_path / "cache", limit, **options)

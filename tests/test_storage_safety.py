@@ -37,12 +37,6 @@ def sha(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-@pytest.fixture
-def server():
-    with ShardServer(SAMPLE) as running:
-        yield running
-
-
 def cache_in(folder: Path, limit: int = 10**9, **options) -> ShardCache:
     return ShardCache(folder, limit, **{"backoff_s": 0.01, "timeout_s": 20.0, **options})
 
