@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mimscale.storage.shard_cache import ranks_on_this_node
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -82,7 +84,7 @@ def choose_socket_interface(device_kind: str, environ=os.environ) -> str | None:
     """
     master = environ.get("MASTER_ADDR", "")
     world = int(environ.get("WORLD_SIZE", "1") or 1)
-    local = int(environ.get("LOCAL_SIZE") or environ.get("LOCAL_WORLD_SIZE") or world)
+    local = ranks_on_this_node(environ, default=world)
     variable = IFNAME_VARIABLES[1] if device_kind == "cuda" else IFNAME_VARIABLES[0]
     if not master or environ.get(variable):
         return f"network: {variable}={environ[variable]} (set by the job)" if environ.get(variable) else None

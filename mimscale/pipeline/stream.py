@@ -15,7 +15,6 @@ global batch continues the very same order.
 from __future__ import annotations
 
 import itertools
-import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from mimscale.pipeline.transforms import eval_transform, normalise_batch, train_
 from mimscale.shards.format import ShardError
 from mimscale.shards.images import BadImage
 from mimscale.shards.sets import ShardTable, open_shard_set
+from mimscale.storage.shard_cache import ranks_on_this_node
 
 MAX_CONSECUTIVE_CORRUPT = 64
 STATE_VERSION = 2
@@ -406,7 +406,7 @@ def build_train_loader(
 def _check_cache_room(table: ShardTable, cfg: Config, streams: int, world_size: int) -> None:
     """The node cache must hold, for every rank on the node, two windows (read + fetched ahead) of its streams."""
     per_rank = -(-streams // world_size) if world_size <= streams else 2  # W not dividing C: parts of two streams
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    local_ranks = ranks_on_this_node()
     largest = max(table.shard_bytes(shard) for shard in range(len(table.locations)))  # -1: not known (counted set)
     need = local_ranks * per_rank * 2 * min(cfg.data.shuffle_window, len(table.locations)) * largest
     table.cache.check_window(

@@ -66,6 +66,25 @@ _LOCK_FDS_GUARD = threading.Lock()
 _FOREIGN_NAMED: set[str] = set()  # cache folders whose foreign files this process has named
 
 
+def ranks_on_this_node(environ=None, default: int = 1) -> int:
+    """How many ranks of the job run on this node (they share its cache): LOCAL_SIZE as DeepSpeed's launcher (and
+    ``mimscale launch``) sets it, LOCAL_WORLD_SIZE as torchrun sets it; ``default`` when neither is set."""
+    environ = os.environ if environ is None else environ
+    for name in ("LOCAL_SIZE", "LOCAL_WORLD_SIZE"):
+        value = environ.get(name, "")
+        if value:
+            try:
+                count = int(value)
+            except ValueError:
+                raise ValueError(f"{name}={value!r} is not a number of ranks; the launcher sets it: unset it") from None
+            if count < 1:
+                raise ValueError(
+                    f"{name}={value} is not a number of ranks (at least 1); the launcher sets it: unset it"
+                )
+            return count
+    return default
+
+
 def _open_lock(path: Path) -> int:
     """Open (creating) a lock file without following a link planted at its name: a symlink in ``.locks/`` must never
     make us create or open a file elsewhere; anything but a regular file there is refused, named."""
