@@ -10,11 +10,15 @@ disk on every node, as a cluster's local scratch does), binds the cluster's ssh 
 ~/.ssh is untouched), starts an sshd on the node's address only and reaps orphans until sshd exits. The
 repository, run folders and checkpoints stay on the shared filesystem.
 
+With ``storage=True`` the bridge also carries a storage host (``<subnet>.250``): a network namespace of its own that
+runs nothing but the file servers ``serve()`` starts (tests/http_serve.py, which logs every request with the
+client's address), as a cluster's object store or web server would serve shards to its nodes.
+
 Teardown kills each node's init by pid (which ends every process of that PID namespace, sshd included), deletes
 the namespaces (their veths go with them), the bridge and the state folder; it is safe to call twice and after a
 half-built ``up``. Used by the ``cluster`` fixture (tests/conftest.py) and by ``launch/local_cluster.sh up|down``.
 
-    python tests/cluster.py up [N] [--name NAME] [--subnet 10.213.7]   # prints the hostfile and how to use it
+    python tests/cluster.py up [N] [--name NAME] [--subnet 10.213.7] [--storage]  # prints the hostfile and use
     python tests/cluster.py exec NODE -- COMMAND...                    # run COMMAND on node NODE (1-based)
     python tests/cluster.py down [--name NAME]
 """
@@ -36,6 +40,8 @@ from pathlib import Path
 STATE_ROOT = Path("/tmp")
 SSHD = "/usr/sbin/sshd"
 SSH_CONFIG = "/etc/ssh/ssh_config"
+STORAGE_HOST = 250  # the storage host's last address byte
+HTTP_SERVE = Path(__file__).resolve().parent / "http_serve.py"
 
 
 def unavailable_reason() -> str | None:
@@ -66,6 +72,7 @@ class Cluster:
     name: str = "msc"
     subnet: str = "10.213.7"
     init_pids: list[int] = field(default_factory=list)
+    storage: bool = False  # also a storage host on the bridge, serving files over HTTP (serve())
 
     @property
     def state(self) -> Path:
@@ -93,6 +100,14 @@ class Cluster:
     def bridge(self) -> str:
         return f"{self.name}br"
 
+    @property
+    def storage_netns(self) -> str:
+        return f"{self.name}s"
+
+    @property
+    def storage_address(self) -> str:
+        return f"{self.subnet}.{STORAGE_HOST}"
+
     def hostfile(self, slots: int = 1, nodes: int | None = None) -> Path:
         path = self.state / f"hostfile-{nodes or self.nodes}x{slots}"
         path.write_text("".join(f"{self.address(n)} slots={slots}\n" for n in range(1, (nodes or self.nodes) + 1)))
@@ -112,6 +127,8 @@ class Cluster:
             _run("ip", "link", "set", self.bridge, "up")
             for node in range(1, self.nodes + 1):
                 self._add_node(node)
+            if self.storage:
+                self._add_host(self.storage_netns, f"{self.name}vs", self.storage_address)
             self._save()
             for node in range(1, self.nodes + 1):
                 self._wait_for_sshd(node, timeout)
@@ -156,14 +173,18 @@ class Cluster:
                 "MaxSessions 100\n"
             )
 
-    def _add_node(self, node: int) -> None:
-        netns, veth = self.netns(node), f"{self.name}v{node}"
+    def _add_host(self, netns: str, veth: str, address: str) -> None:
+        """A network namespace with a veth (eth0 inside) into the bridge and ``address`` on it."""
         _run("ip", "netns", "add", netns)
         _run("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", netns)
         _run("ip", "link", "set", veth, "master", self.bridge, "up")
-        _run("ip", "-n", netns, "addr", "add", f"{self.address(node)}/24", "dev", "eth0")
+        _run("ip", "-n", netns, "addr", "add", f"{address}/24", "dev", "eth0")
         _run("ip", "-n", netns, "link", "set", "eth0", "up")
         _run("ip", "-n", netns, "link", "set", "lo", "up")
+
+    def _add_node(self, node: int) -> None:
+        netns = self.netns(node)
+        self._add_host(netns, f"{self.name}v{node}", self.address(node))
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation folder
         log = open(self.state / f"node{node}" / "init.log", "w")  # noqa: SIM115 - the child keeps it
         unshare = subprocess.Popen(
@@ -201,7 +222,8 @@ class Cluster:
         raise RuntimeError(f"node {node}'s sshd did not answer within {timeout:.0f} s: {probe.stderr}\n{log}")
 
     def _save(self) -> None:
-        info = {"nodes": self.nodes, "name": self.name, "subnet": self.subnet, "init_pids": self.init_pids}
+        info = {"nodes": self.nodes, "name": self.name, "subnet": self.subnet, "init_pids": self.init_pids,
+                "storage": self.storage}  # fmt: skip
         (self.state / "cluster.json").write_text(json.dumps(info))
 
     @classmethod
@@ -258,19 +280,72 @@ class Cluster:
                 pass
         return len(victims)
 
+    def serve(self, folder: Path | str, port: int = 8000) -> FileServer:
+        """Serve ``folder`` over HTTP from the storage host (``storage=True``); stop it with ``stop()`` or ``with``
+        (``down()`` stops any left running)."""
+        if not self.storage:
+            raise RuntimeError("this cluster has no storage host: build it with Cluster(..., storage=True)")
+        return FileServer(self, Path(folder), port)
+
     # ---- removing -------------------------------------------------------------------------------------------
     def down(self) -> None:
-        """Kill every node (its init takes its whole PID namespace along), delete namespaces, bridge and state."""
-        for pid in self.init_pids:
+        """Kill every node (its init takes its whole PID namespace along) and the storage host's servers, delete
+        namespaces, bridge and state."""
+        for pid in [*self.init_pids, *FileServer.running_in(self)]:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        for node in range(1, self.nodes + 1):
-            _quiet("ip", "netns", "del", self.netns(node))
+        for netns in [*(self.netns(node) for node in range(1, self.nodes + 1)), self.storage_netns]:
+            _quiet("ip", "netns", "del", netns)
         _quiet("ip", "link", "del", self.bridge)
         shutil.rmtree(self.state, ignore_errors=True)
         self.init_pids = []
+
+
+class FileServer:
+    """tests/http_serve.py serving a folder on the storage host's address; ``requests()`` reads its request log."""
+
+    def __init__(self, cluster: Cluster, folder: Path, port: int, timeout: float = 60.0) -> None:
+        self.cluster, self.port = cluster, port
+        self.log = cluster.state / f"storage-{port}.log"
+        command = ["ip", "netns", "exec", cluster.storage_netns, sys.executable, str(HTTP_SERVE), str(folder),
+                   "--bind", cluster.storage_address, "--port", str(port), "--request-log", str(self.log)]  # fmt: skip
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        (cluster.state / f"storage-{port}.pid").write_text(str(self.process.pid))
+        first = self.process.stdout.readline()  # "serving ... at URL" once it listens, or why it could not
+        if not first.startswith("serving"):
+            self.stop()
+            raise RuntimeError(f"the storage host's server did not start: {first}{self.process.stdout.read()[-2000:]}")
+
+    @staticmethod
+    def running_in(cluster: Cluster) -> list[int]:
+        return [int(path.read_text()) for path in cluster.state.glob("storage-*.pid")]
+
+    def url(self, name: str = "") -> str:
+        return f"http://{self.cluster.storage_address}:{self.port}/{name}"
+
+    def requests(self) -> list[tuple[str, str, str]]:
+        """(client address, method, file name) of every request answered so far, in order."""
+        if not self.log.is_file():
+            return []
+        return [tuple(line.split(" ", 2)) for line in self.log.read_text().splitlines() if line.count(" ") >= 2]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process.stdout.close()
+        (self.cluster.state / f"storage-{self.port}.pid").unlink(missing_ok=True)
+
+    def __enter__(self) -> FileServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 def remove_stale_clusters() -> None:
@@ -308,15 +383,19 @@ def _main(argv: list[str]) -> int:
     parser.add_argument("--name", default="msc", help="names the namespaces, the bridge and the state folder")
     parser.add_argument("--subnet", default="10.213.7", help="first three octets of the nodes' /24")
     parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--storage", action="store_true", help="up: add a storage host (<subnet>.250) on the bridge")
     command = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     if args.action == "node-init":
         return node_init(Cluster(nodes=args.nodes, name=args.name, subnet=args.subnet), args.node)
     if args.action == "up":
-        cluster = Cluster(nodes=args.node or 2, name=args.name, subnet=args.subnet).up()
+        cluster = Cluster(nodes=args.node or 2, name=args.name, subnet=args.subnet, storage=args.storage).up()
         print(f"{cluster.nodes} nodes up: {', '.join(cluster.address(n) for n in range(1, cluster.nodes + 1))}")
         print(f"hostfile (1 rank per node): {cluster.hostfile()}")
         print(f"node-local disk on every node: {cluster.node_local}")
+        if cluster.storage:
+            print(f"storage host: {cluster.storage_address} (serve a folder: ip netns exec {cluster.storage_netns} "
+                  f"python tests/http_serve.py FOLDER --bind {cluster.storage_address})")  # fmt: skip
         print(
             f"run on node 1: python tests/cluster.py exec 1 --name {cluster.name} -- COMMAND (or launch/local_cluster.sh exec 1 -- COMMAND)"
         )

@@ -43,15 +43,16 @@ def server():
 
 @pytest.fixture(scope="session")
 def cluster():
-    """Two namespace nodes with sshd, shared by the session's multi-node tests (tests/cluster.py); always torn
-    down, also when a test fails. Skipped, with the reason, where the machine cannot make namespaces (not root)."""
+    """Two namespace nodes with sshd, and a storage host that serves files over HTTP (Cluster.serve), shared by the
+    session's multi-node tests (tests/cluster.py); always torn down, also when a test fails. Skipped, with the
+    reason, where the machine cannot make namespaces (not root)."""
     from cluster import Cluster, remove_stale_clusters, unavailable_reason
 
     reason = unavailable_reason()
     if reason:
         pytest.skip(reason)
     remove_stale_clusters()
-    nodes = Cluster(nodes=2, name=f"mt{os.getpid()}").up()
+    nodes = Cluster(nodes=2, name=f"mt{os.getpid()}", storage=True).up()
     try:
         yield nodes
     finally:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
+import sys
 import threading
 import time
 from collections import Counter
@@ -52,6 +54,9 @@ class _Handler(BaseHTTPRequestHandler):
         with owner.lock:
             owner.requests[name] += 1
             owner.authorizations.append(self.headers.get("Authorization"))
+            if owner.request_log is not None:  # one line per request: client address, method, file name
+                owner.request_log.write(f"{self.client_address[0]} {self.command} {name}\n")
+                owner.request_log.flush()
             fault = owner.faults.get(name, []).pop(0) if owner.faults.get(name) else ""
         if owner.latency_s:
             time.sleep(owner.latency_s)
@@ -98,8 +103,16 @@ class _Server(ThreadingHTTPServer):
 class ShardServer:
     """``with ShardServer(folder, latency_s=0.05) as server: server.url("x.tar")``."""
 
-    def __init__(self, root: str | os.PathLike, latency_s: float = 0.0, port: int = 0):
-        self.root = Path(root).resolve()
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        latency_s: float = 0.0,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        request_log: str | os.PathLike | None = None,
+    ):
+        self.root, self.host = Path(root).resolve(), host
+        self.request_log = open(request_log, "a") if request_log else None  # noqa: SIM115 - closed in __exit__
         self.latency_s = latency_s
         self.requests: Counter = Counter()
         self.authorizations: list[str | None] = []
@@ -109,13 +122,13 @@ class ShardServer:
         self.require_query = ""
         self.lock = threading.Lock()
         self.hanging, self.release = threading.Event(), threading.Event()
-        self._httpd = _Server(("127.0.0.1", port), _Handler)
+        self._httpd = _Server((host, port), _Handler)
         self._httpd.owner = self
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="shard-http", daemon=True)
 
     def url(self, name: str = "") -> str:
-        return f"http://127.0.0.1:{self.port}/{name}"
+        return f"http://{self.host}:{self.port}/{name}"
 
     def __enter__(self) -> ShardServer:
         self._thread.start()
@@ -125,6 +138,8 @@ class ShardServer:
         self.release.set()
         self._httpd.shutdown()
         self._httpd.server_close()
+        if self.request_log is not None:
+            self.request_log.close()
 
 
 def main() -> None:
@@ -132,8 +147,12 @@ def main() -> None:
     parser.add_argument("folder")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--bind", default="127.0.0.1", help="address to listen on (a test host's own address)")
+    parser.add_argument("--request-log", help="append 'CLIENT METHOD NAME' for every request to this file")
     args = parser.parse_args()
-    with ShardServer(args.folder, latency_s=args.latency_ms / 1000, port=args.port) as server:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a stop by pid closes the log like Ctrl-C
+    server = ShardServer(args.folder, args.latency_ms / 1000, args.port, args.bind, args.request_log)
+    with server:
         print(f"serving {server.root} at {server.url()} (Ctrl-C to stop)", flush=True)
         try:
             threading.Event().wait()

@@ -40,6 +40,7 @@ NODE_LOSS_LIMIT_S = 90  # from a node's death to the job's exit (the fan-out wai
 NODE_START_LIMIT_S = 150  # from the launch to the exit when a node cannot start (not run.startup_timeout_s=900)
 PARTITION_LIMIT_S = 150  # ssh keep-alive 30 s + 10 s grace, or the node launcher's 30 s of silence, plus load
 _ports = iter(range(29400, 29500))
+SAMPLE = REPO / "shards" / "sample"
 
 
 def _env(tmp_path: Path) -> dict:
@@ -217,13 +218,81 @@ def test_one_node_checkpoint_resumes_on_two_nodes_and_a_signal_to_node_2_only_st
     assert scalars(run_dir, "train/loss") == {s: v for s, v in expected.items() if 4 < s <= step}
 
 
+def _shards_each_node_reads(ranks_per_node: int, nodes: int, batch_size: int, streams: int) -> dict[int, set[str]]:
+    """{node: the shards its ranks' canonical streams read}, from the order code (pipeline/order.py) and the demo's
+    seed and shuffle window: what each node's cache must hold, and nothing else."""
+    from mimscale.config import load_config
+    from mimscale.pipeline.order import EpochPlan, arrangement
+    from mimscale.shards.sets import open_shard_set
+
+    cfg = load_config(DEMO)
+    table = open_shard_set(str(SAMPLE / "*.tar"), "data.shards", counts=True)
+    names = [Path(location).name for location in table.locations]
+    global_batch = batch_size * ranks_per_node * nodes
+    found = {}
+    for node in range(1, nodes + 1):
+        ranks = range((node - 1) * ranks_per_node, node * ranks_per_node)
+        rows = [rank * batch_size + row for rank in ranks for row in range(batch_size)]
+        node_streams = {arrangement(row, global_batch, streams)[0] for row in rows}
+        found[node] = set()
+        for epoch in (0, 1):  # a stream's shards are fixed for the run; the next epoch's first window is read ahead
+            plan = EpochPlan(
+                table.counts, seed=cfg.run.seed, epoch=epoch, streams=streams, window=cfg.data.shuffle_window
+            )
+            found[node] |= {names[shard] for stream in node_streams for shard in plan.streams[stream].shard}
+    return found
+
+
+def _cached_shards(disk: Path) -> set[str]:
+    """The shard names in a node cache's shard folder (entries are '<16 hex>-<name>'; .part files are hidden)."""
+    return {path.name.split("-", 1)[1] for path in disk.glob("*.tar") if not path.name.startswith(".")}
+
+
+def _wait_for_caches(cluster, folder: str, expected: dict[int, set[str]], timeout: float = 60.0) -> dict:
+    """The shards in each node's data.cache_dir (``folder`` on its own disk) once they include what they must
+    (prefetches finish in the background)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        cached = {node: _cached_shards(cluster.disk(node) / folder / "shards") for node in expected}
+        if all(expected[node] <= cached[node] for node in expected) or time.monotonic() > deadline:
+            return cached
+        time.sleep(0.5)
+
+
+LOSS_STEPS = 4  # the 2 x 2 run's steps compared with the reference before node 2 is killed
+
+
 @pytest.mark.slow
-def test_a_node_that_dies_ends_the_job_in_bounded_time_leaving_nothing(two_node_run, cluster, tmp_path):
-    """2 nodes x 2 ranks train; then every process of the run on node 2 is killed (kill -9)."""
-    run_dir = tmp_path / "node-dies"
-    run = two_node_run(run_dir, "train.stop_at_step=0", "train.max_steps=100", "data.batch_size=2", slots=2)
-    run.wait_for_step(2)
-    assert run.output.count("dist_world_size=4") == 2  # both node launchers started 2 ranks of a world of 4
+def test_two_nodes_of_two_ranks_cache_their_own_shards_train_like_one_node_and_survive_nothing_of_a_dead_node(
+    reference, two_node_run, cluster, tmp_path
+):
+    """2 nodes x 2 ranks (world 4, data.batch_size=2: the reference's global batch of 8, and its data.streams=2)
+    read the sample shards over HTTP from the storage host into data.cache_dir on each node's own disk; then every
+    process of the run on node 2 is killed (kill -9).
+
+    Data: node n's cache holds exactly the shards its ranks' streams read (computed from the order code), and the
+    server saw one GET per shard from each node that reads it, none from the other: both ranks of a node read the
+    same stream (W=4 > C=2), so the second rank's reads are the first one's download (the node cache's flock).
+    Training: the first LOSS_STEPS losses match the one-node reference to 1e-3 relative; bits are not asserted: the
+    logged loss is the mean over 4 ranks' losses of 2 samples instead of 2 ranks' of 4, and ZeRO-3's bf16
+    reduce-scatter sums the gradients of 4 ranks in another order (the 2 x 1 runs, the reference's world size,
+    are compared exactly)."""
+    run_dir, folder = tmp_path / "node-dies", f"cache-{tmp_path.name}"
+    with cluster.serve(SAMPLE, port=next(_ports)) as storage:
+        data = [f"data.shards={storage.url('sample-{000..003}.tar')}", f"data.cache_dir={cluster.node_local / folder}"]
+        run = two_node_run(run_dir, *data, "data.streams=2", "data.batch_size=2", "train.stop_at_step=0", slots=2)
+        run.wait_for_step(LOSS_STEPS)
+        assert run.output.count("dist_world_size=4") == 2  # both node launchers started 2 ranks of a world of 4
+        expected = _shards_each_node_reads(ranks_per_node=2, nodes=2, batch_size=2, streams=2)
+        assert expected[1] ^ expected[2], expected  # a shard only one node reads: the check below means something
+        cached = _wait_for_caches(cluster, folder, expected)
+        fetched = [(client, name) for client, method, name in storage.requests() if name.endswith(".tar")]
+    assert cached == expected, (cached, expected)
+    for name in expected[1] | expected[2]:
+        readers = sorted(cluster.address(node) for node in expected if name in expected[node])
+        assert sorted(client for client, fetched_name in fetched if fetched_name == name) == readers, fetched
+    assert not (cluster.node_local / folder).exists()  # on the nodes' own disks, not on the machine's
+
     for process in cluster.processes_mentioning(2, str(run_dir)):  # every process of the run on node 2
         process.kill()
     code, took = run.finish(NODE_LOSS_LIMIT_S)
@@ -234,6 +303,11 @@ def test_a_node_that_dies_ends_the_job_in_bounded_time_leaving_nothing(two_node_
     # node 1's rank names who went away ("Connection closed by peer [A]:port" or "Read error [A]:port: ...reset")
     assert re.search(rf"\[{re.escape(cluster.address(2))}\]:\d+", output), output[-4000:]
     assert not run.leftovers()
+    losses, expected_losses = scalars(run_dir, "train/loss"), scalars(reference, "train/loss")
+    assert LOSS_STEPS in losses, losses
+    print("2 x 2 vs 1 x 2 loss, relative:", {s: abs(v / expected_losses[s] - 1) for s, v in losses.items()})
+    for step, loss in losses.items():
+        assert loss == pytest.approx(expected_losses[step], rel=1e-3), (step, losses, expected_losses)
 
 
 @pytest.mark.slow
@@ -334,6 +408,33 @@ def test_ranks_take_the_interface_that_routes_to_the_master_and_refuse_loopback_
         assert "GLOO_SOCKET_IFNAME=data1 (set by the job)" in kept
     finally:
         subprocess.run(["ip", "netns", "del", netns], capture_output=True)
+
+
+def test_the_node_cache_counts_the_ranks_of_its_node_under_deepspeed_and_torchrun(server, tmp_path, monkeypatch):
+    """DeepSpeed's launcher (and `mimscale launch`) tells a rank how many share its node in LOCAL_SIZE, torchrun in
+    LOCAL_WORLD_SIZE: the cache room check and the interface choice read both through one helper. A cache limit
+    that holds 2 windows for one rank is refused, named, when DeepSpeed starts 2 ranks on the node."""
+    from mimscale.config import load_config
+    from mimscale.pipeline.masking import build_mask_generator
+    from mimscale.pipeline.stream import build_train_loader
+    from mimscale.storage.remote import RemoteError
+    from mimscale.storage.shard_cache import ranks_on_this_node
+
+    assert ranks_on_this_node({"LOCAL_SIZE": "2"}) == 2 and ranks_on_this_node({"LOCAL_WORLD_SIZE": "3"}) == 3
+    assert ranks_on_this_node({}) == 1 and ranks_on_this_node({"LOCAL_WORLD_SIZE": ""}, default=4) == 4
+    with pytest.raises(ValueError, match="LOCAL_SIZE='two' is not a number of ranks"):
+        ranks_on_this_node({"LOCAL_SIZE": "two"})
+    mask = build_mask_generator("random_tokens", image_size=32, token_stride=8, ratio=0.5, cell_size=32)
+    settings = [f"data.shards={server.url('sample-{000..003}.tar')}", "data.image_size=32", "data.shuffle_window=2",
+                f"data.cache_dir={tmp_path / 'cache'}", "data.cache_limit_gb=0.004"]  # fmt: skip
+    for name in ("LOCAL_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    build_train_loader(load_config(None, settings), rank=0, world_size=1, mask_generator=mask)  # 2.8 MB: fits
+    for name in ("LOCAL_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.setenv(name, "2")
+        with pytest.raises(RemoteError, match=r"smaller than 2 windows .* x 2 rank\(s\) on this node"):
+            build_train_loader(load_config(None, settings), rank=0, world_size=1, mask_generator=mask)
+        monkeypatch.delenv(name)
 
 
 def test_the_fan_out_reads_deepspeeds_pdsh_command_and_combines_node_exit_codes():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -54,6 +55,22 @@ def _node_launcher_subprocess(children: list) -> types.SimpleNamespace:
     return namespace
 
 
+def _pdsh_runner_quoting_every_argument(runner_module) -> type:
+    """DeepSpeed's pdsh runner, its training arguments quoted for the nodes' shells.
+
+    The remote command runs through each node's shell, and DeepSpeed quotes an argument only when it holds a space:
+    `--set data.shards=/data/train-{000..099}.tar` reached every node as 100 arguments (brace expansion; measured on
+    the namespace cluster, tests/test_multinode.py), and `$`, `*`, `;` or quotes would be taken apart as well. Each
+    argument is quoted with shlex.quote instead, so every rank on every node gets exactly the arguments given here.
+    """
+
+    class QuotingPDSHRunner(runner_module.PDSHRunner):
+        def parse_user_args(self):
+            return [shlex.quote(arg) for arg in self.args.user_args]
+
+    return QuotingPDSHRunner
+
+
 def _signal_module_keeping_ours() -> types.SimpleNamespace:
     """``signal`` as DeepSpeed's runner sees it: its multi-node SIGINT/SIGTERM handler (pkill every DeepSpeed job
     on every host, exit 1) is not installed; ours forward the signal to the nodes and wait for their exit codes."""
@@ -80,6 +97,7 @@ def main(argv: list[str]) -> int:
     children: list[subprocess.Popen] = []
     runner.subprocess = _node_launcher_subprocess(children)
     runner.signal = _signal_module_keeping_ours()
+    runner.PDSHRunner = _pdsh_runner_quoting_every_argument(runner)
 
     def forward(signum, _frame):
         for child in children:
