@@ -43,11 +43,11 @@ _ports = iter(range(29400, 29500))
 SAMPLE = REPO / "shards" / "sample"
 
 
-def _env(tmp_path: Path) -> dict:
+def _env(tmp_path: Path, *lines: str) -> dict:
     """The test environment, plus the variables every node needs, in a DeepSpeed environment file (as a user's
     .deepspeed_env): only PYTHON*-prefixed variables reach other nodes by themselves."""
     env_file = tmp_path / "deepspeed_env"
-    env_file.write_text("HF_HUB_OFFLINE=1\nOMP_NUM_THREADS=1\n")
+    env_file.write_text("".join(f"{line}\n" for line in ["HF_HUB_OFFLINE=1", "OMP_NUM_THREADS=1", *lines]))
     return env_with(DS_ENV_FILE=str(env_file))
 
 
@@ -64,9 +64,9 @@ class TwoNodeRun:
     hostfile's first host; read line by line; the fixture leaves no process of it on any node."""
 
     def __init__(self, cluster, tmp_path: Path, run_dir: Path, *extra: str, slots: int = 1, port: int = 0,
-                 ssh_args: str = "") -> None:  # fmt: skip
+                 ssh_args: str = "", node_env: tuple[str, ...] = ()) -> None:  # fmt: skip
         self.cluster, self.run_dir, self.lines = cluster, run_dir, []
-        env = dict(_env(tmp_path), HOSTFILE=str(cluster.hostfile(slots)), CONFIG=str(DEMO),
+        env = dict(_env(tmp_path, *node_env), HOSTFILE=str(cluster.hostfile(slots)), CONFIG=str(DEMO),
                    MASTER_PORT=str(port or next(_ports)), PDSH_SSH_ARGS_APPEND=ssh_args)  # fmt: skip
         command = ["launch/multi_node.sh", *overrides(run_dir, *SETTINGS, *extra)]  # exec's `mimscale launch`
         self.process = cluster.popen(1, command, cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -80,15 +80,19 @@ class TwoNodeRun:
 
     def wait_for_step(self, step: int, timeout: float = LAUNCH_LIMIT_S) -> None:
         """Read the output until rank 0 logs ``step`` (the step lines pad the number: 'step   2/40 | loss ...')."""
-        pattern = re.compile(rf"\bstep +{step}/")
+        self.wait_for(rf"\bstep +{step}/", timeout)
+
+    def wait_for(self, pattern: str, timeout: float = LAUNCH_LIMIT_S) -> None:
+        """Read the output until a line matches ``pattern`` (a regular expression)."""
+        found = re.compile(pattern)
         deadline = time.monotonic() + timeout
         for line in iter(self.process.stdout.readline, ""):
             self.lines.append(line)
-            if pattern.search(line):
+            if found.search(line):
                 return
             if time.monotonic() > deadline:
                 break
-        pytest.fail(f"no step {step} line within {timeout} s:\n{self.output[-4000:]}")
+        pytest.fail(f"no line matching {pattern!r} within {timeout} s:\n{self.output[-4000:]}")
 
     def finish(self, timeout: float) -> tuple[int, float]:
         """(exit code, seconds it took) once the runner has exited."""
@@ -310,16 +314,28 @@ def test_two_nodes_of_two_ranks_cache_their_own_shards_train_like_one_node_and_s
         assert loss == pytest.approx(expected_losses[step], rel=1e-3), (step, losses, expected_losses)
 
 
+SAVE_CUT = 8  # the partitioned run's save that never completes; the one of step 4 must be resumed
+
+
 @pytest.mark.slow
-def test_a_network_partition_ends_the_job_on_both_sides_of_it(two_node_run, cluster, tmp_path):
-    """Node 2's link goes down mid-run: the runner's ssh to it gives up (keep-alive: 3 x 2 s, set here through
+def test_a_partition_during_a_save_ends_the_job_on_both_sides_and_torchrun_resumes_the_last_complete_checkpoint(
+    reference, two_node_run, cluster, tmp_path
+):
+    """Node 2's link goes down while the step-8 checkpoint is being saved (its rank stalls after writing its shards,
+    injected, and the link is cut then): the runner's ssh to node 2 gives up (keep-alive 3 x 2 s, set through
     PDSH_SSH_ARGS_APPEND, which wins over the default 3 x 10 s), node 1's ranks are killed 10 s later and the job
     exits naming node 2; node 2's launcher, hearing no heartbeat for 30 s, kills its ranks. Nothing of the run is
-    left on either side."""
+    left on either side, and step 8 has no mimscale.json (incomplete).
+
+    Relaunched by torchrun's multi-node rendezvous (`--nnodes 2 --rdzv-backend c10d`, one torchrun per node: node 1
+    hosts the store, `is_host`, since the nodes' hostnames do not resolve; each names its own address with
+    `--local-addr`), the run names step 8 as incomplete, skips it, resumes step 4 (written by ranks of both nodes)
+    and trains steps 5-8 exactly as the one-node reference."""
     run_dir = tmp_path / "partition"
     keepalive = "-o ServerAliveInterval=2 -o ServerAliveCountMax=3"
-    run = two_node_run(run_dir, "train.stop_at_step=0", "train.max_steps=400", ssh_args=keepalive)
-    run.wait_for_step(2)
+    stall = f"MIMSCALE_INJECT_FAULT=stall_in_save:rank=1:step={SAVE_CUT}"  # rank 1 runs on node 2
+    run = two_node_run(run_dir, ssh_args=keepalive, node_env=(stall,))
+    run.wait_for(rf"rank 1 stalls in save at step {SAVE_CUT}\b")
     link = ["ip", "-n", cluster.netns(2), "link", "set", "eth0"]
     subprocess.run([*link, "down"], check=True)
     try:
@@ -331,10 +347,38 @@ def test_a_network_partition_ends_the_job_on_both_sides_of_it(two_node_run, clus
     finally:
         subprocess.run([*link, "up"], check=True)
     output = run.output
-    print(f"node 2 cut off: the job exited {code} after {took:.1f} s")
+    print(f"node 2 cut off during a save: the job exited {code} after {took:.1f} s")
     assert code != 0 and f"node rank 1 ({cluster.address(2)}) exited with code 255" in output, output[-4000:]
     assert took < 6 + FAIL_GRACE_S + 20  # the keep-alive given, not the default 30 s (20 s: margin for load)
     assert not left
+    cut = run_dir / "checkpoints" / f"step_{SAVE_CUT:08d}"
+    assert cut.is_dir() and not (cut / "mimscale.json").exists() and _stopped_step(run_dir) == 4
+
+    outputs = _torchrun_on_two_nodes(cluster, run_dir, "train.stop_at_step=8")
+    assert f"checkpoint {cut} is incomplete" in outputs[0] and "skipping it" in outputs[0], outputs[0][-3000:]
+    assert "at step 4" in outputs[0] and "network: GLOO_SOCKET_IFNAME=eth0" in outputs[0]
+    expected = scalars(reference, "train/loss")
+    assert scalars(run_dir, "train/loss") == {s: v for s, v in expected.items() if s <= 8}
+
+
+def _torchrun_on_two_nodes(cluster, run_dir: Path, *extra: str) -> list[str]:
+    """One torchrun per node, c10d rendezvous hosted on node 1; both must exit 0. Their outputs."""
+    port, runs = next(_ports), []
+    try:
+        for node in (1, 2):
+            command = ["torchrun", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                       "--rdzv-endpoint", f"{cluster.address(1)}:{port}", "--rdzv-id", "multinode-test",
+                       "--rdzv-conf", f"is_host={int(node == 1)}", "--local-addr", cluster.address(node),
+                       "-m", "mimscale.train", "--config", str(DEMO), *overrides(run_dir, *SETTINGS, *extra)]  # fmt: skip
+            runs.append(cluster.popen(node, command, cwd=REPO, env=env_with(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))  # fmt: skip
+        outputs = [run.communicate(timeout=LAUNCH_LIMIT_S)[0] for run in runs]
+    finally:
+        for run in runs:
+            run.kill()
+        cluster.kill_mentioning(str(run_dir))
+    assert [run.returncode for run in runs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    return outputs
 
 
 @pytest.mark.slow
@@ -450,28 +494,3 @@ def test_the_fan_out_reads_deepspeeds_pdsh_command_and_combines_node_exit_codes(
     assert combine_exit_codes([0, 0]) == 0
     assert combine_exit_codes([75, 75]) == 75 and combine_exit_codes([0, 75]) == 75  # one node had finished
     assert combine_exit_codes([255, 1]) == 255 and combine_exit_codes([75, 1]) == 1  # the first failure wins
-
-
-@pytest.mark.slow
-def test_torchrun_c10d_rendezvous_on_two_nodes_trains_like_one_node(reference, cluster, tmp_path):
-    """One torchrun per node (`--nnodes 2 --rdzv-backend c10d`): node 1 hosts the store (`is_host`, since the
-    nodes' hostnames do not resolve) and each node names its own address (`--local-addr`)."""
-    run_dir, port = tmp_path / "torchrun", next(_ports)
-    runs = []
-    try:
-        for node in (1, 2):
-            command = ["torchrun", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
-                       "--rdzv-endpoint", f"{cluster.address(1)}:{port}", "--rdzv-id", "multinode-test",
-                       "--rdzv-conf", f"is_host={int(node == 1)}", "--local-addr", cluster.address(node),
-                       "-m", "mimscale.train", "--config", str(DEMO),
-                       *overrides(run_dir, *SETTINGS, "train.stop_at_step=4")]  # fmt: skip
-            runs.append(cluster.popen(node, command, cwd=REPO, env=env_with(), stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))  # fmt: skip
-        outputs = [run.communicate(timeout=LAUNCH_LIMIT_S)[0] for run in runs]
-    finally:
-        for run in runs:
-            run.kill()
-        cluster.kill_mentioning(str(run_dir))
-    assert [run.returncode for run in runs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
-    assert "network: GLOO_SOCKET_IFNAME=eth0" in outputs[0]
-    assert scalars(run_dir, "train/loss") == {s: v for s, v in scalars(reference, "train/loss").items() if s <= 4}

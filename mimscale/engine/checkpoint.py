@@ -306,6 +306,7 @@ def save_checkpoint(engine, root: Path, step: int, meta: dict, rank: int) -> Pat
     distributed.barrier()
     error = _write_shards(engine, root, tag, meta, rank)
     faults.maybe_kill_in_save(rank, step)
+    faults.maybe_stall_in_save(rank, step)
     if distributed.all_reduce_max(1.0 if error else 0.0)[0] > 0:  # every shard of every rank is on disk, or none
         if rank == 0:
             shutil.rmtree(tag_dir, ignore_errors=True)

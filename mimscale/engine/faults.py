@@ -1,8 +1,8 @@
 """Fault injection for the failure tests: make one rank produce a NaN loss or stall, at a chosen step.
 
-Set MIMSCALE_INJECT_FAULT="<kind>:rank=<r>:step=<s>" with kind nan, hang, kill_in_save or slow_start (comma-separate
-several; slow_start delays joining the rendezvous by <s> seconds). Unset, the training step runs the engine's
-forward unwrapped (``with_step_faults``). Real runs never set it; it exists so the tests can reproduce what
+Set MIMSCALE_INJECT_FAULT="<kind>:rank=<r>:step=<s>" with kind nan, hang, kill_in_save, stall_in_save or slow_start
+(comma-separate several; slow_start delays joining the rendezvous by <s> seconds). Unset, the training step runs the
+engine's forward unwrapped (``with_step_faults``). Real runs never set it; it exists so the tests can reproduce what
 happens on clusters (a rank's loss going NaN, a rank stalling) with the real launcher.
 """
 
@@ -52,6 +52,14 @@ def maybe_kill_in_save(rank: int, step: int) -> None:
     """SIGKILL this rank after its shards are written but before the checkpoint is marked complete."""
     if FAULTS and ("kill_in_save", rank, step) in FAULTS:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_stall_in_save(rank: int, step: int) -> None:
+    """Stall this rank after its shards are written, before the checkpoint is marked complete (a test cuts the
+    network then: a partition during a save)."""
+    if FAULTS and ("stall_in_save", rank, step) in FAULTS:
+        print(f"fault injection: rank {rank} stalls in save at step {step}", file=sys.stderr, flush=True)
+        time.sleep(10**6)
 
 
 def maybe_slow_start(rank: int) -> None:
