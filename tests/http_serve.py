@@ -12,6 +12,8 @@ every ``server.trickle_s`` seconds (fast enough for any per-read timeout, too sl
 goes away. ``server.require_query = "X-Amz-Signature=good"`` makes it a pre-signed-URL store: a request whose
 query string lacks that text gets HTTP 403, as a signed URL edited into another one would. ``server.authorizations``
 lists the Authorization header of every request (None when absent): a CDN behind a token-holding host must see none.
+``request_log`` (``--request-log FILE``) appends "CLIENT-ADDRESS METHOD NAME" per request; with ``--bind`` it serves a
+namespace cluster's nodes from its storage host (tests/cluster.py ``serve``).
 """
 
 from __future__ import annotations
