@@ -1,10 +1,13 @@
 """Many nodes for real: `mimscale launch --hostfile` across the namespace cluster of tests/cluster.py.
 
 Two nodes x 1 CPU rank (gloo over the nodes' veths) against the same world size and global batch on one node:
-the same losses step for step, a stop signal to the runner on node 1 or only to node 2's processes ends in one
-checkpoint by every rank and exit 75, the relaunch continues exactly (on 1 node or on 2), a node whose processes
-are killed or that fails to start ends the job quickly, naming it, and no process of a run is left on any node.
-Few launches, each checked for several things: the file adds about 4 minutes on a quiet 2-core machine.
+the same losses step for step (ZeRO-3 bf16, and ZeRO-1), a stop signal to the runner on node 1 or only to node 2's
+processes ends in one checkpoint by every rank and exit 75, the relaunch continues exactly (on 1 node or on 2, or
+by torchrun's c10d rendezvous), a node whose processes are killed, that is cut off during a save, or that fails to
+start ends the job quickly, naming it, and no process of a run is left on any node. 2 nodes x 2 ranks read shards
+over HTTP from the cluster's storage host into node-local caches: each node fetches its own streams' shards once.
+Nine launches (two one-node references, seven multi-node), each checked for several things: the file takes about
+10 minutes on the 2-core machine at load average 10 (2026-12-02); less when it is quiet.
 """
 
 from __future__ import annotations
