@@ -8,8 +8,8 @@ nodes an /etc/hosts naming them (a bind mount inside each node's own mount names
 mimscale's MASTER_ADDR is the first name, resolved on every node. One job is preempted by SIGUSR1 to srun (what
 `--signal=USR1@180` does), requeues through the scontrol stand-in, and its requeued run (same job id) resumes and
 gives the losses of an uninterrupted run step for step (three training launches). Two cheap tests check the
-stand-in itself and a first node whose name is loopback there. The file takes about 70 CPU-seconds (2.5 min at
-load average 12 on the 2-core machine; a quiet one was not available to time it: 35 s at the least).
+stand-in itself and a first node whose name is loopback there. The file takes about 78 CPU-seconds (3.2 min at
+load average 12 on the 2-core machine; a quiet one was not available to time it: 40 s at the least).
 """
 
 from __future__ import annotations
