@@ -56,6 +56,11 @@ def test_bare_srun_environment_gives_the_rendezvous() -> None:
     step = dict(env, SLURM_JOB_NODELIST="gpu[01-08]", SLURM_STEP_NODELIST="gpu[05-06]", MASTER_PORT="1234")
     fill_rendezvous_env(step)  # task 0 of the step runs on the step's first node; a set MASTER_PORT is kept
     assert (step["MASTER_ADDR"], step["MASTER_PORT"]) == ("gpu05", "1234")
+    assert "LOCAL_WORLD_SIZE" not in derived  # srun did not say how many tasks share the node
+    for node, local in (("0", "2"), ("2", "2"), ("3", "1"), ("4", None)):
+        spread = dict(env, SLURM_JOB_NODELIST="n[1-4]", SLURM_STEP_TASKS_PER_NODE="2(x3),1", SLURM_NODEID=node)
+        fill_rendezvous_env(spread)
+        assert spread.get("LOCAL_WORLD_SIZE") == local
     with pytest.raises(ValueError, match="SLURM_JOB_NODELIST"):
         fill_rendezvous_env(dict(env))
     with pytest.raises(ValueError, match="export MASTER_PORT"):

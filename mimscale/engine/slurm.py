@@ -96,11 +96,30 @@ def started_by_srun(environ=os.environ) -> bool:
     return False
 
 
+def tasks_on_this_node(environ=os.environ) -> str | None:
+    """The step's task count on this task's node: SLURM_STEP_TASKS_PER_NODE ('2(x3),1': 2 on each of the first 3
+    nodes, then 1) at SLURM_NODEID; None when srun did not say."""
+    counts = []
+    for item in environ.get("SLURM_STEP_TASKS_PER_NODE", "").split(","):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", item.strip())
+        if not match:
+            return None
+        counts += [match.group(1)] * int(match.group(2) or 1)
+    node = environ.get("SLURM_NODEID", "")
+    return counts[int(node)] if node.isdigit() and int(node) < len(counts) else None
+
+
 def fill_rendezvous_env(environ=os.environ) -> None:
-    """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from srun's variables; values already set are kept."""
+    """RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE/MASTER_ADDR/MASTER_PORT from srun's variables; values already
+    set are kept. LOCAL_WORLD_SIZE (torchrun's name: ranks on this node) tells the interface check that the job
+    spans nodes, so a first node whose name resolves to a loopback address there fails at once, naming what to set,
+    instead of gloo advertising 127.0.1.1 to the other nodes."""
     environ.setdefault("RANK", environ["SLURM_PROCID"])
     environ.setdefault("WORLD_SIZE", environ.get("SLURM_STEP_NUM_TASKS") or environ["SLURM_NTASKS"])
     environ.setdefault("LOCAL_RANK", environ.get("SLURM_LOCALID", "0"))
+    local_tasks = tasks_on_this_node(environ)
+    if local_tasks:
+        environ.setdefault("LOCAL_WORLD_SIZE", local_tasks)
     if "MASTER_ADDR" not in environ:
         nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST")
         if not nodelist:
