@@ -3,8 +3,9 @@ dtype and how many elements, to take bench/bench_multinode.py's measured bytes a
 
     mimscale launch --num_gpus 2 --module bench.count_collectives --config configs/demo_cpu.yaml --set ...
 
-Each rank wraps the torch.distributed collectives (before DeepSpeed binds them) and DeepSpeedEngine.step (the
-step boundary); at exit rank 0 prints, for the last complete step, each (op, dtype) with its number of calls, its
+Each rank wraps the torch.distributed collectives (before DeepSpeed binds them), DeepSpeedEngine.backward (the
+start of backward) and .step (the step boundary); at exit rank 0 prints, for the last complete step, each (phase,
+op, dtype) with its number of calls, its
 bytes (of the full tensor: the input of a reduce-scatter, the output of an all-gather) and the bytes an optimal
 ring sends per rank for it on N ranks: all-reduce 2 (N-1)/N x bytes, reduce-scatter, all-gather and reduce
 (N-1)/N x bytes, broadcast the whole tensor (from the source only; bench/gloo_wire.py measures what gloo sends).
@@ -52,32 +53,46 @@ def _wrap(name: str, argument: str, position: int, original):
     return counted
 
 
-def _wrap_step(original):
+def _mark_after(original, mark: str):
     @functools.wraps(original)
-    def step(*args, **kwargs):
+    def marked(*args, **kwargs):
         result = original(*args, **kwargs)
-        TIMELINE.append(("STEP", "", 0))
+        TIMELINE.append((mark, "", 0))
         return result
 
-    return step
+    return marked
+
+
+def _mark_before(original, mark: str):
+    @functools.wraps(original)
+    def marked(*args, **kwargs):
+        TIMELINE.append((mark, "", 0))
+        return original(*args, **kwargs)
+
+    return marked
 
 
 def summary(timeline: list, world_size: int) -> str:
-    """The ops of the last complete step (between the last two step markers), grouped by (op, dtype)."""
+    """The ops of the last complete step (between the last two step markers), by (phase, op, dtype)."""
     marks = [i for i, entry in enumerate(timeline) if entry[0] == "STEP"]
     if len(marks) < 2:
         return "fewer than two steps: nothing to summarise"
     calls, sizes = Counter(), Counter()
+    phase = "forward"
     for name, dtype, size in timeline[marks[-2] + 1 : marks[-1]]:
-        calls[name, dtype] += 1
-        sizes[name, dtype] += size
+        if name == "BACKWARD":
+            phase = "backward+step"
+            continue
+        calls[phase, name, dtype] += 1
+        sizes[phase, name, dtype] += size
     lines = [f"collectives of step {len(marks)} ({world_size} ranks):"]
     total = 0.0
-    for (name, dtype), count in sorted(calls.items()):
-        ring = COLLECTIVES[name][2](world_size) * sizes[name, dtype]
+    for key, count in sorted(calls.items(), key=lambda item: (item[0][0] != "forward", item[0])):
+        phase, name, dtype = key
+        ring = COLLECTIVES[name][2](world_size) * sizes[key]
         total += ring
         lines.append(
-            f"  {name:24s} {dtype:9s} calls {count:4d}  bytes {sizes[name, dtype]:>11,}  ring/rank {ring:>13,.0f}"
+            f"  {phase:13s} {name:22s} {dtype:8s} calls {count:4d}  bytes {sizes[key]:>11,}  ring/rank {ring:>12,.0f}"
         )
     lines.append(f"  total ring bytes per rank per step: {total:,.0f}")
     return "\n".join(lines)
@@ -94,7 +109,8 @@ def install() -> None:
             setattr(dist, name, _wrap(name, argument, position, getattr(dist, name)))
     from deepspeed.runtime.engine import DeepSpeedEngine
 
-    DeepSpeedEngine.step = _wrap_step(DeepSpeedEngine.step)
+    DeepSpeedEngine.step = _mark_after(DeepSpeedEngine.step, "STEP")
+    DeepSpeedEngine.backward = _mark_before(DeepSpeedEngine.backward, "BACKWARD")
     atexit.register(_print_summary)
 
 
