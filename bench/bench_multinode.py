@@ -24,6 +24,10 @@ reduce-scatter or all-gather of P elements sends (N-1)/N x P x b per rank, an al
 ZeRO-1/2: reduce-scatter of the gradients + all-gather of the updated parameters = 2 (N-1)/N P b per rank per step;
 ZeRO-3: all-gather in forward + all-gather in backward + reduce-scatter of gradients = 3 (N-1)/N P b.
 With N = 2: P b (ZeRO-1/2) and 1.5 P b (ZeRO-3). P comes from ``mimscale plan`` (student + head parameters).
+
+``--variants`` adds 2-node runs with DeepSpeed keys changed and ``--collectives`` measures what gloo sends per call of
+each collective on its own (bench/gloo_wire.py); bench/count_collectives.py lists the collectives DeepSpeed issues in
+one step. Together they take a gap to the prediction apart (bench/RESULTS.md, "Network bytes per step").
 """
 
 from __future__ import annotations
@@ -192,7 +196,9 @@ def table(results: list[Measurement], params: dict[str, int]) -> str:
         ]
         other = by_key.get(("1x2", r.stage, r.precision, ""))
         ratio = f"{r.step_s / other.step_s:.2f}" if r.layout == "2x1" and other and not r.variant else ""
-        layout = r.layout.replace("x", " node(s) x ") + " rank(s)" + (f" ({r.variant})" if r.variant else "")
+        layout = {"1x2": "1 node x 2 ranks", "2x1": "2 nodes x 1 rank"}[r.layout] + (
+            f" ({r.variant})" if r.variant else ""
+        )
         per_rank = _per_rank(r.per_step_bytes) if r.layout == "2x1" else f"{sent / 1e6:.2f}"
         fixed_text = _per_rank(fixed) if r.layout == "2x1" else f"{fixed[0] / 1e6:.2f}"
         rows.append(
