@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -152,6 +153,7 @@ def measure(
     run_dir = Path(args.runs) / f"{layout}-zero{stage}-{precision}{variant and '-' + variant}"
     settings = [*bench_settings(stage, precision, steps, args.log_every, args.batch), f"run.output_dir={run_dir}"]
     settings += VARIANTS[variant][1] if variant else []
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each time: an old run folder would be resumed
     overrides = [part for item in settings for part in ("--set", item)]
     if layout == "1x2":  # one node, two ranks: both on node 1's loopback
         command = [sys.executable, "-m", "mimscale.cli", "launch", "--num_gpus", "2", "--master_port", str(port),
