@@ -3,6 +3,7 @@ the key by every reader (resume, `ckpt info`, `export`), and a stored config nev
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
@@ -14,6 +15,7 @@ from mimscale.cli import main as cli_main
 from mimscale.config import load_config
 from mimscale.engine import checkpoint as ckpt
 from mimscale.engine.ckpt_meta import DATA_STATE_KEYS, WEIGHT_LOADING_ARGS, method_record
+from mimscale.train import add_train_arguments
 
 TINY = ["model.student_args.depth=1", "data.image_size=32", "model.student_args.patch_size=16"]
 
@@ -152,16 +154,17 @@ def test_every_file_loading_argument_of_timm_and_open_clip_is_refused():
 # ----------------------------------------------------------------------------------------------- what was trained
 
 
-def plan(tmp_path, *overrides):
+def plan(tmp_path, *overrides, allow: bool = False):
     """Resume planning (loop.plan_resume) of this run folder's newest checkpoint under a config with ``overrides``."""
     from mimscale.engine.distributed import DistInfo
     from mimscale.engine.loop import plan_resume
 
     cfg = load_config(None, [*TINY, f"run.output_dir={tmp_path}", *overrides])
-    return plan_resume(cfg, tmp_path / "checkpoints", "auto", DistInfo(0, 1, 0, torch.device("cpu")))
+    info = DistInfo(0, 1, 0, torch.device("cpu"))
+    return plan_resume(cfg, tmp_path / "checkpoints", "auto", info, allow_objective_change=allow)
 
 
-def test_resume_refuses_a_checkpoint_trained_for_another_objective(tmp_path):
+def test_resume_refuses_a_checkpoint_trained_for_another_objective(tmp_path, capsys):
     """relaxmim's objective changed (version 2: two-view InfoNCE); a checkpoint of its former objective, written
     before checkpoints recorded one (so version 1 of its config's method), resumes only as patch_content_nce."""
     old = load_config(None, [*TINY, "method.name=relaxmim"]).to_dict()
@@ -172,7 +175,14 @@ def test_resume_refuses_a_checkpoint_trained_for_another_objective(tmp_path):
     assert str(tag_dir) in message and "method.name=relaxmim (objective version 1)" in message
     assert "this config trains method.name=relaxmim (objective version 2)" in message
     assert "--set method.name=patch_content_nce" in message and "run.output_dir" in message
+    assert "--allow-objective-change" in message
     assert plan(tmp_path, "method.name=patch_content_nce").tag_dir == tag_dir
+    assert plan(tmp_path, "method.name=relaxmim", allow=True).tag_dir == tag_dir  # the user says so: warned
+    assert "warning: --allow-objective-change" in capsys.readouterr().out
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    assert parser.parse_args(["--config", "x.yaml", "--allow-objective-change"]).allow_objective_change
+    assert not parser.parse_args(["--config", "x.yaml"]).allow_objective_change
     (tag_dir / ckpt.MARKER).write_text(json.dumps({**ckpt.read_meta(tag_dir), "method": method_record("relaxmim")}))
     assert plan(tmp_path, "method.name=relaxmim").tag_dir == tag_dir  # recorded: the current relaxmim
     with pytest.raises(ckpt.CheckpointMismatchError, match=r"simmim .*: to continue it, resume with method.name=relax"):
@@ -206,8 +216,11 @@ def test_a_frozen_position_table_of_another_channel_order_is_refused_on_resume(t
     from mimscale.engine.distributed import init_distributed
     from mimscale.engine.loop import Trainer, frozen_table_in_checkpoint
     from mimscale.models.students import frozen_table_difference
+    from mimscale.pipeline.masking import mask_generator_for
+    from mimscale.pipeline.stream import build_train_loader
 
     settings = [f"run.output_dir={tmp_path}", "model.pos_embed_init=sincos_frozen", "run.device=cpu"]
+    settings += ["data.num_workers=0", f"data.cache_dir={tmp_path / 'cache'}"]
     cfg = load_config(None, [*TINY, *settings])
     info = init_distributed("cpu")
     trainer = Trainer(cfg, info)
@@ -215,9 +228,9 @@ def test_a_frozen_position_table_of_another_channel_order_is_refused_on_resume(t
     grid = tuple(backbone.patch_embed.grid_size)
     assert frozen_table_difference(backbone.pos_embed, grid) is None
     assert frozen_table_difference(backbone.pos_embed.to(torch.bfloat16), grid) is None  # a bf16 copy of it
-    state = {**ckpt.read_meta(write_checkpoint(tmp_path / "shape")), "config": cfg.to_dict(), "method": {}}
-    state["method"] = method_record(cfg.method.name)
-    del state["files"]
+    stream = build_train_loader(cfg, rank=0, world_size=1, mask_generator=mask_generator_for(cfg, trainer.method))
+    state = trainer.checkpoint_meta(stream)  # what the trainer records
+    assert state["method"] == {"name": "simmim", "objective_version": 1} == method_record("simmim")
     ckpt.save_checkpoint(trainer.engine, tmp_path / "checkpoints", 2, state, 0)
     assert trainer.resume(plan(tmp_path, *settings)) == state["data_state"]  # the table this version builds
     with torch.no_grad():

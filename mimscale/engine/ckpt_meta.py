@@ -222,5 +222,6 @@ def objective_change(meta: dict, name: str, source: str) -> str | None:
     return (
         f"checkpoint {source} was trained with {was}; this config trains method.name={now}. Resuming would go on "
         f"from weights, optimizer state and schedule made for another loss, so it is refused: {keep}; to train "
-        f"{name} instead, start a new run (set run.output_dir to a new folder)"
+        f"{name} instead, start a new run (set run.output_dir to a new folder), or pass --allow-objective-change to "
+        "go on from this checkpoint under the new objective (its later checkpoints record the new one)"
     )

@@ -57,21 +57,31 @@ class Window:
     start: float = field(default_factory=time.perf_counter)
 
 
-def train(cfg: Config, resume: str = "auto", evaluators: Sequence[Evaluator] = (), *, trusted: bool = False) -> dict:
+def train(
+    cfg: Config,
+    resume: str = "auto",
+    evaluators: Sequence[Evaluator] = (),
+    *,
+    trusted: bool = False,
+    allow_objective_change: bool = False,
+) -> dict:
     """Run (or resume) training; returns a summary {step, last_loss, output_dir, exit_code}.
 
     ``evaluators`` run every ``eval.knn_every`` steps and at the end (the entry point passes the kNN monitor).
     ``trusted`` (the command's safe_load.trust_decision) loads the resumed checkpoint's pickles without the allowlist.
+    ``allow_objective_change`` (``--allow-objective-change``) resumes a checkpoint of another objective, warned.
     """
     preempt.install_stop_handlers()  # mimscale.cli installed them before its imports; a direct caller gets them here
     preempt.set_stop_timeout(cfg.run.stop_timeout_s)
     try:
-        return _start_and_train(cfg, resume, evaluators, trusted)
+        return _start_and_train(cfg, resume, evaluators, trusted, allow_objective_change)
     finally:
         preempt.forget_stop()  # in-process callers may train again: this run's signal is spent
 
 
-def _start_and_train(cfg: Config, resume: str, evaluators: Sequence[Evaluator], trusted: bool) -> dict:
+def _start_and_train(
+    cfg: Config, resume: str, evaluators: Sequence[Evaluator], trusted: bool, allow_objective_change: bool
+) -> dict:
     """train() from the output-folder check on: a stop before the process group exists exits with nothing saved."""
     check_output_dir(Path(cfg.run.output_dir))
     metrics.require_loggers(cfg.train.loggers)  # every rank, before any rank waits for the others
@@ -84,7 +94,7 @@ def _start_and_train(cfg: Config, resume: str, evaluators: Sequence[Evaluator], 
     info = distributed.init_distributed(device_kind, timeout_s=cfg.run.startup_timeout_s)
     run_lock = lock_output_dir(Path(cfg.run.output_dir), info.rank)  # one run per folder; dies with the process
     try:
-        summary = _train(cfg, info, resume, evaluators, trusted)
+        summary = _train(cfg, info, resume, evaluators, trusted, allow_objective_change)
     except RuntimeError as err:  # gloo and NCCL report collective timeouts as (subclasses of) RuntimeError
         if not _is_collective_failure(err):
             raise
@@ -167,13 +177,19 @@ def _flops_per_image(cfg: Config, info: distributed.DistInfo) -> float | None:
 
 
 def _train(
-    cfg: Config, info: distributed.DistInfo, resume: str, evaluators: Sequence[Evaluator], trusted: bool
+    cfg: Config,
+    info: distributed.DistInfo,
+    resume: str,
+    evaluators: Sequence[Evaluator],
+    trusted: bool,
+    allow_objective_change: bool,
 ) -> dict:
     from mimscale.pipeline.masking import mask_generator_for
     from mimscale.pipeline.stream import build_train_loader
 
     output_dir = Path(cfg.run.output_dir)
-    plan = plan_resume(cfg, output_dir / "checkpoints", resume, info, trusted=trusted)
+    allow = allow_objective_change
+    plan = plan_resume(cfg, output_dir / "checkpoints", resume, info, trusted=trusted, allow_objective_change=allow)
     trainer = Trainer(cfg, info, load_universal=bool(plan and plan.universal), evaluators=evaluators)
     if info.is_main:
         save_config(cfg, output_dir / "config.yaml")
@@ -217,7 +233,13 @@ class ResumePlan:
 
 
 def plan_resume(
-    cfg: Config, root: Path, resume: str, info: distributed.DistInfo, *, trusted: bool = False
+    cfg: Config,
+    root: Path,
+    resume: str,
+    info: distributed.DistInfo,
+    *,
+    trusted: bool = False,
+    allow_objective_change: bool = False,
 ) -> ResumePlan | None:
     """Decide what to resume from ('auto', 'none' or a path) before the engine exists; convert if needed."""
     log = print if info.is_main else (lambda *_: None)
@@ -240,8 +262,10 @@ def plan_resume(
         refuse_forced_unsafe_loading()  # say so now, not after the engine is built
     meta = ckpt.read_meta(tag_dir)
     other_objective = objective_change(meta, cfg.method.name, str(tag_dir))
-    if other_objective is not None:
+    if other_objective is not None and not allow_objective_change:
         raise ckpt.CheckpointMismatchError(other_objective)
+    if other_objective is not None:
+        log(f"warning: --allow-objective-change: going on although {other_objective.partition('. ')[0]}")
     changed = meta["world_size"] != info.world_size or meta["zero_stage"] != cfg.deepspeed.zero_stage
     universal = changed and max(meta["zero_stage"], cfg.deepspeed.zero_stage) > 0
     if universal:
