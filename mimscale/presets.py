@@ -15,6 +15,9 @@ class Preset:
     ``build``: ``"module:function"`` (imported when used) or the function itself, called as
     ``build(cfg, preset, student)`` with the resolved preset. ``needs_teacher``: the config must name a frozen
     teacher. ``own_mask_kinds``: mask kinds the method makes itself from the batch (beyond the data's).
+    ``objective_version``: bumped whenever the preset's objective changes (what is computed and optimised, not a
+    default value); every checkpoint records it, and resume refuses a checkpoint of another version
+    (engine/ckpt_meta.py, ``objective_change``), since its weights and optimizer state were trained for another loss.
     """
 
     build: str | Callable
@@ -24,6 +27,7 @@ class Preset:
     teacher_output: str = "block"
     needs_teacher: bool = False
     own_mask_kinds: tuple[str, ...] = ()
+    objective_version: int = 1
 
 
 PRESETS: dict[str, Preset] = {
@@ -44,8 +48,12 @@ PRESETS: dict[str, Preset] = {
         needs_teacher=True,
         own_mask_kinds=("attention_guided",),
     ),
-    "relaxmim": Preset(
-        "mimscale.methods.relaxmim:build_relaxmim", loss="infonce", target_norm="none", mask_kind="random_tokens"
+    "relaxmim": Preset(  # 2: the paper's two-view form (issue 22); version 1 is now patch_content_nce
+        "mimscale.methods.relaxmim:build_relaxmim",
+        loss="infonce",
+        target_norm="none",
+        mask_kind="random_tokens",
+        objective_version=2,
     ),
     "patch_content_nce": Preset(
         "mimscale.methods.patch_content_nce:build_patch_content_nce",
@@ -54,4 +62,10 @@ PRESETS: dict[str, Preset] = {
         mask_kind="random_tokens",
     ),
     "mae": Preset("mimscale.methods.mae:build_mae", loss="mse", target_norm="patch_pixel", mask_kind="random_tokens"),
+}
+
+# An objective a preset no longer trains, by (name, objective version), and the (name, version) that trains it now:
+# a checkpoint of the former resumes under the latter's name.
+FORMER_OBJECTIVES: dict[tuple[str, int], tuple[str, int]] = {
+    ("relaxmim", 1): ("patch_content_nce", 1),  # issue 22: relaxmim became the paper's two-view InfoNCE
 }

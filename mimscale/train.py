@@ -27,6 +27,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto (newest complete checkpoint in run.output_dir, the default), none, or a checkpoint path",
     )
+    parser.add_argument(
+        "--allow-objective-change",
+        action="store_true",
+        help="resume a checkpoint trained with another method or objective version (refused by default): its "
+        "weights, optimizer state and schedule go on under this config's objective",
+    )
     safe_load.add_trust_argument(parser)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -63,7 +69,13 @@ def run(args: argparse.Namespace) -> int:
 
     evaluators = in_run_monitors(cfg)  # eval.monitor every eval.knn_every steps; the engine never imports eval/
     try:
-        summary = train(cfg, resume=args.resume, evaluators=evaluators, trusted=safe_load.trust_decision(args))
+        summary = train(
+            cfg,
+            resume=args.resume,
+            evaluators=evaluators,
+            trusted=safe_load.trust_decision(args),
+            allow_objective_change=args.allow_objective_change,
+        )
     except (TrainingError, CheckpointWriteError) as err:
         print(f"mimscale: training stopped: {err}", file=sys.stderr)
         return 1

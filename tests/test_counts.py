@@ -12,6 +12,7 @@ import io
 import itertools
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +167,133 @@ def test_counts_files_are_read_bounded(tmp_path, monkeypatch):
     (folder / "shardindex.json").mkdir()  # not a regular file: refused, not read
     with pytest.raises(ShardError, match="shardindex.json cannot be read"):
         find_counts(str(folder), NAMES, {name: str(folder / name) for name in NAMES})
+
+
+def write_img2dataset_parquet(path: Path, successes: int, failures: int = 3, *, row_group_size: int = 50) -> Path:
+    """What img2dataset writes beside NNNNN.tar (writer.py, BufferedParquetWriter): one row per attempted sample,
+    its status "success" for the samples in the tar; failed ones carry an error message (one with no status)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    status = ["success"] * successes + ["failed_to_download"] * failures + [None]
+    table = pa.table(
+        {
+            "url": [f"https://example.org/{k}.jpg" for k in range(len(status))],
+            "key": [f"{k:09d}" for k in range(len(status))],
+            "status": pa.array(status, pa.string()),
+            "error_message": [None if s == "success" else "timed out" for s in status],
+            "width": pa.array([32 if s == "success" else None for s in status], pa.int64()),
+        }
+    )
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path
+
+
+def test_img2dataset_parquet_files_give_the_counts(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("pyarrow.parquet")
+    folder = bare_copy(tmp_path)
+    locations = {name: str(folder / name) for name in NAMES}
+    user = write_json(tmp_path / "counts.json", dict(zip(NAMES, [1, 2, 3, 4], strict=True)))
+    for name, n in zip(NAMES, SAMPLE_SHARDS, strict=True):  # several row groups each: all are read
+        write_img2dataset_parquet(folder / name.replace(".tar", ".parquet"), n)
+    found = find_counts(str(folder), NAMES, locations, user_counts=str(user))
+    assert found.counts == SAMPLE_SHARDS and found.sizes == [-1] * 4 and "parquet" in found.source
+    table = open_shard_set(f"{folder}/*.tar", data_cfg=cfg_for("x", tmp_path).data, counts=True)
+    assert isinstance(table.indexes[0], LazySetIndex) and table.indexes[0].scanned == 0
+    indexed = open_shard_set(f"{SAMPLE}/*.tar", data_cfg=cfg_for("x", tmp_path).data, counts=True)
+    shard_2 = range(sum(SAMPLE_SHARDS[:2]), sum(SAMPLE_SHARDS[:3]))  # its rows built on first read, as indexed
+    assert [table.label(i) for i in shard_2] == [indexed.label(i) for i in shard_2]
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # without the parquet extra: said, and the set is indexed
+    assert find_counts(str(folder), NAMES, locations) is None
+    assert "pip install 'mimscale[parquet]'" in capsys.readouterr().err
+    monkeypatch.undo()
+    for name, n in zip(NAMES, [5, 6, 7, 8], strict=True):  # img2dataset's stats files, beside them, come first
+        write_json(folder / name.replace(".tar", "_stats.json"), {"successes": n})
+    assert find_counts(str(folder), NAMES, locations).counts == [5, 6, 7, 8]
+
+
+def test_a_parquet_count_that_disagrees_with_the_tar_is_named(tmp_path):
+    pytest.importorskip("pyarrow.parquet")
+    folder = bare_copy(tmp_path)
+    for name, n in zip(NAMES, [120, 104, 89, 72], strict=True):  # sample-002.tar holds 88
+        write_img2dataset_parquet(folder / name.replace(".tar", ".parquet"), n)
+    table = open_shard_set(f"{folder}/*.tar", data_cfg=cfg_for("x", tmp_path).data, counts=True)
+    with pytest.raises(ShardError) as caught:
+        table.read(sum(SAMPLE_SHARDS[:2]))
+    message = str(caught.value)
+    assert "sample-002.tar" in message and "sample-000.parquet" in message
+    assert "says 89 samples" in message and "holds 88" in message
+
+
+def hostile_parquet(folder: Path, kind: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    target = folder / "sample-001.parquet"
+    good = write_img2dataset_parquet(target, 104).read_bytes()
+    if kind == "truncated":
+        target.write_bytes(good[: len(good) // 2])
+    elif kind == "footer_lies":  # the footer length claims more than the file holds
+        target.write_bytes(good[:-8] + (1 << 31 - 1).to_bytes(4, "little") + b"PAR1")
+    elif kind == "not_parquet":
+        target.write_bytes(b"PAR1" + bytes(64) + b"PAR1")
+    elif kind == "no_status":
+        pq.write_table(pa.table({"key": ["a"], "state": ["success"]}), target)
+    elif kind == "number_status":
+        pq.write_table(pa.table({"status": [1, 2]}), target)
+    elif kind == "directory":
+        target.unlink()
+        target.mkdir()
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("truncated", "not a readable parquet file"),
+        ("footer_lies", "not a readable parquet file"),
+        ("not_parquet", "not a readable parquet file"),
+        ("no_status", "no 'status' column"),
+        ("number_status", "'status' column holds int64, not text"),
+        ("directory", "cannot be read"),
+    ],
+)
+def test_hostile_parquet_files_are_refused_naming_the_file(tmp_path, kind, message):
+    pytest.importorskip("pyarrow.parquet")
+    folder = bare_copy(tmp_path)
+    for name, n in zip(NAMES, SAMPLE_SHARDS, strict=True):
+        write_img2dataset_parquet(folder / name.replace(".tar", ".parquet"), n)
+    hostile_parquet(folder, kind)
+    with pytest.raises(ShardError) as caught:
+        find_counts(str(folder), NAMES, {name: str(folder / name) for name in NAMES})
+    assert "sample-001.parquet" in str(caught.value) and message in str(caught.value)
+
+
+def test_parquet_files_are_read_bounded_locally_and_over_http(tmp_path, monkeypatch):
+    pytest.importorskip("pyarrow.parquet")
+    from http_serve import ShardServer
+
+    folder = bare_copy(tmp_path)
+    for name, n in zip(NAMES, SAMPLE_SHARDS, strict=True):
+        write_img2dataset_parquet(folder / name.replace(".tar", ".parquet"), n)
+    locations = {name: str(folder / name) for name in NAMES}
+    with ShardServer(folder) as server:
+        urls = {name: server.url(name) for name in NAMES}
+        found = find_counts(server.url("").rstrip("/"), NAMES, urls)
+        assert found.counts == SAMPLE_SHARDS and all(server.requests[n.replace(".tar", ".parquet")] == 1 for n in NAMES)
+        assert not any(server.requests[name] for name in NAMES)  # counted without a byte of a tar
+        monkeypatch.setattr(counts_module, "MAX_PARQUET_BYTES", 512)
+        with pytest.raises(ShardError, match="sample-000.parquet"):
+            find_counts(server.url("").rstrip("/"), NAMES, urls)
+    with pytest.raises(ShardError, match=r"sample-000.parquet: larger than 512 bytes"):
+        find_counts(str(folder), NAMES, locations)
+    monkeypatch.setattr(counts_module, "MAX_PARQUET_BYTES", 1 << 20)
+    monkeypatch.setattr(counts_module, "MAX_PARQUET_ROWS", 100)  # the metadata's row count, checked before reading
+    with pytest.raises(ShardError, match=r"sample-000.parquet: 124 rows; a shard's parquet has at most 100"):
+        find_counts(str(folder), NAMES, locations)
+    monkeypatch.setattr(counts_module, "MAX_PARQUET_ROWS", 1 << 24)
+    monkeypatch.setattr(counts_module, "MAX_STATUS_BYTES", 100)
+    with pytest.raises(ShardError, match=r"sample-000.parquet: its 'status' column is \d+ bytes decompressed"):
+        find_counts(str(folder), NAMES, locations)
 
 
 # ----------------------------------------------------------------------------------------------- the lazy path

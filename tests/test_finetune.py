@@ -197,6 +197,26 @@ def test_paper_transform_is_maes_and_keeps_tiny_images_whole() -> None:
     assert override.transforms[0].scale == (0.5, 1.0)
 
 
+def test_randaugment_posterize_at_magnitude_10_gives_a_black_image_instead_of_stopping_the_run() -> None:
+    """rand-m9-mstd0.5-inc1 draws magnitude 10 for ~2 % of its ops; timm's increasing posterize then keeps 0 bits,
+    which Pillow 13 refuses: the papers' fine-tune stopped after a few hundred images (bench_finetune, 2026-12-02)."""
+    import PIL
+    from PIL import ImageOps
+    from timm.data.auto_augment import RandAugment
+
+    transform = paper_transform(32, Recipe(steps=1), IMAGENET_MEAN, IMAGENET_STD)
+    [augment] = [step for step in transform.transforms if isinstance(step, RandAugment)]
+    [posterize] = [op for op in augment.ops if op.name == "PosterizeIncreasing"]
+    posterize.prob, posterize.magnitude, posterize.magnitude_std = 1.0, 10, 0.0  # the draw that stopped runs
+    image = Image.fromarray(np.random.default_rng(0).integers(1, 256, (32, 32, 3), dtype=np.uint8))
+    assert not np.asarray(posterize(image)).any()  # every bit masked, as Pillow before 13 gave it
+    posterize.magnitude = 9  # 1 bit kept: Pillow's own posterize, unchanged
+    assert np.array_equal(np.asarray(posterize(image)), np.asarray(ImageOps.posterize(image, 1)))
+    if int(PIL.__version__.split(".")[0]) >= 13:
+        with pytest.raises(ValueError, match="bits must be between"):
+            ImageOps.posterize(image, 0)  # the cause, while Pillow keeps refusing it
+
+
 def test_paper_path_on_digits_mixes_targets_and_fits_them_with_soft_target_cross_entropy(digits, one_torch_thread):
     from timm.data import Mixup
     from timm.loss import SoftTargetCrossEntropy

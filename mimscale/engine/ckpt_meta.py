@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import PurePosixPath
 from typing import Any
 
+from mimscale.presets import FORMER_OBJECTIVES, PRESETS
+
 # Check: the value -> what is wrong with it ("must be ..."), or None when it is fine.
 Check = Callable[[Any], str | None]
 
@@ -55,6 +57,13 @@ def _names(value: Any) -> str | None:
 def _mapping_of_sections(value: Any) -> str | None:
     if not isinstance(value, dict) or not all(isinstance(v, dict) or v is None for v in value.values()):
         return "must be a mapping of config sections (each a mapping of keys)"
+    return None
+
+
+def _method_record(value: Any) -> str | None:
+    ok = isinstance(value, dict) and set(value) == {"name", "objective_version"} and isinstance(value["name"], str)
+    if not ok or _integer(1)(value["objective_version"]) is not None:
+        return "must be exactly {name: a string, objective_version: an integer of at least 1}"
     return None
 
 
@@ -115,6 +124,7 @@ OPTIONAL: dict[str, Check] = {
     "time": _finite,
     "frozen_params": _names,
     "files": _file_record,
+    "method": _method_record,  # the objective trained (absent before objective versions: version 1 of the config's)
     "wandb_run_id": _text,  # its format is checked where it is used (engine/metrics.py): a bad one starts a new run
 }
 
@@ -172,3 +182,46 @@ def refuse_weight_loading_args(config: dict, source: str) -> None:
                 "from a stored config (the trained weights come from the checkpoint). Remove the key from the "
                 "stored config if you wrote it, otherwise do not use this folder"
             )
+
+
+def method_record(name: str) -> dict:
+    """What a checkpoint records of the objective it was trained with (the ``method`` key)."""
+    return {"name": name, "objective_version": PRESETS[name].objective_version}
+
+
+def saved_objective(meta: dict) -> tuple[str, int] | None:
+    """(method name, objective version) a checkpoint was trained with; a record without ``method`` (written before
+    objective versions existed) trained version 1 of its config's method. None when neither says."""
+    if "method" in meta:
+        return meta["method"]["name"], meta["method"]["objective_version"]
+    name = ((meta.get("config") or {}).get("method") or {}).get("name")
+    return (name, 1) if isinstance(name, str) else None
+
+
+def objective_change(meta: dict, name: str, source: str) -> str | None:
+    """Why a checkpoint must not resume under method.name=``name``, or None when it trained that very objective.
+    Resuming another objective would go on from weights, optimizer moments and schedule made for another loss."""
+    saved = saved_objective(meta)
+    if saved is None:
+        return None
+    current = (name, PRESETS[name].objective_version)
+    successor = FORMER_OBJECTIVES.get(saved, saved if saved[0] in PRESETS else None)
+    if successor == current:
+        return None
+    was, now = f"method.name={saved[0]} (objective version {saved[1]})", f"{name} (objective version {current[1]})"
+    if successor is not None and successor[0] in PRESETS and PRESETS[successor[0]].objective_version == successor[1]:
+        if successor[0] == saved[0]:
+            keep = f"to continue it, resume with method.name={saved[0]} (--set method.name={saved[0]})"
+        else:
+            keep = (
+                f"that objective is now method.name={successor[0]}: to continue it, resume with "
+                f"--set method.name={successor[0]}"
+            )
+    else:
+        keep = "this mimscale version does not train that objective: finish that run with the version that wrote it"
+    return (
+        f"checkpoint {source} was trained with {was}; this config trains method.name={now}. Resuming would go on "
+        f"from weights, optimizer state and schedule made for another loss, so it is refused: {keep}; to train "
+        f"{name} instead, start a new run (set run.output_dir to a new folder), or pass --allow-objective-change to "
+        "go on from this checkpoint under the new objective (its later checkpoints record the new one)"
+    )

@@ -21,6 +21,7 @@ import torch
 from mimscale.config import Config, save_config
 from mimscale.engine import checkpoint as ckpt
 from mimscale.engine import distributed, faults, metrics, preempt
+from mimscale.engine.ckpt_meta import method_record, objective_change
 from mimscale.engine.deepspeed import DTYPES, gathered_own_parameters, initialize_engine, write_deepspeed_config
 from mimscale.engine.metrics import MetricAccumulator, StepLogger, memory_gib, peak_tflops, progress_wanted
 from mimscale.engine.optim import restore_adamw_implementation
@@ -28,6 +29,8 @@ from mimscale.engine.runlock import lock_output_dir
 from mimscale.engine.safe_load import refuse_forced_unsafe_loading
 from mimscale.engine.slurm import requeue_stopped_startup, write_requeue_marker
 from mimscale.methods.base import COMPILE_ZERO3_NOTE, MIMMethod
+from mimscale.models.backbone import as_pair
+from mimscale.models.students import frozen_table_difference
 from mimscale.pipeline.device_decode import DeviceDecodedStream, DeviceDecoder
 from mimscale.pipeline.transforms import normalise_on_device
 
@@ -35,6 +38,9 @@ EXIT_REQUEUE = preempt.EXIT_REQUEUE  # checkpointed after SIGTERM/SIGUSR1; the j
 HISTORY_LENGTH = 1000  # (step, loss) pairs of the most recent log steps kept in memory
 # An in-run evaluation: given the student backbone (gathered under ZeRO-3), returns scalars to log.
 Evaluator = Callable[[torch.nn.Module], dict[str, float]]
+
+
+FROZEN_TABLE = "student.backbone.pos_embed"  # model.pos_embed_init=sincos_frozen's table in the method's state
 
 
 class TrainingError(RuntimeError):
@@ -51,21 +57,31 @@ class Window:
     start: float = field(default_factory=time.perf_counter)
 
 
-def train(cfg: Config, resume: str = "auto", evaluators: Sequence[Evaluator] = (), *, trusted: bool = False) -> dict:
+def train(
+    cfg: Config,
+    resume: str = "auto",
+    evaluators: Sequence[Evaluator] = (),
+    *,
+    trusted: bool = False,
+    allow_objective_change: bool = False,
+) -> dict:
     """Run (or resume) training; returns a summary {step, last_loss, output_dir, exit_code}.
 
     ``evaluators`` run every ``eval.knn_every`` steps and at the end (the entry point passes the kNN monitor).
     ``trusted`` (the command's safe_load.trust_decision) loads the resumed checkpoint's pickles without the allowlist.
+    ``allow_objective_change`` (``--allow-objective-change``) resumes a checkpoint of another objective, warned.
     """
     preempt.install_stop_handlers()  # mimscale.cli installed them before its imports; a direct caller gets them here
     preempt.set_stop_timeout(cfg.run.stop_timeout_s)
     try:
-        return _start_and_train(cfg, resume, evaluators, trusted)
+        return _start_and_train(cfg, resume, evaluators, trusted, allow_objective_change)
     finally:
         preempt.forget_stop()  # in-process callers may train again: this run's signal is spent
 
 
-def _start_and_train(cfg: Config, resume: str, evaluators: Sequence[Evaluator], trusted: bool) -> dict:
+def _start_and_train(
+    cfg: Config, resume: str, evaluators: Sequence[Evaluator], trusted: bool, allow_objective_change: bool
+) -> dict:
     """train() from the output-folder check on: a stop before the process group exists exits with nothing saved."""
     check_output_dir(Path(cfg.run.output_dir))
     metrics.require_loggers(cfg.train.loggers)  # every rank, before any rank waits for the others
@@ -78,7 +94,7 @@ def _start_and_train(cfg: Config, resume: str, evaluators: Sequence[Evaluator], 
     info = distributed.init_distributed(device_kind, timeout_s=cfg.run.startup_timeout_s)
     run_lock = lock_output_dir(Path(cfg.run.output_dir), info.rank)  # one run per folder; dies with the process
     try:
-        summary = _train(cfg, info, resume, evaluators, trusted)
+        summary = _train(cfg, info, resume, evaluators, trusted, allow_objective_change)
     except RuntimeError as err:  # gloo and NCCL report collective timeouts as (subclasses of) RuntimeError
         if not _is_collective_failure(err):
             raise
@@ -161,13 +177,19 @@ def _flops_per_image(cfg: Config, info: distributed.DistInfo) -> float | None:
 
 
 def _train(
-    cfg: Config, info: distributed.DistInfo, resume: str, evaluators: Sequence[Evaluator], trusted: bool
+    cfg: Config,
+    info: distributed.DistInfo,
+    resume: str,
+    evaluators: Sequence[Evaluator],
+    trusted: bool,
+    allow_objective_change: bool,
 ) -> dict:
     from mimscale.pipeline.masking import mask_generator_for
     from mimscale.pipeline.stream import build_train_loader
 
     output_dir = Path(cfg.run.output_dir)
-    plan = plan_resume(cfg, output_dir / "checkpoints", resume, info, trusted=trusted)
+    allow = allow_objective_change
+    plan = plan_resume(cfg, output_dir / "checkpoints", resume, info, trusted=trusted, allow_objective_change=allow)
     trainer = Trainer(cfg, info, load_universal=bool(plan and plan.universal), evaluators=evaluators)
     if info.is_main:
         save_config(cfg, output_dir / "config.yaml")
@@ -211,7 +233,13 @@ class ResumePlan:
 
 
 def plan_resume(
-    cfg: Config, root: Path, resume: str, info: distributed.DistInfo, *, trusted: bool = False
+    cfg: Config,
+    root: Path,
+    resume: str,
+    info: distributed.DistInfo,
+    *,
+    trusted: bool = False,
+    allow_objective_change: bool = False,
 ) -> ResumePlan | None:
     """Decide what to resume from ('auto', 'none' or a path) before the engine exists; convert if needed."""
     log = print if info.is_main else (lambda *_: None)
@@ -233,6 +261,11 @@ def plan_resume(
     if not trusted:
         refuse_forced_unsafe_loading()  # say so now, not after the engine is built
     meta = ckpt.read_meta(tag_dir)
+    other_objective = objective_change(meta, cfg.method.name, str(tag_dir))
+    if other_objective is not None and not allow_objective_change:
+        raise ckpt.CheckpointMismatchError(other_objective)
+    if other_objective is not None:
+        log(f"warning: --allow-objective-change: going on although {other_objective.partition('. ')[0]}")
     changed = meta["world_size"] != info.world_size or meta["zero_stage"] != cfg.deepspeed.zero_stage
     universal = changed and max(meta["zero_stage"], cfg.deepspeed.zero_stage) > 0
     if universal:
@@ -254,6 +287,13 @@ def _convert_on_rank0(tag_dir: Path, info: distributed.DistInfo, trusted: bool) 
             error = str(err)
     if distributed.all_reduce_max(1.0 if error else 0.0)[0] > 0:
         raise RuntimeError(error or f"rank 0 could not convert {tag_dir} to a universal checkpoint (see its log)")
+
+
+def frozen_table_in_checkpoint(tag_dir: Path, grid: tuple[int, int], trusted: bool) -> str | None:
+    """What a checkpoint's own sincos_frozen table is, from its files (models/students.frozen_table_difference)."""
+    _, state = ckpt.load_fp32_state(tag_dir, trusted=trusted)
+    table = state.get(FROZEN_TABLE)
+    return "missing" if table is None else frozen_table_difference(table, grid)
 
 
 def _to_device(batch: dict, device: torch.device, dtype: torch.dtype, data_cfg) -> dict:
@@ -354,6 +394,8 @@ class Trainer:
             config=self.cfg.to_dict(),
             trusted=plan.trusted,
         )
+        if self.cfg.model.pos_embed_init == "sincos_frozen":
+            self.refuse_another_frozen_table(plan)
         if self.engine.optimizer is not None:
             restore_adamw_implementation(self.engine.optimizer, fused=self.info.device.type == "cuda")
         self.resumed_from = plan.tag_dir
@@ -363,6 +405,29 @@ class Trainer:
         if self.info.is_main:
             print(f"resumed from {plan.tag_dir} at step {self.step} ({self.samples_seen} samples seen)", flush=True)
         return meta["data_state"]
+
+    def refuse_another_frozen_table(self, plan: ResumePlan) -> None:
+        """A sincos_frozen position table is never trained, so the checkpoint's copy must be the table this version
+        builds: one written before the MAE preset holds timm's channel order, which its encoder learned to read.
+        Going on with it gives a table no fresh run or export has; rebuilding it feeds the encoder permuted
+        positions: refused, by name. The loaded table is checked; a universal load leaves frozen parameters out
+        (the model keeps its own), so there rank 0 reads the checkpoint's copy from its files."""
+        backbone = self.engine.module.student.backbone
+        grid = as_pair(backbone.patch_embed.grid_size)
+        if not plan.universal:
+            with gathered_own_parameters(backbone):  # ZeRO-3: the whole table on every rank
+                found = frozen_table_difference(backbone.pos_embed, grid)
+        else:
+            found = frozen_table_in_checkpoint(plan.tag_dir, grid, plan.trusted) if self.info.is_main else None
+            if distributed.all_reduce_max(1.0 if found else 0.0)[0] > 0:
+                found = found or "not the table this version builds (rank 0 names it)"
+        if found is not None:
+            raise ckpt.CheckpointMismatchError(
+                f"checkpoint {plan.tag_dir}: its frozen position table (model.pos_embed_init=sincos_frozen) is "
+                f"{found}, not the MAE channel order this mimscale version builds; its encoder was trained on that "
+                "table and cannot go on with another. Finish that run with the mimscale version that wrote it, or "
+                "start a new run (set run.output_dir to a new folder)"
+            )
 
     def install_stop_handlers(self) -> None:
         self.stop_signal = preempt.stop_requested()
@@ -478,6 +543,7 @@ class Trainer:
             "precision": self.cfg.deepspeed.precision,
             "data_state": stream.state_dict(),
             "config": self.cfg.to_dict(),
+            "method": method_record(self.cfg.method.name),
             "time": time.time(),
         }
 

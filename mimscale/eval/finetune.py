@@ -210,7 +210,7 @@ def paper_transform(image_size: int, recipe: Recipe, mean, std):
     crop_min = recipe.crop_scale
     if crop_min is None:
         crop_min = 1.0 if image_size < TINY_IMAGE else PAPER_CROP_SCALE
-    return create_transform(
+    transform = create_transform(
         image_size,
         is_training=True,
         scale=(crop_min, 1.0),
@@ -225,6 +225,35 @@ def paper_transform(image_size: int, recipe: Recipe, mean, std):
         mean=tuple(mean),
         std=tuple(std),
     )
+    keep_zero_bit_posterize(transform)
+    return transform
+
+
+def posterize_zero_bits_black(img, bits_to_keep, **_):
+    """timm's RandAugment posterize with Pillow's answer before Pillow 13 for 0 bits: a black image (every bit
+    masked). Pillow 13 refuses 0 bits, which timm's increasing posterize asks for at magnitude 10: with the papers'
+    rand-m9-mstd0.5 that is ~2 % of its draws, so a fine-tune of a few thousand images stopped with "bits must be
+    between or equal to 1 and 8"."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def keep_zero_bit_posterize(transform) -> int:
+    """Give the posterize ops of a timm transform's RandAugment the 0-bit answer they had before Pillow 13
+    (this transform's ops only; timm is not changed). Returns how many ops were given it."""
+    from timm.data.auto_augment import RandAugment, posterize
+
+    changed = 0
+    for step in getattr(transform, "transforms", []):
+        for op in step.ops if isinstance(step, RandAugment) else []:
+            if op.aug_fn is posterize:
+                op.aug_fn, changed = posterize_zero_bits_black, changed + 1
+    return changed
 
 
 def to_uint8_images(images: torch.Tensor, mean, std) -> np.ndarray:

@@ -272,6 +272,26 @@ def mae_sincos_table(dim: int, grid: tuple[int, int]) -> torch.Tensor:
 
 
 @torch.no_grad()
+def frozen_table_difference(pos_embed: torch.Tensor, grid: tuple[int, int], atol: float = 1e-2) -> str | None:
+    """None when a ViT's whole [prefix + h * w, C] position table is MAE's fixed table for ``grid`` with zero
+    prefix (class-token) rows, as ``init_sincos_pos_embed`` makes it (within ``atol``: a bf16 copy rounds it by up
+    to ~4e-3); else what it is: timm's channel order (what mimscale built before the MAE preset) or another table."""
+    pos_embed = pos_embed.detach().float().reshape(-1, pos_embed.shape[-1])
+    table = mae_sincos_table(pos_embed.shape[-1], grid)
+    prefix = pos_embed.shape[0] - table.shape[0]
+    if prefix < 0:
+        return f"of another shape ({tuple(pos_embed.shape)} for a {grid[0]}x{grid[1]} grid)"
+    if torch.allclose(pos_embed[prefix:], table, atol=atol) and not pos_embed[:prefix].abs().gt(atol).any():
+        return None
+    from timm.layers import build_sincos2d_pos_embed
+
+    timm_order = build_sincos2d_pos_embed(list(grid), dim=pos_embed.shape[-1]).reshape(table.shape)
+    if torch.allclose(pos_embed[prefix:], timm_order, atol=atol):
+        return "the 2-D sin-cos table in timm's channel order (row first, sines first: mimscale before the MAE preset)"
+    return "another table than the 2-D sin-cos one"
+
+
+@torch.no_grad()
 def init_sincos_pos_embed(backbone: nn.Module, name: str = "student") -> None:
     """Fill a timm ViT's learned position embedding with MAE's 2-D sin-cos table; class-token rows get zeros.
 

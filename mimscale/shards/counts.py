@@ -8,7 +8,10 @@ Sources, in order of preference (the first that covers every shard of a folder w
 2. WebDataset's shard index, the JSON its ``widsindex create`` writes (default name ``shardindex.json``):
    ``{"wids_version": 1, "shardlist": [{"url": ..., "nsamples": N, "filesize": B}, ...]}``;
 3. img2dataset's per-shard ``NNNNN_stats.json`` beside ``NNNNN.tar`` (its ``successes``);
-4. a counts file the user names (``data.counts``): ``{shard name: count}`` or the widsindex form.
+4. img2dataset's per-shard ``NNNNN.parquet`` beside ``NNNNN.tar``: one row per attempted sample, its ``status``
+   column "success" for the samples the tar holds (read with pyarrow, the optional ``parquet`` extra; only that
+   column is read);
+5. a counts file the user names (``data.counts``): ``{shard name: count}`` or the widsindex form.
 
 Every file is hostile input: read bounded (storage/remote.py), types and ranges checked, and an entry is matched to
 a shard by its plain file name only (a URL entry by the last part of its path: nothing is ever fetched from it, and
@@ -18,7 +21,9 @@ no entry names a path). Errors name the file and the entry.
 from __future__ import annotations
 
 import json
+import os
 import re
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import urlparse
@@ -31,6 +36,11 @@ MAX_COUNTS_BYTES = 64 << 20  # a widsindex entry is ~150 B: 400k shards
 MAX_STATS_BYTES = 1 << 20  # an img2dataset stats file is ~2 KB
 MAX_SHARD_COUNT = 1 << 40  # as samples.idx's bound
 STATS_THREADS = 16  # stats files read at once from a remote folder (one small request each)
+MAX_PARQUET_BYTES = 64 << 20  # img2dataset's per-shard parquet: ~10k rows of url, caption, sizes, exif (~10 MB)
+MAX_PARQUET_ROWS = 1 << 24  # rows (attempted samples) of one shard's parquet
+MAX_STATUS_BYTES = 1 << 30  # the status column, decompressed, as its metadata states it
+PARQUET_THREADS = 4  # parquet files read at once (each held in memory when remote)
+SUCCESS = "success"  # img2dataset's status of a sample written to the tar
 _TAR_SUFFIX = re.compile(r"\.tar$")
 
 
@@ -157,31 +167,119 @@ def _covering(found: dict[str, tuple[int, int]], names: list[str], source: str) 
     return ShardCounts([found[n][0] for n in names], [found[n][1] for n in names], source)
 
 
-def _stats_location(location: str) -> str | None:
+def _stats_location(location: str, suffix: str = "_stats.json") -> str | None:
+    """The file img2dataset writes beside shard ``NNNNN.tar``: ``NNNNN`` + suffix (``_stats.json``, ``.parquet``)."""
     name = remote.shard_name(location) if not remote.is_local(location) else location.rpartition("/")[2]
     if not _TAR_SUFFIX.search(name):
         return None
-    stats = _TAR_SUFFIX.sub("_stats.json", name)
+    stats = _TAR_SUFFIX.sub(suffix, name)
     if remote.is_local(location):
         head = location.rpartition("/")[0]
         return f"{head}/{stats}" if head else stats
     return remote.sibling(location, stats)
 
 
-def _stats_counts(names: list[str], locations: dict[str, str]) -> ShardCounts | None:
-    """img2dataset's stats files, one per shard; looked for only when the first shard has one."""
-    wanted = [_stats_location(locations[name]) for name in names]
+def _stats_count(where: str) -> int | None:
+    raw = _read(where, MAX_STATS_BYTES)
+    return None if raw is None else parse_stats(raw, where)
+
+
+def _beside_counts(names, locations, suffix: str, count_one, threads: int, label: str) -> ShardCounts | None:
+    """Counts from img2dataset's per-shard files (``NNNNN`` + suffix beside each ``NNNNN.tar``, read by
+    ``count_one``: None when missing); looked for only when the first shard has one, used when all have."""
+    wanted = [_stats_location(locations[name], suffix) for name in names]
     if not wanted or any(w is None for w in wanted):
         return None
-    first = _read(wanted[0], MAX_STATS_BYTES)
+    first = count_one(wanted[0])
     if first is None:
         return None
-    with ThreadPoolExecutor(STATS_THREADS) as pool:
-        raws = [first, *pool.map(lambda where: _read(where, MAX_STATS_BYTES), wanted[1:])]
-    if any(raw is None for raw in raws):
+    with ThreadPoolExecutor(threads) as pool:
+        counts = [first, *pool.map(count_one, wanted[1:])]
+    if any(count is None for count in counts):
         return None
-    counts = [parse_stats(raw, where) for raw, where in zip(raws, wanted, strict=True)]
-    return ShardCounts(counts, [-1] * len(names), f"img2dataset stats ({wanted[0]}, ...)")
+    return ShardCounts(counts, [-1] * len(names), f"{label} ({wanted[0]}, ...)")
+
+
+class _NoPyarrow(Exception):
+    """A parquet file is there but pyarrow (the ``parquet`` extra) is not installed."""
+
+
+def _status_column(parquet, shown: str) -> None:
+    """Refuse, from the file's metadata alone, a parquet file that is not one shard's img2dataset status list."""
+    import pyarrow as pa
+
+    metadata = parquet.metadata
+    if not 0 <= metadata.num_rows <= MAX_PARQUET_ROWS:
+        raise _fail(shown, f"{metadata.num_rows} rows; a shard's parquet has at most {MAX_PARQUET_ROWS}")
+    schema = parquet.schema_arrow
+    if schema.get_field_index("status") < 0:
+        raise _fail(shown, f"no 'status' column (not an img2dataset shard parquet; columns {schema.names[:8]})")
+    kind = schema.field("status").type
+    text = (pa.string(), pa.large_string())
+    if kind not in text and not (pa.types.is_dictionary(kind) and kind.value_type in text):
+        raise _fail(shown, f"its 'status' column holds {kind}, not text")
+    column = [metadata.schema.column(k).path for k in range(metadata.num_columns)].index("status")
+    size = sum(metadata.row_group(g).column(column).total_uncompressed_size for g in range(metadata.num_row_groups))
+    if not 0 <= size <= MAX_STATUS_BYTES:
+        raise _fail(shown, f"its 'status' column is {size} bytes decompressed; at most {MAX_STATUS_BYTES} are read")
+
+
+def parse_parquet_status(source, shown: str) -> int:
+    """The samples an img2dataset shard's tar holds: the rows of its ``NNNNN.parquet`` whose ``status`` is
+    "success" (img2dataset writes one row per attempted sample). ``source``: the file's bytes or an open regular
+    file. The row count and the column's size are checked in the metadata first; only ``status`` is read."""
+    try:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+    except ImportError as err:
+        raise _NoPyarrow() from err
+    try:
+        parquet = pq.ParquetFile(pa.BufferReader(source) if isinstance(source, bytes) else source)
+        _status_column(parquet, shown)
+        successes = 0
+        for group in range(parquet.metadata.num_row_groups):
+            status = parquet.read_row_group(group, columns=["status"]).column(0)
+            if pa.types.is_dictionary(status.type):  # a pandas category column
+                status = status.cast(status.type.value_type)
+            successes += int(pc.sum(pc.equal(status, SUCCESS)).as_py() or 0)  # a null status is no success
+    except ShardError:
+        raise
+    except (pa.ArrowException, OSError, ValueError, IndexError) as err:
+        raise _fail(shown, f"not a readable parquet file ({' '.join(str(err).split())[:160]})") from err
+    return successes
+
+
+def _parquet_count(where: str) -> int | None:
+    """One shard's successes from its img2dataset parquet; None when there is none. A local file is read in place
+    (footer and status column only), a remote one whole, bounded."""
+    if not remote.is_local(where):
+        raw = _read(where, MAX_PARQUET_BYTES)
+        if raw is not None and len(raw) > MAX_PARQUET_BYTES:
+            raise _fail(where, f"larger than {MAX_PARQUET_BYTES} bytes")
+        return None if raw is None else parse_parquet_status(raw, where)
+    try:
+        handle = remote.open_regular(where)
+    except (FileNotFoundError, remote.RemoteNotFound):
+        return None
+    except (OSError, remote.RemoteError) as err:
+        raise ShardError(f"counts file {where} cannot be read ({err})") from err
+    with handle:
+        if os.fstat(handle.fileno()).st_size > MAX_PARQUET_BYTES:
+            raise _fail(where, f"larger than {MAX_PARQUET_BYTES} bytes")
+        return parse_parquet_status(handle, where)
+
+
+def _parquet_counts(names: list[str], locations: dict[str, str]) -> ShardCounts | None:
+    try:
+        return _beside_counts(names, locations, ".parquet", _parquet_count, PARQUET_THREADS, "img2dataset parquet")
+    except _NoPyarrow:
+        print(
+            "mimscale data: img2dataset's parquet files beside the shards hold their counts, but pyarrow is not "
+            "installed (pip install 'mimscale[parquet]'); the set is indexed instead",
+            file=sys.stderr,
+        )
+        return None
 
 
 def find_counts(
@@ -203,7 +301,9 @@ def find_counts(
         raw = _read(wids, MAX_COUNTS_BYTES)
         if raw is not None and (found := _covering(parse_counts(raw, wids), names, wids)):
             return found
-        if found := _stats_counts(names, locations):
+        if found := _beside_counts(names, locations, "_stats.json", _stats_count, STATS_THREADS, "img2dataset stats"):
+            return found
+        if found := _parquet_counts(names, locations):
             return found
     if user_counts:
         raw = _read(user_counts, MAX_COUNTS_BYTES)
