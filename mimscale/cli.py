@@ -65,5 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def console_main() -> None:
+    """The `mimscale` console script: main(), then a quick exit (mimscale.process_exit)."""
+    from mimscale.process_exit import exit_quickly
+
+    exit_quickly(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

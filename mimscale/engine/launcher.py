@@ -127,4 +127,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from mimscale.process_exit import exit_quickly
+
+    exit_quickly(main(sys.argv[1:]))

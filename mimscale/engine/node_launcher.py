@@ -100,4 +100,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from mimscale.process_exit import exit_quickly
+
     main()
+    exit_quickly(0)
