@@ -57,3 +57,12 @@ def cluster():
         yield nodes
     finally:
         nodes.down()
+
+
+@pytest.fixture(scope="session")
+def multinode_reference(tmp_path_factory) -> Path:
+    """tests/test_multinode.py's one-node, 2-rank reference run (ZeRO-3 bf16 to its STOP_AT), run once for every
+    multi-node test file that compares against it."""
+    from test_multinode import run_reference
+
+    return run_reference(tmp_path_factory.mktemp("one-node") / "run")

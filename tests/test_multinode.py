@@ -161,12 +161,16 @@ def _assert_every_rank_saved(run_dir: Path, step: int, ranks: int) -> None:
     assert len(saved) == ranks, saved
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    """One node, 2 ranks, the same global batch: the losses every two-node run must reproduce."""
-    run_dir = tmp_path_factory.mktemp("one-node") / "run"
+def run_reference(run_dir: Path) -> Path:
+    """One node, 2 ranks, the same global batch: the losses every two-node run must reproduce (the session fixture
+    ``multinode_reference`` in conftest.py runs it once for this file and tests/test_slurm_nodes.py)."""
     _one_node(run_dir)
     return run_dir
+
+
+@pytest.fixture
+def reference(multinode_reference) -> Path:
+    return multinode_reference
 
 
 @pytest.fixture(scope="module")

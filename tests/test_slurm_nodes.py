@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -130,17 +129,6 @@ def _leftovers(cluster, *marks: str) -> dict[int, list[str]]:
     return found
 
 
-def _uninterrupted(run_dir: Path) -> None:
-    """One node, 2 ranks, the same global batch, straight to STOP_AT: the losses the two-node job must give."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "mimscale.cli", "launch", "--num_gpus", "2", "--master_port", str(port)]
-    command += ["--module", "mimscale.train", "--config", str(DEMO), *overrides(run_dir, *SETTINGS)]
-    result = subprocess.run(command, cwd=REPO, env=env_with(), capture_output=True, text=True, timeout=LAUNCH_LIMIT_S)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-
-
 def _task_env_on_node_2(cluster, run_dir: Path) -> dict:
     trainers = [p for p in cluster.processes_mentioning(2, str(run_dir)) if "mimscale.train" in p.cmdline()]
     tasks = [p for p in trainers if p.ppid() not in {t.pid for t in trainers}]  # not its DataLoader worker
@@ -235,9 +223,16 @@ def test_a_first_node_whose_name_is_loopback_there_fails_at_once_naming_the_vari
 
 
 @pytest.mark.slow
-def test_two_node_slurm_job_is_preempted_by_usr1_requeues_and_resumes_exactly(cluster, tmp_path):
-    reference, run_dir = tmp_path / "reference", tmp_path / "run"
-    _uninterrupted(reference)
+def test_two_node_slurm_job_is_preempted_by_usr1_requeues_and_resumes_exactly(cluster, multinode_reference, tmp_path):
+    """Losses and sample order against tests/test_multinode.py's one-node reference (the same settings but for
+    checkpoint frequency, which training does not depend on)."""
+    from test_multinode import SETTINGS as REFERENCE_SETTINGS
+
+    def training(settings: list[str]) -> list[str]:
+        return [item for item in settings if not item.startswith("checkpoint.")]
+
+    assert training(SETTINGS) == training(REFERENCE_SETTINGS)
+    reference, run_dir = multinode_reference, tmp_path / "run"
     env, nodelist = _job_env(cluster, tmp_path), f"{cluster.name}-node[1-2]"
     marks = (str(run_dir), f"--step={JOB_ID}.")  # the tasks, and every node's slurmstepd stand-in
     with NodeNames(cluster, tmp_path):
