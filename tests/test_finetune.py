@@ -310,3 +310,21 @@ def test_finetune_cli_on_an_export_and_on_a_random_twin(tmp_path: Path, capsys, 
     (tmp_path / "export" / "config.json").write_text('{"architecture": "vit_tiny_patch16_224"}')
     assert cli_main(["eval", "finetune", "--model", str(tmp_path / "export"), *common]) == 2
     assert "has no usable pretrained_cfg" in capsys.readouterr().err
+
+
+def test_pool_mean_heads_read_the_averaged_patch_tokens_and_cls_the_class_token(tmp_path: Path, one_torch_thread):
+    """`eval finetune --pool mean` (MAE's, BEiT's and SimMIM's fine-tuning pool) gives the head the patch tokens'
+    mean, not the class token, on the very backbone `--pool cls` loads."""
+    from mimscale.eval.finetune import build_classifier
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(f"base: {DEMO}\ndata:\n  image_size: 32\nmodel:\n  student_args: {{patch_size: 8, depth: 1}}\n")
+    models = {pool: build_classifier(f"random:{config}", 10, drop_path=0.0, pool=pool) for pool in ("cls", "mean")}
+    models["mean"].head.load_state_dict(models["cls"].head.state_dict())
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        tokens = models["cls"].forward_features(images)
+        assert torch.equal(tokens, models["mean"].forward_features(images))  # the same backbone weights
+        head = models["cls"].head
+        torch.testing.assert_close(models["cls"](images), head(tokens[:, 0]))
+        torch.testing.assert_close(models["mean"](images), head(tokens[:, 1:].mean(dim=1)))

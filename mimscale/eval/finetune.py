@@ -107,14 +107,24 @@ def default_layer_decay(model: nn.Module) -> float:
 
 
 def build_classifier(
-    spec: str, num_classes: int, *, drop_path: float, overrides=(), trusted: bool = False
+    spec: str, num_classes: int, *, drop_path: float, overrides=(), trusted: bool = False, pool: str = "cls"
 ) -> nn.Module:
     """A timm classifier with a fresh ``num_classes`` head on the backbone ``spec`` names.
 
     An export goes through timm's own loader (``local-dir:``, ``pretrained=True, num_classes=N``), exactly as a
     timm fine-tuning script would; a run folder's trained backbone or a ``random:`` twin is copied into
     ``timm.create_model(arch, num_classes=N)``. ``trusted``: the command's safe_load.trust_decision.
+    ``pool``: what the head reads: ``cls`` the class token (timm's ViT default), ``mean`` the patch tokens
+    averaged (timm's ``global_pool="avg"``, set after loading, so the pretrained final norm stays in place; MAE's
+    and BEiT's fine-tuning put a fresh LayerNorm after the average instead). Swin always averages.
     """
+    model = _classifier_with_loaded_backbone(spec, num_classes, drop_path, overrides, trusted)
+    if pool == "mean" and getattr(model, "global_pool", "avg") != "avg":
+        model.reset_classifier(num_classes, global_pool="avg")
+    return model
+
+
+def _classifier_with_loaded_backbone(spec: str, num_classes: int, drop_path: float, overrides, trusted: bool):
     import timm
 
     from mimscale.eval.export import resolve_model_spec, student_backbone
@@ -445,7 +455,9 @@ def run_finetune(args: argparse.Namespace) -> int:
     val = load_labelled(args.val, "--val", data)
     num_classes = int(max(train[1].max(), val[1].max())) + 1
     torch.manual_seed(args.seed)  # the new head's init and drop path: the same for every backbone compared
-    model = build_classifier(args.model, num_classes, drop_path=args.drop_path, overrides=args.set, trusted=trusted)
+    model = build_classifier(
+        args.model, num_classes, drop_path=args.drop_path, overrides=args.set, trusted=trusted, pool=args.pool
+    )
     if data["image_size"] != Backbone(model).image_size:
         from mimscale.eval.probe import resize_input
 
@@ -458,6 +470,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         {
             "model": args.model,
             "protocol": "finetune",
+            "pool": args.pool,
             "image_size": data["image_size"],
             "train_samples": len(train[1]),
             "val_samples": len(val[1]),
