@@ -186,18 +186,29 @@ def _stats_count(where: str) -> int | None:
 
 def _beside_counts(names, locations, suffix: str, count_one, threads: int, label: str) -> ShardCounts | None:
     """Counts from img2dataset's per-shard files (``NNNNN`` + suffix beside each ``NNNNN.tar``, read by
-    ``count_one``: None when missing); looked for only when the first shard has one, used when all have."""
+    ``count_one``: None when missing); looked for only when the first shard has one, used when all have. A bad
+    file is an error only then: a set these files do not cover is indexed whatever they hold."""
+
+    def attempt(where: str) -> tuple[int | None, ShardError | None]:
+        try:
+            return count_one(where), None
+        except ShardError as err:
+            return None, err
+
     wanted = [_stats_location(locations[name], suffix) for name in names]
     if not wanted or any(w is None for w in wanted):
         return None
-    first = count_one(wanted[0])
-    if first is None:
+    first = attempt(wanted[0])
+    if first == (None, None):
         return None
     with ThreadPoolExecutor(threads) as pool:
-        counts = [first, *pool.map(count_one, wanted[1:])]
-    if any(count is None for count in counts):
+        results = [first, *pool.map(attempt, wanted[1:])]
+    if any(result == (None, None) for result in results):
         return None
-    return ShardCounts(counts, [-1] * len(names), f"{label} ({wanted[0]}, ...)")
+    errors = [err for _, err in results if err is not None]
+    if errors:
+        raise errors[0]
+    return ShardCounts([count for count, _ in results], [-1] * len(names), f"{label} ({wanted[0]}, ...)")
 
 
 class _NoPyarrow(Exception):
