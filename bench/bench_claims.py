@@ -17,8 +17,9 @@ of the same shape trained with the digit labels: the supervised side of Dark Sec
 ``cost`` (MaskAlign vs MaskDistill: the planner's FLOPs per image and measured images/s), ``report`` (tables).
 
 Results are one JSON file per (arm, seed) under OUT/results, so two processes may run different arms at once and
-an interrupted run resumes where it stopped. ``--scale quick`` (default) fits a shared 2-core CPU in about an hour;
-``--scale full`` is the size to rerun on a quiet machine.
+an interrupted run resumes where it stopped. ``--scale quick`` (default) is what a shared 2-core CPU allowed
+(2026-12-02: ~70 minutes for the probes of six arms x 3 seeds and part of the fine-tuning); ``--scale full`` is the
+size to rerun on a quiet machine. ``--finetune-steps 0`` scores the probes only.
 
     OMP_NUM_THREADS=1 nice -n 10 python bench/bench_claims.py --out runs/claims3 --only teacher supervised
     OMP_NUM_THREADS=1 nice -n 10 python bench/bench_claims.py --out runs/claims3 --only arms --arms simmim mae
