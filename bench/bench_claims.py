@@ -1,19 +1,29 @@
-"""The papers' claims at CPU scale (issue 11), on the digit shards, with our own commands.
+"""The papers' claims measured the papers' way (issue 22.4): fine-tuning accuracy first, several seeds, twins.
 
-Sections (``--only`` picks some):
+Every pretraining arm is a ViT-Tiny (width 192, 3 heads, ``--depth`` blocks, 4-px patches, 32 px) trained with
+`mimscale train` on the digit shards (600 train images; no labels), then fine-tuned end to end with
+`mimscale eval finetune` (layer decay 0.65, ``--aug light``: random shifts of up to 4 px, label smoothing 0.1, no
+Mixup) on the 600 labelled digits and scored on the 240 val digits; the frozen features get the weighted kNN and
+the linear probe beside it. Each seed pretrains its own model and fine-tunes it with the same seed; the random-init
+twin (the SimMIM run's config, untrained) is fine-tuned with the same recipe and seeds and sits in every table.
 
-* ``teacher``: a supervised ViT-Tiny (6 blocks, 4-px patches, 32 px) trained on the digits train shards with
-  labels, saved as a plain timm weights file (``teacher.pth``) and as an export folder. It is the teacher that
-  "knows something" for MaskDistill and the supervised model of the same architecture for Dark Secrets.
-* ``distill``: MaskDistill (that teacher via ``teacher.kind: timm``) vs SimMIM at equal steps, same student, several
-  seeds, each with its random-init twin; frozen-feature kNN and linear probe on digits (train -> val).
-* ``throughput``: MaskAlign vs MaskDistill images/s with the same student and the same teacher (one run each).
-* ``relax``: RelaxMIM pretrained on only 1 and on 10 digit images (its claim: useful features from very few images)
-  vs random init, kNN and linear probe on the full digits train -> val.
-* ``locality``: Dark Secrets: mean attention distance and head diversity per block of SimMIM vs the supervised model
-  vs random init, on held-out digits.
+Arms (``--arms``): ``simmim``; ``maskdistill`` and ``maskalign``, whose teacher is a SimMIM model of the same shape
+pretrained ``--teacher-steps`` steps with another seed (self-supervised: it never saw a label, so distillation
+cannot pass the evaluation labels to the student); ``mae`` on all digits and ``mae_1img`` / ``mae_10img`` on the
+first 1 / 10 digit images (RelaxMIM's few-image claim, about MAE); ``relaxmim`` (the paper's siamese InfoNCE form);
+``random`` (no pretraining). Other sections: ``teacher`` (the self-supervised teacher), ``supervised`` (a model
+of the same shape trained with the digit labels: the supervised side of Dark Secrets and of the occlusion claim),
+``analysis`` (occlusion curves, attention distance, head diversity, CKA between layers and between models),
+``cost`` (MaskAlign vs MaskDistill: the planner's FLOPs per image and measured images/s), ``report`` (tables).
 
-    nice -n 10 python bench/bench_claims.py --steps 300 --seeds 0 1 --out runs/bench_claims
+Results are one JSON file per (arm, seed) under OUT/results, so two processes may run different arms at once and
+an interrupted run resumes where it stopped. ``--scale quick`` (default) is what a shared 2-core CPU allowed
+(2026-12-02: ~70 minutes for the probes of six arms x 3 seeds and part of the fine-tuning); ``--scale full`` is the
+size to rerun on a quiet machine. ``--finetune-steps 0`` scores the probes only.
+
+    OMP_NUM_THREADS=1 nice -n 10 python bench/bench_claims.py --out runs/claims3 --only teacher supervised
+    OMP_NUM_THREADS=1 nice -n 10 python bench/bench_claims.py --out runs/claims3 --only arms --arms simmim mae
+    OMP_NUM_THREADS=1 nice -n 10 python bench/bench_claims.py --out runs/claims3 --only analysis cost report
 """
 
 from __future__ import annotations
@@ -36,23 +46,96 @@ sys.path.insert(0, str(REPO / "bench"))
 from bench_quality import DEMO, SETUPS, run_overrides, score  # noqa: E402
 
 STUDENT = "vit_tiny_patch16_224"
-ARCH_ARGS = {"patch_size": 4, "depth": 6}
 DIGITS = ("shards/digits/train-*.tar", "shards/digits/val-000.tar")
-# MaskDistill on the digits setup: same student, data and schedule as SimMIM's digits setup, the teacher's final
-# normed tokens (whitened) as targets, block-wise masks.
-DISTILL = {
-    "method.name": "maskdistill",
-    "method.target_norm": "auto",
-    "mask.kind": "auto",
-    "mask.ratio": 0.4,
-    "teacher.kind": "timm",
-    "teacher.name": STUDENT,
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+SCALES = {  # pretraining steps, fine-tuning steps, teacher steps, supervised epochs, seeds, depth
+    "quick": {
+        "steps": 100,
+        "finetune_steps": 40,
+        "finetune_blr": 2e-2,
+        "teacher_steps": 450,
+        "supervised_epochs": 8,
+        "seeds": [0, 1, 2],
+    },
+    "full": {
+        "steps": 600,
+        "finetune_steps": 300,
+        "teacher_steps": 1800,
+        "supervised_epochs": 30,
+        "seeds": [0, 1, 2, 3],
+    },
 }
+DEPTH = {"quick": 4, "full": 6}
+# Objectives on top of the digits setup. MAE and RelaxMIM: random 75 % token masks, betas 0.9/0.95 (their recipes);
+# the few-image runs widen the crops (the only variety one image has) and use the same settings otherwise.
+MASKED_TOKENS = {"mask.kind": "auto", "mask.ratio": 0.75, "optim.betas": "[0.9, 0.95]", "method.target_norm": "auto"}
+MAE = {
+    **MASKED_TOKENS,
+    "method.name": "mae",
+    "method.decoder_args": {"width": 128, "depth": 2, "heads": 4},
+    "model.pos_embed_init": "sincos_frozen",
+    "optim.grad_clip": 0.0,
+}
+FEW = {"data.crop_scale": "[0.25, 1.0]"}
+DISTILL = {"method.name": "maskdistill", "method.target_norm": "auto", "mask.kind": "auto", "mask.ratio": 0.4}
+ALIGN = {"method.name": "maskalign", "method.target_norm": "auto", "mask.kind": "attention_guided", "mask.ratio": 0.7}
+ARMS = {
+    "random": None,
+    "simmim": {},
+    "maskdistill": DISTILL,
+    "maskalign": {**ALIGN, "optim.betas": "[0.9, 0.95]"},
+    "mae": MAE,
+    "mae_1img": {**MAE, **FEW},
+    "mae_10img": {**MAE, **FEW},
+    "relaxmim": {**MASKED_TOKENS, "method.name": "relaxmim", "method.loss_args": {"temperature": 0.2}},
+}
+FEW_IMAGE_COUNT = {"mae_1img": 1, "mae_10img": 10}
 
 
-def teacher_overrides(out: Path) -> list[str]:
-    args = json.dumps({"img_size": 32, **ARCH_ARGS})
-    return [f"teacher.pretrained={out / 'teacher.pth'}", f"teacher.model_args={args}"]
+def arch_args(depth: int) -> dict:
+    return {"patch_size": 4, "depth": depth}
+
+
+def setup_overrides(depth: int) -> dict:
+    return {**SETUPS["digits"], "model.student_args": arch_args(depth)}
+
+
+def as_overrides(settings: dict) -> list[str]:
+    return [f"{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in settings.items()]
+
+
+def run_train(overrides: list[str]) -> tuple[float, list[float]]:
+    """`mimscale train` on the demo config; returns wall seconds and the img/s of every step line."""
+    cmd = [sys.executable, "-m", "mimscale.cli", "train", "--config", str(DEMO)]
+    for item in overrides:
+        cmd += ["--set", item]
+    start = time.time()
+    result = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, check=False)
+    if result.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return time.time() - start, [float(m) for m in re.findall(r"img/s ([0-9.]+)", result.stdout)]
+
+
+def teacher_overrides(out: Path, depth: int, layers: int) -> list[str]:
+    """The self-supervised teacher (OUT/teacher_export) as a timm teacher; ``layers``: how many last blocks."""
+    args = json.dumps({"img_size": 32, **arch_args(depth)})
+    chosen = json.dumps(list(range(-min(layers, depth), 0)))
+    return [
+        "teacher.kind=timm",
+        f"teacher.name={STUDENT}",
+        f"teacher.pretrained={out / 'teacher_export' / 'model.safetensors'}",
+        f"teacher.model_args={args}",
+        f"teacher.layers={chosen}",
+    ]
+
+
+def train_ssl_teacher(out: Path, steps: int, depth: int) -> dict:
+    """SimMIM, seed 100, ``steps`` steps on the unlabelled digits, exported: MaskDistill's and MaskAlign's teacher."""
+    run_dir = out / "teacher_simmim"
+    seconds, _ = run_train(as_overrides(setup_overrides(depth)) + run_overrides(run_dir, steps, 100))
+    cmd = [sys.executable, "-m", "mimscale.cli", "export", str(run_dir), str(out / "teacher_export")]
+    subprocess.run(cmd, cwd=REPO, env=ENV, check=True, capture_output=True)
+    return {"steps": steps, "seconds": seconds, "probe": probe(str(out / "teacher_export"))}
 
 
 def shifted(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -63,13 +146,9 @@ def shifted(images: torch.Tensor, max_shift: int, generator: torch.Generator) ->
     return torch.stack([p[:, dy : dy + size, dx : dx + size] for p, (dy, dx) in zip(padded, offsets, strict=True)])
 
 
-def train_teacher(out: Path, epochs: int, max_shift: int) -> dict:
-    """Supervised ViT-Tiny on the digits train shards: AdamW, warmup + cosine, label smoothing 0.1, random shifts.
-
-    Trained with mean-pooled tokens (``global_pool="avg"`` without fc_norm: the state dict is the default model's),
-    so every token, the ones MaskDistill distils, carries the class, and with the sin-cos position start of the
-    students: the first teacher (class token, timm's position init, no augmentation, 15 epochs) reached 63.7 %.
-    """
+def train_supervised(out: Path, epochs: int, depth: int, max_shift: int = 4) -> dict:
+    """A ViT of the arms' shape trained with the digit labels (AdamW, warmup + cosine, label smoothing 0.1, random
+    shifts, mean-pooled tokens, sin-cos position start), exported to OUT/supervised for the analyses."""
     import timm
 
     from mimscale.config import load_config
@@ -79,12 +158,12 @@ def train_teacher(out: Path, epochs: int, max_shift: int) -> dict:
 
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
-    model = timm.create_model(STUDENT, img_size=32, num_classes=10, global_pool="avg", fc_norm=False, **ARCH_ARGS)
+    args = arch_args(depth)
+    model = timm.create_model(STUDENT, img_size=32, num_classes=10, global_pool="avg", fc_norm=False, **args)
     init_sincos_pos_embed(model)
-    cfg = load_config(DEMO, ["data.image_size=32", f"model.student_args={json.dumps(ARCH_ARGS)}"])
-    batches = list(
-        iter_eval_batches(str(REPO / DIGITS[0]), image_size=32, batch_size=32, mean=cfg.data.mean, std=cfg.data.std)
-    )
+    cfg = load_config(DEMO, ["data.image_size=32", f"model.student_args={json.dumps(args)}"])
+    common = {"image_size": 32, "mean": cfg.data.mean, "std": cfg.data.std}
+    batches = list(iter_eval_batches(str(REPO / DIGITS[0]), batch_size=32, **common))
     total = epochs * len(batches)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     warmup = max(1, total // 20)
@@ -94,93 +173,26 @@ def train_teacher(out: Path, epochs: int, max_shift: int) -> dict:
     start = time.time()
     for _ in range(epochs):
         for images, labels in batches:
-            images = shifted(images, max_shift, generator) if max_shift else images
-            loss = torch.nn.functional.cross_entropy(model(images), labels, label_smoothing=0.1)
+            loss = torch.nn.functional.cross_entropy(
+                model(shifted(images, max_shift, generator)), labels, label_smoothing=0.1
+            )
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             schedule.step()
     model.eval()
-    val = list(
-        iter_eval_batches(str(REPO / DIGITS[1]), image_size=32, batch_size=64, mean=cfg.data.mean, std=cfg.data.std)
-    )
+    val = list(iter_eval_batches(str(REPO / DIGITS[1]), batch_size=64, **common))
     with torch.no_grad():
         correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in val)
-    accuracy = correct / sum(len(y) for _, y in val)
-    torch.save(model.state_dict(), out / "teacher.pth")
     model.reset_classifier(0)
-    write_export(model, cfg, out / "supervised", {"bench_claims": "supervised digits teacher"})
-    return {"val_top1": accuracy, "seconds": time.time() - start, "final_loss": float(loss.detach()), "epochs": epochs}
-
-
-def run_train(config: Path, overrides: list[str]) -> tuple[float, list[float]]:
-    """`mimscale train`; returns wall seconds and the img/s of every step line."""
-    cmd = [sys.executable, "-m", "mimscale.cli", "train", "--config", str(config)]
-    for item in overrides:
-        cmd += ["--set", item]
-    start = time.time()
-    # One thread per process: on this shared 2-core machine a default (2-thread) run measured 129 / 19.5 / 122 img/s
-    # in three step lines while one thread gave a steady 75-81 (bench/RESULTS.md ## Claims).
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
-    if result.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    rates = [float(m) for m in re.findall(r"img/s ([0-9.]+)", result.stdout)]
-    return time.time() - start, rates
-
-
-def pretrain(out: Path, method: str, seed: int, steps: int, teacher_dir: Path) -> Path:
-    run_dir = out / f"{method}_seed{seed}"
-    settings = {**SETUPS["digits"], **(DISTILL if method == "maskdistill" else {})}
-    overrides = [f"{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in settings.items()]
-    overrides += teacher_overrides(teacher_dir) if method == "maskdistill" else []
-    overrides += run_overrides(run_dir, steps, seed)
-    seconds, _ = run_train(DEMO, overrides)
-    print(f"{method} seed {seed}: {steps} steps in {seconds:.0f} s", flush=True)
-    return run_dir
-
-
-def probe(spec: str) -> dict:
-    from mimscale.eval.export import load_backbone
-
-    return score(load_backbone(spec), *DIGITS, pool="mean")
-
-
-def distill(out: Path, steps: int, seeds: list[int]) -> dict:
-    rows: dict[str, list[dict]] = {}
-    for seed in seeds:
-        for method in ("simmim", "maskdistill"):
-            run_dir = pretrain(out, method, seed, steps, out)
-            rows.setdefault(f"{method} {steps} steps", []).append(probe(str(run_dir)))
-        rows.setdefault("random init", []).append(probe(f"random:{out / f'simmim_seed{seed}'}"))
-    rows["supervised teacher (labels)"] = [probe(str(out / "supervised"))]
-    return rows
-
-
-# The few-image claim (RelaxMIM paper: MAE pretrained on 1 or 10 images initialises better than scratch) on the
-# digits setup; stronger crops, the only source of variety on 1 image. ``--few-image-method`` picks the objective:
-# patch_content_nce (what the recorded figures used, when it was still called relaxmim: InfoNCE over every masked
-# patch of the batch), relaxmim (masked view vs full view, image-level InfoNCE) or mae (the paper's own subject).
-FEW_IMAGE_COMMON = {"method.target_norm": "auto", "mask.kind": "auto", "mask.ratio": 0.75}
-FEW_IMAGE_COMMON |= {"data.crop_scale": "[0.25, 1.0]", "optim.betas": "[0.9, 0.95]"}
-FEW_IMAGE = {
-    "patch_content_nce": {"method.name": "patch_content_nce", "method.loss_args": {"temperature": 0.2}},
-    "relaxmim": {"method.name": "relaxmim", "method.loss_args": {"temperature": 0.2}},
-    "mae": {
-        "method.name": "mae",
-        "method.decoder_args": {"width": 128, "depth": 2, "heads": 4},
-        "model.pos_embed_init": "sincos_frozen",
-        "optim.grad_clip": 0.0,
-    },
-}
+    write_export(model, cfg, out / "supervised", {"bench_claims": "supervised digits model"})
+    return {"val_top1": correct / sum(len(y) for _, y in val), "seconds": time.time() - start, "epochs": epochs}
 
 
 def few_image_shards(out: Path, count: int) -> Path:
-    """The first ``count`` images of the digits train shards as their own shard set (``mimscale shards create``).
-
-    Each image is written ``copies`` times (under its own key) so that one epoch fills at least one batch of 32:
-    every copy gets its own crop and mask, the many views of few images that the few-image claim is about.
-    """
+    """The first ``count`` images of the digits train shards as their own shard set (``mimscale shards create``),
+    each written ceil(32 / count) times under its own key so that one epoch fills a batch of 32 (every copy gets its
+    own crop and mask: the many views of few images that the few-image claim is about)."""
     import tarfile
 
     target = out / f"digits_{count}"
@@ -199,146 +211,315 @@ def few_image_shards(out: Path, count: int) -> Path:
             for copy in range(-(-32 // count)):
                 (folder / label / f"{key}_{copy:02d}.png").write_bytes(data)
     cmd = [sys.executable, "-m", "mimscale.cli", "shards", "create", str(folder), str(target), "--format", "png"]
-    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, env=ENV)
     return target
 
 
-def relax(out: Path, counts: list[int], steps: int, seed: int = 0, method: str = "patch_content_nce") -> dict:
-    """``method`` pretrained on 1 and 10 digit images vs random init: frozen features on the full digits train -> val.
-
-    Run directories keep the old ``relaxmim_`` prefix for patch_content_nce, so earlier runs are found again."""
-    rows = {}
-    prefix = "relaxmim" if method == "patch_content_nce" else method
-    for count in counts:
-        shards = few_image_shards(out, count)
-        run_dir = out / f"{prefix}_{count}img" if seed == 0 else out / f"{prefix}_{count}img_seed{seed}"
-        settings = {**SETUPS["digits"], **FEW_IMAGE_COMMON, **FEW_IMAGE[method], "data.shards": f"{shards}/*.tar"}
-        overrides = [f"{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in settings.items()]
-        overrides += run_overrides(run_dir, steps, seed)
-        seconds, _ = run_train(DEMO, overrides)
-        print(f"{method} seed {seed} on {count} image(s): {steps} steps in {seconds:.0f} s", flush=True)
-        rows[f"{method} on {count} image(s), {steps} steps"] = [probe(str(run_dir))]
-        last_run = run_dir
-    rows["random init"] = [probe(f"random:{last_run}")]
-    return rows
+def finetune(model: str, seed: int, steps: int, blr: float) -> dict:
+    """`mimscale eval finetune --aug light` (the command's small-data path) on the labelled digits, batch 32."""
+    cmd = [sys.executable, "-m", "mimscale.cli", "eval", "finetune", "--model", model, "--train", DIGITS[0]]
+    cmd += ["--val", DIGITS[1], "--steps", str(steps), "--batch-size", "32", "--blr", str(blr), "--aug", "light"]
+    cmd += ["--seed", str(seed), "--json"]
+    done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    recipe = {"steps": steps, "blr": blr, "lr": result["recipe"]["lr"], "pool": result.get("pool", "cls")}
+    return {"top1": result["top1"], "final_loss": result["final_loss"], "seconds": result["seconds"], "recipe": recipe}
 
 
-def throughput(out: Path, steps: int) -> dict:
-    """Images/s of MaskDistill and MaskAlign with the same ViT-Tiny student and the same supervised teacher."""
-    common = [f"{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in SETUPS["digits"].items()]
-    common += teacher_overrides(out) + ["teacher.kind=timm", f"teacher.name={STUDENT}", "eval.knn_every=0"]
-    common += ["data.num_workers=1", "train.progress_bar=false", "train.log_every=5", f"train.max_steps={steps}"]
-    common += ["checkpoint.every_steps=100000", "method.target_norm=auto", "data.batch_size=32"]
-    result = {}
-    for method, extra in {
-        "maskdistill": ["mask.kind=auto", "mask.ratio=0.4", "teacher.layers=[-1]"],
-        "maskalign": ["mask.kind=attention_guided", "mask.ratio=0.7", "teacher.layers=[-2, -1]"],
-    }.items():
-        overrides = [*common, *extra, f"method.name={method}", f"run.output_dir={out / f'speed_{method}'}"]
-        _, rates = run_train(DEMO, overrides)
-        result[method] = statistics.median(rates[1:]) if len(rates) > 1 else float("nan")  # first line: warm-up
-        print(f"{method}: {result[method]:.1f} img/s (step lines {rates})", flush=True)
-    result["ratio"] = result["maskalign"] / result["maskdistill"]
+def probe(spec: str) -> dict:
+    from mimscale.eval.export import load_backbone
+
+    return score(load_backbone(spec), *DIGITS, pool="mean")
+
+
+def arm_run_dir(out: Path, arm: str, seed: int) -> Path:
+    return out / f"{arm}_seed{seed}"
+
+
+def wait_for_teacher(out: Path, minutes: float = 30.0) -> None:
+    """The distilling arms may start while another process (``--only teacher``) is still training the teacher."""
+    weights = out / "teacher_export" / "model.safetensors"
+    deadline = time.time() + 60 * minutes
+    while not weights.is_file():
+        if time.time() > deadline:
+            raise SystemExit(f"no teacher at {weights} after {minutes:g} min: run --only teacher first")
+        time.sleep(10)
+
+
+def run_arm(out: Path, arm: str, seed: int, sizes: dict) -> dict:
+    """Pretrain one arm with one seed (not for ``random``), fine-tune it and probe its frozen features."""
+    depth, steps = sizes["depth"], sizes["steps"]
+    if ARMS[arm] is None:  # the random-init twin: the SimMIM run's config (same shape, sin-cos start), untrained
+        twin = arm_run_dir(out, "simmim", seed)
+        if not (twin / "config.yaml").is_file():
+            raise SystemExit(f"arm random needs {twin} (run the simmim arm of seed {seed} first)")
+        spec, pretrain_s = f"random:{twin}", 0.0
+    else:
+        run_dir = arm_run_dir(out, arm, seed)
+        settings = {**setup_overrides(depth), **ARMS[arm]}
+        if arm in FEW_IMAGE_COUNT:
+            settings["data.shards"] = f"{few_image_shards(out, FEW_IMAGE_COUNT[arm])}/*.tar"
+        overrides = as_overrides(settings) + run_overrides(run_dir, steps, seed)
+        if arm in ("maskdistill", "maskalign"):
+            wait_for_teacher(out)
+            overrides += teacher_overrides(out, depth, 1 if arm == "maskdistill" else 5)
+        done = (run_dir / "checkpoints" / f"step_{steps:08d}").is_dir()  # an interrupted bench's finished run
+        pretrain_s = 0.0 if done else run_train(overrides)[0]
+        spec = str(run_dir)
+    steps = sizes["finetune_steps"]
+    tuned = finetune(spec, seed, steps, sizes["finetune_blr"]) if steps else {"top1": float("nan"), "seconds": 0.0}
+    result = {"arm": arm, "seed": seed, "pretrain_s": pretrain_s, "finetune": tuned, "probe": probe(spec)}
+    print(
+        f"{arm} seed {seed}: pretrain {pretrain_s:.0f} s, fine-tune top-1 {100 * tuned['top1']:.1f} % "
+        f"({tuned['seconds']:.0f} s), kNN {100 * result['probe']['knn']:.1f} %, "
+        f"linear {100 * result['probe']['linear']:.1f} %",
+        flush=True,
+    )
     return result
 
 
-def locality(out: Path, seed: int) -> dict:
-    from mimscale.eval.analysis import analyze_model
+ANALYSED = ["supervised", "random", "simmim", "mae", "mae_1img", "mae_10img", "relaxmim", "maskdistill", "maskalign"]
+OCCLUSION_RATIOS = (0.0, 0.25, 0.5, 0.75)
+
+
+def model_spec(out: Path, arm: str, seed: int) -> str | None:
+    """What ``load_backbone`` opens for an arm and seed; None where that run was not made."""
+    if arm == "supervised":
+        return str(out / "supervised") if (out / "supervised" / "config.json").is_file() else None
+    run_dir = arm_run_dir(out, "simmim" if arm == "random" else arm, seed)
+    if not (run_dir / "checkpoints").is_dir():
+        return None
+    return f"random:{run_dir}" if arm == "random" else str(run_dir)
+
+
+def analysis(out: Path, sizes: dict) -> dict:
+    """Per model and seed, on the first 32 val digits: occlusion curve (cosine of mean-pooled features, blanked vs
+    intact), mean attention distance and head diversity per block, CKA between its blocks (per token), and per-block
+    CKA with the supervised model's same block and with another seed of the same method."""
+    from mimscale.eval.analysis import analyze_model, block_features, cka_between
     from mimscale.eval.export import load_backbone
     from mimscale.pipeline.stream import iter_eval_batches
 
-    specs = {
-        "SimMIM": str(out / f"simmim_seed{seed}"),
-        "MaskDistill": str(out / f"maskdistill_seed{seed}"),
-        "supervised": str(out / "supervised"),
-        "random init": f"random:{out / f'simmim_seed{seed}'}",
-    }
+    result: dict = {}
+    features: dict = {}
+    for arm in ANALYSED:
+        for seed in [0] if arm == "supervised" else sizes["seeds"]:
+            spec = model_spec(out, arm, seed)
+            if spec is None:
+                continue
+            loaded = load_backbone(spec)
+            common = {"image_size": loaded.image_size, "batch_size": 32, "mean": loaded.mean, "std": loaded.std}
+            images, _ = next(iter(iter_eval_batches(str(REPO / DIGITS[1]), **common)))
+            torch.manual_seed(0)
+            found = analyze_model(loaded.model, images, pool="mean", ratios=OCCLUSION_RATIOS)
+            features[arm, seed] = [f.float() for f in block_features(loaded.model.eval(), images)]
+            result.setdefault(arm, {})[str(seed)] = {
+                "occlusion": found["occlusion"],
+                "distance": [sum(h) / len(h) for h in found["attention_distance"]],
+                "diversity": found["head_diversity"],
+                "cka_layers": found["cka"],
+                "uniform_distance": found["uniform_attention_distance"],
+            }
+    supervised = features.get(("supervised", 0))
+    for (arm, seed), feats in features.items():
+        entry = result[arm][str(seed)]
+        if supervised is not None:
+            entry["cka_to_supervised"] = [row[i] for i, row in enumerate(cka_between(feats, supervised))]
+        other = features.get((arm, (seed + 1) % len(sizes["seeds"])))
+        if other is not None and arm != "supervised" and other is not feats:
+            entry["cka_to_next_seed"] = [row[i] for i, row in enumerate(cka_between(feats, other))]
+    return result
+
+
+def plan_flops(overrides: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "mimscale.cli", "plan", str(DEMO), "--gpus", "1", "--json"]
+    for item in overrides:
+        cmd += ["--set", item]
+    done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, check=True)
+    plan = json.loads(done.stdout)
+    keys = ("flops_per_image", "student_forward_flops", "teacher_forward_flops")
+    return {key: plan[key] for key in keys}
+
+
+def cost(out: Path, sizes: dict, speed_steps: int) -> dict:
+    """MaskAlign vs MaskDistill with the same student and teacher: the planner's FLOPs per image (its own count for
+    each method's forwards) and images/s measured with `mimscale train` (median of the step lines after the first)."""
+    depth = sizes["depth"]
+    common = as_overrides(setup_overrides(depth)) + ["eval.knn_every=0", "data.num_workers=1"]
+    common += ["train.progress_bar=false", "train.log_every=5", f"train.max_steps={speed_steps}"]
+    common += ["checkpoint.every_steps=100000", "data.batch_size=32"]
     result = {}
-    for name, spec in specs.items():
-        loaded = load_backbone(spec)
-        common = {"image_size": loaded.image_size, "batch_size": 32, "mean": loaded.mean, "std": loaded.std}
-        images, _ = next(iter(iter_eval_batches(str(REPO / DIGITS[1]), **common)))
-        torch.manual_seed(0)
-        analysis = analyze_model(loaded.model, images, pool="mean", ratios=(0.0,))
-        result[name] = {
-            "distance": [sum(h) / len(h) for h in analysis["attention_distance"]],
-            "diversity": analysis["head_diversity"],
-            "uniform": analysis["uniform_attention_distance"],
+    for arm in ("maskdistill", "maskalign"):
+        overrides = common + as_overrides(ARMS[arm]) + teacher_overrides(out, depth, 1 if arm == "maskdistill" else 5)
+        _, rates = run_train([*overrides, f"run.output_dir={out / f'speed_{arm}'}"])
+        result[arm] = {
+            **plan_flops(overrides),
+            "images_per_s": statistics.median(rates[1:]) if len(rates) > 1 else float("nan"),
+            "step_lines": rates,
         }
     return result
 
 
-def print_probe_table(rows_by_model: dict[str, list[dict]]) -> None:
-    print("\n| model (digits, mean pooling) | kNN top-1 per seed | linear top-1 per seed | mean kNN / linear |")
-    print("|---|---|---|---|")
-    for name, rows in rows_by_model.items():
-        knn = [100 * r["knn"] for r in rows]
-        lin = [100 * r["linear"] for r in rows]
+TABLES = {
+    "MaskDistill / MaskAlign vs SimMIM (self-supervised teacher)": ["random", "simmim", "maskdistill", "maskalign"],
+    "RelaxMIM (a): MAE on 1 / 10 / all 600 images vs scratch": ["random", "mae_1img", "mae_10img", "mae"],
+    "RelaxMIM (b): siamese InfoNCE vs MAE's reconstruction": ["random", "mae", "relaxmim"],
+}
+
+
+def spread(values: list[float]) -> str:
+    """'mean ± sd (min-max)' in percent."""
+    values = [100 * v for v in values]
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.1f} ± {sd:.1f} ({min(values):.1f}-{max(values):.1f})"
+
+
+def print_accuracy_tables(results: dict, sizes: dict) -> None:
+    for title, arms in TABLES.items():
         print(
-            f"| {name} | {' / '.join(f'{v:.1f}' for v in knn)} | {' / '.join(f'{v:.1f}' for v in lin)} | "
-            f"{statistics.mean(knn):.1f} / {statistics.mean(lin):.1f} |"
+            f"\n{title}; pretraining {sizes['steps']} steps; fine-tune {sizes['finetune_steps']} steps, blr {sizes['finetune_blr']:g}"
         )
+        print("| arm | fine-tune top-1 per seed | fine-tune mean ± sd (min-max) | kNN | linear probe |")
+        print("|---|---|---|---|---|")
+        for arm in arms:
+            runs = [results[arm, seed] for seed in sizes["seeds"] if (arm, seed) in results]
+            if not runs:
+                print(f"| {arm} | not run | | | |")
+                continue
+            tuned = [r["finetune"]["top1"] for r in runs if current_recipe(r["finetune"], sizes)]
+            shown = (" / ".join(f"{100 * t:.1f}" for t in tuned), spread(tuned)) if tuned else ("not run", "")
+            print(
+                f"| {arm} | {shown[0]} | {shown[1]} | "
+                f"{spread([r['probe']['knn'] for r in runs])} | {spread([r['probe']['linear'] for r in runs])} |"
+            )
 
 
-def print_tables(results: dict) -> None:
-    if "teacher" in results:
-        t = results["teacher"]
-        print(f"\nsupervised teacher: digits val top-1 {100 * t['val_top1']:.1f} % ({t['seconds']:.0f} s)")
-    for section in results:
-        if section == "distill" or section.startswith("relax"):
-            print_probe_table(results[section])
-    if "throughput" in results:
-        r = results["throughput"]
-        print(f"\nimages/s: MaskDistill {r['maskdistill']:.1f}, MaskAlign {r['maskalign']:.1f}, ratio {r['ratio']:.2f}")
-    for section in (name for name in results if name.startswith("locality")):
-        loc = results[section]
-        depth = len(next(iter(loc.values()))["distance"])
-        for key, title in (("distance", "mean attention distance (px)"), ("diversity", "head diversity (JS, nats)")):
-            print(f"\n| {title}, {section} | " + " | ".join(f"b{i + 1}" for i in range(depth)) + " |")
-            print("|---|" + "---|" * depth)
-            for name, row in loc.items():
-                print(
-                    f"| {name} | "
-                    + " | ".join(f"{v:.3f}" if key == "diversity" else f"{v:.1f}" for v in row[key])
-                    + " |"
-                )
+def mean_over_seeds(per_seed: dict, key: str) -> list[float]:
+    rows = [entry[key] for entry in per_seed.values() if key in entry]
+    return [statistics.mean(column) for column in zip(*rows, strict=True)] if rows else []
+
+
+def print_analysis_tables(found: dict) -> None:
+    ratios = list(next(iter(next(iter(found.values())).values()))["occlusion"])
+    print("\n| occlusion: cos(blanked, intact), mean-pooled, mean over seeds (min-max) | " + " | ".join(ratios) + " |")
+    print("|---|" + "---|" * len(ratios))
+    for arm, per_seed in found.items():
+        cells = []
+        for ratio in ratios:
+            values = [entry["occlusion"][ratio] for entry in per_seed.values()]
+            cells.append(f"{statistics.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})")
+        print(f"| {arm} ({len(per_seed)} seeds) | " + " | ".join(cells) + " |")
+    for key, title, fmt in (
+        ("distance", "mean attention distance (px), mean over seeds", "{:.1f}"),
+        ("diversity", "head diversity (JS, nats), mean over seeds", "{:.3f}"),
+        ("cka_to_supervised", "linear CKA with the supervised model's same block", "{:.2f}"),
+        ("cka_to_next_seed", "linear CKA with the same method's next seed, same block", "{:.2f}"),
+    ):
+        depth = len(next(iter(found.values()))["0"]["distance"])
+        print(f"\n| {title} | " + " | ".join(f"b{i + 1}" for i in range(depth)) + " |")
+        print("|---|" + "---|" * depth)
+        for arm, per_seed in found.items():
+            row = mean_over_seeds(per_seed, key)
+            if row:
+                print(f"| {arm} | " + " | ".join(fmt.format(v) for v in row) + " |")
+    print(
+        "\n| CKA between the blocks of one model (mean over seeds) | mean off-diagonal | first vs last | "
+        "last two blocks |"
+    )
+    print("|---|---|---|---|")
+    for arm, per_seed in found.items():
+        cells = [[], [], []]
+        for entry in per_seed.values():
+            m = entry["cka_layers"]
+            size = len(m)
+            cells[0].append(statistics.mean(m[i][j] for i in range(size) for j in range(size) if i != j))
+            cells[1].append(m[0][-1])
+            cells[2].append(m[-2][-1])
+        print(f"| {arm} | " + " | ".join(f"{statistics.mean(c):.2f} ({min(c):.2f}-{max(c):.2f})" for c in cells) + " |")
+
+
+def report(out: Path, sizes: dict) -> None:
+    results = {}
+    for path in sorted((out / "results").glob("*_seed*.json")):
+        entry = json.loads(path.read_text())
+        results[entry["arm"], entry["seed"]] = entry
+    print(f"sizes: {json.dumps(sizes)}")
+    for section in ("teacher", "supervised"):
+        path = out / "results" / f"{section}.json"
+        if path.is_file():
+            print(f"{section}: {path.read_text().strip()}")
+    print_accuracy_tables(results, sizes)
+    if (out / "results" / "analysis.json").is_file():
+        print_analysis_tables(json.loads((out / "results" / "analysis.json").read_text()))
+    if (out / "results" / "cost.json").is_file():
+        found = json.loads((out / "results" / "cost.json").read_text())
+        print("\n| method | FLOPs per image (planner) | teacher forward FLOPs | images/s (median step line) |")
+        print("|---|---|---|---|")
+        for arm, row in found.items():
+            print(
+                f"| {arm} | {row['flops_per_image'] / 1e6:.1f} M | {row['teacher_forward_flops'] / 1e6:.1f} M | "
+                f"{row['images_per_s']:.1f} |"
+            )
+
+
+def current_recipe(tuned: dict, sizes: dict) -> bool:
+    """Whether a result's fine-tuning ran with this invocation's steps and base lr."""
+    recipe = tuned.get("recipe", {})
+    return recipe.get("steps") == sizes["finetune_steps"] and recipe.get("blr") == sizes["finetune_blr"]
+
+
+def current(saved: Path, sizes: dict) -> bool:
+    """A saved arm result made with this fine-tuning recipe (else it is redone; finished pretraining is kept)."""
+    if not saved.is_file():
+        return False
+    if not sizes["finetune_steps"]:  # probes only (--finetune-steps 0): any saved result has them
+        return True
+    return current_recipe(json.loads(saved.read_text())["finetune"], sizes)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/bench_claims")
-    parser.add_argument("--steps", type=int, default=300, help="pretraining steps per run (distill)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--teacher-epochs", type=int, default=15)
-    parser.add_argument("--speed-steps", type=int, default=30)
-    parser.add_argument("--teacher-shift", type=int, default=4, help="random-shift augmentation of the teacher, px")
-    parser.add_argument("--relax-images", type=int, nargs="+", default=[1, 10])
-    parser.add_argument("--relax-steps", type=int, default=300)
-    parser.add_argument("--relax-seed", type=int, default=0)
-    parser.add_argument("--few-image-method", choices=sorted(FEW_IMAGE), default="patch_content_nce")
-    parser.add_argument("--only", nargs="+", default=["teacher", "distill", "throughput", "relax", "locality"])
+    parser.add_argument("--scale", choices=sorted(SCALES), default="quick", help="default sizes (see SCALES)")
+    parser.add_argument("--depth", type=int, help="ViT blocks (quick: 4, full: 6)")
+    parser.add_argument("--steps", type=int, help="pretraining steps per arm")
+    parser.add_argument("--finetune-steps", type=int, help="0: probes only")
+    parser.add_argument("--finetune-blr", type=float, help="base lr per 512 images of the fine-tuning")
+    parser.add_argument("--teacher-steps", type=int, help="SimMIM steps of the self-supervised teacher")
+    parser.add_argument("--supervised-epochs", type=int)
+    parser.add_argument("--seeds", type=int, nargs="+")
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    parser.add_argument("--speed-steps", type=int, default=20, help="steps of each images/s measurement (cost)")
+    sections = ["teacher", "supervised", "arms", "analysis", "cost", "report"]
+    parser.add_argument("--only", nargs="+", choices=sections, default=sections)
     args = parser.parse_args()
+    sizes = {"depth": DEPTH[args.scale], **SCALES[args.scale]}
+    sizes.update({k: v for k, v in vars(args).items() if k in sizes and v is not None})
     out = (REPO / args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "results").mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
-    saved = out / "claims.json"
-    results = json.loads(saved.read_text()) if saved.is_file() else {}
-    if "teacher" in args.only:
-        results["teacher"] = train_teacher(out, args.teacher_epochs, args.teacher_shift)
-    if "distill" in args.only:
-        results["distill"] = distill(out, args.steps, args.seeds)
-    if "relax" in args.only:
-        key = "relax" if args.relax_seed == 0 else f"relax_seed{args.relax_seed}"
-        if args.few_image_method != "patch_content_nce":
-            key = f"{key}_{args.few_image_method}"
-        results[key] = relax(out, args.relax_images, args.relax_steps, args.relax_seed, args.few_image_method)
-    if "throughput" in args.only:
-        results["throughput"] = throughput(out, args.speed_steps)
-    if "locality" in args.only:  # one section per seed: "locality" (seed 0), "locality_seed1", ...
-        for seed in args.seeds:
-            results["locality" if seed == 0 else f"locality_seed{seed}"] = locality(out, seed)
-    saved.write_text(json.dumps(results, indent=2) + "\n")
-    print_tables(results)
+    (out / "sizes.json").write_text(json.dumps(sizes, indent=2) + "\n")
+    jobs = {
+        "teacher": lambda: train_ssl_teacher(out, sizes["teacher_steps"], sizes["depth"]),
+        "supervised": lambda: train_supervised(out, sizes["supervised_epochs"], sizes["depth"]),
+        "analysis": lambda: analysis(out, sizes),
+        "cost": lambda: cost(out, sizes, args.speed_steps),
+    }
+    for section in args.only:
+        if section == "arms":
+            for seed in sizes["seeds"]:
+                for arm in args.arms:
+                    saved = out / "results" / f"{arm}_seed{seed}.json"
+                    if not current(saved, sizes):
+                        saved.write_text(json.dumps(run_arm(out, arm, seed, sizes), indent=2) + "\n")
+        elif section == "report":
+            report(out, sizes)
+        else:
+            result = jobs[section]()
+            (out / "results" / f"{section}.json").write_text(json.dumps(result, indent=2) + "\n")
+            print(f"{section}: {result if section != 'analysis' else 'done'}", flush=True)
     return 0
 
 

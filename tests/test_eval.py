@@ -18,6 +18,8 @@ from mimscale.cli import main as cli_main
 from mimscale.eval.analysis import (
     _recompute_attention,
     attention_entropy,
+    cka_between,
+    cka_matrix,
     head_diversity,
     linear_cka,
     mean_attention_distance,
@@ -252,6 +254,24 @@ def test_cka_identity_invariances_and_hand_value() -> None:
     assert linear_cka(x, y) < 0.5
     # one dimension: CKA is the squared correlation; x=(1,2,3), y=(1,0,2) have correlation 0.5
     assert linear_cka(torch.tensor([[1.0], [2.0], [3.0]]), torch.tensor([[1.0], [0.0], [2.0]])) == pytest.approx(0.25)
+
+
+def test_cka_between_models_layer_by_layer() -> None:
+    generator = torch.Generator().manual_seed(1)
+    layers = [torch.randn(4, 9, 8, generator=generator, dtype=torch.float64) for _ in range(3)]
+    rotation, _ = torch.linalg.qr(torch.randn(8, 8, generator=generator, dtype=torch.float64))
+    turned = [2.5 * layer @ rotation for layer in layers]  # the same model, rotated and scaled
+    cross = cka_between(layers, turned)
+    assert len(cross) == 3 and all(len(row) == 3 for row in cross)
+    for i in range(3):
+        assert cross[i][i] == pytest.approx(1.0, abs=1e-12)
+        for j in range(3):  # per token (36 rows), as cka_matrix does within one model
+            assert cross[i][j] == pytest.approx(cka_matrix(layers)[i][j], abs=1e-12)
+            assert cross[i][j] == pytest.approx(linear_cka(layers[i].reshape(36, 8), layers[j].reshape(36, 8)))
+    assert max(cross[i][j] for i in range(3) for j in range(3) if i != j) < 0.9
+    # different token counts: per image, mean-pooled over tokens
+    pooled = cka_between(layers[:1], [torch.randn(4, 5, 6, generator=generator, dtype=torch.float64)])
+    assert len(pooled) == 1 and 0.0 <= pooled[0][0] <= 1.0 + 1e-12
 
 
 def test_attention_distance_entropy_diversity_by_hand() -> None:

@@ -144,6 +144,17 @@ def cka_matrix(features: list[torch.Tensor]) -> list[list[float]]:
     return matrix
 
 
+def cka_between(features_a: list[torch.Tensor], features_b: list[torch.Tensor]) -> list[list[float]]:
+    """[len(a)][len(b)] linear CKA between the layers of two models on the same images (per token when every layer
+    has the same token count, else per image, mean-pooled): how alike two models' representations are, layer by
+    layer (Dark Secrets compares MIM and supervised models this way)."""
+    features = [*features_a, *features_b]
+    same_shape = len({tuple(f.shape[:-1]) for f in features}) == 1
+    flat = [f.reshape(-1, f.shape[-1]) if same_shape else f.flatten(1, -2).mean(dim=1) for f in features]
+    first, second = flat[: len(features_a)], flat[len(features_a) :]
+    return [[linear_cka(x, y) for y in second] for x in first]
+
+
 def occlusion_mask(images: torch.Tensor, ratio: float, cell: int, generator: torch.Generator) -> torch.Tensor:
     """[B, 1, S, S] 1.0 where a randomly chosen ``ratio`` of the cell x cell squares is blanked (exact count)."""
     batch, _, height, width = images.shape
