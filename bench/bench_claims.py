@@ -53,6 +53,7 @@ SCALES = {  # pretraining steps, fine-tuning steps, teacher steps, supervised ep
         "steps": 100,
         "finetune_steps": 40,
         "finetune_blr": 2e-2,
+        "finetune_pool": "mean",
         "teacher_steps": 450,
         "supervised_epochs": 8,
         "seeds": [0, 1, 2],
@@ -60,6 +61,7 @@ SCALES = {  # pretraining steps, fine-tuning steps, teacher steps, supervised ep
     "full": {
         "steps": 600,
         "finetune_steps": 300,
+        "finetune_pool": "mean",
         "teacher_steps": 1800,
         "supervised_epochs": 30,
         "seeds": [0, 1, 2, 3],
@@ -215,11 +217,12 @@ def few_image_shards(out: Path, count: int) -> Path:
     return target
 
 
-def finetune(model: str, seed: int, steps: int, blr: float) -> dict:
-    """`mimscale eval finetune --aug light` (the command's small-data path) on the labelled digits, batch 32."""
+def finetune(model: str, seed: int, steps: int, blr: float, pool: str) -> dict:
+    """`mimscale eval finetune --aug light` (the command's small-data path) on the labelled digits, batch 32; the
+    head reads the patch tokens' mean (``pool`` mean, as MAE, BEiT and SimMIM fine-tune) or the class token."""
     cmd = [sys.executable, "-m", "mimscale.cli", "eval", "finetune", "--model", model, "--train", DIGITS[0]]
     cmd += ["--val", DIGITS[1], "--steps", str(steps), "--batch-size", "32", "--blr", str(blr), "--aug", "light"]
-    cmd += ["--seed", str(seed), "--json"]
+    cmd += ["--seed", str(seed), "--pool", pool, "--json"]
     done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, check=False)
     if done.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
@@ -269,7 +272,11 @@ def run_arm(out: Path, arm: str, seed: int, sizes: dict) -> dict:
         pretrain_s = 0.0 if done else run_train(overrides)[0]
         spec = str(run_dir)
     steps = sizes["finetune_steps"]
-    tuned = finetune(spec, seed, steps, sizes["finetune_blr"]) if steps else {"top1": float("nan"), "seconds": 0.0}
+    tuned = (
+        finetune(spec, seed, steps, sizes["finetune_blr"], sizes["finetune_pool"])
+        if steps
+        else {"top1": float("nan"), "seconds": 0.0}
+    )
     result = {"arm": arm, "seed": seed, "pretrain_s": pretrain_s, "finetune": tuned, "probe": probe(spec)}
     print(
         f"{arm} seed {seed}: pretrain {pretrain_s:.0f} s, fine-tune top-1 {100 * tuned['top1']:.1f} % "
@@ -467,7 +474,8 @@ def report(out: Path, sizes: dict) -> None:
 def current_recipe(tuned: dict, sizes: dict) -> bool:
     """Whether a result's fine-tuning ran with this invocation's steps and base lr."""
     recipe = tuned.get("recipe", {})
-    return recipe.get("steps") == sizes["finetune_steps"] and recipe.get("blr") == sizes["finetune_blr"]
+    same_pool = recipe.get("pool", "cls") == sizes["finetune_pool"]
+    return recipe.get("steps") == sizes["finetune_steps"] and recipe.get("blr") == sizes["finetune_blr"] and same_pool
 
 
 def current(saved: Path, sizes: dict) -> bool:
@@ -487,6 +495,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, help="pretraining steps per arm")
     parser.add_argument("--finetune-steps", type=int, help="0: probes only")
     parser.add_argument("--finetune-blr", type=float, help="base lr per 512 images of the fine-tuning")
+    parser.add_argument("--finetune-pool", choices=("mean", "cls"), help="what the fine-tuned head reads (mean)")
     parser.add_argument("--teacher-steps", type=int, help="SimMIM steps of the self-supervised teacher")
     parser.add_argument("--supervised-epochs", type=int)
     parser.add_argument("--seeds", type=int, nargs="+")
