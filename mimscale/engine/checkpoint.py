@@ -528,6 +528,9 @@ def frozen_param_names(module: torch.nn.Module) -> list[str]:
     return [name for name, param in module.named_parameters() if not param.requires_grad]
 
 
+FROZEN_TABLE = "student.backbone.pos_embed"  # model.pos_embed_init=sincos_frozen's table in the method's state
+
+
 def _frozen_in_checkpoint(meta: dict) -> set[str]:
     """Frozen parameter names of a checkpoint: recorded at save, or (older checkpoints) implied by the config."""
     recorded = meta.get("frozen_params")
@@ -536,7 +539,7 @@ def _frozen_in_checkpoint(meta: dict) -> set[str]:
             raise ValueError(f"{MARKER}: frozen_params must be a list of parameter names, got {recorded!r:.200}")
         return set(recorded)
     model_cfg = (meta.get("config") or {}).get("model") or {}
-    return {"student.backbone.pos_embed"} if model_cfg.get("pos_embed_init") == "sincos_frozen" else set()
+    return {FROZEN_TABLE} if model_cfg.get("pos_embed_init") == "sincos_frozen" else set()
 
 
 def _zero0_fp32_state(tag_dir: Path, meta: dict, trusted: bool) -> dict[str, torch.Tensor]:

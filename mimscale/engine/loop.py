@@ -40,9 +40,6 @@ HISTORY_LENGTH = 1000  # (step, loss) pairs of the most recent log steps kept in
 Evaluator = Callable[[torch.nn.Module], dict[str, float]]
 
 
-FROZEN_TABLE = "student.backbone.pos_embed"  # model.pos_embed_init=sincos_frozen's table in the method's state
-
-
 class TrainingError(RuntimeError):
     """A run cannot go on (e.g. the loss stayed non-finite); the message says what to change."""
 
@@ -292,7 +289,7 @@ def _convert_on_rank0(tag_dir: Path, info: distributed.DistInfo, trusted: bool) 
 def frozen_table_in_checkpoint(tag_dir: Path, grid: tuple[int, int], trusted: bool) -> str | None:
     """What a checkpoint's own sincos_frozen table is, from its files (models/students.frozen_table_difference)."""
     _, state = ckpt.load_fp32_state(tag_dir, trusted=trusted)
-    table = state.get(FROZEN_TABLE)
+    table = state.get(ckpt.FROZEN_TABLE)
     return "missing" if table is None else frozen_table_difference(table, grid)
 
 
