@@ -265,9 +265,7 @@ def _parquet_count(where: str) -> int | None:
     """One shard's successes from its img2dataset parquet; None when there is none. A local file is read in place
     (footer and status column only), a remote one whole, bounded."""
     if not remote.is_local(where):
-        raw = _read(where, MAX_PARQUET_BYTES)
-        if raw is not None and len(raw) > MAX_PARQUET_BYTES:
-            raise _fail(where, f"larger than {MAX_PARQUET_BYTES} bytes")
+        raw = _read(where, MAX_PARQUET_BYTES)  # read_small refuses a file over the bound
         return None if raw is None else parse_parquet_status(raw, where)
     try:
         handle = remote.open_regular(where)
