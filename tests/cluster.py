@@ -270,6 +270,16 @@ class Cluster:
                 continue
         return found
 
+    def alive_mentioning(self, *texts: str) -> dict[int, list[str]]:
+        """{node: command lines (cut to 120 characters)} of the live processes mentioning any of ``texts``, for the
+        nodes that have some: what a run left behind."""
+        found = {}
+        for node in range(1, self.nodes + 1):
+            alive = [" ".join(p.cmdline())[:120] for text in texts for p in self.processes_mentioning(node, text)]
+            if alive:
+                found[node] = alive
+        return found
+
     def kill_mentioning(self, text: str) -> int:
         """SIGKILL every process of every node whose command line contains ``text``; how many there were."""
         victims = [p for node in range(1, self.nodes + 1) for p in self.processes_mentioning(node, text)]

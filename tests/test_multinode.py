@@ -116,12 +116,7 @@ class TwoNodeRun:
 
     def leftovers(self) -> dict[int, list[str]]:
         """The processes of this run still alive on each node (found by its run folder in their command lines)."""
-        found = {}
-        for node in range(1, self.cluster.nodes + 1):
-            alive = [" ".join(p.cmdline())[:120] for p in self.cluster.processes_mentioning(node, str(self.run_dir))]
-            if alive:
-                found[node] = alive
-        return found
+        return self.cluster.alive_mentioning(str(self.run_dir))
 
     def kill(self) -> None:
         try:

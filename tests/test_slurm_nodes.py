@@ -120,15 +120,6 @@ class Job:
         return "".join(self.lines)
 
 
-def _leftovers(cluster, *marks: str) -> dict[int, list[str]]:
-    found = {}
-    for node in range(1, cluster.nodes + 1):
-        alive = [" ".join(p.cmdline())[:120] for mark in marks for p in cluster.processes_mentioning(node, mark)]
-        if alive:
-            found[node] = alive
-    return found
-
-
 def _task_env_on_node_2(cluster, run_dir: Path) -> dict:
     trainers = [p for p in cluster.processes_mentioning(2, str(run_dir)) if "mimscale.train" in p.cmdline()]
     tasks = [p for p in trainers if p.ppid() not in {t.pid for t in trainers}]  # not its DataLoader worker
@@ -190,9 +181,11 @@ def test_srun_standin_places_tasks_on_both_nodes_forwards_signals_and_kills_the_
         cluster.exec(1, ["kill", "-KILL", (tmp_path / "srun.pid").read_text().strip()], check=True)
         srun.wait(timeout=60)
         marks, deadline = (str(tmp_path / "task.sh"), f"--step={JOB_ID}."), time.monotonic() + 30
-        while _leftovers(cluster, *marks) and time.monotonic() < deadline:  # each stepd kills its tasks, then exits
+        while (
+            cluster.alive_mentioning(*marks) and time.monotonic() < deadline
+        ):  # each stepd kills its tasks, then exits
             time.sleep(0.2)
-        assert not _leftovers(cluster, *marks)
+        assert not cluster.alive_mentioning(*marks)
     finally:  # whatever failed: no task, stepd or srun of this test stays on a node
         cluster.kill_mentioning(str(tmp_path / "task.sh"))
 
@@ -263,7 +256,7 @@ def test_two_node_slurm_job_is_preempted_by_usr1_requeues_and_resumes_exactly(cl
         step = int(checkpoints[0].split("_")[1])
         assert 2 <= step < STOP_AT and (run_dir / "checkpoints" / "latest").read_text().strip() == checkpoints[0]
         assert len(list((run_dir / "checkpoints" / checkpoints[0]).glob("*optim_states.pt"))) == 2  # both ranks
-        assert not _leftovers(cluster, *marks)
+        assert not cluster.alive_mentioning(*marks)
 
         requeued = Job(cluster, env, run_dir)  # a requeued job keeps its id and its nodes
         try:
@@ -275,7 +268,7 @@ def test_two_node_slurm_job_is_preempted_by_usr1_requeues_and_resumes_exactly(cl
     assert code == 0 and "requeue" not in output, output[-4000:]
     assert f"resumed from {run_dir / 'checkpoints' / checkpoints[0]} at step {step}" in output
     assert (tmp_path / "scontrol.log").read_text() == f"requeue {JOB_ID}\n"
-    assert not _leftovers(cluster, *marks)
+    assert not cluster.alive_mentioning(*marks)
     expected = scalars(reference, "train/loss")
     assert sorted(expected) == list(range(1, STOP_AT + 1))
     assert scalars(run_dir, "train/loss") == expected  # steps 1..k before the signal, k+1..STOP_AT requeued
