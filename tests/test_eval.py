@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from mimscale.cli import main as cli_main
@@ -24,6 +25,7 @@ from mimscale.eval.analysis import (
     linear_cka,
     mean_attention_distance,
     occlusion_mask,
+    occlusion_scores,
     occlusion_similarity,
 )
 from mimscale.eval.export import load_backbone
@@ -412,3 +414,31 @@ def test_eval_cli_probes_a_block_of_a_random_twin(tmp_path: Path, capsys) -> Non
     assert result["top1"] == 1.0  # val == train: each sample's nearest neighbour is itself
     assert cli_main([*common, "--layer", "3"]) == 2
     assert "--layer 3 is out of range: VisionTransformer has 2" in capsys.readouterr().err
+
+
+def test_centred_occlusion_score_ignores_what_every_image_shares() -> None:
+    """A feature every image shares (here a large constant added to each token) keeps the plain cosine near 1 at
+    any occlusion; the centred cosine and the retrieval score see through it and fall as the blanking grows."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, patch_size=8, depth=2).eval()
+    images = torch.randn(16, 3, 32, 32)
+    plain = occlusion_scores(model, images, (0.0, 0.75), cell=8, pool="mean")
+    shared = torch.randn(model.embed_dim) * 50
+    model.forward_features = lambda x, f=model.forward_features: f(x) + shared
+    shifted = occlusion_scores(model, images, (0.0, 0.75), cell=8, pool="mean")
+    assert shifted["cosine"]["0.75"] > 0.99 > plain["cosine"]["0.75"]
+    assert shifted["centred"]["0"] == pytest.approx(1.0, abs=1e-5)
+    assert shifted["retrieval"]["0"] == 1.0
+    assert shifted["centred"]["0.75"] == pytest.approx(plain["centred"]["0.75"], abs=1e-3)
+    assert shifted["centred"]["0.75"] < 0.9 and shifted["retrieval"]["0.75"] < 1.0
+    # by hand: centred cosine and nearest-intact retrieval from the pooled features
+    generator = torch.Generator().manual_seed(0)
+    occlusion_mask(images, 0.0, 8, generator)
+    mask = occlusion_mask(images, 0.75, 8, generator)
+    with torch.no_grad():
+        intact = model.forward_features(images)[:, 1:].mean(1)
+        blanked = model.forward_features(images * (1 - mask))[:, 1:].mean(1)
+    centre = intact.mean(0)
+    cos = F.normalize(blanked - centre, dim=1) @ F.normalize(intact - centre, dim=1).T
+    assert shifted["centred"]["0.75"] == pytest.approx(float(cos.diagonal().mean()), abs=1e-5)
+    assert shifted["retrieval"]["0.75"] == pytest.approx(float((cos.argmax(1) == torch.arange(16)).float().mean()))
