@@ -17,9 +17,12 @@ of the same shape trained with the digit labels: the supervised side of Dark Sec
 ``cost`` (MaskAlign vs MaskDistill: the planner's FLOPs per image and measured images/s), ``report`` (tables).
 
 Results are one JSON file per (arm, seed) under OUT/results, so two processes may run different arms at once and
-an interrupted run resumes where it stopped. ``--scale quick`` (default) is what a shared 2-core CPU allowed
-(2026-12-02: ~70 minutes for the probes of six arms x 3 seeds and part of the fine-tuning); ``--scale full`` is the
-size to rerun on a quiet machine. ``--finetune-steps 0`` scores the probes only.
+an interrupted run resumes where it stopped. Scales (``--scale``): ``quick`` (100 pretraining + 150 fine-tuning
+steps: the fine-tuning is far from converged, every arm's accuracy there is a rate, not an end point);
+``converged`` (300 pretraining + 400 fine-tuning steps at blr 2e-2, where scratch reaches ~97 % on the digits);
+``shapes`` (the textured shapes of shards/build_shapes.py, built under OUT/shapes: harder than the digits, with
+GPU-sized steps, since on the CPU nothing learned it); ``full`` (6 blocks, 600 + 300 steps). Fine-tuning records
+its val top-1 curve (6 points). ``--finetune-steps 0`` scores the probes only.
 
     OMP_NUM_THREADS=1 nice -n 10 python bench/bench_claims.py --out runs/claims3 --only teacher supervised
     OMP_NUM_THREADS=1 nice -n 10 python bench/bench_claims.py --out runs/claims3 --only arms --arms simmim mae
@@ -37,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -58,6 +62,26 @@ SCALES = {  # pretraining steps, fine-tuning steps, teacher steps, supervised ep
         "supervised_epochs": 8,
         "seeds": [0, 1, 2],
     },
+    "converged": {  # fine-tuning that converges on the digits (scratch ~97 % by step 400), 300-step pretraining
+        "steps": 300,
+        "finetune_steps": 400,
+        "finetune_blr": 2e-2,
+        "finetune_pool": "mean",
+        "teacher_steps": 900,
+        "supervised_epochs": 30,
+        "seeds": [0, 1, 2],
+    },
+    "shapes": {  # the textured shapes (shards/build_shapes.py): 4800 unlabelled, 1000 labelled, 500 val; sizes for a
+        # GPU: on the CPU neither scratch (20 epochs) nor a 300-step SimMIM got past ~14 % (RESULTS, Claims)
+        "data": "shapes",
+        "steps": 3000,
+        "finetune_steps": 3000,
+        "finetune_blr": 2e-2,
+        "finetune_pool": "mean",
+        "teacher_steps": 9000,
+        "supervised_epochs": 100,
+        "seeds": [0, 1, 2],
+    },
     "full": {
         "steps": 600,
         "finetune_steps": 300,
@@ -67,7 +91,7 @@ SCALES = {  # pretraining steps, fine-tuning steps, teacher steps, supervised ep
         "seeds": [0, 1, 2, 3],
     },
 }
-DEPTH = {"quick": 4, "full": 6}
+DEPTH = {"quick": 4, "converged": 4, "shapes": 4, "full": 6}
 # Objectives on top of the digits setup. MAE and RelaxMIM: random 75 % token masks, betas 0.9/0.95 (their recipes);
 # the few-image runs widen the crops (the only variety one image has) and use the same settings otherwise.
 MASKED_TOKENS = {"mask.kind": "auto", "mask.ratio": 0.75, "optim.betas": "[0.9, 0.95]", "method.target_norm": "auto"}
@@ -98,8 +122,32 @@ def arch_args(depth: int) -> dict:
     return {"patch_size": 4, "depth": depth}
 
 
-def setup_overrides(depth: int) -> dict:
-    return {**SETUPS["digits"], "model.student_args": arch_args(depth)}
+@dataclass(frozen=True)
+class DataSets:
+    """Shard patterns of one scale's data: ``pretrain`` (read without labels), ``train`` / ``val`` (labelled:
+    fine-tuning, probes and the supervised model) and ``few_source`` (the shard the few-image MAE arms draw from)."""
+
+    pretrain: str
+    train: str
+    val: str
+    few_source: str
+
+
+def data_sets(out: Path, sizes: dict) -> DataSets:
+    """The digits (committed) or the textured shapes, built under OUT/shapes on first use (same bytes per seed)."""
+    if sizes.get("data", "digits") == "digits":
+        return DataSets(DIGITS[0], DIGITS[0], DIGITS[1], "shards/digits/train-000.tar")
+    sys.path.insert(0, str(REPO / "shards"))
+    from build_shapes import build_shapes
+
+    root = build_shapes(out / "shapes")
+    return DataSets(
+        f"{root}/pretrain/*.tar", f"{root}/train/*.tar", f"{root}/val/*.tar", f"{root}/pretrain/pretrain-000.tar"
+    )
+
+
+def setup_overrides(depth: int, sets: DataSets) -> dict:
+    return {**SETUPS["digits"], "model.student_args": arch_args(depth), "data.shards": sets.pretrain}
 
 
 def as_overrides(settings: dict) -> list[str]:
@@ -131,13 +179,13 @@ def teacher_overrides(out: Path, depth: int, layers: int) -> list[str]:
     ]
 
 
-def train_ssl_teacher(out: Path, steps: int, depth: int) -> dict:
+def train_ssl_teacher(out: Path, steps: int, depth: int, sets: DataSets) -> dict:
     """SimMIM, seed 100, ``steps`` steps on the unlabelled digits, exported: MaskDistill's and MaskAlign's teacher."""
     run_dir = out / "teacher_simmim"
-    seconds, _ = run_train(as_overrides(setup_overrides(depth)) + run_overrides(run_dir, steps, 100))
+    seconds, _ = run_train(as_overrides(setup_overrides(depth, sets)) + run_overrides(run_dir, steps, 100))
     cmd = [sys.executable, "-m", "mimscale.cli", "export", str(run_dir), str(out / "teacher_export")]
     subprocess.run(cmd, cwd=REPO, env=ENV, check=True, capture_output=True)
-    return {"steps": steps, "seconds": seconds, "probe": probe(str(out / "teacher_export"))}
+    return {"steps": steps, "seconds": seconds, "probe": probe(str(out / "teacher_export"), sets)}
 
 
 def shifted(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -148,7 +196,7 @@ def shifted(images: torch.Tensor, max_shift: int, generator: torch.Generator) ->
     return torch.stack([p[:, dy : dy + size, dx : dx + size] for p, (dy, dx) in zip(padded, offsets, strict=True)])
 
 
-def train_supervised(out: Path, epochs: int, depth: int, max_shift: int = 4) -> dict:
+def train_supervised(out: Path, epochs: int, depth: int, sets: DataSets, max_shift: int = 4) -> dict:
     """A ViT of the arms' shape trained with the digit labels (AdamW, warmup + cosine, label smoothing 0.1, random
     shifts, mean-pooled tokens, sin-cos position start), exported to OUT/supervised for the analyses."""
     import timm
@@ -165,7 +213,7 @@ def train_supervised(out: Path, epochs: int, depth: int, max_shift: int = 4) -> 
     init_sincos_pos_embed(model)
     cfg = load_config(DEMO, ["data.image_size=32", f"model.student_args={json.dumps(args)}"])
     common = {"image_size": 32, "mean": cfg.data.mean, "std": cfg.data.std}
-    batches = list(iter_eval_batches(str(REPO / DIGITS[0]), batch_size=32, **common))
+    batches = list(iter_eval_batches(str(REPO / sets.train), batch_size=32, **common))
     total = epochs * len(batches)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     warmup = max(1, total // 20)
@@ -183,7 +231,7 @@ def train_supervised(out: Path, epochs: int, depth: int, max_shift: int = 4) -> 
             optimizer.step()
             schedule.step()
     model.eval()
-    val = list(iter_eval_batches(str(REPO / DIGITS[1]), batch_size=64, **common))
+    val = list(iter_eval_batches(str(REPO / sets.val), batch_size=64, **common))
     with torch.no_grad():
         correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in val)
     model.reset_classifier(0)
@@ -191,7 +239,7 @@ def train_supervised(out: Path, epochs: int, depth: int, max_shift: int = 4) -> 
     return {"val_top1": correct / sum(len(y) for _, y in val), "seconds": time.time() - start, "epochs": epochs}
 
 
-def few_image_shards(out: Path, count: int) -> Path:
+def few_image_shards(out: Path, count: int, source: str) -> Path:
     """The first ``count`` images of the digits train shards as their own shard set (``mimscale shards create``),
     each written ceil(32 / count) times under its own key so that one epoch fills a batch of 32 (every copy gets its
     own crop and mask: the many views of few images that the few-image claim is about)."""
@@ -201,7 +249,7 @@ def few_image_shards(out: Path, count: int) -> Path:
     if (target / "manifest.json").is_file():
         return target
     folder = out / f"digits_{count}_images"
-    with tarfile.open(REPO / "shards/digits/train-000.tar") as tar:
+    with tarfile.open(REPO / source) as tar:
         members = [m for m in tar.getmembers() if m.isfile()]
         images = [m for m in members if m.name.endswith(".png")][:count]
         labels = {m.name.rsplit(".", 1)[0]: m for m in members if m.name.endswith(".cls")}
@@ -217,24 +265,31 @@ def few_image_shards(out: Path, count: int) -> Path:
     return target
 
 
-def finetune(model: str, seed: int, steps: int, blr: float, pool: str) -> dict:
+def finetune(model: str, seed: int, steps: int, blr: float, pool: str, sets: DataSets) -> dict:
     """`mimscale eval finetune --aug light` (the command's small-data path) on the labelled digits, batch 32; the
     head reads the patch tokens' mean (``pool`` mean, as MAE, BEiT and SimMIM fine-tune) or the class token."""
-    cmd = [sys.executable, "-m", "mimscale.cli", "eval", "finetune", "--model", model, "--train", DIGITS[0]]
-    cmd += ["--val", DIGITS[1], "--steps", str(steps), "--batch-size", "32", "--blr", str(blr), "--aug", "light"]
-    cmd += ["--seed", str(seed), "--pool", pool, "--json"]
+    cmd = [sys.executable, "-m", "mimscale.cli", "eval", "finetune", "--model", model, "--train", sets.train]
+    cmd += ["--val", sets.val, "--steps", str(steps), "--batch-size", "32", "--blr", str(blr), "--aug", "light"]
+    cmd += ["--seed", str(seed), "--pool", pool, "--eval-every", str(max(1, steps // 6)), "--json"]
     done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, check=False)
     if done.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
     recipe = {"steps": steps, "blr": blr, "lr": result["recipe"]["lr"], "pool": result.get("pool", "cls")}
-    return {"top1": result["top1"], "final_loss": result["final_loss"], "seconds": result["seconds"], "recipe": recipe}
+    curve = [(row["step"], row["top1"]) for row in result.get("history", [])]  # val top-1 along the way
+    return {
+        "top1": result["top1"],
+        "final_loss": result["final_loss"],
+        "seconds": result["seconds"],
+        "recipe": recipe,
+        "curve": curve,
+    }
 
 
-def probe(spec: str) -> dict:
+def probe(spec: str, sets: DataSets) -> dict:
     from mimscale.eval.export import load_backbone
 
-    return score(load_backbone(spec), *DIGITS, pool="mean")
+    return score(load_backbone(spec), sets.train, sets.val, pool="mean")
 
 
 def arm_run_dir(out: Path, arm: str, seed: int) -> Path:
@@ -253,7 +308,7 @@ def wait_for_teacher(out: Path, minutes: float = 30.0) -> None:
 
 def run_arm(out: Path, arm: str, seed: int, sizes: dict) -> dict:
     """Pretrain one arm with one seed (not for ``random``), fine-tune it and probe its frozen features."""
-    depth, steps = sizes["depth"], sizes["steps"]
+    depth, steps, sets = sizes["depth"], sizes["steps"], data_sets(out, sizes)
     if ARMS[arm] is None:  # the random-init twin: the SimMIM run's config (same shape, sin-cos start), untrained
         twin = arm_run_dir(out, "simmim", seed)
         if not (twin / "config.yaml").is_file():
@@ -261,9 +316,9 @@ def run_arm(out: Path, arm: str, seed: int, sizes: dict) -> dict:
         spec, pretrain_s = f"random:{twin}", 0.0
     else:
         run_dir = arm_run_dir(out, arm, seed)
-        settings = {**setup_overrides(depth), **ARMS[arm]}
+        settings = {**setup_overrides(depth, sets), **ARMS[arm]}
         if arm in FEW_IMAGE_COUNT:
-            settings["data.shards"] = f"{few_image_shards(out, FEW_IMAGE_COUNT[arm])}/*.tar"
+            settings["data.shards"] = f"{few_image_shards(out, FEW_IMAGE_COUNT[arm], sets.few_source)}/*.tar"
         overrides = as_overrides(settings) + run_overrides(run_dir, steps, seed)
         if arm in ("maskdistill", "maskalign"):
             wait_for_teacher(out)
@@ -273,11 +328,11 @@ def run_arm(out: Path, arm: str, seed: int, sizes: dict) -> dict:
         spec = str(run_dir)
     steps = sizes["finetune_steps"]
     tuned = (
-        finetune(spec, seed, steps, sizes["finetune_blr"], sizes["finetune_pool"])
+        finetune(spec, seed, steps, sizes["finetune_blr"], sizes["finetune_pool"], sets)
         if steps
         else {"top1": float("nan"), "seconds": 0.0}
     )
-    result = {"arm": arm, "seed": seed, "pretrain_s": pretrain_s, "finetune": tuned, "probe": probe(spec)}
+    result = {"arm": arm, "seed": seed, "pretrain_s": pretrain_s, "finetune": tuned, "probe": probe(spec, sets)}
     print(
         f"{arm} seed {seed}: pretrain {pretrain_s:.0f} s, fine-tune top-1 {100 * tuned['top1']:.1f} % "
         f"({tuned['seconds']:.0f} s), kNN {100 * result['probe']['knn']:.1f} %, "
@@ -318,12 +373,14 @@ def analysis(out: Path, sizes: dict) -> dict:
                 continue
             loaded = load_backbone(spec)
             common = {"image_size": loaded.image_size, "batch_size": 32, "mean": loaded.mean, "std": loaded.std}
-            images, _ = next(iter(iter_eval_batches(str(REPO / DIGITS[1]), **common)))
+            images, _ = next(iter(iter_eval_batches(str(REPO / data_sets(out, sizes).val), **common)))
             torch.manual_seed(0)
             found = analyze_model(loaded.model, images, pool="mean", ratios=OCCLUSION_RATIOS)
             features[arm, seed] = [f.float() for f in block_features(loaded.model.eval(), images)]
             result.setdefault(arm, {})[str(seed)] = {
                 "occlusion": found["occlusion"],
+                "occlusion_centred": found["occlusion_centred"],
+                "occlusion_retrieval": found["occlusion_retrieval"],
                 "distance": [sum(h) / len(h) for h in found["attention_distance"]],
                 "diversity": found["head_diversity"],
                 "cka_layers": found["cka"],
@@ -354,7 +411,7 @@ def cost(out: Path, sizes: dict, speed_steps: int) -> dict:
     """MaskAlign vs MaskDistill with the same student and teacher: the planner's FLOPs per image (its own count for
     each method's forwards) and images/s measured with `mimscale train` (median of the step lines after the first)."""
     depth = sizes["depth"]
-    common = as_overrides(setup_overrides(depth)) + ["eval.knn_every=0", "data.num_workers=1"]
+    common = as_overrides(setup_overrides(depth, data_sets(out, sizes))) + ["eval.knn_every=0", "data.num_workers=1"]
     common += ["train.progress_bar=false", "train.log_every=5", f"train.max_steps={speed_steps}"]
     common += ["checkpoint.every_steps=100000", "data.batch_size=32"]
     result = {}
@@ -410,14 +467,21 @@ def mean_over_seeds(per_seed: dict, key: str) -> list[float]:
 
 def print_analysis_tables(found: dict) -> None:
     ratios = list(next(iter(next(iter(found.values())).values()))["occlusion"])
-    print("\n| occlusion: cos(blanked, intact), mean-pooled, mean over seeds (min-max) | " + " | ".join(ratios) + " |")
-    print("|---|" + "---|" * len(ratios))
-    for arm, per_seed in found.items():
-        cells = []
-        for ratio in ratios:
-            values = [entry["occlusion"][ratio] for entry in per_seed.values()]
-            cells.append(f"{statistics.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})")
-        print(f"| {arm} ({len(per_seed)} seeds) | " + " | ".join(cells) + " |")
+    for key, title in (
+        ("occlusion", "occlusion: cos(blanked, intact), mean-pooled"),
+        ("occlusion_centred", "occlusion: centred cos (batch mean removed)"),
+        ("occlusion_retrieval", "occlusion: blanked image finds its intact self (of 32)"),
+    ):
+        print(f"\n| {title}, mean over seeds (min-max) | " + " | ".join(ratios) + " |")
+        print("|---|" + "---|" * len(ratios))
+        for arm, per_seed in found.items():
+            if any(key not in entry for entry in per_seed.values()):
+                continue
+            cells = []
+            for ratio in ratios:
+                values = [entry[key][ratio] for entry in per_seed.values()]
+                cells.append(f"{statistics.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})")
+            print(f"| {arm} ({len(per_seed)} seeds) | " + " | ".join(cells) + " |")
     for key, title, fmt in (
         ("distance", "mean attention distance (px), mean over seeds", "{:.1f}"),
         ("diversity", "head diversity (JS, nats), mean over seeds", "{:.3f}"),
@@ -511,8 +575,8 @@ def main() -> int:
     torch.set_num_threads(1)
     (out / "sizes.json").write_text(json.dumps(sizes, indent=2) + "\n")
     jobs = {
-        "teacher": lambda: train_ssl_teacher(out, sizes["teacher_steps"], sizes["depth"]),
-        "supervised": lambda: train_supervised(out, sizes["supervised_epochs"], sizes["depth"]),
+        "teacher": lambda: train_ssl_teacher(out, sizes["teacher_steps"], sizes["depth"], data_sets(out, sizes)),
+        "supervised": lambda: train_supervised(out, sizes["supervised_epochs"], sizes["depth"], data_sets(out, sizes)),
         "analysis": lambda: analysis(out, sizes),
         "cost": lambda: cost(out, sizes, args.speed_steps),
     }
