@@ -121,3 +121,27 @@ def test_relaxmim_learns_occlusion_invariance_from_noise_but_position_alone_find
         )
     untrained, trained = ranks
     assert untrained < 0.35 and trained < untrained - 0.05, ranks  # found above chance, and better after training
+
+
+def test_key_similarity_reports_a_collapsed_key_side():
+    """The collapse signal in relaxmim's step metrics: 1 when every full view maps to one key (the state a 2e-3 lr
+    reached on the digits, loss pinned at ln N with zero gradient), 0 for orthogonal keys; and a micro-batch of one
+    image (no negatives) is refused when the method is built."""
+    from mimscale.config import ConfigError
+    from mimscale.methods.relaxmim import mean_pairwise_cosine
+
+    same = torch.ones(8, 16) + 1e-4 * torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    assert mean_pairwise_cosine(same).item() > 0.999
+    assert abs(mean_pairwise_cosine(torch.eye(8, 16)).item()) < 1e-6
+    assert mean_pairwise_cosine(torch.cat([torch.eye(4, 16), -torch.eye(4, 16)])).item() < 0
+
+    cfg = load_config(None, [*TINY, "method.name=relaxmim", "mask.ratio=0.75"])
+    method = build_method(cfg)
+    images = torch.randn(BATCH, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    mask = torch.from_numpy(np.stack([mask_generator_for(cfg, method)(np.random.default_rng(i)) for i in range(BATCH)]))
+    with torch.no_grad():
+        out = method({"image": images, "mask": mask})
+    keys = method.head(method.full_view(images))
+    assert torch.isclose(out["key_similarity"], mean_pairwise_cosine(keys), atol=1e-5)
+    with pytest.raises(ConfigError, match="data.batch_size >= 2"):
+        build_method(load_config(None, [*TINY, "method.name=relaxmim", "data.batch_size=1"]))
