@@ -17,7 +17,8 @@ of the same shape trained with the digit labels: the supervised side of Dark Sec
 ``cost`` (MaskAlign vs MaskDistill: the planner's FLOPs per image and measured images/s), ``report`` (tables).
 
 Results are one JSON file per (arm, seed) under OUT/results, so two processes may run different arms at once and
-an interrupted run resumes where it stopped. Scales (``--scale``): ``quick`` (100 pretraining + 150 fine-tuning
+an interrupted run resumes where it stopped; a result or finished pretraining is reused only if the arm's settings
+(ARMS, recorded in the result and as bench_arm.json in the run folder) and the fine-tuning recipe are unchanged. Scales (``--scale``): ``quick`` (100 pretraining + 150 fine-tuning
 steps: the fine-tuning is far from converged, every arm's accuracy there is a rate, not an end point);
 ``converged`` (300 pretraining + 400 fine-tuning steps at blr 2e-2, where scratch reaches ~97 % on the digits);
 ``shapes`` (the textured shapes of shards/build_shapes.py, built under OUT/shapes: harder than the digits, with
@@ -113,8 +114,8 @@ ARMS = {
     "mae": MAE,
     "mae_1img": {**MAE, **FEW},
     "mae_10img": {**MAE, **FEW},
-    # RelaxMIM at its demo config's lr: at the digits' 2e-3 the InfoNCE collapsed in 2 of 3 seeds (RESULTS, Claims,
-    # fifth run: every full view the same, loss pinned at ln(batch), zero gradient from step ~30 on)
+    # RelaxMIM at its demo config's lr: at the digits' 2e-3 the InfoNCE collapsed in all 3 seeds within 30 steps and
+    # 2 never recovered (RESULTS, Claims, fifth run: every full view the same, loss at ln(batch), zero gradient)
     "relaxmim": {
         **MASKED_TOKENS,
         "method.name": "relaxmim",

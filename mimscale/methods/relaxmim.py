@@ -60,8 +60,8 @@ class RelaxMIM(MIMMethod):
 def mean_pairwise_cosine(keys: torch.Tensor) -> torch.Tensor:
     """Mean cosine between the [N, D] keys of different images: the collapse signal. 1 means every full view maps
     to the same key, so InfoNCE sits at ln N and the queries get (next to) no gradient; with a stop-grad key side
-    a run climbs out slowly if at all: lower the lr. On the digits, runs that learned started near 0.93 and ended at 0.68-0.86 (RESULTS, Claims,
-    fifth run)."""
+    a run climbs out slowly if at all: lower the lr. On the digits, runs that learned started near 0.93 and ended
+    at 0.68-0.86 (RESULTS, Claims, fifth run)."""
     count = keys.shape[0]
     unit = torch.nn.functional.normalize(keys.float(), dim=-1)
     return ((unit @ unit.T).sum() - count) / max(1, count * (count - 1))
