@@ -18,8 +18,9 @@ of the same shape trained with the digit labels: the supervised side of Dark Sec
 
 Results are one JSON file per (arm, seed) under OUT/results, so two processes may run different arms at once and
 an interrupted run resumes where it stopped; a result or finished pretraining is reused only if the arm's settings
-(ARMS, recorded in the result and as bench_arm.json in the run folder) and the fine-tuning recipe are unchanged. Scales (``--scale``): ``quick`` (100 pretraining + 150 fine-tuning
-steps: the fine-tuning is far from converged, every arm's accuracy there is a rate, not an end point);
+(ARMS, recorded in the result and as bench_arm.json in the run folder) and the fine-tuning recipe are unchanged.
+Scales (``--scale``): ``quick`` (100 pretraining + 150 fine-tuning steps: the fine-tuning is far from converged,
+every arm's accuracy there is a rate, not an end point);
 ``converged`` (300 pretraining + 400 fine-tuning steps at blr 2e-2, where scratch reaches ~97 % on the digits);
 ``shapes`` (the textured shapes of shards/build_shapes.py, built under OUT/shapes: harder than the digits, with
 GPU-sized steps, since on the CPU nothing learned it); ``full`` (6 blocks, 600 + 300 steps). Fine-tuning records
@@ -307,13 +308,18 @@ def arm_run_dir(out: Path, arm: str, seed: int) -> Path:
 ARM_SETTINGS = "bench_arm.json"  # in each pretraining run folder: the ARMS settings it was trained with
 
 
-def reusable_run(run_dir: Path, steps: int, settings: dict) -> bool:
-    """Whether ``run_dir`` holds a finished pretraining made with ``settings``; a finished run with other (or
+def arm_settings(arm: str) -> dict | None:
+    """ARMS[arm] as it reads back from JSON (tuples become lists), the form saved results and runs are compared in."""
+    return json.loads(json.dumps(ARMS[arm]))
+
+
+def reusable_run(run_dir: Path, steps: int, arm: str) -> bool:
+    """Whether ``run_dir`` holds a finished pretraining made with the arm's settings; a finished run with other (or
     unrecorded) settings stops the bench rather than be scored as if it were this arm."""
     if not (run_dir / "checkpoints" / f"step_{steps:08d}").is_dir():
         return False
     recorded = run_dir / ARM_SETTINGS
-    if recorded.is_file() and json.loads(recorded.read_text()) == json.loads(json.dumps(settings)):
+    if recorded.is_file() and json.loads(recorded.read_text()) == arm_settings(arm):
         return True
     raise SystemExit(
         f"{run_dir} holds a finished pretraining made with other settings than this arm's ({ARM_SETTINGS} "
@@ -348,9 +354,10 @@ def run_arm(out: Path, arm: str, seed: int, sizes: dict) -> dict:
         if arm in ("maskdistill", "maskalign"):
             wait_for_teacher(out)
             overrides += teacher_overrides(out, depth, 1 if arm == "maskdistill" else 5)
-        done = reusable_run(run_dir, steps, ARMS[arm])  # an interrupted bench's finished run
-        pretrain_s = 0.0 if done else run_train(overrides)[0]
-        (run_dir / ARM_SETTINGS).write_text(json.dumps(ARMS[arm], indent=2, sort_keys=True) + "\n")
+        pretrain_s = 0.0
+        if not reusable_run(run_dir, steps, arm):  # else an interrupted bench's finished run
+            pretrain_s = run_train(overrides)[0]
+            (run_dir / ARM_SETTINGS).write_text(json.dumps(arm_settings(arm), indent=2, sort_keys=True) + "\n")
         spec = str(run_dir)
     steps = sizes["finetune_steps"]
     tuned = (
@@ -359,7 +366,7 @@ def run_arm(out: Path, arm: str, seed: int, sizes: dict) -> dict:
         else {"top1": float("nan"), "seconds": 0.0}
     )
     result = {"arm": arm, "seed": seed, "pretrain_s": pretrain_s, "finetune": tuned, "probe": probe(spec, sets)}
-    result["pretraining"] = ARMS[arm]  # the arm's settings: a result made with other settings is redone
+    result["pretraining"] = arm_settings(arm)  # a result made with other settings is redone
     print(
         f"{arm} seed {seed}: pretrain {pretrain_s:.0f} s, fine-tune top-1 {100 * tuned['top1']:.1f} % "
         f"({tuned['seconds']:.0f} s), kNN {100 * result['probe']['knn']:.1f} %, "
@@ -575,7 +582,7 @@ def current(saved: Path, sizes: dict) -> bool:
     if not saved.is_file():
         return False
     result = json.loads(saved.read_text())
-    if result.get("pretraining") != json.loads(json.dumps(ARMS[result["arm"]])):  # the arm's settings changed
+    if result.get("pretraining") != arm_settings(result["arm"]):  # the arm's settings changed
         return False
     if not sizes["finetune_steps"]:  # probes only (--finetune-steps 0): any saved result has them
         return True
